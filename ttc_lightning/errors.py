@@ -1,0 +1,15 @@
+"""The one exception type for user mistakes: `ttc` prints it on one line and exits non-zero, without a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TTCError(Exception):
+    """A mistake the user can fix (bad config value, bad data file, bad reward function)."""
+
+
+def data_error(path: str | Path, line: int | None, field: str | None, message: str) -> TTCError:
+    """`file:line: field: message`, the form every data error takes so users can jump to the spot."""
+    where = f"{path}:{line}" if line is not None else str(path)
+    return TTCError(f"{where}: {field}: {message}" if field else f"{where}: {message}")
