@@ -64,6 +64,9 @@ def filter_by_prompt_length(
     if len(kept) < len(rows):
         log.info(
             "%s: dropped %d of %d prompts longer than max_prompt_tokens=%d",
-            name, len(rows) - len(kept), len(rows), max_prompt_tokens,
+            name,
+            len(rows) - len(kept),
+            len(rows),
+            max_prompt_tokens,
         )
     return kept

@@ -1,0 +1,37 @@
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+REAL_PRIMEVUL = REPO.parent / "shared" / "data" / "primevul-real"
+
+
+@pytest.fixture
+def run_ttc(capsys, monkeypatch, tmp_path):
+    """Run `ttc ARGS` in-process from tmp_path; returns (exit code, stdout, stderr)."""
+    from ttc_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        # Library loggers keep the stream they found at import time, which pytest may have closed since.
+        for logger in logging.root.manager.loggerDict.values():
+            for handler in getattr(logger, "handlers", []):
+                if type(handler) is logging.StreamHandler:
+                    handler.stream = sys.stderr
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

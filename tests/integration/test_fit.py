@@ -1,0 +1,173 @@
+"""`ttc fit` end to end on the tiny model, in-process, on CPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import CONFIGS, REPO
+
+DEMO = str(REPO / "tests" / "integration" / "tiny.yaml")
+FAST = ["--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "8", "--model.num_generations", "2"]
+STEP_METRICS = [
+    "reward",
+    "reward_std",
+    "rewards/char_fraction_reward/mean",
+    "rewards/char_fraction_reward/std",
+    "frac_reward_zero_std",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "entropy",
+    "completions/mean_length",
+    "completions/clipped_ratio",
+    "loss",
+    "grad_norm",
+    "lr",
+    "tokens_per_second",
+    "time/generate",
+    "time/train",
+]
+
+
+def read_metrics(run_dir: Path, version: int = 0) -> list[dict[str, str]]:
+    lines = (run_dir / "logs" / f"version_{version}" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]
+
+
+def test_demo_fit_writes_checkpoint_metrics_and_rollouts(run_ttc, tmp_path):
+    code, _, err = run_ttc(
+        "fit",
+        "--config",
+        DEMO,
+        "--trainer.max_steps",
+        "3",
+        "--trainer.default_root_dir",
+        "run",
+        "--model.beta",
+        "0.04",
+        *FAST,
+    )
+    assert code == 0, err
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    rows = read_metrics(run)
+    assert len(rows) == 3
+    assert set(STEP_METRICS + ["kl"]) <= set(rows[0])
+    rollouts = [json.loads(line) for line in (run / "logs" / "version_0" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 3 * 4 * 2  # steps x prompts x G
+    assert [r["step"] for r in rollouts[::8]] == [0, 1, 2]
+    assert {"step", "prompt", "completion", "rewards", "reward", "advantage"} <= set(rollouts[0])
+    assert "reward 0." in err  # the end-of-run summary line
+
+
+def test_resume_from_last_continues_at_the_same_step(run_ttc, tmp_path):
+    args = ["fit", "--config", DEMO, "--trainer.default_root_dir", "run", *FAST]
+    assert run_ttc(*args, "--trainer.max_steps", "2")[0] == 0
+    first = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["global_step"] == 2
+    code, _, err = run_ttc(*args, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    assert code == 0, err
+    second = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert second["global_step"] == 4
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "run", version=1)] == [2, 3]  # resumed, not restarted
+    assert second["lr_schedulers"][0]["last_epoch"] == 4  # the schedule continued too
+
+
+def test_lora_checkpoint_holds_only_adapters(run_ttc, tmp_path):
+    code, _, err = run_ttc(
+        "fit",
+        "--config",
+        DEMO,
+        "--trainer.max_steps",
+        "1",
+        "--trainer.default_root_dir",
+        "run",
+        "--model.lora",
+        "{r: 4, alpha: 8}",
+        *FAST,
+    )
+    assert code == 0, err
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state and all("lora_" in key for key in state)
+    saved = sum(t.numel() for t in state.values())
+    assert saved < 0.2 * 90_880  # the tiny model has 90,880 parameters; r=4 adapters are a small fraction
+
+
+def test_qlora_4bit_trains_on_cpu(run_ttc, tmp_path):
+    code, _, err = run_ttc(
+        "fit",
+        "--config",
+        DEMO,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.default_root_dir",
+        "run",
+        "--model.lora",
+        "{r: 4}",
+        "--model.load_in_4bit",
+        "true",
+        "--model.beta",
+        "0.04",
+        *FAST,
+    )
+    assert code == 0, err
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 2 and float(rows[-1]["kl"]) >= 0.0
+
+
+def test_bad_reward_path_is_a_one_line_error(run_ttc):
+    code, _, err = run_ttc("fit", "--config", DEMO, "--model.rewards", "[ttc_lightning.rewards.missing]")
+    assert code == 1
+    assert "ttc: error: model.rewards[0]: cannot import 'ttc_lightning.rewards.missing'" in err
+    assert "Traceback" not in err
+
+
+def test_malformed_prompt_file_names_file_and_line(run_ttc, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    code, _, err = run_ttc("fit", "--config", DEMO, "--data.train_path", str(prompts), *FAST)
+    assert code == 1
+    assert f"{prompts}:2: prompt: expected a string or a list of chat messages" in err
+    assert "Traceback" not in err
+
+
+def test_failing_reward_stops_with_function_and_prompt(run_ttc, tmp_path):
+    code, _, err = run_ttc(
+        "fit",
+        "--config",
+        DEMO,
+        "--model.rewards",
+        "[tests.integration.test_fit.broken_reward]",
+        "--trainer.default_root_dir",
+        "run",
+        *FAST,
+    )
+    assert code == 1
+    assert "reward function broken_reward raised ZeroDivisionError: division by zero on prompt 0" in err
+
+
+def broken_reward(completions, **_):
+    return [1 / 0 for _ in completions]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(run_ttc, config):
+    code, out, err = run_ttc("fit", "--config", str(config), "--print_config")
+    assert code == 0, err
+    assert "class_path: ttc_lightning." in out
+
+
+def test_every_config_starts_with_a_comment():
+    for config in CONFIGS:
+        lines = config.read_text().splitlines()
+        assert lines[0].startswith("# "), config
+        assert any("ttc " in line for line in lines if line.startswith("#")), f"{config}: no command in header"
+
+
+def test_help_shows_documented_fields(run_ttc):
+    code, out, _ = run_ttc("fit", "--model.help", "ttc_lightning.GRPOModule")
+    assert code == 0
+    assert "Weight of the KL penalty to the reference policy" in out

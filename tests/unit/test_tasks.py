@@ -1,0 +1,198 @@
+"""The PrimeVul data modules on the shipped sample: rows, labels, order, filtering, batches, argument checks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from ttc_lightning.data.tasks import (
+    PrimeVulClassificationDataModule,
+    PrimeVulPatchDataModule,
+    classification_prompt,
+    patch_prompt,
+)
+from ttc_lightning.errors import TTCError
+
+CLASSIFICATION_COLUMNS = {"prompt", "id", "label", "target", "cwe", "pair_id"}
+PATCH_COLUMNS = {"prompt", "id", "cve", "cwe", "vulnerable_func", "fixed_func"}
+BLOCK_FORMAT = "<<<<<<< SEARCH\nlines copied exactly from the function\n=======\nreplacement lines\n>>>>>>> REPLACE"
+
+
+class LineTokenizer:
+    """One token per line of the last message: a prompt of an N-line function is N + 2 tokens (the ``` fences)."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        return list(range(messages[-1]["content"].count("\n") + 1))
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(text.count("\n") + 1))}
+
+
+def test_binary_rows_and_a_training_batch():
+    dm = PrimeVulClassificationDataModule(batch_size=4)
+    dm.setup("fit")
+    # train: 12 pairs (24 functions) + 8 benign extras; valid: 3 pairs + 3 extras
+    assert Counter(row["label"] for row in dm.train_rows) == {"vulnerable": 12, "benign": 20}
+    assert len(dm.val_rows) == 9
+    for row in dm.train_rows:
+        assert row["label"] == ("vulnerable" if row["target"] == 1 else "benign")
+        assert row["pair_id"] == "" and row["cwe"].startswith("CWE-")
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == CLASSIFICATION_COLUMNS
+    assert all(len(column) == 4 for column in batch.values())
+    assert [m["role"] for m in batch["prompt"][0]] == ["system", "user"]
+    assert batch["id"] == [row["id"] for row in dm.train_rows[:4]]  # no shuffling in the loader
+
+
+def test_binary_prompt_lists_labels_and_answer_format():
+    [system, user] = classification_prompt("int f(void) { return 0; }", ["vulnerable", "benign"])
+    assert "- vulnerable:" in system["content"] and "- benign:" in system["content"]
+    assert system["content"].endswith("<think>\n...\n</think>\n<answer>LABEL</answer>")
+    assert user["content"] == "```c\nint f(void) { return 0; }\n```"
+
+
+def test_paired_rows_share_pair_ids_and_stay_adjacent_outside_training():
+    dm = PrimeVulClassificationDataModule(paired=True)
+    dm.setup("fit")
+    assert len(dm.train_rows) == 24 and len(dm.val_rows) == 6
+    vulnerable, fixed = dm.val_rows[0::2], dm.val_rows[1::2]
+    assert [r["pair_id"] for r in vulnerable] == [r["pair_id"] for r in fixed]
+    assert {r["target"] for r in vulnerable} == {1} and {r["target"] for r in fixed} == {0}
+    assert all(r["pair_id"] == f"{v['id']}-{r['id']}" for v, r in zip(vulnerable, fixed, strict=True))
+
+
+def test_cwe_mode_takes_the_train_splits_top_k():
+    dm = PrimeVulClassificationDataModule(label_mode="cwe", top_k=2)
+    dm.setup("fit")
+    # train vulnerable functions: CWE-787 x2, CWE-125 x2, eight other CWEs once; ties go by id number
+    assert dm.labels == ["CWE-125", "CWE-787", "other"]
+    assert Counter(row["label"] for row in dm.train_rows) == {"CWE-125": 2, "CWE-787": 2, "other": 8}
+    assert {row["target"] for row in dm.train_rows} == {1}
+    system = dm.train_rows[0]["prompt"][0]["content"]
+    assert "- CWE-125 (Out-of-bounds Read)\n- CWE-787 (Out-of-bounds Write)\n- other\n" in system
+
+
+def test_cwe_mode_test_stage_reads_labels_from_train():
+    dm = PrimeVulClassificationDataModule(label_mode="cwe", top_k=2, paired=True)
+    dm.setup("test")
+    assert dm.labels == ["CWE-125", "CWE-787", "other"]
+    # test pairs: CWE-416, CWE-787, CWE-369; only the vulnerable function of each is a row
+    assert sorted(row["label"] for row in dm.test_rows) == ["CWE-787", "other", "other"]
+
+
+def test_explicit_cwe_labels():
+    dm = PrimeVulClassificationDataModule(label_mode="cwe", cwe_labels=["CWE-476", "CWE-190"])
+    dm.setup("validate")
+    # valid vulnerable functions: CWE-476, CWE-190, CWE-617
+    assert sorted(row["label"] for row in dm.val_rows) == ["CWE-190", "CWE-476", "other"]
+
+
+def test_balance_downsamples_the_majority_label():
+    dm = PrimeVulClassificationDataModule(balance=True)
+    dm.setup("fit")
+    # 12 vulnerable, 20 benign -> 12 of each
+    assert Counter(row["label"] for row in dm.train_rows) == {"vulnerable": 12, "benign": 12}
+
+
+def test_row_order_depends_on_the_seed_only():
+    def order(seed):
+        dm = PrimeVulClassificationDataModule(seed=seed)
+        dm.setup("fit")
+        return [row["id"] for row in dm.train_rows]
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    assert sorted(order(1)) == sorted(order(2))
+
+
+def test_max_val_prompts_keeps_whole_pairs():
+    dm = PrimeVulClassificationDataModule(paired=True, max_val_prompts=3)
+    dm.setup("fit")
+    # pairs are 2 rows: one fits in 3, a second would make 4
+    assert len(dm.val_rows) == 2 and dm.val_rows[0]["pair_id"] == dm.val_rows[1]["pair_id"]
+    dm.setup("validate")  # the cap is for validation during fit only
+    assert len(dm.val_rows) == 6
+
+
+def test_length_filter_with_an_explicit_tokenizer():
+    dm = PrimeVulClassificationDataModule(max_prompt_tokens=22)
+    dm.tokenizer = LineTokenizer()
+    dm.setup("fit")
+    # train functions have 12..30 lines; 15 of the 32 have at most 20 lines (20 + 2 fence lines = 22 tokens)
+    assert len(dm.train_rows) == 15
+
+
+def test_length_filter_drops_both_rows_of_a_pair():
+    dm = PrimeVulClassificationDataModule(paired=True, max_prompt_tokens=24)
+    dm.tokenizer = LineTokenizer()
+    dm.setup("validate")
+    # valid pairs have (22, 24), (17, 19), (14, 15) lines; the first pair's fix is 26 tokens, so both rows go
+    assert len(dm.val_rows) == 4
+
+
+def test_tokenizer_comes_from_the_attached_module():
+    dm = PrimeVulPatchDataModule(max_prompt_tokens=22)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=LineTokenizer()))
+    dm.setup("fit")
+    # the user message is the function plus 8 lines (weakness, blank, description header, description, blank,
+    # function header, two fences): 22 tokens fit a 14-line function, and session_close is the only one that short
+    assert [row["id"] for row in dm.train_rows] == ["900388"]
+
+
+def test_empty_split_after_filtering_is_an_error():
+    dm = PrimeVulClassificationDataModule(max_prompt_tokens=3)
+    dm.tokenizer = LineTokenizer()
+    with pytest.raises(TTCError, match=r"\[train\]: no prompts left after filtering \(max_prompt_tokens=3\)"):
+        dm.setup("fit")
+
+
+def test_no_validation_split():
+    dm = PrimeVulClassificationDataModule(val_split=None)
+    dm.setup("fit")
+    assert dm.val_dataloader() == []
+    with pytest.raises(TTCError, match="val_split is null"):
+        dm.setup("validate")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"max_val_prompts": 0}, "max_val_prompts must be >= 1, got 0; use val_split: null"),
+        ({"num_workers": -1}, "num_workers must be >= 0"),
+        ({"label_mode": "multi"}, "label_mode must be binary or cwe"),
+        ({"label_mode": "cwe", "top_k": 0}, "top_k must be >= 1"),
+        ({"cwe_labels": ["CWE-787"]}, "cwe_labels needs label_mode: cwe"),
+        ({"label_mode": "cwe", "cwe_labels": ["787"]}, "cwe_labels must be distinct CWE ids"),
+        ({"data_path": "/nonexistent/primevul"}, "data_path: /nonexistent/primevul does not exist"),
+        ({"train_split": " "}, "train_split: empty split name"),
+    ],
+)
+def test_bad_arguments_say_how_to_fix_them(kwargs, message):
+    with pytest.raises(TTCError, match=message):
+        PrimeVulClassificationDataModule(**kwargs)
+
+
+def test_hub_ids_are_not_checked_on_disk():
+    assert PrimeVulPatchDataModule(data_path="hf://colin/PrimeVul").data_path == "hf://colin/PrimeVul"
+
+
+def test_patch_rows_and_batch():
+    dm = PrimeVulPatchDataModule(batch_size=3)
+    dm.setup("fit")
+    assert (len(dm.train_rows), len(dm.val_rows)) == (12, 3)
+    row = next(r for r in dm.train_rows if r["cwe"] == "CWE-401")
+    assert row["cve"].startswith("CVE-0000-") and row["vulnerable_func"] != row["fixed_func"]
+    system, user = row["prompt"]
+    assert BLOCK_FORMAT in system["content"] and "<think>" in system["content"] and "<answer>" in system["content"]
+    assert user["content"].startswith("Weakness: CWE-401 (Missing Release of Memory after Effective Lifetime)\n\n")
+    assert user["content"].endswith(f"Vulnerable function:\n```c\n{row['vulnerable_func']}\n```")
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == PATCH_COLUMNS and len(batch["prompt"]) == 3
+
+
+def test_patch_prompt_leaves_out_what_is_unknown():
+    [_, user] = patch_prompt("int f;", cwe="", cve_desc=None)
+    assert user["content"] == "Vulnerable function:\n```c\nint f;\n```"

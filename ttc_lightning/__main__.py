@@ -1,0 +1,3 @@
+from ttc_lightning.cli import main
+
+main()

@@ -1,0 +1,100 @@
+"""`ttc`: the LightningCLI with ttc's defaults (automatic precision, run directory layout, clean user errors)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from ttc_lightning.callbacks import RunSummary
+from ttc_lightning.errors import TTCError
+from ttc_lightning.module import GRPOModule
+
+
+def auto_precision(accelerator: Any) -> str:
+    """bf16 on Ampere and newer (compute capability >= 8.0), fp16 on Pascal to Turing (6.0-7.5), else fp32."""
+    if str(accelerator) in ("cpu", "mps") or not torch.cuda.is_available():
+        return "32-true"
+    major, minor = torch.cuda.get_device_capability()
+    if major >= 8:
+        return "bf16-mixed"
+    if major >= 6:
+        return "16-mixed"
+    return "32-true"
+
+
+class TTCCLI(LightningCLI):
+    """LightningCLI plus a `checkpoint` section and run-directory defaults under `trainer.default_root_dir`."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_train_steps": 50,
+                "checkpoint.save_top_k": 0,
+                "trainer.precision": None,
+                "trainer.default_root_dir": "runs/ttc",
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if trainer.precision is None:
+            trainer.precision = auto_precision(trainer.accelerator)
+        root = trainer.default_root_dir
+        if config.checkpoint.dirpath is None:
+            # A fixed directory (not per logger version) so that `--ckpt_path last` finds the previous run's file.
+            config.checkpoint.dirpath = f"{root}/checkpoints"
+        if trainer.logger in (None, True):
+            trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": root, "name": "logs"},
+            }
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """A rich progress bar unless the config turns progress bars off or brings its own."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(RichProgressBar())
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the `ttc` command."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    # One optimizer step per pass is ttc's design, so "the checkpoint holds the post-step state" is what we want.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    try:
+        TTCCLI(
+            GRPOModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=42,
+            trainer_defaults={"callbacks": [RunSummary()]},
+            parser_kwargs={"description": "GRPO for code LLMs on PrimeVul. `ttc fit --help` lists every option."},
+            args=args,
+        )
+    except Exception as e:
+        # jsonargparse wraps errors raised while building the model or data module: find ours in the chain.
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, TTCError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        print(f"ttc: error: {cause}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

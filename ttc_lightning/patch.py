@@ -1,0 +1,310 @@
+"""The patch task: SEARCH/REPLACE edits on one function, oracle edits from a fix, and the SWE-RL patch rewards.
+
+An answer holds one or more blocks:
+
+    <<<<<<< SEARCH
+    lines copied exactly from the function
+    =======
+    replacement lines
+    >>>>>>> REPLACE
+
+Edits are line-based. A text is a list of lines split on `\\n` only (C sources may hold form feeds, which
+`str.splitlines` would split on); `\\r\\n` is read as `\\n` and results use `\\n`. Whether a text ends with a
+newline is not part of any line: `apply_edits` keeps the source's final-newline state, whatever the edits do.
+SEARCH lines must equal the function's lines exactly, indentation and trailing whitespace included (as in SWE-RL).
+
+`split_think_answer` lives here, pure and dependency-free, so that the classification rewards can import it
+without a cycle: it is the one parser of `<think>...</think><answer>...</answer>` completions.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from ttc_lightning.errors import TTCError
+
+SEARCH_MARKER = "<<<<<<< SEARCH"
+DIVIDER = "======="
+REPLACE_MARKER = ">>>>>>> REPLACE"
+_MARKERS = (SEARCH_MARKER, DIVIDER, REPLACE_MARKER)
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Replace the lines `search` (which must occur exactly once) by the lines `replace`.
+
+    Both hold whole lines, each ending in `\\n`: `""` is zero lines (a deletion), `"\\n"` one blank line.
+    """
+
+    search: str
+    replace: str
+
+
+class PatchError(ValueError):
+    """An answer that cannot be parsed or applied; the message says why."""
+
+
+@dataclass(frozen=True)
+class PatchScore:
+    """Everything known about one completion: the rewards and evaluation read this, so parsing happens once."""
+
+    applied: bool
+    patched: str | None
+    reward: float
+    exact: bool
+    error: str | None
+
+
+def split_think_answer(text: str) -> tuple[str, str] | None:
+    """`(think, answer)`, both stripped, when `text` has exactly one `<think>...</think>` followed by exactly
+    one `<answer>...</answer>`; None when a tag is missing, repeated or out of order.
+
+    Text around the tags is allowed and an empty think is accepted (a model in non-thinking mode emits
+    `<think>\\n\\n</think>`). A chat template that pre-fills `<think>` in the prompt leaves it out of the
+    completion: the caller must put it back before calling this.
+    """
+    if any(text.count(tag) != 1 for tag in _TAGS):
+        return None
+    think_open, think_close, answer_open, answer_close = (text.index(tag) for tag in _TAGS)
+    if not think_open < think_close < answer_open < answer_close:
+        return None
+    think = text[think_open + len("<think>") : think_close]
+    answer = text[answer_open + len("<answer>") : answer_close]
+    return think.strip(), answer.strip()
+
+
+def _lines(text: str) -> list[str]:
+    """Lines of `text` without terminators; a final `\\n` ends the last line rather than starting a new one."""
+    if not text:
+        return []
+    lines = text.replace("\r\n", "\n").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+def _text(lines: list[str]) -> str:
+    """The `Edit` form of `lines`: each line ends in `\\n`."""
+    return "".join(line + "\n" for line in lines)
+
+
+def parse_edits(text: str) -> list[Edit]:
+    """The SEARCH/REPLACE blocks in `text`, in order. Text outside blocks (prose, code fences) is ignored.
+
+    Marker lines may carry surrounding whitespace. Raises `PatchError` when there is no block, a block is
+    not terminated, or its markers are out of order.
+    """
+    edits: list[Edit] = []
+    search: list[str] = []
+    replace: list[str] = []
+    state = "outside"  # then "search" after SEARCH_MARKER, "replace" after DIVIDER
+    for lineno, line in enumerate(_lines(text), start=1):
+        marker = line.strip()
+        if state == "outside":
+            if marker == SEARCH_MARKER:
+                state, search, replace = "search", [], []
+            elif marker == REPLACE_MARKER:
+                raise PatchError(f"line {lineno}: {REPLACE_MARKER!r} without a {SEARCH_MARKER!r} block")
+        elif marker == SEARCH_MARKER:
+            raise PatchError(f"line {lineno}: {SEARCH_MARKER!r} inside an unterminated block")
+        elif state == "search":
+            if marker == REPLACE_MARKER:
+                raise PatchError(f"line {lineno}: {REPLACE_MARKER!r} before {DIVIDER!r}")
+            if marker == DIVIDER:
+                state = "replace"
+            else:
+                search.append(line)
+        elif marker == DIVIDER:
+            raise PatchError(f"line {lineno}: a second {DIVIDER!r} in one block")
+        elif marker == REPLACE_MARKER:
+            edits.append(Edit(_text(search), _text(replace)))
+            state = "outside"
+        else:
+            replace.append(line)
+    if state != "outside":
+        raise PatchError(f"unterminated block: missing {REPLACE_MARKER!r}")
+    if not edits:
+        raise PatchError("no SEARCH/REPLACE block")
+    return edits
+
+
+def format_edits(edits: list[Edit]) -> str:
+    """The answer text of `edits`, one block each, blocks separated by a blank line; `parse_edits` inverts it."""
+    blocks = []
+    for edit in edits:
+        search, replace = _lines(edit.search), _lines(edit.replace)
+        if any(line.strip() in _MARKERS for line in search + replace):
+            raise PatchError("an edit line reads as a SEARCH/REPLACE marker")
+        blocks.append("\n".join([SEARCH_MARKER, *search, DIVIDER, *replace, REPLACE_MARKER]))
+    return "\n\n".join(blocks)
+
+
+def _find(lines: list[str], window: list[str], limit: int = 2) -> list[int]:
+    """Start indices of `window` in `lines` (overlapping matches count), at most `limit` of them."""
+    found: list[int] = []
+    first, size = window[0], len(window)
+    for i in range(len(lines) - size + 1):
+        if lines[i] == first and lines[i : i + size] == window:
+            found.append(i)
+            if len(found) == limit:
+                break
+    return found
+
+
+def apply_edits(source: str, edits: list[Edit]) -> str:
+    """Apply `edits` in order; each SEARCH must match whole lines exactly once in the text as edited so far.
+
+    The result uses `\\n` line endings and keeps `source`'s final-newline state. Raises `PatchError` for an
+    empty SEARCH, a SEARCH equal to its REPLACE, a SEARCH not found, or one found more than once.
+    """
+    source = source.replace("\r\n", "\n")
+    lines = _lines(source)
+    for n, edit in enumerate(edits, start=1):
+        search, replace = _lines(edit.search), _lines(edit.replace)
+        if not search:
+            raise PatchError(f"edit {n}: empty SEARCH")
+        if search == replace:
+            raise PatchError(f"edit {n}: SEARCH equals REPLACE")
+        found = _find(lines, search, limit=len(lines))
+        if not found:
+            raise PatchError(f"edit {n}: SEARCH text not found")
+        if len(found) > 1:
+            raise PatchError(f"edit {n}: SEARCH text is ambiguous (found {len(found)} times)")
+        lines[found[0] : found[0] + len(search)] = replace
+    return "\n".join(lines) + ("\n" if lines and source.endswith("\n") else "")
+
+
+def _context(old: list[str], current: list[str], shift: int, i1: int, i2: int, floor: int) -> tuple[int, int] | None:
+    """Context lines `(above, below)` that make `old[i1 - above:i2 + below]` occur once both in `old` and in
+    `current` (at index + `shift` there), so the blocks also apply one by one to the original function.
+
+    Grows one line at a time, taking a side that makes the window unique when there is one, else alternating;
+    None when no window starting at or after `floor` is unique.
+    """
+
+    def unique(above: int, below: int) -> bool:
+        a, b = i1 - above, i2 + below
+        return b > a and _find(old, old[a:b]) == [a] and _find(current, old[a:b]) == [a + shift]
+
+    above = below = 0
+    if unique(above, below):
+        return above, below
+    while True:
+        grow = [(above + 1, below)] if i1 - above > floor else []
+        grow += [(above, below + 1)] if i2 + below < len(old) else []
+        if not grow:
+            return None
+        for context in grow:
+            if unique(*context):
+                return context
+        above, below = grow[0] if len(grow) == 1 or above <= below else grow[1]
+
+
+def _oracle_edits(old: list[str], new: list[str]) -> list[Edit]:
+    """Minimal edits turning `old` into `new` that `apply_edits` applies unambiguously, in order.
+
+    Lines between two edit windows are unchanged, so before edit k the text is
+    `new[:end of REPLACE k-1] + old[end of SEARCH k-1:]`: each window is checked for uniqueness there.
+    A window reaching into the next hunk takes that hunk in; a hunk with no unique window below the previous
+    one is merged into it.
+    """
+    matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+    hunks = [(i1, i2, j1, j2) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal"]
+    if not hunks:
+        raise PatchError("the functions have the same lines: there is nothing to edit")
+    contexts: list[tuple[int, int]] = []  # (above, below) of hunks[m] for each placed hunk m
+    while len(contexts) < len(hunks):
+        k = len(contexts)
+        i1, i2, j1, j2 = hunks[k]
+        floor, new_end = (hunks[k - 1][1] + contexts[-1][1], hunks[k - 1][3] + contexts[-1][1]) if k else (0, 0)
+        context = _context(old, new[:new_end] + old[floor:], new_end - floor, i1, i2, floor)
+        if context is None:
+            if not k:
+                raise PatchError("an insertion into an empty function has no line to anchor it")
+            contexts.pop()
+            hunks[k - 1 : k + 1] = [(hunks[k - 1][0], i2, hunks[k - 1][2], j2)]
+        elif k + 1 < len(hunks) and i2 + context[1] > hunks[k + 1][0]:
+            hunks[k : k + 2] = [(i1, hunks[k + 1][1], j1, hunks[k + 1][3])]
+        else:
+            contexts.append(context)
+    return [
+        Edit(_text(old[i1 - above : i2 + below]), _text(new[j1 - above : j2 + below]))
+        for (i1, i2, j1, j2), (above, below) in zip(hunks, contexts, strict=True)
+    ]
+
+
+def make_oracle_edits(vulnerable: str, fixed: str) -> str:
+    """The answer text (SEARCH/REPLACE blocks) of the minimal line edits turning `vulnerable` into `fixed`.
+
+    `apply_edits(vulnerable, parse_edits(result)) == fixed` whenever `fixed` uses `\\n` line endings and
+    agrees with `vulnerable` on ending with a newline (edits cannot express either difference). Raises
+    `PatchError` when the two have the same lines (nothing to edit) or `vulnerable` is empty.
+    """
+    return format_edits(_oracle_edits(_lines(vulnerable), _lines(fixed)))
+
+
+def _unified_diff(old: str, new: str) -> str:
+    """SWE-RL's normalised patch: a unified diff with 3 context lines, no file header, lines joined by `\\n`."""
+    diff = difflib.unified_diff(_lines(old), _lines(new), lineterm="", n=3)
+    return "\n".join(list(diff)[2:])
+
+
+@functools.lru_cache(maxsize=1024)
+def _oracle_diff(vulnerable: str, fixed: str) -> str:
+    # The G completions of one prompt share this diff.
+    return _unified_diff(vulnerable, fixed)
+
+
+@functools.lru_cache(maxsize=512)
+def score_patch(completion: str, vulnerable: str, fixed: str) -> PatchScore:
+    """Parse, apply and score one completion against the fix (SWE-RL: -1 when malformed, else diff similarity).
+
+    Cached: both rewards score the same batch, and a group often repeats a completion.
+
+    The similarity is `SequenceMatcher(None, predicted_diff, oracle_diff, autojunk=False).ratio()`, 0.0 when
+    either diff is empty (edits that cancel out must not look like a fix). `exact` compares the patched
+    function with the fix after removing all whitespace.
+    """
+    parts = split_think_answer(completion)
+    if parts is None:
+        error = "malformed completion: expected one <think>...</think> then one <answer>...</answer>"
+        return PatchScore(applied=False, patched=None, reward=-1.0, exact=False, error=error)
+    try:
+        patched = apply_edits(vulnerable, parse_edits(parts[1]))
+    except PatchError as e:
+        return PatchScore(applied=False, patched=None, reward=-1.0, exact=False, error=str(e))
+    vulnerable, fixed = vulnerable.replace("\r\n", "\n"), fixed.replace("\r\n", "\n")
+    predicted_diff, oracle_diff = _unified_diff(vulnerable, patched), _oracle_diff(vulnerable, fixed)
+    if not predicted_diff or not oracle_diff:
+        reward = 0.0
+    elif predicted_diff == oracle_diff:
+        reward = 1.0  # what ratio() returns here, without its quadratic cost
+    else:
+        reward = difflib.SequenceMatcher(None, predicted_diff, oracle_diff, autojunk=False).ratio()
+    exact = "".join(patched.split()) == "".join(fixed.split())
+    return PatchScore(applied=True, patched=patched, reward=reward, exact=exact, error=None)
+
+
+def _scores(name: str, completions: list[str], vulnerable_func: list[str], fixed_func: list[str]) -> list[PatchScore]:
+    if not len(completions) == len(vulnerable_func) == len(fixed_func):
+        raise TTCError(
+            f"{name}: got {len(completions)} completions but {len(vulnerable_func)} vulnerable_func and "
+            f"{len(fixed_func)} fixed_func values; the columns need one value per completion"
+        )
+    return [score_patch(c, v, f) for c, v, f in zip(completions, vulnerable_func, fixed_func, strict=True)]
+
+
+def patch_reward(
+    completions: list[str], vulnerable_func: list[str], fixed_func: list[str], **_: Any
+) -> list[float | None]:
+    """SWE-RL reward per completion: -1.0 when malformed or unappliable, else diff similarity in [0, 1]."""
+    return [s.reward for s in _scores("patch_reward", completions, vulnerable_func, fixed_func)]
+
+
+def exact_fix_reward(
+    completions: list[str], vulnerable_func: list[str], fixed_func: list[str], **_: Any
+) -> list[float | None]:
+    """1.0 when the patched function equals the fix up to whitespace, else 0.0 (malformed answers included)."""
+    return [float(s.exact) for s in _scores("exact_fix_reward", completions, vulnerable_func, fixed_func)]
