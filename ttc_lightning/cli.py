@@ -12,7 +12,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from ttc_lightning.callbacks import RunSummary
+from ttc_lightning.callbacks import CheckpointOnInterrupt, RunSummary
 from ttc_lightning.errors import TTCError
 from ttc_lightning.module import GRPOModule
 
@@ -41,6 +41,8 @@ class TTCCLI(LightningCLI):
                 "checkpoint.save_top_k": 0,
                 "trainer.precision": None,
                 "trainer.default_root_dir": "runs/ttc",
+                # Validation generates text: too slow to run as a sanity check before every fit.
+                "trainer.num_sanity_val_steps": 0,
             }
         )
 
@@ -65,6 +67,8 @@ class TTCCLI(LightningCLI):
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(RichProgressBar())
+        if self.subcommand == "fit":
+            callbacks.append(CheckpointOnInterrupt(self._get(self.config, "checkpoint").dirpath))
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -266,6 +267,8 @@ class GRPOModule(L.LightningModule):
         self.strict_loading = lora is None
         self._grad_norm = torch.tensor(float("nan"))
         self._rollout_file: Path | None = None
+        self.last_rollout: list[dict] = []
+        self._eval_records: list[dict[str, Any]] = []
 
     # --- model -------------------------------------------------------------------------------------------------
 
@@ -298,6 +301,16 @@ class GRPOModule(L.LightningModule):
         elif hp.beta > 0:
             self.ref_model = self._load_causal_lm(quantize=False).eval().requires_grad_(False)
         self.policy.train()
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        sharded = "FSDP" in type(strategy).__name__ or getattr(strategy, "zero_stage_3", False)
+        if sharded:
+            raise TTCError(
+                f"trainer.strategy: {type(strategy).__name__} shards the weights, and generate() would gather them for "
+                "every new token (very slow, or a hang). Use `ddp` (a LoRA policy fits on each GPU) or "
+                "`deepspeed_stage_2`."
+            )
 
     def _load_causal_lm(self, quantize: bool) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -496,8 +509,10 @@ class GRPOModule(L.LightningModule):
         trained = time.perf_counter()
 
         self._log_step(rollout, stats, generate_s=generated - started, train_s=trained - generated)
+        # Kept for callbacks (e.g. a W&B completions table) as well as the rollout log.
+        self.last_rollout = self.rollout_records(step, prompts, columns, rollout)
         if hp.log_rollouts:
-            self._write_rollouts(step, prompts, columns, rollout)
+            self._write_rollouts(self.last_rollout)
 
     def _optimise(self, rollout: Rollout) -> dict[str, Tensor]:
         """Steps 6 and 7 of `training_step`; returns token-weighted means of the loss stats over all passes."""
@@ -590,31 +605,156 @@ class GRPOModule(L.LightningModule):
         if "kl" in metrics:
             self.log("kl", metrics["kl"], prog_bar=True, batch_size=batch_size, sync_dist=True)
 
-    def _write_rollouts(self, step: int, prompts: list, columns: dict[str, list], rollout: Rollout) -> None:
-        """One JSON line per completion; rank 0 writes rollouts.jsonl, other ranks rollouts.rank<k>.jsonl."""
+    def rollout_records(self, step: int, prompts: list, columns: dict[str, list], rollout: Rollout) -> list[dict]:
+        """One JSON-ready row per completion: step, prompt, completion, per-function rewards, reward, advantage."""
+        g = self.hparams.num_generations
+        records = []
+        for i, completion in enumerate(rollout.completions):
+            record = {
+                "step": step,
+                "prompt_index": i // g,
+                "prompt": prompts[i // g],
+                "completion": completion,
+                "rewards": {
+                    name: None if math.isnan(v) else v
+                    for name, v in zip(self.reward_names, rollout.rewards[i].tolist(), strict=True)
+                },
+                "reward": float(rollout.reward[i]),
+                "advantage": float(rollout.advantages[i]),
+            }
+            if "id" in columns:
+                record["id"] = columns["id"][i]
+            records.append(record)
+        return records
+
+    def _write_rollouts(self, records: list[dict]) -> None:
+        """Rank 0 appends to rollouts.jsonl in the log directory, rank k to rollouts.rank<k>.jsonl: no interleaving."""
         if self._rollout_file is None:
             log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             rank = self.global_rank
             self._rollout_file = log_dir / ("rollouts.jsonl" if rank == 0 else f"rollouts.rank{rank}.jsonl")
             self._rollout_file.parent.mkdir(parents=True, exist_ok=True)
-        g = self.hparams.num_generations
         with self._rollout_file.open("a", encoding="utf-8") as f:
-            for i, completion in enumerate(rollout.completions):
-                record = {
-                    "step": step,
-                    "prompt_index": i // g,
-                    "prompt": prompts[i // g],
-                    "completion": completion,
+            f.writelines(json.dumps(record, default=str) + "\n" for record in records)
+
+    # --- evaluation ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: dict[str, list]) -> list[dict[str, Any]]:
+        """`eval_num_samples` completions per prompt at `eval_temperature`, scored: one record per prompt."""
+        hp = self.hparams
+        k = hp.eval_num_samples
+        prompts = batch["prompt"]
+        columns = {key: values for key, values in batch.items() if key != "prompt"}
+        repeated = {key: [v for v in values for _ in range(k)] for key, values in columns.items()}
+        _, _, _, completion_mask, texts = self.generate(prompts, k, hp.eval_temperature, hp.max_new_tokens)
+        scores = score_completions(self.reward_fns, self.reward_names, texts, repeated, k)  # [B*k, F]
+        reward = torch.nansum(scores * self.reward_weights, dim=1)  # [B*k]
+        lengths = completion_mask.sum(1).tolist()
+        records = []
+        for p, prompt in enumerate(prompts):
+            rows = slice(p * k, (p + 1) * k)
+            records.append(
+                {
+                    "prompt": prompt,
+                    "columns": {key: values[p] for key, values in columns.items()},
+                    "completions": texts[rows],
+                    "lengths": lengths[rows],
                     "rewards": {
-                        name: None if math.isnan(v) else v
-                        for name, v in zip(self.reward_names, rollout.rewards[i].tolist(), strict=True)
+                        name: [None if math.isnan(v) else v for v in scores[rows, j].tolist()]
+                        for j, name in enumerate(self.reward_names)
                     },
-                    "reward": float(rollout.reward[i]),
-                    "advantage": float(rollout.advantages[i]),
+                    "reward": reward[rows].tolist(),
                 }
-                if "id" in columns:
-                    record["id"] = columns["id"][i]
-                f.write(json.dumps(record, default=str) + "\n")
+            )
+        return records
+
+    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        self._eval_records.extend(self.evaluate_batch(batch))
+
+    def test_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        self._eval_records.extend(self.evaluate_batch(batch))
+
+    def predict_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        self._eval_records.extend(self.evaluate_batch(batch))
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_records = []
+
+    on_test_epoch_start = on_validation_epoch_start
+    on_predict_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation("test")
+
+    def evaluation_metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Reward means over all samples, plus the data module's task metrics (its `evaluate(records)`)."""
+        rewards = [r for record in records for r in record["reward"]]
+        metrics: dict[str, Any] = {"reward": sum(rewards) / len(rewards)}
+        for name in self.reward_names:
+            values = [v for record in records for v in record["rewards"][name] if v is not None]
+            if values:
+                metrics[f"rewards/{name}/mean"] = sum(values) / len(values)
+        lengths = [n for record in records for n in record["lengths"]]
+        metrics["mean_length"] = sum(lengths) / len(lengths)
+        evaluate = getattr(self.trainer.datamodule, "evaluate", None)
+        if evaluate is not None:
+            metrics.update(evaluate(records))
+        return metrics
+
+    def _gather_records(self) -> list[dict[str, Any]]:
+        """Every rank's evaluation records (the metrics are not averages, so they need all the predictions)."""
+        if self.trainer.world_size == 1:
+            return self._eval_records
+        gathered: list[list[dict[str, Any]]] = [[] for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather_object(gathered, self._eval_records)
+        return [record for part in gathered for record in part]
+
+    def _finish_evaluation(self, stage: str) -> None:
+        records = self._gather_records()
+        if self.trainer.sanity_checking or not records:
+            return
+        metrics = self.evaluation_metrics(records)
+        scalars = {f"{stage}/{k}": float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
+        self.log_dict(scalars, batch_size=len(records))
+        if self.trainer.state.fn != "fit" and self.global_rank == 0:
+            log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            summary = {
+                "stage": stage,
+                "ckpt_path": self.trainer.ckpt_path,
+                "num_prompts": len(records),
+                "eval_num_samples": self.hparams.eval_num_samples,
+                "eval_temperature": self.hparams.eval_temperature,
+                "metrics": metrics,
+            }
+            (log_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            if "per_class" in metrics:
+                _print_per_class(metrics["per_class"])
+            rank_zero_info(f"ttc: wrote {log_dir / 'metrics.json'}")
+
+    def on_predict_epoch_end(self) -> None:
+        """predictions.jsonl: one line per input with its k completions, what was parsed, the final answer/patch."""
+        records = self._gather_records()
+        if self.global_rank != 0:
+            return
+        final_prediction = getattr(self.trainer.datamodule, "final_prediction", None) or _best_completion
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / "predictions.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for i, record in enumerate(records):
+                line = {
+                    "id": record["columns"].get("id", i),
+                    "completions": record["completions"],
+                    "rewards": record["rewards"],
+                    **final_prediction(record),
+                }
+                f.write(json.dumps(line, default=str) + "\n")
+        rank_zero_info(f"ttc: wrote {len(records)} predictions to {path}")
 
     # --- optimizer ---------------------------------------------------------------------------------------------
 
@@ -675,6 +815,24 @@ class GRPOModule(L.LightningModule):
                 **{k: v for k, v in state.items() if k not in expected},
                 **checkpoint["state_dict"],
             }
+
+
+def _best_completion(record: dict[str, Any]) -> dict[str, Any]:
+    """Final answer for a task without its own rule: the completion the reward functions scored highest."""
+    best = max(range(len(record["completions"])), key=lambda i: record["reward"][i])
+    return {"final": record["completions"][best], "score": record["reward"][best]}
+
+
+def _print_per_class(per_class: dict[str, dict[str, float]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="per class")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in per_class.items():
+        table.add_row(name, *(f"{row[c]:.3f}" for c in ("precision", "recall", "f1")), str(int(row["support"])))
+    Console(stderr=True).print(table)
 
 
 def _check_settings(hp: Any) -> None:

@@ -20,6 +20,7 @@ from ttc_lightning.cwe import describe_cwe, is_cwe_id
 from ttc_lightning.data.common import collate_rows, filter_by_prompt_length, seeded_shuffle
 from ttc_lightning.data.primevul import HF_PREFIX, PrimeVulPair, PrimeVulRecord, load_functions, load_pairs
 from ttc_lightning.errors import TTCError
+from ttc_lightning.evaluation import classification_metrics, classify_prediction, patch_metrics, patch_prediction
 
 log = logging.getLogger("ttc")
 
@@ -374,6 +375,14 @@ class PrimeVulClassificationDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return _loader(self.test_rows, self.val_batch_size, self.num_workers)
 
+    def evaluate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Metrics of evaluated prompts (k completions each): see `ttc_lightning.evaluation`."""
+        return classification_metrics(records, self.label_mode)
+
+    def final_prediction(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The answer written to predictions.jsonl: the k parsed answers, their vote, the "vulnerable" share."""
+        return classify_prediction(record)
+
 
 class PrimeVulPatchDataModule(L.LightningDataModule):
     """Vulnerable functions from PrimeVul's paired files, to fix with SEARCH/REPLACE edits; the patch rewards in
@@ -477,3 +486,11 @@ class PrimeVulPatchDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return _loader(self.test_rows, self.val_batch_size, self.num_workers)
+
+    def evaluate(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Metrics of evaluated prompts (k completions each): see `ttc_lightning.evaluation`."""
+        return patch_metrics(records)
+
+    def final_prediction(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The patch written to predictions.jsonl: the k patched functions and the most common one that applies."""
+        return patch_prediction(record)

@@ -1,0 +1,65 @@
+"""Both PrimeVul tasks through `ttc fit`, `validate`, `test` and `predict` on the tiny model and shipped sample."""
+
+import json
+
+import torch
+
+from tests.conftest import REPO
+from tests.integration.test_fit import read_metrics
+from ttc_lightning.data.tasks import SAMPLE_DIR
+
+SMALL = [
+    "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", "run",
+    "--model.model_name_or_path", "tiny", "--model.max_new_tokens", "8", "--model.num_generations", "2",
+    "--model.eval_num_samples", "2", "--model.eval_temperature", "1.0", "--model.gradient_checkpointing", "false",
+    "--model.lora", "{r: 4, alpha: 8}", "--data.data_path", SAMPLE_DIR,
+]
+PATCH = ["--config", str(REPO / "configs" / "patch.yaml"), *SMALL]
+CLASSIFY = ["--config", str(REPO / "configs" / "classify.yaml"), *SMALL]
+
+
+def test_patch_fit_validate_predict(run_ttc, tmp_path):
+    code, _, err = run_ttc(
+        "fit", *PATCH, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.max_val_prompts", "2"
+    )
+    assert code == 0, err
+    logged = {key for row in read_metrics(tmp_path / "run") for key, value in row.items() if value}
+    assert {"val/patch_reward", "val/applied_pass@1", "val/applied_pass@2", "val/exact_pass@1"} <= logged
+
+    # evaluation needs the weights only: drop the optimizer state, as a user sharing a checkpoint might
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    del ckpt["optimizer_states"], ckpt["lr_schedulers"]
+    torch.save(ckpt, tmp_path / "weights.ckpt")
+    code, _, err = run_ttc("validate", *PATCH, "--ckpt_path", str(tmp_path / "weights.ckpt"))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "logs" / "version_1" / "metrics.json").read_text())
+    assert summary["stage"] == "val" and summary["num_prompts"] == 3  # the sample's 3 validation pairs
+    expected = {"patch_reward", "applied_pass@1", "exact_pass@2", "final_exact", "format_valid", "mean_length"}
+    assert expected <= set(summary["metrics"])
+
+    code, _, err = run_ttc("predict", *PATCH, "--ckpt_path", str(tmp_path / "weights.ckpt"))
+    assert code == 0, err
+    lines = [json.loads(x) for x in (tmp_path / "run" / "logs" / "version_2" / "predictions.jsonl").open()]
+    assert len(lines) == 3  # the sample's 3 test pairs
+    assert {"id", "completions", "patches", "final", "score"} <= set(lines[0])
+    assert len(lines[0]["completions"]) == 2
+
+
+def test_classification_fit_test_predict(run_ttc, tmp_path):
+    code, _, err = run_ttc("fit", *CLASSIFY, "--trainer.max_steps", "2", "--data.val_split", "null")
+    assert code == 0, err
+    assert {"rewards/format_reward/mean", "rewards/label_reward/mean"} <= set(read_metrics(tmp_path / "run")[0])
+
+    code, _, err = run_ttc("test", *CLASSIFY, "--ckpt_path", "last")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run" / "logs" / "version_1" / "metrics.json").read_text())["metrics"]
+    expected = {"accuracy", "accuracy_single", "precision", "recall", "f1", "vd_score", "format_valid", "P-C", "P-R"}
+    assert expected <= set(metrics)
+    assert sum(metrics[k] for k in ("P-C", "P-V", "P-B", "P-R")) == 100.0
+
+    code, _, err = run_ttc("predict", *CLASSIFY, "--ckpt_path", "last")
+    assert code == 0, err
+    lines = [json.loads(x) for x in (tmp_path / "run" / "logs" / "version_2" / "predictions.jsonl").open()]
+    assert len(lines) == 6  # 3 test pairs, both halves
+    assert {"id", "completions", "answers", "final", "score"} <= set(lines[0])
+    assert 0.0 <= lines[0]["score"] <= 1.0

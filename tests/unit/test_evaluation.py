@@ -1,0 +1,89 @@
+import pytest
+
+from ttc_lightning.evaluation import classification_metrics, classify_prediction, patch_metrics, patch_prediction
+
+
+def answer(label: str) -> str:
+    return f"<think>looking at the bounds</think><answer>{label}</answer>"
+
+
+def record(label: str, pair_id: str, completions: list[str]) -> dict:
+    return {"columns": {"label": label, "pair_id": pair_id}, "completions": completions, "lengths": [10] * 3}
+
+
+# Two pairs, k = 3 samples each; gold labels [vulnerable, benign, vulnerable, benign].
+RECORDS = [
+    record("vulnerable", "a", [answer("vulnerable"), answer("vulnerable"), answer("benign")]),  # vote v, share 2/3
+    record("benign", "a", [answer("benign"), answer("benign"), "no tags at all"]),  # vote b, share 0
+    record("vulnerable", "b", [answer("benign"), answer("benign"), answer("vulnerable")]),  # vote b, share 1/3
+    record("benign", "b", [answer("vulnerable")] * 3),  # vote v, share 1
+]
+
+
+def test_vote_and_score_of_one_prompt():
+    prediction = classify_prediction(RECORDS[0])
+    assert prediction["final"] == "vulnerable"
+    assert prediction["score"] == pytest.approx(2 / 3)
+    assert classify_prediction(RECORDS[1])["answers"] == ["benign", "benign", None]
+
+
+def test_binary_classification_metrics():
+    m = classification_metrics(RECORDS, "binary")
+    assert m["accuracy"] == 0.5  # votes [v, b, b, v] vs gold [v, b, v, b]: 2 of 4
+    assert m["accuracy_single"] == pytest.approx(5 / 12)  # correct samples 2 + 2 + 1 + 0 of 12
+    assert m["format_valid"] == pytest.approx(11 / 12)  # one sample has no tags
+    # TP 1 (pair a), FP 1 (pair b fixed half), FN 1 (pair b vulnerable half): P = R = F1 = 1/2
+    assert (m["precision"], m["recall"], m["f1"]) == (0.5, 0.5, 0.5)
+    # pair a (1, 0) is correct, pair b (0, 1) is reversed
+    assert (m["P-C"], m["P-V"], m["P-B"], m["P-R"]) == (50.0, 0.0, 0.0, 50.0)
+    # the benign half of pair b scores 1.0, above every vulnerable one: at FPR 0 nothing is flagged, FNR = 1
+    assert m["vd_score"] == 1.0
+    assert m["mean_length"] == 10
+
+
+def test_cwe_metrics_have_a_per_class_table():
+    records = [
+        record("CWE-787", "", [answer("CWE-787")] * 3),
+        record("CWE-125", "", [answer("CWE-787"), answer("cwe 125"), answer("CWE-125")]),  # vote CWE-125
+    ]
+    m = classification_metrics(records, "cwe")
+    assert m["accuracy"] == 1.0
+    assert m["accuracy_single"] == pytest.approx(5 / 6)
+    assert set(m["per_class"]) == {"CWE-787", "CWE-125"}
+    assert m["macro_f1"] == 1.0
+
+
+VULNERABLE = "int get(int n) {\n  return buf[n];\n}\n"
+FIXED = "int get(int n) {\n  if (n < 0) return 0;\n  return buf[n];\n}\n"
+FIX = (
+    "<think>n can be negative</think><answer>\n<<<<<<< SEARCH\n  return buf[n];\n=======\n"
+    "  if (n < 0) return 0;\n  return buf[n];\n>>>>>>> REPLACE\n</answer>"
+)
+PATCH_RECORD = {
+    "columns": {"vulnerable_func": VULNERABLE, "fixed_func": FIXED},
+    "completions": [FIX, "I would add a check.", FIX],
+    "lengths": [40, 5, 40],
+}
+
+
+def test_final_patch_is_the_most_common_that_applies():
+    prediction = patch_prediction(PATCH_RECORD)
+    assert prediction["final"] == FIXED
+    assert prediction["applied"] == [True, False, True]
+    assert prediction["score"] == 1.0 and prediction["final_exact"]
+
+
+def test_patch_metrics():
+    m = patch_metrics([PATCH_RECORD])
+    # 2 of 3 samples apply and are exact: pass@1 = 2/3, pass@3 = 1 - C(1,3)/C(3,3) = 1
+    assert m["applied_pass@1"] == pytest.approx(2 / 3) and m["applied_pass@3"] == 1.0
+    assert m["exact_pass@1"] == pytest.approx(2 / 3) and m["exact_pass@3"] == 1.0
+    assert m["patch_reward"] == pytest.approx((1 + -1 + 1) / 3)
+    assert m["final_exact"] == 1.0
+    assert m["format_valid"] == pytest.approx(2 / 3)
+    assert m["mean_length"] == pytest.approx(85 / 3)
+
+
+def test_no_patch_applies():
+    m = patch_prediction({**PATCH_RECORD, "completions": ["nothing"] * 2})
+    assert m["final"] is None and m["score"] == -1.0
