@@ -19,6 +19,7 @@ def run_ttc(capsys, monkeypatch, tmp_path):
     from ttc_lightning.cli import main
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ttc"])  # the CLI must read `args`, not pytest's own arguments
 
     def run(*args: str) -> tuple[int, str, str]:
         # Library loggers keep the stream they found at import time, which pytest may have closed since.

@@ -1,37 +1,11 @@
-"""Callbacks: the end-of-run summary line, and a checkpoint when a run is interrupted."""
+"""A checkpoint when a run is interrupted."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from rich.console import Console
-
-
-class RunSummary(L.Callback):
-    """Prints the mean reward of the first and last few steps when `fit` ends, so progress is visible at a glance."""
-
-    def __init__(self, window: int = 3) -> None:
-        self.window = window
-        self.rewards: list[float] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        reward = trainer.callback_metrics.get("reward")
-        if reward is not None:
-            self.rewards.append(float(reward))
-
-    @rank_zero_only
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.rewards:
-            return
-        n = min(self.window, len(self.rewards))
-        start, end = sum(self.rewards[:n]) / n, sum(self.rewards[-n:]) / n
-        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none"
-        Console(stderr=True).print(
-            f"[bold]ttc[/bold]: {len(self.rewards)} steps, reward {start:.3f} -> {end:.3f} "
-            f"(mean of the first and last {n}), last checkpoint: {ckpt}"
-        )
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class CheckpointOnInterrupt(L.Callback):

@@ -9,12 +9,13 @@ from typing import Any
 import lightning as L
 import torch
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from ttc_lightning.callbacks import CheckpointOnInterrupt, RunSummary
+from ttc_lightning.callbacks import CheckpointOnInterrupt
 from ttc_lightning.errors import TTCError
 from ttc_lightning.module import GRPOModule
+from ttc_lightning.tracking import RunInfo, SaveConfigToWandb, StepProgressBar, SummaryTable, prepare_wandb
 
 
 def auto_precision(accelerator: Any) -> str:
@@ -60,13 +61,15 @@ class TTCCLI(LightningCLI):
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": root, "name": "logs"},
             }
+        # Before anything is built: a missing wandb package or login stops here, in one line.
+        prepare_wandb(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """A rich progress bar unless the config turns progress bars off or brings its own."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RichProgressBar())
+            callbacks.append(StepProgressBar())
         if self.subcommand == "fit":
             callbacks.append(CheckpointOnInterrupt(self._get(self.config, "checkpoint").dirpath))
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
@@ -74,6 +77,12 @@ class TTCCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `ttc` command."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["export"]:
+        from ttc_lightning.export import main as export_main
+
+        export_main(argv[1:])
+        return
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     # One optimizer step per pass is ttc's design, so "the checkpoint holds the post-step state" is what we want.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -83,10 +92,14 @@ def main(args: list[str] | None = None) -> None:
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
+            save_config_callback=SaveConfigToWandb,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=42,
-            trainer_defaults={"callbacks": [RunSummary()]},
-            parser_kwargs={"description": "GRPO for code LLMs on PrimeVul. `ttc fit --help` lists every option."},
+            trainer_defaults={"callbacks": [SummaryTable(), RunInfo()]},
+            parser_kwargs={
+                "description": "GRPO for code LLMs on PrimeVul. `ttc fit --help` lists every option; "
+                "`ttc export --help` turns a checkpoint into a Hugging Face model."
+            },
             args=args,
         )
     except Exception as e:

@@ -801,7 +801,11 @@ class GRPOModule(L.LightningModule):
                 + ("set" if self.hparams.lora is not None else "null")
                 + "; use the same model settings as the run that wrote it"
             )
-        if self.hparams.lora is not None:
+        if self.hparams.lora is None:
+            # The frozen reference is never saved: it is the base model, loaded again in configure_model.
+            reference = {k: v for k, v in self.state_dict().items() if k.startswith("ref_model.")}
+            checkpoint["state_dict"] = {**reference, **checkpoint["state_dict"]}
+        else:
             expected = {name for name, p in self.named_parameters() if p.requires_grad}
             unknown = sorted(set(checkpoint["state_dict"]) - expected)
             if unknown:

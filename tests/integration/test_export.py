@@ -1,0 +1,143 @@
+"""`ttc export` on tiny-model checkpoints: the exported directory reproduces the trained policy's logits."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import REPO
+from ttc_lightning.export import main
+from ttc_lightning.tiny import CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer
+
+TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
+FAST = ["--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "8", "--model.num_generations", "2"]
+INPUT_IDS = torch.arange(1, 17).unsqueeze(0)  # [1, 16] arbitrary fixed tokens
+
+
+def distinct_chars_reward(completions, **_):
+    """Differs between almost any two random completions, so every step moves the policy."""
+    return [float(len(set(c))) for c in completions]
+
+
+class RecordLogits(L.Callback):
+    """Saves the trained policy's logits on INPUT_IDS when fit ends: what the export must reproduce."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with torch.no_grad():
+            logits = pl_module.policy.eval()(input_ids=INPUT_IDS).logits
+        torch.save(logits, Path(trainer.default_root_dir) / "logits.pt")
+
+
+def logits_of(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=INPUT_IDS).logits
+
+
+def train(run_ttc, *args: str) -> tuple[Path, torch.Tensor]:
+    """Two steps on the tiny model -> (last checkpoint, trained logits)."""
+    code, _, err = run_ttc(
+        "fit",
+        "--config",
+        TINY,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.default_root_dir",
+        "run",
+        "--model.rewards",
+        "[tests.integration.test_export.distinct_chars_reward]",
+        "--trainer.callbacks+=tests.integration.test_export.RecordLogits",
+        *FAST,
+        *args,
+    )
+    assert code == 0, err
+    return Path("run/checkpoints/last.ckpt").resolve(), torch.load("run/logits.pt")
+
+
+def test_lora_export_as_adapter_and_merged_gives_the_trained_logits(run_ttc, tmp_path, capsys):
+    ckpt, trained = train(run_ttc, "--model.lora", "{r: 4, alpha: 8}")
+    out = tmp_path / "exported"
+
+    main(["--ckpt_path", str(ckpt), "--output_dir", str(out)])
+    config = json.loads((out / "adapter_config.json").read_text())
+    # The tiny base only exists while ttc runs, so the export carries it and points the adapter at it.
+    assert config["base_model_name_or_path"] == str(out / "base_model")
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    assert not torch.allclose(logits_of(base), trained, atol=1e-4)  # training moved the adapter off zero
+    adapter = PeftModel.from_pretrained(base, out)
+    torch.testing.assert_close(logits_of(adapter), trained, atol=1e-5, rtol=1e-5)
+    assert AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
+
+    main(["--ckpt_path", str(ckpt), "--output_dir", str(out), "--merge", "--overwrite"])
+    assert not (out / "adapter_config.json").exists()  # the previous export's files are gone
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    # Merging changes the order of the additions (W + BA vs Wx + BAx), hence the looser tolerance.
+    torch.testing.assert_close(logits_of(merged), trained, atol=1e-4, rtol=1e-4)
+    assert AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
+    assert "ttc: exported" in capsys.readouterr().err
+
+
+def test_full_finetune_export_gives_the_trained_logits(run_ttc, tmp_path):
+    ckpt, trained = train(run_ttc)
+    assert not torch.allclose(logits_of(build_tiny_model(build_tiny_tokenizer())), trained, atol=1e-4)  # it trained
+    out = tmp_path / "exported"
+    main(["--ckpt_path", str(ckpt), "--output_dir", str(out)])
+    assert not (out / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits_of(model), trained, atol=1e-5, rtol=1e-5)
+    assert AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
+
+
+def run_export(capsys, *args: str) -> tuple[int, str]:
+    """`ttc export ARGS` in-process -> (exit code, stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def fake_checkpoint(path: Path, **content) -> Path:
+    torch.save({"state_dict": {}, **content}, path)
+    return path
+
+
+def text_file(path: Path) -> Path:
+    path.write_text("hello")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "missing.ckpt", "missing.ckpt does not exist"),
+        (lambda d: fake_checkpoint(d / "plain.ckpt", hyper_parameters={}), "plain.ckpt is not a ttc checkpoint"),
+        (lambda d: text_file(d / "notes.ckpt"), "notes.ckpt is not a PyTorch checkpoint"),
+    ],
+    ids=["missing", "not-ttc", "not-torch"],
+)
+def test_bad_checkpoints_are_one_line_errors(capsys, tmp_path, make, message):
+    code, err = run_export(capsys, "--ckpt_path", str(make(tmp_path)), "--output_dir", str(tmp_path / "out"))
+    assert code == 1
+    assert err.startswith("ttc: error: --ckpt_path: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_must_be_empty_unless_overwriting_an_export(capsys, tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "x.ckpt", ttc={"model_name_or_path": "tiny", "lora": False}, hyper_parameters={})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, err = run_export(capsys, "--ckpt_path", str(ckpt), "--output_dir", str(out))
+    assert (
+        code == 1
+        and f"ttc: error: --output_dir: {out} is not empty; choose another directory or pass --overwrite" in err
+    )
+    code, err = run_export(capsys, "--ckpt_path", str(ckpt), "--output_dir", str(out), "--overwrite")
+    assert code == 1 and "holds no exported model; --overwrite only replaces a previous export" in err
+    assert (out / "notes.txt").read_text() == "keep me"

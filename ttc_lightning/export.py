@@ -1,0 +1,146 @@
+"""`ttc export`: a ttc checkpoint -> a Hugging Face model directory that loads without ttc.
+
+    ttc export --ckpt_path runs/patch/checkpoints/last.ckpt --output_dir exported [--merge] [--overwrite]
+        [--push_to_hub USER/REPO]
+
+Full fine-tuning writes the model. LoRA writes the adapter (`peft.PeftModel.from_pretrained(base, DIR)`), or with
+`--merge` the base model with the adapter merged in (`transformers.AutoModelForCausalLM.from_pretrained(DIR)`).
+The tokenizer and its chat template are written either way.
+
+The adapter's `base_model_name_or_path` is the training base (a Hub id, or a local directory made absolute).
+The built-in "tiny" model only exists while ttc runs, so its adapter export also holds the base model in
+`DIR/base_model`, and `base_model_name_or_path` points there.
+
+A QLoRA checkpoint is exported on the base model in its `dtype` without 4-bit quantisation: the adapter is the same,
+and merging needs unquantised weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ttc_lightning.errors import TTCError
+from ttc_lightning.tiny import TINY
+
+BASE_DIR = "base_model"
+# Files that mark a directory as a previous export, so `--overwrite` never empties an unrelated directory.
+EXPORT_MARKERS = ("config.json", "adapter_config.json")
+
+
+def load_ttc_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by `ttc fit`; `TTCError` when it is missing or not a ttc checkpoint."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise TTCError(f"--ckpt_path: {path} does not exist")
+    try:
+        # Not weights-only: hyper_parameters may hold config objects. Only load checkpoints you trust.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise TTCError(f"--ckpt_path: {path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(checkpoint, dict) or "ttc" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise TTCError(f"--ckpt_path: {path} is not a ttc checkpoint (it has no 'ttc' section)")
+    return checkpoint
+
+
+def prepare_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
+    """The output directory, created; an error if it holds anything, unless `overwrite` and it is a previous export."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise TTCError(f"--output_dir: {path} is a file")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise TTCError(f"--output_dir: {path} is not empty; choose another directory or pass --overwrite")
+        if not any((path / name).is_file() for name in EXPORT_MARKERS):
+            raise TTCError(
+                f"--output_dir: {path} is not empty and holds no exported model; --overwrite only replaces a "
+                "previous export"
+            )
+        # Stale files from another form (an adapter beside a merged model) would change what loaders pick up.
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def rebuild_module(checkpoint: dict[str, Any]) -> Any:
+    """`GRPOModule` from the checkpoint's hyperparameters, with its trained weights loaded as Lightning would."""
+    from ttc_lightning.module import GRPOModule
+
+    accepted = inspect.signature(GRPOModule.__init__).parameters
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
+    # Export needs neither the reference model (beta) nor the training-only memory savings.
+    hparams.update(beta=0.0, load_in_4bit=False, gradient_checkpointing=False)
+    module = GRPOModule(**hparams)
+    module.configure_model()
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
+    return module.eval()
+
+
+def base_model_reference(model_name_or_path: str) -> str:
+    """What an adapter records as its base: a Hub id as it is, an existing local directory as an absolute path."""
+    path = Path(model_name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else model_name_or_path
+
+
+def export(
+    ckpt_path: str | Path,
+    output_dir: str | Path,
+    merge: bool = False,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+) -> Path:
+    """Write the checkpoint's policy and tokenizer to `output_dir` (see the module docstring); returns it."""
+    checkpoint = load_ttc_checkpoint(ckpt_path)
+    out = prepare_output_dir(output_dir, overwrite)
+    module = rebuild_module(checkpoint)
+    policy, tokenizer = module.policy, module.tokenizer
+    name = checkpoint["ttc"]["model_name_or_path"]
+    if checkpoint["ttc"]["lora"] and merge:
+        policy = policy.merge_and_unload()
+    elif checkpoint["ttc"]["lora"]:
+        if name == TINY:
+            # The directory the module loaded the base from: the exact weights the adapter was trained on.
+            base = shutil.copytree(module.model_path, out / BASE_DIR)
+            reference = str(base.resolve())
+        else:
+            reference = base_model_reference(name)
+        for config in policy.peft_config.values():
+            config.base_model_name_or_path = reference
+    policy.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if push_to_hub:
+        # Uploads the same model and tokenizer objects; needs `huggingface-cli login` (or HF_TOKEN) and network.
+        policy.push_to_hub(push_to_hub)
+        tokenizer.push_to_hub(push_to_hub)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ttc export",
+        description="Write a ttc checkpoint as a Hugging Face model directory (model or LoRA adapter, tokenizer).",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `ttc fit`, e.g. .../last.ckpt")
+    parser.add_argument("--output_dir", required=True, help="directory to write; must be empty or not exist")
+    parser.add_argument("--merge", action="store_true", help="LoRA: merge the adapter into the base model")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous export in --output_dir")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload to this Hugging Face Hub repository")
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    """`ttc export ARGS`: user mistakes print `ttc: error: ...` and exit 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        out = export(args.ckpt_path, args.output_dir, args.merge, args.overwrite, args.push_to_hub)
+    except TTCError as e:
+        print(f"ttc: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"ttc: exported {args.ckpt_path} to {out}", file=sys.stderr)

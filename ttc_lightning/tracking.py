@@ -1,0 +1,350 @@
+"""Experiment tracking: W&B set-up checks, run metadata, completion tables and the end-of-run summary.
+
+`prepare_wandb` runs on the parsed config before anything is built, so a missing package or login stops the run
+with one line instead of a crash once training has started. The callbacks work with any logger; the W&B-specific
+ones do nothing without a `WandbLogger`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.table import Table
+
+from ttc_lightning.errors import TTCError
+
+PACKAGES = ("torch", "lightning", "transformers", "peft", "bitsandbytes", "wandb", "ttc-lightning")
+OFFLINE_MODES = ("offline", "dryrun", "disabled")
+WANDB_MISSING = (
+    "trainer.logger: WandbLogger needs the wandb package: `pip install wandb`, or remove trainer.logger to log to CSV"
+)
+WANDB_NO_LOGIN = (
+    "trainer.logger: W&B is not logged in: run `wandb login` (or set WANDB_API_KEY), or log offline with "
+    "`offline: true` in the WandbLogger's init_args (or WANDB_MODE=offline) and `wandb sync` later"
+)
+
+
+# --- run identity --------------------------------------------------------------------------------------------
+
+
+def git_state(cwd: str | Path | None = None) -> dict[str, Any] | None:
+    """`{"commit", "dirty"}` of the git repository holding `cwd` (tracked files only), or None outside git."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None
+    # Untracked files (run directories, caches) do not change what the code does.
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status)}
+
+
+def task_name(data_class_path: str | None) -> str | None:
+    """`ttc_lightning.data.PrimeVulPatchDataModule` -> "patch"."""
+    if not data_class_path:
+        return None
+    name = data_class_path.rpartition(".")[2].removeprefix("PrimeVul").removesuffix("DataModule")
+    return name.lower() or None
+
+
+def default_run_name(task: str | None, model_name_or_path: str | None, commit: str | None) -> str:
+    """`<task>-<model>-<short commit>` without the unknown parts, e.g. "patch-Qwen2.5-Coder-7B-1a2b3c4"."""
+    model = Path(model_name_or_path.rstrip("/")).name if model_name_or_path else None
+    parts = [task, model, commit[:7] if commit else None]
+    return "-".join(p for p in parts if p) or "ttc"
+
+
+def package_versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+    """Installed version of each package, None when it is not installed."""
+    versions: dict[str, str | None] = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_info(trainer: L.Trainer) -> dict[str, Any]:
+    """What reproducing the run needs beyond its config: code version, packages, precision, hardware, seed."""
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        names = [torch.cuda.get_device_name(i) for i in trainer.device_ids]
+    else:
+        names = [platform.processor() or platform.machine()] * len(trainer.device_ids)
+    seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything, which the CLI calls before building anything
+    info: dict[str, Any] = {
+        "versions": {"python": platform.python_version(), **package_versions()},
+        "precision": str(trainer.precision),
+        "accelerator": device.type,
+        "devices": names,
+        "devices_per_node": trainer.num_devices,
+        "num_nodes": trainer.num_nodes,
+        "world_size": trainer.world_size,
+        "seed": int(seed) if seed is not None else None,
+    }
+    git = git_state()
+    if git is not None:
+        info["git"] = git
+    return info
+
+
+# --- W&B set-up ----------------------------------------------------------------------------------------------
+
+
+def has_wandb_credentials() -> bool:
+    """An API key in the environment or in .netrc for the W&B host (where `wandb login` puts it). No network."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _wandb_entries(logger: Any) -> list[Any]:
+    entries = logger if isinstance(logger, list) else [logger]
+    return [e for e in entries if _class_path(e).endswith("WandbLogger")]
+
+
+def _class_path(entry: Any) -> str:
+    getter = getattr(entry, "get", None)
+    return str(getter("class_path") or "") if callable(getter) else ""
+
+
+def prepare_wandb(config: Any) -> None:
+    """Check that each WandbLogger in `config.trainer.logger` can start, and fill in its defaults.
+
+    Raises `TTCError` when wandb is not installed, or when it would need a login that is not there (no API key and
+    not offline). Defaults: the run name `default_run_name(...)`, and the run directory (`trainer.default_root_dir`
+    instead of the current directory) for the W&B files, `run_info.json` and `rollouts.jsonl`. Safe to call twice.
+    """
+    entries = _wandb_entries(config.trainer.logger)
+    if not entries:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise TTCError(WANDB_MISSING) from None
+    for entry in entries:
+        if entry.get("init_args") is None:
+            entry["init_args"] = {}
+        args = entry["init_args"]
+        offline = args.get("offline") or args.get("mode") in OFFLINE_MODES
+        if not offline and os.environ.get("WANDB_MODE") not in OFFLINE_MODES and not has_wandb_credentials():
+            raise TTCError(WANDB_NO_LOGIN)
+        if not args.get("name"):
+            model = config.get("model")
+            data = config.get("data")
+            model_path = (model.get("init_args") or {}).get("model_name_or_path") if model else None
+            commit = (git_state() or {}).get("commit")
+            args["name"] = default_run_name(task_name(_class_path(data)), model_path, commit)
+        if args.get("save_dir") in (None, ".") and not args.get("dir"):
+            args["save_dir"] = config.trainer.default_root_dir
+
+
+class SaveConfigToWandb(SaveConfigCallback):
+    """Saves config.yaml as Lightning does, and also puts the resolved config in the W&B run's config."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not loggers:
+            return
+        config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
+        for logger in loggers:
+            logger.experiment.config.update({"config": config}, allow_val_change=True)
+
+
+# --- callbacks -----------------------------------------------------------------------------------------------
+
+
+class RunInfo(L.Callback):
+    """Writes `run_info.json` to the run directory and adds it to every logger's hyperparameters (rank zero)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        log_dir = trainer.log_dir or trainer.default_root_dir  # every rank: log_dir is a collective call
+        if not trainer.is_global_zero:
+            return
+        info = run_info(trainer)
+        path = Path(log_dir) / "run_info.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"run_info": info})
+
+
+def _prompt_text(prompt: str | list[dict[str, str]]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in prompt)
+
+
+def completion_table(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """`GRPOModule.last_rollout` rows -> table columns and rows, one reward column per function."""
+    if not records:
+        return [], []
+    functions = list(records[0]["rewards"])
+    with_id = any("id" in r for r in records)
+    columns = ["step", "prompt_index", *(["id"] if with_id else []), "prompt", "completion", "reward", "advantage"]
+    columns += [f"reward/{name}" for name in functions]
+    rows = [
+        [
+            r["step"],
+            r["prompt_index"],
+            *([r.get("id")] if with_id else []),
+            _prompt_text(r["prompt"]),
+            r["completion"],
+            r["reward"],
+            r["advantage"],
+            *(r["rewards"][name] for name in functions),
+        ]
+        for r in records
+    ]
+    return columns, rows
+
+
+class CompletionsTable(L.Callback):
+    """Every `every_n_steps` rollouts, logs its prompts, completions, rewards and advantages as a W&B table.
+
+    Reads `pl_module.last_rollout` (this rank's completions); does nothing unless a logger is a `WandbLogger`.
+    The same rows are in `rollouts.jsonl` whatever the logger.
+    """
+
+    def __init__(self, every_n_steps: int = 10, key: str = "completions") -> None:
+        if every_n_steps < 1:
+            raise TTCError(f"CompletionsTable.every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.key = key
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        records = getattr(pl_module, "last_rollout", None)
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not records or not loggers or records[0]["step"] % self.every_n_steps:
+            return
+        columns, rows = completion_table(records)
+        for logger in loggers:
+            logger.log_table(key=self.key, columns=columns, data=rows, step=trainer.global_step)
+
+
+class StepProgressBar(RichProgressBar):
+    """The rich progress bar, with the optimizer step (the unit of `max_steps`) shown next to reward and KL."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        # A string: the bar formats numbers as floats ("3.000").
+        return {"step": str(trainer.global_step), **super().get_metrics(trainer, pl_module)}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def first_last(history: Sequence[Mapping[str, float]], window: int) -> dict[str, tuple[float, float]]:
+    """Mean of each metric over the first and over the last `window` entries of `history` (NaNs skipped)."""
+    keys = list(dict.fromkeys(key for entry in history for key in entry))
+    head, tail = history[:window], history[-window:]
+    return {
+        key: (
+            _nanmean([e.get(key, math.nan) for e in head]),
+            _nanmean([e.get(key, math.nan) for e in tail]),
+        )
+        for key in keys
+    }
+
+
+def format_duration(seconds: float) -> str:
+    """3725.2 -> "1:02:05"."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class SummaryTable(L.Callback):
+    """At the end of `fit`, prints (stderr, rank zero) the first vs last reward per function, completion tokens,
+    wall time and the checkpoint, then the one-line `reward A -> B` summary.
+
+    First and last are means over `window` rollouts, so one noisy step does not decide the verdict.
+    """
+
+    def __init__(self, window: int = 3) -> None:
+        self.window = window
+        self.history: list[dict[str, float]] = []
+        self.tokens = 0.0
+        self.started = time.perf_counter()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before the model loads, so the wall time includes it
+            self.history, self.tokens, self.started = [], 0.0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        metrics = trainer.callback_metrics
+        if "reward" not in metrics:
+            return
+        self.history.append(
+            {
+                key: float(value)
+                for key, value in metrics.items()
+                if key == "reward" or (key.startswith("rewards/") and key.endswith("/mean"))
+            }
+        )
+        mean_length = metrics.get("completions/mean_length")
+        if mean_length is not None:
+            # The logged length is the mean over all ranks; each rank generated as many completions as this one.
+            rows = len(getattr(pl_module, "last_rollout", []))
+            self.tokens += float(mean_length) * rows * trainer.world_size
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.history:
+            return
+        n = min(self.window, len(self.history))
+        means = first_last(self.history, n)
+        table = Table(title="ttc run summary", title_justify="left")
+        table.add_column("reward")
+        table.add_column(f"first {n}", justify="right")
+        table.add_column(f"last {n}", justify="right")
+        for key in sorted(means, key=lambda k: k != "reward"):  # the total first, then each function
+            first, last = means[key]
+            label = "total (weighted)" if key == "reward" else key.removeprefix("rewards/").removesuffix("/mean")
+            table.add_row(label, f"{first:.3f}", f"{last:.3f}")
+        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none"
+        facts = Table.grid(padding=(0, 2))
+        facts.add_row("optimizer steps", str(trainer.global_step))
+        facts.add_row("rollouts", str(len(self.history)))
+        facts.add_row("completion tokens", f"{round(self.tokens):,}")
+        facts.add_row("wall time", format_duration(time.perf_counter() - self.started))
+        facts.add_row("last checkpoint", ckpt)
+        console = Console(stderr=True)
+        console.print(table, facts)
+        start, end = means["reward"]
+        console.print(
+            f"[bold]ttc[/bold]: {len(self.history)} steps, reward {start:.3f} -> {end:.3f} "
+            f"(mean of the first and last {n}), last checkpoint: {ckpt}",
+            soft_wrap=True,
+        )
