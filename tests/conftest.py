@@ -36,3 +36,14 @@ def run_ttc(capsys, monkeypatch, tmp_path):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def restore_global_rank():
+    """A Trainer built under simulated SLURM variables sets Lightning's global rank; later runs must see rank 0."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    saved = rank_zero_only.rank, fabric_rank_zero_only.rank
+    yield
+    rank_zero_only.rank, fabric_rank_zero_only.rank = saved

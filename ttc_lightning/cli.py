@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ttc_lightning.callbacks import CheckpointOnInterrupt
 from ttc_lightning.errors import TTCError
@@ -50,6 +52,12 @@ class TTCCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
+        strategy = str(getattr(trainer.strategy, "class_path", trainer.strategy)).rpartition(".")[2]
+        if any(name in strategy.lower() for name in ("fsdp", "stage_3", "stage3")):
+            raise TTCError(
+                f"trainer.strategy: {strategy} shards the weights, and generate() would gather them for every new "
+                "token (very slow, or a hang). Use `ddp` (a LoRA policy fits on each GPU) or `deepspeed_stage_2`."
+            )
         if trainer.precision is None:
             trainer.precision = auto_precision(trainer.accelerator)
         root = trainer.default_root_dir
@@ -61,6 +69,9 @@ class TTCCLI(LightningCLI):
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": root, "name": "logs"},
             }
+        if _no_validation_split(config.data):
+            # An empty validation loader still counts as a loop in Lightning and shifts logged steps on resume.
+            trainer.limit_val_batches = 0
         # Before anything is built: a missing wandb package or login stops here, in one line.
         prepare_wandb(config)
 
@@ -73,6 +84,15 @@ class TTCCLI(LightningCLI):
         if self.subcommand == "fit":
             callbacks.append(CheckpointOnInterrupt(self._get(self.config, "checkpoint").dirpath))
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+
+def _no_validation_split(data: Any) -> bool:
+    """True when the data module is configured without validation data (`val_split`/`val_path` null)."""
+    init_args = getattr(data, "init_args", None)
+    if init_args is None:
+        return False
+    keys = [k for k in ("val_split", "val_path") if k in init_args]
+    return bool(keys) and all(init_args[k] is None for k in keys)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -102,6 +122,9 @@ def main(args: list[str] | None = None) -> None:
             },
             args=args,
         )
+    except SIGTERMException:
+        # Lightning turns SIGTERM into a clean exit (status 0); a script or scheduler must see the run was stopped.
+        sys.exit(128 + signal.SIGTERM)
     except Exception as e:
         # jsonargparse wraps errors raised while building the model or data module: find ours in the chain.
         cause: BaseException | None = e

@@ -1,0 +1,332 @@
+"""`ttc fit` across processes on CPU: DDP over gloo, preemption signals and resuming, the strategies ttc refuses.
+
+Runs that need their own process (DDP, signals) start `ttc` as a subprocess, about 8 s of imports each; DDP starts
+its second process itself. The others run `ttc` in this process.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from tests.conftest import REPO
+from tests.integration.test_fit import read_metrics
+from ttc_lightning.callbacks import CheckpointOnInterrupt
+from ttc_lightning.errors import TTCError
+from ttc_lightning.grpo import group_advantages
+
+TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
+DEMO_PROMPTS = REPO / "ttc_lightning" / "assets" / "demo_prompts.jsonl"
+HERE = "tests.integration.test_distributed"
+B, G = 4, 2  # prompts per step per rank (tiny.yaml's data.batch_size), completions per prompt
+FAST = ["--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "8", "--model.num_generations", str(G)]
+JOB_ID = "4242"
+SLURM_JOB = {
+    "SLURM_JOB_ID": JOB_ID,
+    "SLURM_JOB_NAME": "ttc-fit",
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_NODELIST": "localhost",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+}
+
+
+def length_reward(completions: list[str], **_) -> list[float]:
+    """Differs between completions of a prompt, so advantages, gradients and the ranks' mean rewards differ."""
+    return [float(len(c)) for c in completions]
+
+
+class SaveTrainable(L.Callback):
+    """Each rank writes its trainable weights at the start and end of fit to `trainable.rank<k>.pt`."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = {k: p.detach().clone() for k, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        end = {k: p.detach().clone() for k, p in pl_module.named_parameters() if p.requires_grad}
+        path = Path(trainer.default_root_dir) / f"trainable.rank{trainer.global_rank}.pt"
+        torch.save({"start": self.start, "end": end}, path)
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """FSDP that Lightning lets run on CPU: its GPU-only check matches the exact type `FSDPStrategy`."""
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    """This environment without a surrounding SLURM job's variables (they would make Lightning skip its launcher).
+
+    One thread per process: the tiny model gains nothing from more, and on a busy machine two threads per process
+    make each step many times slower.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+def start_ttc(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`ttc fit` on the tiny config in tmp_path (run directory `run`), output to tmp_path/ttc.log."""
+    command = [sys.executable, "-m", "ttc_lightning", "fit", "--config", TINY, "--trainer.default_root_dir", "run"]
+    with (tmp_path / "ttc.log").open("w") as log:
+        # A session of its own, so that cleanup can stop DDP's second process with the first.
+        return subprocess.Popen(
+            [*command, *FAST, *args],
+            cwd=tmp_path,
+            env=env or process_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = 300) -> tuple[int, str]:
+    """Wait for `proc` (killing its session if it hangs) -> (exit code, output)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"ttc did not finish in {timeout} s:\n{(tmp_path / 'ttc.log').read_text()[-3000:]}")
+    return proc.returncode, (tmp_path / "ttc.log").read_text()
+
+
+def wait_for(
+    proc: subprocess.Popen, tmp_path: Path, ready: Callable[[], bool], what: str, timeout: float = 300
+) -> None:
+    """Poll until `ready()`; fail with the output if ttc exits or the wait exceeds `timeout` (a hang guard)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            output = (tmp_path / "ttc.log").read_text()[-3000:]
+            pytest.fail(f"ttc stopped (exit {proc.poll()}) before {what}:\n{output}")
+        time.sleep(0.1)
+
+
+def rollout_steps(path: Path) -> int:
+    """Completed steps in a rollouts file (B*G rows each; a partly written last line is ignored)."""
+    return len(path.read_text().splitlines()) // (B * G) if path.exists() else 0
+
+
+def read_rollouts(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for runs in this process too (see `process_env`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kill_on_exit():
+    """Kills the session of every process registered with it, should a test fail while one is running."""
+    procs: list[subprocess.Popen] = []
+    yield procs.append
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_ddp_ranks_split_prompts_and_agree_on_weights_and_metrics(tmp_path, kill_on_exit):
+    proc = start_ttc(
+        tmp_path,
+        *("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2"),
+        *("--model.rewards", f"[{HERE}.length_reward]", f"--trainer.callbacks+={HERE}.SaveTrainable"),
+    )
+    kill_on_exit(proc)
+    code, out = finish(proc, tmp_path)
+    assert code == 0, out[-3000:]
+    run = tmp_path / "run"
+
+    # Only rank 0 writes checkpoints: one file, not a second `last-v1.ckpt` from rank 1.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+    logs = run / "logs" / "version_0"
+    ranks = [read_rollouts(logs / "rollouts.jsonl"), read_rollouts(logs / "rollouts.rank1.jsonl")]
+    assert [len(rows) for rows in ranks] == [2 * B * G, 2 * B * G]  # 2 steps x 4 prompts x G each
+    seen: Counter[str] = Counter()
+    for step in (0, 1):
+        per_rank = [[r for r in rows if r["step"] == step] for rows in ranks]
+        prompt_sets = []
+        for rows in per_rank:
+            # A prompt's G completions are all on this rank, and its advantages came from exactly those G rewards.
+            groups = Counter(json.dumps(r["prompt"]) for r in rows)
+            assert sorted(groups.values()) == [G] * B
+            rows = sorted(rows, key=lambda r: r["prompt_index"])
+            expected = group_advantages(torch.tensor([r["reward"] for r in rows]), G, "group")
+            assert torch.allclose(torch.tensor([r["advantage"] for r in rows]), expected, atol=1e-5)
+            prompt_sets.append(set(groups))
+        assert not prompt_sets[0] & prompt_sets[1]
+        seen.update(prompt_sets[0] | prompt_sets[1])
+    # 2 steps x 2 ranks x 4 prompts = the 16 demo prompts, each once: DDP's sampler split the epoch between ranks.
+    demo = {json.dumps(json.loads(line)["prompt"]) for line in DEMO_PROMPTS.read_text().splitlines()}
+    assert set(seen) == demo and set(seen.values()) == {1}
+
+    # The logged reward is the mean over both ranks' completions, not rank 0's alone.
+    metrics = {int(row["step"]): float(row["reward"]) for row in read_metrics(run)}
+    assert sorted(metrics) == [0, 1]
+    rank0_differs = False
+    for step, logged in metrics.items():
+        rewards = [[r["reward"] for r in rows if r["step"] == step] for rows in ranks]
+        both = sum(rewards[0] + rewards[1]) / (2 * B * G)
+        assert logged == pytest.approx(both, abs=1e-4)
+        rank0_differs |= abs(sum(rewards[0]) / (B * G) - both) > 1e-3
+    assert rank0_differs, "both ranks had the same mean reward at every step: the check above proves nothing"
+
+    # Different prompts give different local gradients; DDP averages them, so the ranks' weights stay identical.
+    weights = [torch.load(run / f"trainable.rank{k}.pt") for k in (0, 1)]
+    for name, end in weights[0]["end"].items():
+        assert torch.equal(end, weights[1]["end"][name]), name
+    assert any(not torch.equal(weights[0]["end"][n], s) for n, s in weights[0]["start"].items())
+
+
+def test_sigterm_saves_interrupted_checkpoint_and_resume_continues_there(tmp_path, kill_on_exit, run_ttc, one_thread):
+    # 64 prompts, 16 steps an epoch: the signal lands mid-epoch (an epoch's last step is the test below).
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(DEMO_PROMPTS.read_text() * 4)
+    data = ["--data.train_path", str(prompts)]
+    rollouts = tmp_path / "run" / "logs" / "version_0" / "rollouts.jsonl"
+    proc = start_ttc(tmp_path, "--trainer.max_steps", "1000", *data)
+    kill_on_exit(proc)
+    wait_for(proc, tmp_path, lambda: rollout_steps(rollouts) >= 2, "step 2")
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc, tmp_path)
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last-interrupted.ckpt"], out[-3000:]
+    k = torch.load(checkpoints / "last-interrupted.ckpt", weights_only=False)["global_step"]
+    assert 2 <= k < 16
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "run")] == list(range(k))
+
+    args = ["--trainer.default_root_dir", "run", "--ckpt_path", "last", "--trainer.max_steps", str(k + 2), *data, *FAST]
+    code, _, err = run_ttc("fit", "--config", TINY, *args)
+    assert code == 0, err
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "run", version=1)] == [k, k + 1]  # resumed, not restarted
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == k + 2
+
+
+def test_resume_from_the_end_of_an_epoch_logs_the_steps_it_trains(run_ttc, tmp_path, one_thread):
+    args = ["fit", "--config", TINY, "--trainer.default_root_dir", "run", *FAST]
+    assert run_ttc(*args, "--trainer.max_steps", str(16 // B))[0] == 0  # exactly one epoch of the 16 demo prompts
+    code, _, err = run_ttc(*args, "--trainer.max_steps", "6", "--ckpt_path", "last")
+    assert code == 0, err
+    trained = sorted({r["step"] for r in read_rollouts(tmp_path / "run" / "logs" / "version_1" / "rollouts.jsonl")})
+    assert trained == [4, 5]
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "run", version=1)] == trained
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the train DataLoaders are not resumable (no state_dict/load_state_dict), so a run resumed mid-epoch "
+    "starts the epoch's seeded order again from its first batch and trains on those prompts twice",
+)
+def test_resume_mid_epoch_continues_the_epoch_instead_of_replaying_it(run_ttc, tmp_path, one_thread):
+    args = ["fit", "--config", TINY, "--trainer.default_root_dir", "run", *FAST]
+    assert run_ttc(*args, "--trainer.max_steps", "2")[0] == 0
+    code, _, err = run_ttc(*args, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    assert code == 0, err
+    logs = tmp_path / "run" / "logs"
+    before = {json.dumps(r["prompt"]) for r in read_rollouts(logs / "version_0" / "rollouts.jsonl")}
+    after = {json.dumps(r["prompt"]) for r in read_rollouts(logs / "version_1" / "rollouts.jsonl")}
+    # 16 prompts, 4 per step: steps 0-1 and the resumed steps 2-3 are the two halves of epoch 0.
+    assert len(before) == len(after) == 8
+    assert not before & after
+
+
+def test_sigusr1_under_slurm_saves_hpc_checkpoint_and_requeues(tmp_path, kill_on_exit):
+    # Lightning's SLURM handler needs only srun's variables and an `scontrol` on PATH: this one records its arguments.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >>"$SCONTROL_LOG"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    scontrol_log = tmp_path / "scontrol.log"
+    env = process_env(**SLURM_JOB, PATH=f"{bin_dir}:{os.environ['PATH']}", SCONTROL_LOG=str(scontrol_log))
+    rollouts = tmp_path / "run" / "logs" / "version_0" / "rollouts.jsonl"
+    proc = start_ttc(tmp_path, "--trainer.max_steps", "1000", env=env)
+    kill_on_exit(proc)
+
+    wait_for(proc, tmp_path, lambda: rollout_steps(rollouts) >= 1, "step 1")
+    proc.send_signal(signal.SIGUSR1)
+    # Lightning calls scontrol once the checkpoint is written; then training goes on until SLURM stops the job.
+    wait_for(proc, tmp_path, scontrol_log.exists, "scontrol was called")
+    assert scontrol_log.read_text() == f"requeue {JOB_ID}\n"
+    hpc_step = torch.load(tmp_path / "run" / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"]
+    assert hpc_step >= 1
+
+    # A requeue ends the job with SIGTERM, which Lightning's SLURM handler lets the run survive until the step ends.
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc, tmp_path)
+    interrupted = tmp_path / "run" / "checkpoints" / "last-interrupted.ckpt"
+    assert interrupted.is_file(), out[-3000:]
+    assert torch.load(interrupted, weights_only=False)["global_step"] >= hpc_step
+
+
+@pytest.fixture
+def process_group_cleanup():
+    """Restores the environment and destroys the process group an in-process distributed run leaves behind."""
+    with mock.patch.dict(os.environ):
+        yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_sharded_strategy_is_refused_with_one_line_error(run_ttc, tmp_path, process_group_cleanup):
+    strategy = f"{{class_path: {HERE}.CPUFSDPStrategy}}"
+    code, _, err = run_ttc("fit", "--config", TINY, "--trainer.strategy", strategy, *FAST)
+    assert code == 1
+    assert "ttc: error: trainer.strategy: CPUFSDPStrategy shards the weights" in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.rglob("rollouts*.jsonl"))  # refused before the first step
+
+
+def test_fsdp_by_name_is_refused_with_one_line_error(run_ttc):
+    code, _, err = run_ttc("fit", "--config", TINY, "--trainer.strategy", "fsdp", *FAST)
+    assert code == 1
+    assert "ttc: error: trainer.strategy:" in err
+    assert "Traceback" not in err
+
+
+def stub_trainer(world_size: int, saved: list) -> SimpleNamespace:
+    state = SimpleNamespace(fn="fit")
+    return SimpleNamespace(state=state, global_step=3, world_size=world_size, save_checkpoint=saved.append)
+
+
+def test_interrupt_checkpoint_is_saved_on_sigterm_under_ddp(tmp_path):
+    # Lightning raises SIGTERMException on every rank together (it broadcasts the signal), so all ranks reach
+    # save_checkpoint's barrier.
+    saved: list = []
+    CheckpointOnInterrupt(tmp_path).on_exception(stub_trainer(2, saved), None, SIGTERMException())
+    assert saved == [tmp_path / "last-interrupted.ckpt"]
+
+
+def test_interrupt_checkpoint_is_saved_on_any_error_in_one_process(tmp_path):
+    saved: list = []
+    CheckpointOnInterrupt(tmp_path).on_exception(stub_trainer(1, saved), None, TTCError("reward function f raised"))
+    assert saved == [tmp_path / "last-interrupted.ckpt"]
+
+
+def test_interrupt_checkpoint_is_not_saved_when_one_rank_fails_under_ddp(tmp_path):
+    saved: list = []
+    CheckpointOnInterrupt(tmp_path).on_exception(stub_trainer(2, saved), None, TTCError("reward function f raised"))
+    assert saved == []
