@@ -9,6 +9,7 @@ import importlib
 import json
 import math
 import numbers
+import random
 import shutil
 import tempfile
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -788,6 +790,8 @@ class GRPOModule(L.LightningModule):
         checkpoint["ttc"] = {
             "model_name_or_path": self.hparams.model_name_or_path,
             "lora": self.hparams.lora is not None,
+            # Lightning does not save RNG states; sampling after a resume must continue the same random stream.
+            "rng": rng_states(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -801,6 +805,8 @@ class GRPOModule(L.LightningModule):
                 + ("set" if self.hparams.lora is not None else "null")
                 + "; use the same model settings as the run that wrote it"
             )
+        if "rng" in checkpoint["ttc"]:
+            set_rng_states(checkpoint["ttc"]["rng"])
         if self.hparams.lora is None:
             # The frozen reference is never saved: it is the base model, loaded again in configure_model.
             reference = {k: v for k, v in self.state_dict().items() if k.startswith("ref_model.")}
@@ -819,6 +825,26 @@ class GRPOModule(L.LightningModule):
                 **{k: v for k, v in state.items() if k not in expected},
                 **checkpoint["state_dict"],
             }
+
+
+def rng_states() -> dict[str, Any]:
+    """The states of every random generator sampling and shuffling use."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # Plain lists and tensors only, so the checkpoint also loads with torch.load(weights_only=True).
+    numpy_state = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _best_completion(record: dict[str, Any]) -> dict[str, Any]:

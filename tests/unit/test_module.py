@@ -1,3 +1,4 @@
+import io
 import math
 
 import pytest
@@ -128,3 +129,23 @@ def test_rollout_rows_trims_padding():
     assert only_first.prompt_ids.tolist() == [[5]]  # the two all-padding columns are gone
     assert only_first.completion_ids.tolist() == [[9]]
     assert rollout.rows(torch.tensor([0, 1])).completion_ids.size(1) == 2
+
+
+def test_checkpoint_restores_the_random_streams():
+    import random
+
+    import numpy as np
+
+    module = GRPOModule(rewards=[TOY])
+    module.configure_model()
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(5), random.random(), np.random.rand()  # the stream moves on, as training would
+    module.on_load_checkpoint(checkpoint)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+    buffer = io.BytesIO()
+    torch.save(checkpoint["ttc"], buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)  # no pickled numpy objects
