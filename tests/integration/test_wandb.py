@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,17 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+def wait_for_records(path: Path, timeout_s: float = 60.0) -> list:
+    """W&B's writer process flushes the run file after the run ends: wait until it holds the run and its history."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_wandb_records(path)
+        kinds = {r.WhichOneof("record_type") for r in records}
+        if {"run", "history"} <= kinds or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def test_offline_run_logs_metrics_config_run_info_and_completions(run_ttc, tmp_path, wandb_env, wired):
     code, _, err = run_ttc(
         "fit",
@@ -101,7 +113,7 @@ def test_offline_run_logs_metrics_config_run_info_and_completions(run_ttc, tmp_p
     wandb.finish()
     run = tmp_path / "run"
     [offline] = (run / "wandb").glob("offline-run-*")  # the W&B files live in the run directory
-    records = read_wandb_records(next(offline.glob("*.wandb")))
+    records = wait_for_records(next(offline.glob("*.wandb")))
 
     [info] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert info.display_name == default_run_name("prompt", "tiny", (git_state() or {}).get("commit"))
