@@ -119,6 +119,27 @@ def test_qlora_4bit_trains_on_cpu(run_ttc, tmp_path):
     assert len(rows) == 2 and float(rows[-1]["kl"]) >= 0.0
 
 
+def test_gradient_checkpointing_with_lora_trains(run_ttc, tmp_path):
+    code, _, err = run_ttc(
+        "fit",
+        "--config",
+        DEMO,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.default_root_dir",
+        "run",
+        "--model.lora",
+        "{r: 4}",
+        "--model.gradient_checkpointing",
+        "true",
+        "--model.rewards",
+        "[tests.integration.test_fit.first_char_reward]",
+        *FAST,
+    )
+    assert code == 0, err
+    assert float(read_metrics(tmp_path / "run")[-1]["grad_norm"]) > 0  # gradients reach the adapters
+
+
 def test_bad_reward_path_is_a_one_line_error(run_ttc):
     code, _, err = run_ttc("fit", "--config", DEMO, "--model.rewards", "[ttc_lightning.rewards.missing]")
     assert code == 1
@@ -148,6 +169,11 @@ def test_failing_reward_stops_with_function_and_prompt(run_ttc, tmp_path):
     )
     assert code == 1
     assert "reward function broken_reward raised ZeroDivisionError: division by zero on prompt 0" in err
+
+
+def first_char_reward(completions, **_):
+    """Differs between almost any two completions, so every group has a non-zero advantage."""
+    return [float(ord(text[0])) if text else 0.0 for text in completions]
 
 
 def broken_reward(completions, **_):
