@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 from ttc_lightning.errors import TTCError
@@ -527,27 +528,31 @@ class GRPOModule(L.LightningModule):
         weights = 0.0
         for _ in range(hp.num_iterations):
             micro_batches = self._micro_batches(total_rows, shuffle=True)
-            for index in micro_batches:
+            for k, index in enumerate(micro_batches):
                 part = rollout.rows(index)
-                # 6. The loss.
-                logps, entropy = self.completion_logps(self.policy, part, with_entropy=True)  # [n, C]
-                loss, stats = grpo_loss(
-                    logps,
-                    part.old_logps,
-                    part.ref_logps,
-                    part.advantages,
-                    part.completion_mask,
-                    beta=hp.beta,
-                    epsilon=hp.epsilon,
-                    epsilon_high=hp.epsilon_high,
-                    loss_type=hp.loss_type,
-                    max_completion_length=hp.max_new_tokens,
-                )
-                tokens = int(part.completion_mask.sum())
-                scale = accumulation_weight(
-                    hp.loss_type, len(part), total_rows, tokens, total_tokens, len(micro_batches)
-                )
-                self.manual_backward(loss * scale)
+                # Under DDP, all-reduce the gradients once per optimizer step, not after every micro-batch.
+                last = k == len(micro_batches) - 1
+                no_sync = self.trainer.model.no_sync if isinstance(self.trainer.model, DDP) and not last else None
+                with no_sync() if no_sync is not None else contextlib.nullcontext():
+                    # 6. The loss.
+                    logps, entropy = self.completion_logps(self.policy, part, with_entropy=True)  # [n, C]
+                    loss, stats = grpo_loss(
+                        logps,
+                        part.old_logps,
+                        part.ref_logps,
+                        part.advantages,
+                        part.completion_mask,
+                        beta=hp.beta,
+                        epsilon=hp.epsilon,
+                        epsilon_high=hp.epsilon_high,
+                        loss_type=hp.loss_type,
+                        max_completion_length=hp.max_new_tokens,
+                    )
+                    tokens = int(part.completion_mask.sum())
+                    scale = accumulation_weight(
+                        hp.loss_type, len(part), total_rows, tokens, total_tokens, len(micro_batches)
+                    )
+                    self.manual_backward(loss * scale)
                 stats = {**stats, "loss": loss.detach(), "entropy": masked_mean(entropy, part.completion_mask)}
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value.detach() * tokens

@@ -152,6 +152,8 @@ def test_ddp_ranks_split_prompts_and_agree_on_weights_and_metrics(tmp_path, kill
         tmp_path,
         *("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2"),
         *("--model.rewards", f"[{HERE}.length_reward]", f"--trainer.callbacks+={HERE}.SaveTrainable"),
+        # several micro-batches per step: gradients are all-reduced once, after the last one
+        *("--model.micro_batch_size", "3"),
     )
     kill_on_exit(proc)
     code, out = finish(proc, tmp_path)
