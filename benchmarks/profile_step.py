@@ -1,0 +1,253 @@
+"""Where one ttc training step spends its time and memory: generate / score / log-probs / backward / optimizer.
+
+    python benchmarks/profile_step.py [--sizes tiny medium] [--steps 3] [--warmup 1] [--max-new-tokens N]
+                                      [--merge-lora-for-generate] [--lora-dropout P] [--torch-profile]
+
+Runs `GRPOModule` under `lightning.Trainer` on the settings of `compare_trl.py` and wraps the phases of the step in
+wall-clock timers. The phases run one after another, so they add up to the step; the table shows the step whose
+total is the median of the steps that had the CPUs to themselves (see `compare_trl.stamp`). The last column is
+how much each phase raised the process's peak resident memory over the whole run.
+
+Two what-ifs: `--merge-lora-for-generate` merges the LoRA weights into the base weights for `generate()` and
+unmerges them after it, so sampling runs plain linear layers; `--lora-dropout` changes the adapters' dropout
+(peft applies it to a copy of the input of every adapted layer). `--torch-profile` runs one more step under
+torch.profiler and prints its top operators (that step is left out of the table; the profiler inflates the peak
+memory reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from compare_trl import (
+    BETA,
+    BUSY_LIMIT,
+    LEARNING_RATE,
+    LORA,
+    SAMPLING,
+    SEED,
+    SIZES,
+    Size,
+    prepare,
+    stamp,
+    wait_for_quiet,
+)
+
+PHASES = {
+    "generate": "policy.generate(): sampling with the KV cache",
+    "rollout_other": "tokenise prompts, EOS masks, decode completions",
+    "score": "reward functions",
+    "frozen_logps": "old/reference log-probs (num_iterations > 1 or beta > 0)",
+    "forward": "policy forward on prompt + completion, train mode",
+    "log_softmax": "selective_log_softmax: the chosen tokens' log-probs",
+    "entropy": "token_entropy (a logged metric)",
+    "loss": "grpo_loss",
+    "backward": "manual_backward",
+    "optimizer": "gradient clipping + AdamW step",
+    "other": "rest of training_step: rows(), logging, Lightning hooks",
+}
+# Timed calls that contain other timed calls: their own share is what is left once the inner ones are removed.
+NESTED = {"rollout_other": ("rollout", ["generate"]), "forward": ("logps", ["log_softmax", "entropy"])}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Timers:
+    """Seconds per phase in the current step, and peak-RSS growth per phase over the whole run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.rss_growth: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            rss, started = peak_rss_mib(), time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - started
+                self.rss_growth[name] += peak_rss_mib() - rss
+
+        return timed
+
+    @staticmethod
+    def exclusive(values: dict[str, float]) -> dict[str, float]:
+        """Per phase, without the time (or memory) of the timed calls nested inside it."""
+        out = {name: values.get(name, 0.0) for name in PHASES if name != "other"}
+        for name, (outer, inner) in NESTED.items():
+            out[name] = values.get(outer, 0.0) - sum(values.get(i, 0.0) for i in inner)
+        return out
+
+
+@contextlib.contextmanager
+def merged_lora(policy: Any) -> Iterator[None]:
+    policy.merge_adapter()
+    try:
+        yield
+    finally:
+        policy.unmerge_adapter()
+
+
+def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[str, float]], dict[str, float]]:
+    import lightning as L
+    import torch
+
+    import ttc_lightning.module as ttc_module
+    from ttc_lightning import GRPOModule, LoRA
+    from ttc_lightning.data import PromptDataModule
+
+    size = Size(**spec["size"])
+    timers = Timers()
+    # training_step looks these up as module globals at call time, so replacing them times every call.
+    for name, attr in (
+        ("score", "score_completions"),
+        ("log_softmax", "selective_log_softmax"),
+        ("entropy", "token_entropy"),
+        ("loss", "grpo_loss"),
+    ):
+        setattr(ttc_module, attr, timers.wrap(name, getattr(ttc_module, attr)))
+
+    L.seed_everything(SEED, verbose=False)
+    module = GRPOModule(
+        rewards=["compare_trl.letter_fraction"],
+        model_name_or_path=spec["model_dir"],
+        lora=LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=args.lora_dropout),
+        num_generations=size.generations,
+        max_new_tokens=size.max_new_tokens,
+        beta=BETA,
+        learning_rate=LEARNING_RATE,
+        micro_batch_size=size.micro_batch_size,
+        log_rollouts=False,
+        **SAMPLING,
+    )
+    module.generate = timers.wrap("rollout", module.generate)
+    module.frozen_logps = timers.wrap("frozen_logps", module.frozen_logps)
+    module.completion_logps = timers.wrap("logps", module.completion_logps)
+    module.manual_backward = timers.wrap("backward", module.manual_backward)
+    records: list[dict[str, float]] = []
+    memory: dict[str, float] = {}
+    cpus = os.cpu_count() or 1
+
+    class PhaseTimer(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            policy = pl_module.policy
+            original = policy.generate
+
+            def generate(*a: Any, **k: Any) -> Any:
+                with merged_lora(policy) if args.merge_lora_for_generate else contextlib.nullcontext():
+                    return original(*a, **k)
+
+            policy.generate = timers.wrap("generate", generate)
+            optimizer = trainer.optimizers[0]
+            optimizer.register_step_post_hook(self.optimizer_done)
+            memory["after_load"] = peak_rss_mib()
+            self.profiler: Any = None
+
+        def on_before_optimizer_step(self, *args: Any) -> None:
+            self.optimizer_started = time.perf_counter()
+
+        def optimizer_done(self, *args: Any) -> None:
+            timers.seconds["optimizer"] += time.perf_counter() - self.optimizer_started
+
+        def on_train_batch_start(self, trainer: L.Trainer, *unused: Any) -> None:
+            timers.seconds.clear()
+            if args.torch_profile and trainer.global_step == args.warmup + args.steps:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.profiler.__enter__()
+            self.started = stamp()
+
+        def on_train_batch_end(self, trainer: L.Trainer, *unused: Any) -> None:
+            (wall0, busy0, own0), (wall1, busy1, own1) = self.started, stamp()
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                print(self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+            phases = Timers.exclusive(timers.seconds)
+            phases["other"] = (wall1 - wall0) - sum(phases.values())
+            phases["total"] = wall1 - wall0
+            phases["others_cpu_share"] = max(0.0, (busy1 - busy0) - (own1 - own0)) / ((wall1 - wall0) * cpus)
+            records.append(phases)
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.warmup + args.steps + args.torch_profile,  # the profiled step is extra and not timed
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[PhaseTimer()],
+        default_root_dir=str(Path(spec["model_dir"]).parent),
+    )
+    trainer.fit(module, PromptDataModule(train_path=spec["prompts"], batch_size=size.prompts, seed=SEED))
+    memory.update(Timers.exclusive(timers.rss_growth), peak=peak_rss_mib())
+    return records[args.warmup : args.warmup + args.steps], memory
+
+
+def report(spec: dict[str, Any], args: argparse.Namespace) -> None:
+    size = Size(**spec["size"])
+    records, memory = profile(spec, args)
+    quiet = [r for r in records if r["others_cpu_share"] <= BUSY_LIMIT] or records
+    median = statistics.median(r["total"] for r in quiet)
+    step = min(quiet, key=lambda r: abs(r["total"] - median))
+    shape = f"{size.prompts} prompts x {size.generations} completions x {size.max_new_tokens} tokens"
+    merged = ", LoRA merged for generate" if args.merge_lora_for_generate else ""
+    print(f"\n{size.name} ({shape}, micro-batch {size.micro_batch_size}, LoRA dropout {args.lora_dropout}{merged})")
+    print(f"median step of {len(quiet)} quiet ones (of {len(records)}); all totals: ", end="")
+    print(", ".join(f"{r['total']:.2f}" for r in records) + " s")
+    print(f"  {'phase':<14}{'seconds':>8}{'share':>7}{'+peak MiB':>11}  what")
+    for phase, what in PHASES.items():
+        seconds, growth = step[phase], memory.get(phase, 0.0)
+        print(f"  {phase:<14}{seconds:>8.3f}{100 * seconds / step['total']:>6.1f}%{growth:>11.0f}  {what}")
+    print(f"  {'total':<14}{step['total']:>8.3f}")
+    print(f"  peak RSS: {memory['after_load']:.0f} MiB when training starts, {memory['peak']:.0f} MiB at the end")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "medium"])
+    parser.add_argument("--steps", type=int, default=3, help="profiled optimizer steps")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, help="override the size's completion length")
+    parser.add_argument("--merge-lora-for-generate", action="store_true", help="what-if: sample with merged LoRA")
+    parser.add_argument("--lora-dropout", type=float, default=LORA["dropout"], help="what-if: another LoRA dropout")
+    parser.add_argument("--torch-profile", action="store_true", help="print the top operators of one more step")
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.spec:
+        report(json.loads(args.spec), args)
+        return
+
+    for name in args.sizes:
+        size = SIZES[name]
+        if args.max_new_tokens:
+            size = Size(**{**asdict(size), "max_new_tokens": args.max_new_tokens})
+        with tempfile.TemporaryDirectory(prefix="ttc-profile-") as tmp:
+            # The model is built here and profiled in a fresh process: building it in the profiled process would
+            # leave its allocator state (and peak RSS) behind, and each size gets its own peak.
+            spec = prepare(size, Path(tmp))
+            command = [sys.executable, __file__, "--spec", json.dumps(spec), "--steps", str(args.steps)]
+            command += ["--warmup", str(args.warmup), "--lora-dropout", str(args.lora_dropout)]
+            command += ["--merge-lora-for-generate"] * args.merge_lora_for_generate
+            command += ["--torch-profile"] * args.torch_profile
+            wait_for_quiet()
+            subprocess.run(command, check=True)
+
+
+if __name__ == "__main__":
+    main()
