@@ -1,4 +1,4 @@
-"""GRPO must learn: with a reward for emitting "a", the tiny model's reward climbs within a CPU-friendly number of steps."""
+"""GRPO must learn: with a reward for emitting "a", the tiny model's reward climbs within a few dozen steps."""
 
 from tests.conftest import REPO
 from tests.integration.test_fit import read_metrics
