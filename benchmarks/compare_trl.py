@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +37,25 @@ class Size:
     generations: int = 8  # G completions per prompt
     max_new_tokens: int = 64
     micro_batch_size: int = 16  # completions per forward/backward
+    code_lines: int = 0  # lines added to each prompt's C function: 24 tokens each with the byte-level tokenizer
     timed_steps: int = 8  # optimizer steps timed per run, after the warm-up
 
 
+MEDIUM = Size(
+    "medium",
+    model={"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 1536},
+    prompts=2,
+    max_new_tokens=128,
+    micro_batch_size=8,
+    timed_steps=3,
+)
 SIZES = {
     "tiny": Size("tiny"),
-    "medium": Size(
-        "medium",
-        model={"hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 1536},
-        prompts=2,
-        max_new_tokens=128,
-        micro_batch_size=8,
-        timed_steps=3,
-    ),
+    "medium": MEDIUM,
+    # PrimeVul's prompts (a whole C function) are longer than the completions: the medium setting with such prompts.
+    "long-prompt": replace(MEDIUM, name="long-prompt", code_lines=16),
 }
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}  # ttc's default; the same in both trainers
 LEARNING_RATE = 1e-4
 BETA = 0.0
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -64,21 +68,21 @@ def letter_fraction(completions: list[str], **_: Any) -> list[float]:
     return [text.count("a") / len(text) if text else 0.0 for text in completions]
 
 
-def build_prompts(n: int = 16) -> list[str]:
+def build_prompts(n: int = 16, code_lines: int = 0) -> list[str]:
     """Prompts rendered with the chat template, all the same length, so every batch costs the same."""
     from ttc_lightning.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
-    question = (
-        "Is this C function vulnerable? Answer briefly.\n\nint get_{i:03d}(const char *b, int n) {{ return b[n]; }}"
-    )
-    messages = [[{"role": "user", "content": question.format(i=i)}] for i in range(n)]
+    body = "".join(f"  int v{j:03d} = b[{j:03d}] ^ n;\n" for j in range(code_lines))
+    question = "Is this C function vulnerable? Answer briefly.\n\nint get_{i:03d}(const char *b, int n) {{\n{body}"
+    question += "  return b[n];\n}}"
+    messages = [[{"role": "user", "content": question.format(i=i, body=body)}] for i in range(n)]
     return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
 
 
 def prepare(size: Size, directory: Path) -> dict[str, Any]:
     """Write the model directory and the prompts file; return the worker's spec."""
-    from ttc_lightning.tiny import save_tiny
+    from ttc_lightning.tiny import build_tiny_tokenizer, save_tiny
 
     model_dir = save_tiny(directory / "model", seed=SEED, **size.model)
     config_path = model_dir / "generation_config.json"
@@ -87,8 +91,10 @@ def prepare(size: Size, directory: Path) -> dict[str, Any]:
     config["min_new_tokens"] = size.max_new_tokens
     config_path.write_text(json.dumps(config, indent=2))
     prompts_path = directory / "prompts.jsonl"
-    prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in build_prompts()))
-    return {"size": asdict(size), "model_dir": str(model_dir), "prompts": str(prompts_path)}
+    prompts = build_prompts(code_lines=size.code_lines)
+    prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    tokens = len(build_tiny_tokenizer()(prompts[0], add_special_tokens=False)["input_ids"])
+    return {"size": asdict(size), "model_dir": str(model_dir), "prompts": str(prompts_path), "prompt_tokens": tokens}
 
 
 # --- workers: one trainer, one process -----------------------------------------------------------------------
@@ -328,7 +334,12 @@ def compare(size: Size, rounds: int, steps: int, warmup: int, attempts: int, dir
             runs[trainer] += run_quietly(trainer, spec, steps, warmup, attempts)
     ttc, trl = summarise(runs["ttc"], warmup), summarise(runs["trl"], warmup)
     return {
-        "setting": {**asdict(size), "timed_steps_per_run": steps, "parameters": parameters(spec["model_dir"])},
+        "setting": {
+            **asdict(size),
+            "timed_steps_per_run": steps,
+            "parameters": parameters(spec["model_dir"]),
+            "prompt_tokens": spec["prompt_tokens"],
+        },
         "ttc": ttc,
         "trl": trl,
         "ttc_over_trl": {
@@ -342,7 +353,7 @@ def compare(size: Size, rounds: int, steps: int, warmup: int, attempts: int, dir
 def print_table(report: dict[str, Any]) -> None:
     print(f"\n{report['cpu']}, {report['threads']} torch threads, {report['versions']}")
     print(
-        f"{'size':<7}{'params':>7}{'B x G x T':>13}  {'trainer':<8}{'s/step':>7}{'(min-max)':>14}"
+        f"{'size':<12}{'params':>7}{'prompt':>7}{'B x G x T':>13}  {'trainer':<8}{'s/step':>7}{'(min-max)':>14}"
         f"{'tok/step':>9}{'tok/s':>7}{'peak RSS MiB':>13}"
     )
     for name, result in report["sizes"].items():
@@ -353,12 +364,13 @@ def print_table(report: dict[str, Any]) -> None:
             r = result[trainer]
             spread = f"({r['min_s_per_step']:.2f}-{r['max_s_per_step']:.2f})"
             print(
-                f"{name:<7}{params:>7}{shape:>13}  {trainer:<8}{r['median_s_per_step']:>7.2f}{spread:>14}"
+                f"{name:<12}{params:>7}{setting['prompt_tokens']:>7}{shape:>13}  {trainer:<8}"
+                f"{r['median_s_per_step']:>7.2f}{spread:>14}"
                 f"{r['tokens_per_step']:>9.0f}{r['tokens_per_s']:>7.0f}{r['peak_rss_mib']:>13.0f}"
             )
         ratio = result["ttc_over_trl"]
         print(
-            f"{'':<29}{'ttc/TRL':<8}{ratio['s_per_step']:>6.2f}x{'':>23}{ratio['tokens_per_s']:>6.2f}x"
+            f"{'':<41}{'ttc/TRL':<8}{ratio['s_per_step']:>6.2f}x{'':>23}{ratio['tokens_per_s']:>6.2f}x"
             f"{ratio['peak_rss']:>12.2f}x"
         )
 
@@ -391,7 +403,7 @@ def cpu_model() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 8-token completions, 1 round, 1 timed step")
-    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "medium"])
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=list(SIZES))
     parser.add_argument("--rounds", type=int, default=2, help="runs of each trainer per size, alternating")
     parser.add_argument("--steps", type=int, help="timed optimizer steps per run (default: the size's)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps at the start of each run")

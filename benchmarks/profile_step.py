@@ -1,18 +1,18 @@
 """Where one ttc training step spends its time and memory: generate / score / log-probs / backward / optimizer.
 
     python benchmarks/profile_step.py [--sizes tiny medium] [--steps 3] [--warmup 1] [--max-new-tokens N]
-                                      [--merge-lora-for-generate] [--lora-dropout P] [--torch-profile]
+                                      [--without prefill merge] [--lora-dropout P] [--torch-profile]
 
 Runs `GRPOModule` under `lightning.Trainer` on the settings of `compare_trl.py` and wraps the phases of the step in
 wall-clock timers. The phases run one after another, so they add up to the step; the table shows the step whose
 total is the median of the steps that had the CPUs to themselves (see `compare_trl.stamp`). The last column is
 how much each phase raised the process's peak resident memory over the whole run.
 
-Two what-ifs: `--merge-lora-for-generate` merges the LoRA weights into the base weights for `generate()` and
-unmerges them after it, so sampling runs plain linear layers; `--lora-dropout` changes the adapters' dropout
-(peft applies it to a copy of the input of every adapted layer). `--torch-profile` runs one more step under
-torch.profiler and prints its top operators (that step is left out of the table; the profiler inflates the peak
-memory reported).
+What-ifs: `--without prefill` turns off the shared prompt passes (every completion then runs its whole prompt,
+in sampling and in training, and sampling uses HF's own KV cache), `--without merge` samples with unmerged LoRA
+layers, and `--lora-dropout` changes the adapters' dropout (peft applies it to a copy of the input of every
+adapted layer). `--torch-profile` runs one more step under torch.profiler and prints its top operators (that step
+is left out of the table; the profiler inflates the peak memory reported).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,11 +48,13 @@ from compare_trl import (
 )
 
 PHASES = {
+    "prompt_sample": "one pass per distinct prompt before sampling (prefill)",
     "generate": "policy.generate(): sampling with the KV cache",
-    "rollout_other": "tokenise prompts, EOS masks, decode completions",
+    "rollout_other": "tokenise prompts, merge/unmerge LoRA, EOS masks, decode completions",
     "score": "reward functions",
     "frozen_logps": "old/reference log-probs (num_iterations > 1 or beta > 0)",
-    "forward": "policy forward on prompt + completion, train mode",
+    "prompt_train": "policy forward on each distinct prompt, train mode",
+    "forward": "policy forward on the completions (or on prompt + completion), train mode",
     "log_softmax": "selective_log_softmax: the chosen tokens' log-probs",
     "entropy": "token_entropy (a logged metric)",
     "loss": "grpo_loss",
@@ -61,7 +63,10 @@ PHASES = {
     "other": "rest of training_step: rows(), logging, Lightning hooks",
 }
 # Timed calls that contain other timed calls: their own share is what is left once the inner ones are removed.
-NESTED = {"rollout_other": ("rollout", ["generate"]), "forward": ("logps", ["log_softmax", "entropy"])}
+NESTED = {
+    "rollout_other": ("rollout", ["generate", "prompt_sample"]),
+    "forward": ("logps", ["log_softmax", "entropy", "prompt_train"]),
+}
 
 
 def peak_rss_mib() -> float:
@@ -95,15 +100,6 @@ class Timers:
         return out
 
 
-@contextlib.contextmanager
-def merged_lora(policy: Any) -> Iterator[None]:
-    policy.merge_adapter()
-    try:
-        yield
-    finally:
-        policy.unmerge_adapter()
-
-
 def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[str, float]], dict[str, float]]:
     import lightning as L
     import torch
@@ -122,6 +118,14 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
         ("loss", "grpo_loss"),
     ):
         setattr(ttc_module, attr, timers.wrap(name, getattr(ttc_module, attr)))
+    prefill = {phase: timers.wrap(f"prompt_{phase}", ttc_module.prefill) for phase in ("sample", "train")}
+    if "prefill" in args.without:
+        ttc_module.prefill = lambda *a, **k: None  # as a model without a KV cache: every row runs its whole prompt
+    else:
+        # generate() samples in eval mode; training_step's passes run in train mode.
+        ttc_module.prefill = lambda model, *a, **k: prefill["train" if model.training else "sample"](model, *a, **k)
+    if "merge" in args.without:
+        ttc_module.merged_lora = lambda model, enabled: contextlib.nullcontext()
 
     L.seed_everything(SEED, verbose=False)
     module = GRPOModule(
@@ -146,14 +150,7 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
 
     class PhaseTimer(L.Callback):
         def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            policy = pl_module.policy
-            original = policy.generate
-
-            def generate(*a: Any, **k: Any) -> Any:
-                with merged_lora(policy) if args.merge_lora_for_generate else contextlib.nullcontext():
-                    return original(*a, **k)
-
-            policy.generate = timers.wrap("generate", generate)
+            pl_module.policy.generate = timers.wrap("generate", pl_module.policy.generate)
             optimizer = trainer.optimizers[0]
             optimizer.register_step_post_hook(self.optimizer_done)
             memory["after_load"] = peak_rss_mib()
@@ -206,8 +203,8 @@ def report(spec: dict[str, Any], args: argparse.Namespace) -> None:
     median = statistics.median(r["total"] for r in quiet)
     step = min(quiet, key=lambda r: abs(r["total"] - median))
     shape = f"{size.prompts} prompts x {size.generations} completions x {size.max_new_tokens} tokens"
-    merged = ", LoRA merged for generate" if args.merge_lora_for_generate else ""
-    print(f"\n{size.name} ({shape}, micro-batch {size.micro_batch_size}, LoRA dropout {args.lora_dropout}{merged})")
+    without = f", without {' and '.join(args.without)}" if args.without else ""
+    print(f"\n{size.name} ({shape}, micro-batch {size.micro_batch_size}, LoRA dropout {args.lora_dropout}{without})")
     print(f"median step of {len(quiet)} quiet ones (of {len(records)}); all totals: ", end="")
     print(", ".join(f"{r['total']:.2f}" for r in records) + " s")
     print(f"  {'phase':<14}{'seconds':>8}{'share':>7}{'+peak MiB':>11}  what")
@@ -224,7 +221,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="profiled optimizer steps")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, help="override the size's completion length")
-    parser.add_argument("--merge-lora-for-generate", action="store_true", help="what-if: sample with merged LoRA")
+    parser.add_argument(
+        "--without", nargs="+", choices=["prefill", "merge"], default=[], help="what-if: turn these levers off"
+    )
     parser.add_argument("--lora-dropout", type=float, default=LORA["dropout"], help="what-if: another LoRA dropout")
     parser.add_argument("--torch-profile", action="store_true", help="print the top operators of one more step")
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -243,7 +242,7 @@ def main() -> None:
             spec = prepare(size, Path(tmp))
             command = [sys.executable, __file__, "--spec", json.dumps(spec), "--steps", str(args.steps)]
             command += ["--warmup", str(args.warmup), "--lora-dropout", str(args.lora_dropout)]
-            command += ["--merge-lora-for-generate"] * args.merge_lora_for_generate
+            command += ["--without", *args.without] if args.without else []
             command += ["--torch-profile"] * args.torch_profile
             wait_for_quiet()
             subprocess.run(command, check=True)

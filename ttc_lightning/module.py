@@ -39,6 +39,7 @@ from ttc_lightning.grpo import (
     token_entropy,
     warmup_cosine_lr,
 )
+from ttc_lightning.sampling import cache_keyword, merged_lora, prefill
 from ttc_lightning.tiny import TINY, save_tiny
 
 RewardFn = Callable[..., Sequence[float | None]]
@@ -385,8 +386,6 @@ class GRPOModule(L.LightningModule):
         from transformers import GenerationConfig
 
         prompt_ids, prompt_mask = self.tokenize_prompts(prompts)  # [B, P]
-        prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [N, P]
-        prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
         hp = self.hparams
         sampling = dict(temperature=temperature, top_p=hp.top_p, top_k=hp.top_k) if temperature > 0 else {}
         config = GenerationConfig(
@@ -397,11 +396,27 @@ class GRPOModule(L.LightningModule):
             use_cache=True,
             **sampling,
         )
+        # Merging is exact enough only in float32 (see `merged_lora`); a 4-bit base cannot take the adapters.
+        merge = hp.lora is not None and not hp.load_in_4bit and self.policy.dtype == torch.float32
         # Eval mode: no dropout while sampling, and HF keeps the KV cache on even with gradient checkpointing.
         was_training = self.policy.training
         self.policy.eval()
         try:
-            sequences = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+            with merged_lora(self.policy, merge):
+                # Each prompt is encoded once, not once per sample: its keys/values are copied to its rows, and
+                # generate() starts from the last prompt token.
+                cache = None
+                if prompt_ids.size(1) > 1:
+                    capacity = prompt_ids.size(1) + max_new_tokens
+                    cache = prefill(self.policy, prompt_ids[:, :-1], prompt_mask[:, :-1], capacity)
+                    if cache is not None and num_samples > 1:
+                        cache.batch_repeat_interleave(num_samples)
+                prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [N, P]
+                prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
+                cached = {} if cache is None else {cache_keyword(self.policy): cache}
+                sequences = self.policy.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **cached
+                )
         finally:
             self.policy.train(was_training)
         completion_ids = sequences[:, prompt_ids.size(1) :]  # [N, C]
@@ -418,18 +433,34 @@ class GRPOModule(L.LightningModule):
     def completion_logps(
         self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """Per-token log-probs `[n, C]` of the completion tokens (and their entropies), logits only where needed."""
+        """Per-token log-probs `[n, C]` of the completion tokens (and their entropies), logits only where needed.
+
+        Rows with the same prompt (a group's completions) share one pass over it: the prompt's keys and values are
+        computed once, with gradients, and each row's completion attends to them. Exact, and it skips (G-1)/G of
+        the prompt positions; not under gradient checkpointing, where HF models keep no KV cache while training.
+        """
         input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [n, P+C]
         attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)  # [n, P+C]
         # Positions as in generate(): left padding must not shift them (matters for absolute position embeddings).
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # [n, P+C]
-        c = rollout.completion_ids.size(1)
+        p, c = rollout.prompt_ids.size(1), rollout.completion_ids.size(1)
+        keys = torch.cat([rollout.prompt_ids, rollout.prompt_mask], dim=1)  # [n, 2P]
+        unique, inverse = torch.unique(keys, dim=0, return_inverse=True)  # [u, 2P], [n]
+        cache = None
+        if p > 1 and unique.size(0) < len(rollout) and not self.hparams.gradient_checkpointing:
+            cache = prefill(model, unique[:, : p - 1], unique[:, p : 2 * p - 1])
+        if cache is None:
+            start, cached = 0, {}
+        else:
+            cache.batch_select_indices(inverse)
+            start, cached = p - 1, {cache_keyword(model): cache}
         logits = model(
-            input_ids=input_ids,
+            input_ids=input_ids[:, start:],
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids[:, start:],
             logits_to_keep=c + 1,
-            use_cache=False,
+            use_cache=cache is not None,
+            **cached,
         ).logits  # [n, C+1, V]
         logits = logits[:, :-1] / self.hparams.temperature  # [n, C, V]: position t predicts completion token t
         logps = selective_log_softmax(logits, rollout.completion_ids)  # [n, C]
@@ -440,7 +471,7 @@ class GRPOModule(L.LightningModule):
         """Old-policy log-probs (num_iterations > 1) and reference log-probs (beta > 0), micro-batched, no grad."""
         hp = self.hparams
         old, ref = [], []
-        for index in self._micro_batches(len(rollout), shuffle=False):
+        for index in self._micro_batches(len(rollout)):
             part = rollout.rows(index)
             pad = rollout.completion_ids.size(1) - part.completion_ids.size(1)
             if hp.num_iterations > 1:
@@ -454,9 +485,10 @@ class GRPOModule(L.LightningModule):
                 ref.append(torch.nn.functional.pad(logps, (0, pad)))
         return (torch.cat(old) if old else None), (torch.cat(ref) if ref else None)
 
-    def _micro_batches(self, n: int, shuffle: bool) -> list[Tensor]:
-        order = torch.randperm(n, device=self.device) if shuffle else torch.arange(n, device=self.device)
-        return list(order.split(self.hparams.micro_batch_size))
+    def _micro_batches(self, n: int) -> list[Tensor]:
+        # In order, so a group's rows share micro-batches and their prompt pass (`completion_logps`); the order
+        # does not change the step, which sums the gradients of all micro-batches.
+        return list(torch.arange(n, device=self.device).split(self.hparams.micro_batch_size))
 
     # --- training ----------------------------------------------------------------------------------------------
 
@@ -528,7 +560,7 @@ class GRPOModule(L.LightningModule):
         sums: dict[str, Tensor] = {}
         weights = 0.0
         for _ in range(hp.num_iterations):
-            micro_batches = self._micro_batches(total_rows, shuffle=True)
+            micro_batches = self._micro_batches(total_rows)
             for k, index in enumerate(micro_batches):
                 part = rollout.rows(index)
                 # Under DDP, all-reduce the gradients once per optimizer step, not after every micro-batch.

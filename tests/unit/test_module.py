@@ -149,3 +149,94 @@ def test_checkpoint_restores_the_random_streams():
     torch.save(checkpoint["ttc"], buffer)
     buffer.seek(0)
     torch.load(buffer, weights_only=True)  # no pickled numpy objects
+
+
+def _rollout_of(module: GRPOModule, prompts: list[str], completions: list[list[int]], g: int) -> Rollout:
+    """Each prompt repeated g times (left-padded), with the given completion ids (right-padded)."""
+    prompt_ids, prompt_mask = module.tokenize_prompts(prompts)
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)
+    width = max(map(len, completions))
+    completion_ids = torch.tensor([row + [0] * (width - len(row)) for row in completions])
+    completion_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in completions])
+    n = len(completions)
+    return Rollout(
+        prompt_ids,
+        prompt_mask,
+        completion_ids,
+        completion_mask,
+        [""] * n,
+        torch.zeros(n, 1),
+        torch.zeros(n),
+        torch.linspace(-1, 1, n),
+    )
+
+
+@pytest.mark.parametrize("lora", [None, LoRA(r=4)])
+def test_shared_prompt_pass_matches_each_row_alone(lora):
+    # Two prompts of different lengths (the shorter left-padded), 3 completions each of lengths 1..6.
+    module = GRPOModule(rewards=[TOY], lora=lora, temperature=0.7)
+    module.configure_model()
+    torch.manual_seed(0)
+    if lora is not None:  # peft starts B at 0; a non-zero adapter must reach the prompt's keys too
+        for name, param in module.policy.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.5)
+    completions = [torch.randint(3, 200, (n,)).tolist() for n in (1, 4, 6, 2, 5, 3)]
+    rollout = _rollout_of(module, ["short", "a longer prompt"], completions, g=3)
+    calls = []
+    module.policy.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    shared, _ = module.completion_logps(module.policy, rollout)
+    # One pass over the 2 distinct prompts without their last token, one over the 6 completions (+ that token).
+    p = rollout.prompt_ids.size(1)
+    assert calls == [torch.Size([2, p - 1]), torch.Size([6, 7])]
+    grads_shared = torch.autograd.grad(
+        (shared * rollout.completion_mask).sum(), [q for q in module.policy.parameters() if q.requires_grad]
+    )
+    alone, grads_alone = [], None
+    for i in range(6):  # a single row has nothing to share and no padding at all
+        logps, _ = module.completion_logps(module.policy, rollout.rows(torch.tensor([i])))
+        alone.append(logps[0])
+        grads = torch.autograd.grad(logps.sum(), [q for q in module.policy.parameters() if q.requires_grad])
+        grads_alone = grads if grads_alone is None else [a + b for a, b in zip(grads_alone, grads, strict=True)]
+    for i, row in enumerate(alone):
+        torch.testing.assert_close(shared[i, : len(completions[i])], row, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_shared, grads_alone, strict=True):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-3)  # sums in another order
+
+
+def test_no_shared_prompt_pass_under_gradient_checkpointing():
+    module = GRPOModule(rewards=[TOY], gradient_checkpointing=True)
+    module.configure_model()
+    rollout = _rollout_of(module, ["short", "a longer prompt"], [[5, 6], [7], [8, 9], [10]], g=2)
+    calls = []
+    module.policy.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    logps, _ = module.completion_logps(module.policy, rollout)
+    assert calls == [torch.Size([4, rollout.prompt_ids.size(1) + 2])]  # the whole of every row, once
+    expected = [module.completion_logps(module.policy, rollout.rows(torch.tensor([i])))[0][0] for i in range(4)]
+    torch.testing.assert_close(logps[1, :1], expected[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps[2], expected[2], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_encodes_each_prompt_once_and_samples_as_if_it_did_not():
+    # Greedy, so the samples of one prompt are identical and must equal that prompt generated on its own.
+    module = GRPOModule(rewards=[TOY], lora=LoRA(r=4))
+    module.configure_model()
+    prompts = ["short", "a much longer prompt"]
+    calls = []
+    hook = module.policy.get_base_model().register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    _, _, ids, mask, texts = module.generate(prompts, num_samples=3, temperature=0.0, max_new_tokens=6)
+    hook.remove()
+    assert calls[0][0] == 2  # the prompts' pass: 2 rows, not 6
+    assert all(shape[0] == 6 and shape[1] == 1 for shape in calls[1:])  # then one token per row per step
+    for j, prompt in enumerate(prompts):
+        _, _, alone_ids, alone_mask, alone_texts = module.generate([prompt], 1, temperature=0.0, max_new_tokens=6)
+        width = alone_ids.size(1)
+        for row in range(3 * j, 3 * j + 3):
+            assert texts[row] == alone_texts[0]
+            assert torch.equal(ids[row, :width][mask[row, :width].bool()], alone_ids[0][alone_mask[0].bool()])
