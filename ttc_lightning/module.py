@@ -179,7 +179,8 @@ class GRPOModule(L.LightningModule):
     load_in_4bit: bool
     """Quantise the base model to 4-bit NF4 with bitsandbytes (QLoRA); needs `lora`."""
     gradient_checkpointing: bool
-    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    """Recompute activations in the backward pass: less memory, about a third more compute, and each completion
+    runs its whole prompt (HF models keep no KV cache while checkpointing, so a group cannot share one prompt pass)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     """Weights' dtype. "auto": float32 on CPU; bfloat16 on GPUs that support it; else float16 under LoRA."""
     num_generations: int
