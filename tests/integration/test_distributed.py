@@ -241,22 +241,51 @@ def test_resume_from_the_end_of_an_epoch_logs_the_steps_it_trains(run_ttc, tmp_p
     assert [int(r["step"]) for r in read_metrics(tmp_path / "run", version=1)] == trained
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the train DataLoaders are not resumable (no state_dict/load_state_dict), so a run resumed mid-epoch "
-    "starts the epoch's seeded order again from its first batch and trains on those prompts twice",
-)
+def prompts_per_step(*paths: Path) -> dict[int, list[str]]:
+    """The prompts each step trained on, in order, from one or more rollouts files."""
+    steps: dict[int, list[str]] = {}
+    for path in paths:
+        for r in read_rollouts(path):
+            steps.setdefault(r["step"], []).append(json.dumps(r["prompt"]))
+    return steps
+
+
 def test_resume_mid_epoch_continues_the_epoch_instead_of_replaying_it(run_ttc, tmp_path, one_thread):
-    args = ["fit", "--config", TINY, "--trainer.default_root_dir", "run", *FAST]
-    assert run_ttc(*args, "--trainer.max_steps", "2")[0] == 0
-    code, _, err = run_ttc(*args, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    args = ["fit", "--config", TINY, *FAST]
+    # 16 prompts, 4 per step, so 4 steps an epoch: stop in the middle of epoch 1 (after step 5), resume into
+    # epoch 2, and compare with a run that was never stopped. The same prompts in the same order means the epoch
+    # went on where it stopped, in the order that epoch had, and the next epoch was shuffled as it would have been.
+    assert run_ttc(*args, "--trainer.default_root_dir", "whole", "--trainer.max_steps", "10")[0] == 0
+    assert run_ttc(*args, "--trainer.default_root_dir", "run", "--trainer.max_steps", "6")[0] == 0
+    code, _, err = run_ttc(*args, "--trainer.default_root_dir", "run", "--trainer.max_steps", "10", "--ckpt_path=last")
     assert code == 0, err
     logs = tmp_path / "run" / "logs"
-    before = {json.dumps(r["prompt"]) for r in read_rollouts(logs / "version_0" / "rollouts.jsonl")}
-    after = {json.dumps(r["prompt"]) for r in read_rollouts(logs / "version_1" / "rollouts.jsonl")}
-    # 16 prompts, 4 per step: steps 0-1 and the resumed steps 2-3 are the two halves of epoch 0.
-    assert len(before) == len(after) == 8
-    assert not before & after
+    resumed = prompts_per_step(logs / "version_0" / "rollouts.jsonl", logs / "version_1" / "rollouts.jsonl")
+    whole = prompts_per_step(tmp_path / "whole" / "logs" / "version_0" / "rollouts.jsonl")
+    assert sorted(resumed) == sorted(whole) == list(range(10))
+    assert resumed == whole
+    assert len({p for step in range(4, 8) for p in whole[step]}) == 16  # steps 4-7 are epoch 1: each prompt once
+    assert whole[4] != whole[0] and whole[8] != whole[4]  # each epoch has an order of its own
+
+
+def test_ddp_resume_mid_epoch_continues_each_ranks_share(tmp_path, kill_on_exit):
+    # 2 ranks x 4 prompts a step: the 16 demo prompts are 2 steps an epoch. Stop after step 3 (mid-epoch 1), resume
+    # to step 6 and compare each rank's prompts with a run that was never stopped.
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    runs = {"whole": ["--trainer.max_steps", "6"], "part": ["--trainer.max_steps", "3"]}
+    runs["rest"] = ["--trainer.max_steps", "6", "--ckpt_path", "last"]
+    for name, args in runs.items():
+        run_dir = "whole" if name == "whole" else "run"
+        proc = start_ttc(tmp_path, *ddp, *args, "--trainer.default_root_dir", run_dir)
+        kill_on_exit(proc)
+        code, out = finish(proc, tmp_path)
+        assert code == 0, out[-3000:]
+    for rank_file in ("rollouts.jsonl", "rollouts.rank1.jsonl"):
+        logs = tmp_path / "run" / "logs"
+        resumed = prompts_per_step(logs / "version_0" / rank_file, logs / "version_1" / rank_file)
+        whole = prompts_per_step(tmp_path / "whole" / "logs" / "version_0" / rank_file)
+        assert sorted(whole) == list(range(6))
+        assert resumed == whole, rank_file
 
 
 def test_sigusr1_under_slurm_saves_hpc_checkpoint_and_requeues(tmp_path, kill_on_exit):

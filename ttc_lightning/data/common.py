@@ -1,13 +1,18 @@
-"""Pieces shared by the data modules: JSON-lines reading with `file:line` errors, batching, length filtering."""
+"""Pieces shared by the data modules: JSON-lines reading with `file:line` errors, batching, length filtering, a
+training loader that resumes in the middle of an epoch."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
 
 from ttc_lightning.errors import TTCError, data_error
 
@@ -70,3 +75,59 @@ def filter_by_prompt_length(
             max_prompt_tokens,
         )
     return kept
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning resumes in the middle of an epoch instead of starting the epoch over.
+
+    Lightning saves `state_dict()` in every checkpoint and calls `load_state_dict()` before the first pass after a
+    restore. The state is where the epoch's order comes from (the shuffling generator as the epoch began, or the
+    epoch number of DDP's sampler) and how many of its batches were trained on; the restored pass draws the same
+    order and skips those batches. `trained` reads that count from the trainer, because Lightning fetches a batch
+    ahead of the one being trained on.
+    """
+
+    def __init__(self, *args: Any, trained: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trained = trained
+        self._epoch_start = self._generator_state()
+        self._skip = 0
+        self._restored_epoch: int | None = None
+        self._epoch_offset = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self._epoch_start = self._generator_state()
+        skip, self._skip = self._skip, 0
+        return self._batches(skip)
+
+    def _batches(self, skip: int) -> Iterator[Any]:
+        # Runs at the first batch, after Lightning has numbered the DDP sampler's epoch. A run stopped by max_steps
+        # counts its unfinished epoch as done, so after a restore Lightning's number can be one ahead of the epoch
+        # the data is in: keep the sampler on the data's epoch from then on.
+        if hasattr(self.sampler, "set_epoch"):
+            if self._restored_epoch is not None:
+                self._epoch_offset = self._restored_epoch - self.sampler.epoch
+                self._restored_epoch = None
+            self.sampler.set_epoch(self.sampler.epoch + self._epoch_offset)
+        yield from itertools.islice(super().__iter__(), skip, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        trained = self.trained()
+        epoch = getattr(self.sampler, "epoch", None)
+        if trained >= len(self):  # the epoch is over: the next one starts from the generator as it is now
+            return {"generator": self._generator_state(), "batches": 0, "epoch": None if epoch is None else epoch + 1}
+        return {"generator": self._epoch_start, "batches": trained, "epoch": epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.generator is not None and state["generator"] is not None:
+            self.generator.set_state(state["generator"])
+        self._skip = state["batches"]
+        self._restored_epoch = state["epoch"]
+
+    def _generator_state(self) -> Any:
+        return None if self.generator is None else self.generator.get_state()
+
+
+def trained_batches(trainer: L.Trainer) -> int:
+    """Batches of the current epoch that have been trained on (the one in flight counts once it returned)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed

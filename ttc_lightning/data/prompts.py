@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ttc_lightning.data.common import collate_rows, filter_by_prompt_length, read_jsonl
+from ttc_lightning.data.common import (
+    ResumableLoader,
+    collate_rows,
+    filter_by_prompt_length,
+    read_jsonl,
+    trained_batches,
+)
 from ttc_lightning.errors import TTCError, data_error
 
 DEMO_PROMPTS = str(Path(__file__).resolve().parent.parent / "assets" / "demo_prompts.jsonl")
@@ -109,8 +116,13 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # A seeded generator: the same order for the same seed, a new order each epoch (also under DDP's sampler).
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.splits["train"], batch_size=self.batch_size, shuffle=True, generator=generator, collate_fn=collate_rows
+        return ResumableLoader(
+            self.splits["train"],
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=collate_rows,
+            trained=partial(trained_batches, self.trainer),
         )
 
     def val_dataloader(self) -> DataLoader | list:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,13 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from ttc_lightning.cwe import describe_cwe, is_cwe_id
-from ttc_lightning.data.common import collate_rows, filter_by_prompt_length, seeded_shuffle
+from ttc_lightning.data.common import (
+    ResumableLoader,
+    collate_rows,
+    filter_by_prompt_length,
+    seeded_shuffle,
+    trained_batches,
+)
 from ttc_lightning.data.primevul import HF_PREFIX, PrimeVulPair, PrimeVulRecord, load_functions, load_pairs
 from ttc_lightning.errors import TTCError
 from ttc_lightning.evaluation import classification_metrics, classify_prediction, patch_metrics, patch_prediction
@@ -195,6 +202,17 @@ def _finish(
     return rows
 
 
+def _train_loader(dm: Any) -> ResumableLoader:
+    # The rows were shuffled once with the seed, so every epoch has the same order and a resumed one skips ahead.
+    return ResumableLoader(
+        dm.train_rows,
+        batch_size=dm.batch_size,
+        collate_fn=collate_rows,
+        num_workers=dm.num_workers,
+        trained=partial(trained_batches, dm.trainer),
+    )
+
+
 def _loader(rows: list[Row], batch_size: int, num_workers: int) -> DataLoader:
     return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate_rows, num_workers=num_workers)
 
@@ -364,7 +382,7 @@ class PrimeVulClassificationDataModule(L.LightningDataModule):
         log.info("%s: %d prompts (%s)", split, len(rows), ", ".join(f"{k} {v}" for k, v in counts.most_common()))
 
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_rows, self.batch_size, self.num_workers)
+        return _train_loader(self)
 
     def val_dataloader(self) -> DataLoader | list:
         return _loader(self.val_rows, self.val_batch_size, self.num_workers) if self.val_rows else []
@@ -476,7 +494,7 @@ class PrimeVulPatchDataModule(L.LightningDataModule):
             log.info("%s: %d prompts", self.test_split, len(self.test_rows))
 
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_rows, self.batch_size, self.num_workers)
+        return _train_loader(self)
 
     def val_dataloader(self) -> DataLoader | list:
         return _loader(self.val_rows, self.val_batch_size, self.num_workers) if self.val_rows else []
