@@ -407,7 +407,9 @@ class GRPOModule(L.LightningModule):
                 # Each prompt is encoded once, not once per sample: its keys/values are copied to its rows, and
                 # generate() starts from the last prompt token.
                 cache = None
-                if prompt_ids.size(1) > 1:
+                # generate() refuses a cache of ours when the model's generation config asks for its own kind.
+                own_cache = self.policy.generation_config.cache_implementation not in (None, "dynamic")
+                if prompt_ids.size(1) > 1 and not own_cache:
                     capacity = prompt_ids.size(1) + max_new_tokens
                     cache = prefill(self.policy, prompt_ids[:, :-1], prompt_mask[:, :-1], capacity)
                     if cache is not None and num_samples > 1:

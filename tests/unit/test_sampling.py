@@ -81,3 +81,16 @@ def test_generate_merges_float32_adapters_only(monkeypatch, dtype, merges):
     )
     module.generate(["a prompt"], num_samples=2, temperature=1.0, max_new_tokens=3)
     assert calls == (["merge", "unmerge"] if merges else [])
+
+
+def test_a_model_that_asks_for_its_own_cache_samples_without_the_shared_prompt_pass():
+    module = GRPOModule(rewards=[TOY])
+    module.configure_model()
+    module.policy.generation_config.cache_implementation = "static"  # generate() would refuse a cache of ours
+    calls = []
+    module.policy.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    _, _, ids, _, texts = module.generate(["a prompt", "another one"], num_samples=2, temperature=1.0, max_new_tokens=3)
+    assert len(texts) == 4 and ids.size(0) == 4
+    assert calls[0][0] == 4  # every row ran its whole prompt
