@@ -180,7 +180,8 @@ class GRPOModule(L.LightningModule):
     """Quantise the base model to 4-bit NF4 with bitsandbytes (QLoRA); needs `lora`."""
     gradient_checkpointing: bool
     """Recompute activations in the backward pass: less memory, about a third more compute, and each completion
-    runs its whole prompt (HF models keep no KV cache while checkpointing, so a group cannot share one prompt pass)."""
+    runs its whole prompt in the training forward (HF models keep no KV cache while checkpointing, so a group
+    cannot share one prompt pass there)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     """Weights' dtype. "auto": float32 on CPU; bfloat16 on GPUs that support it; else float16 under LoRA."""
     num_generations: int
@@ -440,7 +441,7 @@ class GRPOModule(L.LightningModule):
 
         Rows with the same prompt (a group's completions) share one pass over it: the prompt's keys and values are
         computed once, with gradients, and each row's completion attends to them. Exact, and it skips (G-1)/G of
-        the prompt positions; not under gradient checkpointing, where HF models keep no KV cache while training.
+        the prompt positions; not with gradients under gradient checkpointing, where HF models keep no KV cache.
         """
         input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [n, P+C]
         attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)  # [n, P+C]
@@ -450,7 +451,8 @@ class GRPOModule(L.LightningModule):
         keys = torch.cat([rollout.prompt_ids, rollout.prompt_mask], dim=1)  # [n, 2P]
         unique, inverse = torch.unique(keys, dim=0, return_inverse=True)  # [u, 2P], [n]
         cache = None
-        if p > 1 and unique.size(0) < len(rollout) and not self.hparams.gradient_checkpointing:
+        checkpointed = self.hparams.gradient_checkpointing and torch.is_grad_enabled()
+        if p > 1 and unique.size(0) < len(rollout) and not checkpointed:
             cache = prefill(model, unique[:, : p - 1], unique[:, p : 2 * p - 1])
         if cache is None:
             start, cached = 0, {}

@@ -206,7 +206,7 @@ def test_shared_prompt_pass_matches_each_row_alone(lora):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-3)  # sums in another order
 
 
-def test_no_shared_prompt_pass_under_gradient_checkpointing():
+def test_gradient_checkpointing_shares_the_prompt_pass_only_without_gradients():
     module = GRPOModule(rewards=[TOY], gradient_checkpointing=True)
     module.configure_model()
     rollout = _rollout_of(module, ["short", "a longer prompt"], [[5, 6], [7], [8, 9], [10]], g=2)
@@ -214,11 +214,17 @@ def test_no_shared_prompt_pass_under_gradient_checkpointing():
     module.policy.register_forward_pre_hook(
         lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
     )
+    p = rollout.prompt_ids.size(1)
     logps, _ = module.completion_logps(module.policy, rollout)
-    assert calls == [torch.Size([4, rollout.prompt_ids.size(1) + 2])]  # the whole of every row, once
+    assert calls == [torch.Size([4, p + 2])]  # with gradients: the whole of every row, once
+    calls.clear()
+    with torch.no_grad():  # a reference or old-policy pass: HF keeps the cache, so the prompts are shared
+        frozen, _ = module.completion_logps(module.policy, rollout)
+    assert calls == [torch.Size([2, p - 1]), torch.Size([4, 3])]
     expected = [module.completion_logps(module.policy, rollout.rows(torch.tensor([i])))[0][0] for i in range(4)]
-    torch.testing.assert_close(logps[1, :1], expected[1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logps[2], expected[2], atol=1e-5, rtol=1e-5)
+    for result in (logps, frozen):
+        torch.testing.assert_close(result[1, :1], expected[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result[2], expected[2], atol=1e-5, rtol=1e-5)
 
 
 def test_generate_encodes_each_prompt_once_and_samples_as_if_it_did_not():
