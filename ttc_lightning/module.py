@@ -39,7 +39,16 @@ from ttc_lightning.grpo import (
     token_entropy,
     warmup_cosine_lr,
 )
-from ttc_lightning.sampling import cache_keyword, merged_lora, prefill
+from ttc_lightning.sampling import (
+    cache_keyword,
+    can_pack,
+    expand_cache,
+    fast_decode_model,
+    fast_decoding,
+    merged_lora,
+    packed_linears,
+    prefill,
+)
 from ttc_lightning.tiny import TINY, save_tiny
 
 RewardFn = Callable[..., Sequence[float | None]]
@@ -396,6 +405,9 @@ class GRPOModule(L.LightningModule):
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
+            # Left unset, generate() would take it from the model's generation_config (Qwen2.5-Instruct ships 1.05),
+            # and the samples would come from another distribution than the one whose log-probs are trained.
+            repetition_penalty=1.0,
             **sampling,
         )
         # Merging is exact enough only in float32 (see `merged_lora`); a 4-bit base cannot take the adapters.
@@ -403,10 +415,15 @@ class GRPOModule(L.LightningModule):
         # Eval mode: no dropout while sampling, and HF keeps the KV cache on even with gradient checkpointing.
         was_training = self.policy.training
         self.policy.eval()
+        fast = fast_decode_model(self.policy) is not None
         try:
-            with merged_lora(self.policy, merge):
-                # Each prompt is encoded once, not once per sample: its keys/values are copied to its rows, and
-                # generate() starts from the last prompt token.
+            with (
+                merged_lora(self.policy, merge),
+                packed_linears(self.policy, can_pack(self.policy), len(prompts) * num_samples),
+                fast_decoding(self.policy, fast),
+            ):
+                # Each prompt is encoded once, not once per sample: its keys/values go to its rows (shared by them
+                # under fast decoding, else copied), and generate() starts from the last prompt token.
                 cache = None
                 # generate() refuses a cache of ours when the model's generation config asks for its own kind.
                 own_cache = self.policy.generation_config.cache_implementation not in (None, "dynamic")
@@ -414,7 +431,7 @@ class GRPOModule(L.LightningModule):
                     capacity = prompt_ids.size(1) + max_new_tokens
                     cache = prefill(self.policy, prompt_ids[:, :-1], prompt_mask[:, :-1], capacity)
                     if cache is not None and num_samples > 1:
-                        cache.batch_repeat_interleave(num_samples)
+                        expand_cache(cache, prompt_mask[:, :-1], num_samples, max_new_tokens + 1, share=fast)
                 prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [N, P]
                 prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
                 cached = {} if cache is None else {cache_keyword(self.policy): cache}

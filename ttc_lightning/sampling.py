@@ -1,5 +1,6 @@
 """Faster sampling from a Hugging Face causal LM, with the same results: each distinct prompt encoded once, a KV
-cache that does not copy itself at every token, and LoRA adapters merged into the weights while sampling."""
+cache that does not copy itself at every token, LoRA adapters merged into the weights while sampling, and on CPU
+float32 weights laid out for oneDNN's small-batch matmuls."""
 
 from __future__ import annotations
 
@@ -47,6 +48,67 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
+class SharedPrefixLayer(DynamicLayer):
+    """Keys/values of G rows that continue one prompt: the prompt's once per group, each row's own tokens after.
+
+    Copying a prompt's cache to its G rows makes every decoded token read G copies of it; here each group's queries
+    read it once, in one matmul. Only `decode_step` knows how to attend to it (`attend`).
+    """
+
+    def __init__(self, prefix: DynamicLayer, mask: Tensor | None, group: int, capacity: int) -> None:
+        super().__init__()
+        self.prefix_keys, self.prefix_values = prefix.keys, prefix.values  # [B, Hkv, P, D]
+        self.mask = mask  # [B, 1, 1, P] bool, False = left padding; None when there is none
+        self.group = group
+        self.own = GrowingLayer(capacity)
+        self.is_initialized = True
+        self.dtype, self.device = self.prefix_keys.dtype, self.prefix_keys.device
+
+    def get_seq_length(self) -> int:
+        return self.prefix_keys.size(-2) + self.own.get_seq_length()
+
+    def update(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        raise RuntimeError("a shared-prefix cache is read by ttc_lightning.sampling.decode_step only")
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """Attention of one new token per row, `q` `[N, Hkv, H/Hkv, D]`, over the prompt and the row's own tokens."""
+        keys, values = self.own.update(k, v)  # [N, Hkv, t, D]
+        b, hkv, p, d = self.prefix_keys.shape
+        n, _, heads, _ = q.shape
+        g = n // b
+        # A group's rows are its prompt's queries: [B, Hkv, G*heads, D], so the prompt's keys are read once.
+        grouped = q.view(b, g, hkv, heads, d).transpose(1, 2).reshape(b, hkv, g * heads, d)  # [B, Hkv, G*heads, D]
+        on_prompt = grouped @ self.prefix_keys.transpose(-1, -2)  # [B, Hkv, G*heads, P]
+        if self.mask is not None:
+            on_prompt = on_prompt.masked_fill(~self.mask, float("-inf"))  # [B, Hkv, G*heads, P]
+        on_prompt = on_prompt.view(b, hkv, g, heads, p).transpose(1, 2).reshape(n, hkv, heads, p)  # [N, Hkv, heads, P]
+        on_own = q @ keys.transpose(-1, -2)  # [N, Hkv, heads, t]
+        scores = torch.cat([on_prompt, on_own], dim=-1) * scale  # [N, Hkv, heads, P+t]
+        weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # [N, Hkv, heads, P+t]
+        to_prompt = weights[..., :p].reshape(b, g, hkv, heads, p).transpose(1, 2).reshape(b, hkv, g * heads, p)
+        from_prompt = to_prompt @ self.prefix_values  # [B, Hkv, G*heads, D]
+        from_prompt = from_prompt.view(b, hkv, g, heads, d).transpose(1, 2).reshape(n, hkv, heads, d)  # [N, Hkv, h, D]
+        return from_prompt + weights[..., p:] @ values  # [N, Hkv, heads, D]
+
+
+# Bytes of prompt keys/values per layer that copying to the rows would add, from which sharing them pays: below
+# it the extra operations of `SharedPrefixLayer.attend` cost more than reading the copies (benchmark machine: the
+# tiny model's 0.8 MB lost 10 %, the medium model's 3.4 MB gained 2 %, 15 MB with 519-token prompts gained 13 %).
+SHARE_MIN_BYTES = 2 << 20
+
+
+def expand_cache(cache: DynamicCache, prompt_mask: Tensor, group: int, capacity: int, share: bool) -> None:
+    """Give the prefill cache of B prompts `[B, P]` to B*`group` rows: shared (`SharedPrefixLayer`, for
+    `decode_step` only, when `share` and it pays) or copied, with room for `capacity` more positions per row."""
+    layer = cache.layers[0]
+    copies = layer.keys.nelement() * layer.keys.element_size() * 2 * (group - 1)
+    if not share or copies < SHARE_MIN_BYTES:
+        cache.batch_repeat_interleave(group)
+        return
+    mask = None if bool(prompt_mask.all()) else prompt_mask.bool()[:, None, None, :]  # [B, 1, 1, P]
+    cache.layers = [SharedPrefixLayer(layer, mask, group, capacity) for layer in cache.layers]
+
+
 def prefill(
     model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, capacity: int | None = None
 ) -> DynamicCache | None:
@@ -91,3 +153,169 @@ def merged_lora(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         yield
     finally:
         model.unmerge_adapter()
+
+
+# Weights per layer from which oneDNN's packed matmul beats the default at 16-32 rows (about 256 x 512 on the
+# benchmark machine; a 256 x 256 layer breaks even and smaller ones lose to the call's overhead).
+PACK_MIN_WEIGHTS = 1 << 17
+
+
+def can_pack(model: torch.nn.Module) -> bool:
+    """Whether `packed_linears` applies: a float32 model on CPU, with this torch build's oneDNN linear ops."""
+    ops = torch.ops.mkldnn
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+        and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+    )
+
+
+@contextlib.contextmanager
+def packed_linears(model: torch.nn.Module, enabled: bool, rows: int) -> Iterator[None]:
+    """Run every `nn.Linear` of a float32 CPU model on a copy of its weight in oneDNN's blocked layout.
+
+    Decoding multiplies each weight by a handful of rows per token; the default float32 path (MKL) is slow at that
+    shape, oneDNN on a weight reordered once for `rows` rows ran the medium benchmark model's decode matmuls 2-3x
+    faster. Below `PACK_MIN_WEIGHTS` weights the oneDNN call costs more than it saves, and the layer is left as it
+    is. Same float32 arithmetic, another summation order. Costs a copy of the weights for the duration, taken
+    when entered, so weights changed inside (training) would not be seen: calls with gradients or under autocast
+    take the module's own path.
+    """
+    if not enabled:
+        yield
+        return
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= PACK_MIN_WEIGHTS]
+    own = [linear.__dict__.get("forward") for linear in linears]  # a forward set on the instance (hooks) comes back
+    for linear in linears:
+        linear.forward = _packed_forward(linear, torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows))
+    try:
+        yield
+    finally:
+        for linear, forward in zip(linears, own, strict=True):
+            if forward is None:
+                del linear.forward
+            else:
+                linear.forward = forward
+
+
+def _packed_forward(linear: torch.nn.Linear, packed: Tensor) -> Any:
+    plain = linear.forward
+    bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or x.dtype != torch.float32:
+            return plain(x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    return forward
+
+
+# Decoder-only families whose layers are exactly: RMSNorm, q/k/v projections, rotary embeddings, attention over the
+# cache, o projection, residual, RMSNorm, gated MLP, residual (`decode_step` below).
+FAST_DECODE_TYPES = ("llama", "qwen2")
+
+
+def fast_decode_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The Hugging Face causal LM inside `model` (peft or not) if `decode_step` can stand in for its forward."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(lm, "config", None)
+    if getattr(config, "model_type", None) not in FAST_DECODE_TYPES:
+        return None
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return None  # sliding-window layers attend to part of the cache
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return None
+    return lm
+
+
+@contextlib.contextmanager
+def fast_decoding(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Route the one-token steps of `generate()` through `decode_step` instead of the model's own forward.
+
+    A Hugging Face forward spends more time in Python (argument handling, mask building, output recording) than a
+    small model spends computing a token; this does the same layers with the fewest calls. Everything else (the
+    prompt pass, calls with gradients, models of other families, inputs it does not handle) takes the model's
+    own forward.
+    """
+    lm = fast_decode_model(model) if enabled else None
+    if lm is None:
+        yield
+        return
+    own = lm.__dict__.get("forward")
+    plain = lm.forward
+    keyword = cache_keyword(lm)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        handled = (
+            not args
+            and not torch.is_grad_enabled()
+            and ids is not None
+            and ids.size(1) == 1
+            and kwargs.get("inputs_embeds") is None
+            and isinstance(cache, DynamicCache)  # static and sliding-window caches keep positions of their own
+            and all(isinstance(layer, DynamicLayer) for layer in cache.layers)
+            and cache.get_seq_length() > 0
+            and (mask is None or (isinstance(mask, Tensor) and mask.dim() == 2))
+            and (mask is None or mask.size(1) == cache.get_seq_length() + 1)
+            and not any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states", "labels"))
+        )
+        if not handled:
+            return plain(*args, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        logits = decode_step(lm, ids, mask, kwargs.get("position_ids"), cache)
+        return CausalLMOutputWithPast(logits=logits, **{keyword: cache})
+
+    lm.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del lm.forward
+        else:
+            lm.forward = own
+
+
+def decode_step(lm: torch.nn.Module, ids: Tensor, mask: Tensor | None, positions: Tensor | None, cache: Any) -> Tensor:
+    """Logits `[N, 1, V]` for one new token per row of a Llama/Qwen2-family model, keys/values appended to `cache`.
+
+    `mask` `[N, L]` covers the cache and the new token (0 = left padding), as in `generate()`.
+    """
+    if positions is None:
+        positions = mask.long().sum(1, keepdim=True) - 1 if mask is not None else cache.get_seq_length() + ids * 0
+    # Padding matters only where some row has it; a query of one token needs no causal mask.
+    keep = None if mask is None or bool(mask.all()) else mask.bool()[:, None, None, :]  # [N, 1, 1, L]
+    n = ids.size(0)
+    hidden = lm.model.embed_tokens(ids)  # [N, 1, E]
+    cos, sin = lm.model.rotary_emb(hidden, positions)  # [N, 1, D]
+    for i, layer in enumerate(lm.model.layers):
+        attn = layer.self_attn
+        d = attn.head_dim
+        x = layer.input_layernorm(hidden)  # [N, 1, E]
+        q = attn.q_proj(x).view(n, -1, d)  # [N, H, D]
+        k = attn.k_proj(x).view(n, -1, d)  # [N, Hkv, D]
+        v = attn.v_proj(x).view(n, -1, d)  # [N, Hkv, D]
+        q = q * cos + _rotate_half(q) * sin  # [N, H, D]
+        k = k * cos + _rotate_half(k) * sin  # [N, Hkv, D]
+        k, v = k.unsqueeze(2), v.unsqueeze(2)  # [N, Hkv, 1, D]
+        # Grouped-query attention without repeating the cache: the heads that share a key/value head are that
+        # head's queries.
+        q = q.view(n, k.size(1), -1, d)  # [N, Hkv, H/Hkv, D]
+        if isinstance(cache.layers[i], SharedPrefixLayer):
+            out = cache.layers[i].attend(q, k, v, attn.scaling)  # [N, Hkv, H/Hkv, D]
+        else:
+            keys, values = cache.update(k, v, i)  # [N, Hkv, L, D]
+            out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=attn.scaling)
+        hidden = hidden + attn.o_proj(out.reshape(n, 1, -1))  # [N, 1, E]
+        x = layer.post_attention_layernorm(hidden)  # [N, 1, E]
+        mlp = layer.mlp
+        hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))  # [N, 1, E]
+    return lm.lm_head(lm.model.norm(hidden))  # [N, 1, V]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,9 +1,23 @@
 import pytest
 import torch
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
+from ttc_lightning import sampling
 from ttc_lightning.module import GRPOModule, LoRA
-from ttc_lightning.sampling import GrowingLayer, merged_lora
+from ttc_lightning.sampling import (
+    GrowingLayer,
+    SharedPrefixLayer,
+    can_pack,
+    decode_step,
+    expand_cache,
+    fast_decode_model,
+    fast_decoding,
+    merged_lora,
+    packed_linears,
+    prefill,
+)
+from ttc_lightning.tiny import build_tiny_model, build_tiny_tokenizer
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
 
@@ -94,3 +108,160 @@ def test_a_model_that_asks_for_its_own_cache_samples_without_the_shared_prompt_p
     _, _, ids, _, texts = module.generate(["a prompt", "another one"], num_samples=2, temperature=1.0, max_new_tokens=3)
     assert len(texts) == 4 and ids.size(0) == 4
     assert calls[0][0] == 4  # every row ran its whole prompt
+
+
+needs_onednn = pytest.mark.skipif(not can_pack(torch.nn.Linear(2, 2)), reason="this torch build has no oneDNN ops")
+
+
+@needs_onednn
+def test_packed_linears_compute_what_the_layers_compute_and_give_them_back():
+    torch.manual_seed(0)
+    big = torch.nn.Linear(512, 256)  # 131072 weights: packed
+    small = torch.nn.Linear(8, 8)  # below PACK_MIN_WEIGHTS: left alone
+    hooked = torch.nn.Linear(256, 512, bias=False)
+    own_forward = hooked.forward  # a forward set on the instance, as accelerate's hooks do
+    hooked.forward = own_forward
+    model = torch.nn.ModuleList([big, small, hooked])
+    x = torch.randn(16, 1, 512)
+    with torch.no_grad():
+        expected = hooked(big(x))
+        with packed_linears(model, enabled=True, rows=16):
+            assert "forward" in vars(big) and "forward" not in vars(small)
+            got = hooked(big(x))
+            with torch.enable_grad():  # training-time calls take the layer's own path, with gradients
+                assert big(x).requires_grad
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # and so do calls under autocast
+                assert big(x).dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # float32, another summation order
+    assert not torch.equal(got, torch.zeros_like(got))
+    assert "forward" not in vars(big) and hooked.forward is own_forward
+
+
+def test_packing_needs_a_float32_cpu_model():
+    assert not can_pack(torch.nn.Linear(4, 4).to(torch.bfloat16))
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0},
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_qwen() -> torch.nn.Module:
+    return build_tiny_model(build_tiny_tokenizer(), seed=0).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_qwen, tiny_llama])
+def test_decode_step_gives_the_logits_of_the_models_own_forward(build):
+    model = build()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 250, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = mask[2, :1] = 0  # left padding of two lengths
+    with torch.no_grad():
+        theirs, ours = prefill(model, ids, mask, capacity=14), prefill(model, ids, mask, capacity=14)
+        for _ in range(4):
+            token = torch.randint(3, 250, (3, 1))
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            positions = mask.sum(1, keepdim=True) - 1
+            kwargs = {sampling.cache_keyword(model): theirs}
+            expected = model(input_ids=token, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+            got = decode_step(model, token, mask, positions, ours)
+            torch.testing.assert_close(got, expected.logits, atol=1e-5, rtol=1e-5)
+    assert ours.get_seq_length() == theirs.get_seq_length() == 13
+
+
+def sample(model, prompt_ids, prompt_mask, group, fast, share=False, do_sample=True, seed=3, max_new_tokens=6):
+    config = GenerationConfig(
+        do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=2, pad_token_id=0, top_k=0, top_p=1.0
+    )
+    with torch.no_grad(), fast_decoding(model, fast):
+        cache = prefill(model, prompt_ids[:, :-1], prompt_mask[:, :-1], prompt_ids.size(1) + max_new_tokens)
+        expand_cache(cache, prompt_mask[:, :-1], group, max_new_tokens + 1, share=share)
+        torch.manual_seed(seed)
+        return model.generate(
+            input_ids=prompt_ids.repeat_interleave(group, 0),
+            attention_mask=prompt_mask.repeat_interleave(group, 0),
+            generation_config=config,
+            **{sampling.cache_keyword(model): cache},
+        )
+
+
+def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(2)
+    ids = torch.randint(3, 250, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_fast_decoding_samples_what_generate_samples(monkeypatch, do_sample):
+    model, (ids, mask) = tiny_llama(), padded_prompts()
+    calls = []
+    monkeypatch.setattr(sampling, "decode_step", lambda *a: calls.append(1) or decode_step(*a))
+    expected = sample(model, ids, mask, group=3, fast=False, do_sample=do_sample)
+    assert not calls
+    got = sample(model, ids, mask, group=3, fast=True, do_sample=do_sample)
+    assert torch.equal(got, expected)
+    assert len(calls) == 6  # every new token, the first one included
+    assert "forward" not in vars(model)
+
+
+def test_prompts_shared_by_their_rows_sample_what_copies_would(monkeypatch):
+    model, (ids, mask) = tiny_qwen(), padded_prompts()
+    monkeypatch.setattr(sampling, "SHARE_MIN_BYTES", 0)
+    for do_sample in (False, True):
+        expected = sample(model, ids, mask, group=4, fast=True, share=False, do_sample=do_sample)
+        got = sample(model, ids, mask, group=4, fast=True, share=True, do_sample=do_sample)
+        assert torch.equal(got, expected)
+    # The logits themselves, token after token, padding included (a padded prompt position must get no weight).
+    with torch.no_grad():
+        copied, shared = prefill(model, ids, mask), prefill(model, ids, mask)
+        expand_cache(copied, mask, group=4, capacity=8, share=False)
+        expand_cache(shared, mask, group=4, capacity=8, share=True)
+        rows_mask = mask.repeat_interleave(4, 0)  # [8, 12]
+        for _ in range(3):
+            token = torch.randint(3, 250, (8, 1))
+            rows_mask = torch.cat([rows_mask, torch.ones_like(token)], dim=1)
+            positions = rows_mask.sum(1, keepdim=True) - 1
+            expected = decode_step(model, token, rows_mask, positions, copied)
+            torch.testing.assert_close(decode_step(model, token, rows_mask, positions, shared), expected)
+    cache = prefill(model, ids, mask)
+    expand_cache(cache, mask, group=4, capacity=8, share=True)
+    layer = cache.layers[0]
+    assert isinstance(layer, SharedPrefixLayer) and layer.prefix_keys.size(0) == 2  # each prompt once, not 4 times
+    with pytest.raises(RuntimeError, match="decode_step"):  # the model's own forward cannot read it
+        cache.update(layer.prefix_keys, layer.prefix_values, 0)
+
+
+def test_small_prompt_caches_are_copied_not_shared():
+    model, (ids, mask) = tiny_qwen(), padded_prompts()
+    cache = prefill(model, ids, mask)
+    expand_cache(cache, mask, group=4, capacity=8, share=True)  # 2 x 11 positions of 2 x 16 values: far below
+    assert not isinstance(cache.layers[0], SharedPrefixLayer) and cache.layers[0].keys.size(0) == 8
+
+
+def test_fast_decoding_leaves_other_models_and_calls_alone():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert fast_decode_model(gpt2) is None
+    with fast_decoding(gpt2):
+        assert "forward" not in vars(gpt2)
+    model = tiny_qwen()
+    with fast_decoding(model):
+        ids = torch.randint(3, 250, (2, 5))
+        out = model(input_ids=ids)  # a whole sequence with gradients: the model's own forward
+        assert out.logits.shape == (2, 5, model.config.vocab_size) and out.logits.requires_grad
+
+
+def test_generate_samples_the_policy_not_the_models_repetition_penalty():
+    module = GRPOModule(rewards=[TOY])
+    module.configure_model()
+    prompts = ["a prompt", "another one"]
+    expected = module.generate(prompts, num_samples=1, temperature=0.0, max_new_tokens=12)[2]
+    module.policy.generation_config.repetition_penalty = 100.0  # as a model's shipped generation config might say
+    got = module.generate(prompts, num_samples=1, temperature=0.0, max_new_tokens=12)[2]
+    assert torch.equal(got, expected)
