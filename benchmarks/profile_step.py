@@ -1,7 +1,8 @@
 """Where one ttc training step spends its time and memory: generate / score / log-probs / backward / optimizer.
 
     python benchmarks/profile_step.py [--sizes tiny medium] [--steps 3] [--warmup 1] [--max-new-tokens N]
-                                      [--without prefill merge] [--lora-dropout P] [--torch-profile]
+                                      [--without prefill merge pack decode share fuse] [--lora-dropout P]
+                                      [--torch-profile]
 
 Runs `GRPOModule` under `lightning.Trainer` on the settings of `compare_trl.py` and wraps the phases of the step in
 wall-clock timers. The phases run one after another, so they add up to the step; the table shows the step whose
@@ -10,9 +11,12 @@ how much each phase raised the process's peak resident memory over the whole run
 
 What-ifs: `--without prefill` turns off the shared prompt passes (every completion then runs its whole prompt,
 in sampling and in training, and sampling uses HF's own KV cache), `--without merge` samples with unmerged LoRA
-layers, and `--lora-dropout` changes the adapters' dropout (peft applies it to a copy of the input of every
-adapted layer). `--torch-profile` runs one more step under torch.profiler and prints its top operators (that step
-is left out of the table; the profiler inflates the peak memory reported).
+layers, `--without pack` with the default float32 matmuls instead of oneDNN's packed ones, `--without decode` with
+`generate()` and the model's own forward instead of ttc's decoding loop, `--without share` with each prompt's
+cache copied to its rows, `--without fuse` with peft's LoRA forward; `--lora-dropout` changes the adapters' dropout
+(peft applies it to a copy of the input of every adapted layer). `--torch-profile` runs one more step under
+torch.profiler and prints its top operators (that step is left out of the table; the profiler inflates the peak
+memory reported).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from compare_trl import (
 
 PHASES = {
     "prompt_sample": "one pass per distinct prompt before sampling (prefill)",
-    "generate": "policy.generate(): sampling with the KV cache",
+    "generate": "the sampling loop with the KV cache (ttc's decode, or policy.generate())",
     "rollout_other": "tokenise prompts, merge/unmerge LoRA, EOS masks, decode completions",
     "score": "reward functions",
     "frozen_logps": "old/reference log-probs (num_iterations > 1 or beta > 0)",
@@ -126,6 +130,18 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
         ttc_module.prefill = lambda model, *a, **k: prefill["train" if model.training else "sample"](model, *a, **k)
     if "merge" in args.without:
         ttc_module.merged_lora = lambda model, enabled: contextlib.nullcontext()
+    if "pack" in args.without:
+        ttc_module.can_pack = lambda model: False
+    if "decode" in args.without:
+        ttc_module.fast_decode_model = lambda model: None
+        ttc_module.fast_decoding = lambda model, enabled: contextlib.nullcontext()
+        ttc_module.decodes_alone = lambda model: False
+    if "share" in args.without:
+        expand_cache = ttc_module.expand_cache
+        ttc_module.expand_cache = lambda *a, share: expand_cache(*a, share=False)
+    if "fuse" in args.without:
+        ttc_module.fuse_lora = lambda model: 0
+    ttc_module.decode = timers.wrap("generate", ttc_module.decode)
 
     L.seed_everything(SEED, verbose=False)
     module = GRPOModule(
@@ -222,7 +238,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, help="override the size's completion length")
     parser.add_argument(
-        "--without", nargs="+", choices=["prefill", "merge"], default=[], help="what-if: turn these levers off"
+        "--without",
+        nargs="+",
+        choices=["prefill", "merge", "pack", "decode", "share", "fuse"],
+        default=[],
+        help="what-if: turn these levers off",
     )
     parser.add_argument("--lora-dropout", type=float, default=LORA["dropout"], help="what-if: another LoRA dropout")
     parser.add_argument("--torch-profile", action="store_true", help="print the top operators of one more step")

@@ -39,9 +39,12 @@ from ttc_lightning.grpo import (
     token_entropy,
     warmup_cosine_lr,
 )
+from ttc_lightning.lora import fuse_lora
 from ttc_lightning.sampling import (
     cache_keyword,
     can_pack,
+    decode,
+    decodes_alone,
     expand_cache,
     fast_decode_model,
     fast_decoding,
@@ -314,6 +317,7 @@ class GRPOModule(L.LightningModule):
                 task_type="CAUSAL_LM",
             )
             self.policy = get_peft_model(self.policy, config)
+            fuse_lora(self.policy)
         elif hp.beta > 0:
             self.ref_model = self._load_causal_lm(quantize=False).eval().requires_grad_(False)
         self.policy.train()
@@ -434,10 +438,13 @@ class GRPOModule(L.LightningModule):
                         expand_cache(cache, prompt_mask[:, :-1], num_samples, max_new_tokens + 1, share=fast)
                 prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [N, P]
                 prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
-                cached = {} if cache is None else {cache_keyword(self.policy): cache}
-                sequences = self.policy.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **cached
-                )
+                if cache is not None and decodes_alone(self.policy):
+                    sequences = decode(self.policy, prompt_ids, prompt_mask, cache, config)
+                else:
+                    cached = {} if cache is None else {cache_keyword(self.policy): cache}
+                    sequences = self.policy.generate(
+                        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **cached
+                    )
         finally:
             self.policy.train(was_training)
         completion_ids = sequences[:, prompt_ids.size(1) :]  # [N, C]

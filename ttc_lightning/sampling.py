@@ -319,3 +319,62 @@ def decode_step(lm: torch.nn.Module, ids: Tensor, mask: Tensor | None, positions
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.size(-1) // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# Fields of a model's generation_config that `decode` honours as generate() would; any other one set there would add
+# a logits processor of generate()'s, and sampling then goes through generate() itself.
+DECODE_HONOURS = {
+    "bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "temperature", "top_p", "top_k", "max_length",
+    "max_new_tokens", "min_new_tokens", "repetition_penalty", "use_cache", "transformers_version", "_from_model_config",
+}  # fmt: skip
+
+
+def decodes_alone(model: torch.nn.Module) -> bool:
+    """Whether `decode` can sample for `model` exactly as its generate() would."""
+    lm = fast_decode_model(model)
+    if lm is None:
+        return False
+    extra = {k: v for k, v in lm.generation_config.to_diff_dict().items() if k not in DECODE_HONOURS and v}
+    return not extra and lm.generation_config.repetition_penalty in (None, 1.0)
+
+
+def decode(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cache: DynamicCache, config: Any) -> Tensor:
+    """generate()'s sampling loop for a Llama/Qwen2-family model, one `decode_step` per token -> `[N, P + C]`.
+
+    `cache` holds the prompts `[N, P]` but their last token. The same logits processors as generate() for
+    `config` (a GenerationConfig) and the model's `min_new_tokens`, the same random draws, the same padding after
+    EOS: the same tokens for the same seed (tested), without generate()'s per-token bookkeeping.
+    """
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    lm = fast_decode_model(model)
+    warpers = []
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            warpers.append(TopKLogitsWarper(config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(config.top_p))
+    min_new_tokens = lm.generation_config.min_new_tokens or 0
+    eos = torch.tensor(config.eos_token_id, device=prompt_ids.device).flatten()  # [E]
+    n, p = prompt_ids.shape
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(n, config.max_new_tokens)], dim=1)  # [N, P+T]
+    positions = prompt_mask.sum(1, keepdim=True) - 1  # [N, 1]: the last prompt token's
+    tokens = prompt_ids[:, -1:]  # [N, 1]
+    unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)  # [N]
+    new = []
+    for step in range(config.max_new_tokens):
+        scores = decode_step(lm, tokens, mask[:, : p + step], positions + step, cache)[:, -1].float()  # [N, V]
+        if step < min_new_tokens:
+            scores[:, eos] = float("-inf")
+        for warp in warpers:
+            scores = warp(prompt_ids, scores)  # [N, V]
+        chosen = torch.multinomial(scores.softmax(-1), 1) if config.do_sample else scores.argmax(-1, keepdim=True)
+        chosen = torch.where(unfinished[:, None], chosen, config.pad_token_id)  # [N, 1]
+        new.append(chosen)
+        unfinished &= ~torch.isin(chosen[:, 0], eos)
+        if not unfinished.any():
+            break
+        tokens = chosen
+    return torch.cat([prompt_ids, *new], dim=1)  # [N, P+C]

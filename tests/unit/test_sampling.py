@@ -265,3 +265,66 @@ def test_generate_samples_the_policy_not_the_models_repetition_penalty():
     module.policy.generation_config.repetition_penalty = 100.0  # as a model's shipped generation config might say
     got = module.generate(prompts, num_samples=1, temperature=0.0, max_new_tokens=12)[2]
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"do_sample": False},
+        {"do_sample": True, "top_k": 0, "top_p": 1.0},
+        {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9},
+    ],
+)
+def test_decode_samples_what_generate_samples(settings):
+    model, (ids, mask) = tiny_llama(), padded_prompts()
+    model.generation_config.min_new_tokens = 3  # honoured from the model's generation config, as generate() does
+    assert sampling.decodes_alone(model)
+    config = GenerationConfig(max_new_tokens=12, eos_token_id=[2, 7], pad_token_id=0, **settings)
+    rows_ids, rows_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)  # [6, 12]
+    results = []
+    for ours in (False, True):
+        with torch.no_grad():
+            cache = prefill(model, ids[:, :-1], mask[:, :-1], 24)
+            expand_cache(cache, mask[:, :-1], 3, 13, share=False)
+            torch.manual_seed(5)
+            if ours:
+                results.append(sampling.decode(model, rows_ids, rows_mask, cache, config))
+            else:
+                kwargs = {sampling.cache_keyword(model): cache}
+                results.append(
+                    model.generate(input_ids=rows_ids, attention_mask=rows_mask, generation_config=config, **kwargs)
+                )
+    expected, got = results
+    assert torch.equal(got, expected)
+    assert got.size(1) > ids.size(1) + 3
+
+
+def test_decode_stops_when_every_row_has_ended_and_pads_after_eos():
+    model, (ids, mask) = tiny_qwen(), padded_prompts()
+    eos = int(model(input_ids=ids, attention_mask=mask).logits[0, -1].argmax())  # row 0's greedy first token
+    config = GenerationConfig(do_sample=False, max_new_tokens=10, eos_token_id=[eos], pad_token_id=0)
+    with torch.no_grad():
+        cache = prefill(model, ids[:, :-1], mask[:, :-1], 22)
+        got = sampling.decode(model, ids, mask, cache, config)
+        cache = prefill(model, ids[:, :-1], mask[:, :-1], 22)
+        expected = model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config, **{sampling.cache_keyword(model): cache}
+        )
+    assert torch.equal(got, expected)
+    assert got[0, 12] == eos and (got[0, 13:] == 0).all()
+    everything_ends = GenerationConfig(
+        do_sample=False, max_new_tokens=10, eos_token_id=list(range(300)), pad_token_id=0
+    )
+    with torch.no_grad():
+        cache = prefill(model, ids[:, :-1], mask[:, :-1], 22)
+        assert sampling.decode(model, ids, mask, cache, everything_ends).size(1) == 13  # one token, then no more steps
+
+
+def test_models_whose_generation_config_adds_processors_sample_through_generate():
+    model = tiny_qwen()
+    assert sampling.decodes_alone(model)
+    model.generation_config.no_repeat_ngram_size = 2
+    assert not sampling.decodes_alone(model)
+    model.generation_config.no_repeat_ngram_size = None
+    model.generation_config.repetition_penalty = 1.05
+    assert not sampling.decodes_alone(model)
