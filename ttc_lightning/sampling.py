@@ -49,63 +49,68 @@ class GrowingLayer(DynamicLayer):
 
 
 class SharedPrefixLayer(DynamicLayer):
-    """Keys/values of G rows that continue one prompt: the prompt's once per group, each row's own tokens after.
+    """Keys/values of the G rows that continue each of B prompts: the prompt's once per group, then each row's own.
 
-    Copying a prompt's cache to its G rows makes every decoded token read G copies of it; here each group's queries
-    read it once, in one matmul. Only `decode_step` knows how to attend to it (`attend`).
+    Copying a prompt's cache to its G rows makes every decoded token read G copies of it. Here a group's G rows
+    query the prompt together, in one attention call, and their own tokens each; the two parts are merged by their
+    log-sum-exps, which is the attention over both. Only `decode_step` knows how to attend to it (`attend`).
     """
 
-    def __init__(self, prefix: DynamicLayer, mask: Tensor | None, group: int, capacity: int) -> None:
+    def __init__(self, prefix: DynamicLayer, mask: Tensor, group: int, capacity: int) -> None:
         super().__init__()
-        self.prefix_keys, self.prefix_values = prefix.keys, prefix.values  # [B, Hkv, P, D]
-        self.mask = mask  # [B, 1, 1, P] bool, False = left padding; None when there is none
+        self.prompt_keys, self.prompt_values = prefix.keys, prefix.values  # [B, Hkv, P, D]
+        self.mask = mask  # [B, 1, 1, P]: 0, or -inf on left padding
         self.group = group
         self.own = GrowingLayer(capacity)
         self.is_initialized = True
-        self.dtype, self.device = self.prefix_keys.dtype, self.prefix_keys.device
+        self.dtype, self.device = self.prompt_keys.dtype, self.prompt_keys.device
 
     def get_seq_length(self) -> int:
-        return self.prefix_keys.size(-2) + self.own.get_seq_length()
+        return self.prompt_keys.size(-2) + self.own.get_seq_length()
 
     def update(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         raise RuntimeError("a shared-prefix cache is read by ttc_lightning.sampling.decode_step only")
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """Attention of one new token per row, `q` `[N, Hkv, H/Hkv, D]`, over the prompt and the row's own tokens."""
+        """Attention of one new token per row, `q` `[N, Hkv, heads, D]` and `k`, `v` `[N, Hkv, 1, D]`."""
+        attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # returns the log-sum-exp too
         keys, values = self.own.update(k, v)  # [N, Hkv, t, D]
-        b, hkv, p, d = self.prefix_keys.shape
+        b, hkv, _, d = self.prompt_keys.shape
         n, _, heads, _ = q.shape
         g = n // b
-        # A group's rows are its prompt's queries: [B, Hkv, G*heads, D], so the prompt's keys are read once.
         grouped = q.view(b, g, hkv, heads, d).transpose(1, 2).reshape(b, hkv, g * heads, d)  # [B, Hkv, G*heads, D]
-        on_prompt = grouped @ self.prefix_keys.transpose(-1, -2)  # [B, Hkv, G*heads, P]
-        if self.mask is not None:
-            on_prompt = on_prompt.masked_fill(~self.mask, float("-inf"))  # [B, Hkv, G*heads, P]
-        on_prompt = on_prompt.view(b, hkv, g, heads, p).transpose(1, 2).reshape(n, hkv, heads, p)  # [N, Hkv, heads, P]
-        on_own = q @ keys.transpose(-1, -2)  # [N, Hkv, heads, t]
-        scores = torch.cat([on_prompt, on_own], dim=-1) * scale  # [N, Hkv, heads, P+t]
-        weights = scores.softmax(-1, dtype=torch.float32).to(q.dtype)  # [N, Hkv, heads, P+t]
-        to_prompt = weights[..., :p].reshape(b, g, hkv, heads, p).transpose(1, 2).reshape(b, hkv, g * heads, p)
-        from_prompt = to_prompt @ self.prefix_values  # [B, Hkv, G*heads, D]
-        from_prompt = from_prompt.view(b, hkv, g, heads, d).transpose(1, 2).reshape(n, hkv, heads, d)  # [N, Hkv, h, D]
-        return from_prompt + weights[..., p:] @ values  # [N, Hkv, heads, D]
+        on_prompt, prompt_lse = attention(
+            grouped, self.prompt_keys, self.prompt_values, 0.0, False, attn_mask=self.mask, scale=scale
+        )  # [B, Hkv, G*heads, D], [B, Hkv, G*heads]
+        on_prompt = on_prompt.view(b, hkv, g, heads, d).transpose(1, 2).reshape(n, hkv, heads, d)  # [N, Hkv, h, D]
+        prompt_lse = prompt_lse.view(b, hkv, g, heads).transpose(1, 2).reshape(n, hkv, heads, 1)  # [N, Hkv, h, 1]
+        on_own, own_lse = attention(q, keys, values, 0.0, False, scale=scale)  # [N, Hkv, h, D], [N, Hkv, h]
+        # softmax over both parts = each part's softmax weighted by its share of the total exp-sum
+        to_prompt = torch.sigmoid(prompt_lse - own_lse.unsqueeze(-1))  # [N, Hkv, h, 1]
+        return on_own + to_prompt.to(q.dtype) * (on_prompt - on_own)  # [N, Hkv, heads, D]
 
 
 # Bytes of prompt keys/values per layer that copying to the rows would add, from which sharing them pays: below
-# it the extra operations of `SharedPrefixLayer.attend` cost more than reading the copies (benchmark machine: the
-# tiny model's 0.8 MB lost 10 %, the medium model's 3.4 MB gained 2 %, 15 MB with 519-token prompts gained 13 %).
+# it the extra operations of `SharedPrefixLayer.attend` cost more than reading the copies (benchmark machine,
+# sampling alone: the tiny model's 0.8 MB lost 7 %, the medium model's 3.4 MB gained 9 %, 15 MB with 519-token
+# prompts gained 13 %).
 SHARE_MIN_BYTES = 2 << 20
 
 
 def expand_cache(cache: DynamicCache, prompt_mask: Tensor, group: int, capacity: int, share: bool) -> None:
     """Give the prefill cache of B prompts `[B, P]` to B*`group` rows: shared (`SharedPrefixLayer`, for
-    `decode_step` only, when `share` and it pays) or copied, with room for `capacity` more positions per row."""
+    `decode_step` only, when `share`, on CPU, and it pays) or copied, with room for `capacity` more positions per
+    row."""
     layer = cache.layers[0]
     copies = layer.keys.nelement() * layer.keys.element_size() * 2 * (group - 1)
-    if not share or copies < SHARE_MIN_BYTES:
+    # `attend` uses CPU attention that returns its log-sum-exp; a prompt that is all padding (one token long) has
+    # nothing to share.
+    shareable = layer.keys.device.type == "cpu" and bool(prompt_mask.any(1).all())
+    if not share or not shareable or copies < SHARE_MIN_BYTES:
         cache.batch_repeat_interleave(group)
         return
-    mask = None if bool(prompt_mask.all()) else prompt_mask.bool()[:, None, None, :]  # [B, 1, 1, P]
+    keep = prompt_mask.bool()[:, None, None, :]  # [B, 1, 1, P]
+    mask = torch.zeros(keep.shape, dtype=layer.keys.dtype, device=keep.device).masked_fill(~keep, float("-inf"))
     cache.layers = [SharedPrefixLayer(layer, mask, group, capacity) for layer in cache.layers]
 
 

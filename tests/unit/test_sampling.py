@@ -230,12 +230,16 @@ def test_prompts_shared_by_their_rows_sample_what_copies_would(monkeypatch):
             positions = rows_mask.sum(1, keepdim=True) - 1
             expected = decode_step(model, token, rows_mask, positions, copied)
             torch.testing.assert_close(decode_step(model, token, rows_mask, positions, shared), expected)
-    cache = prefill(model, ids, mask)
-    expand_cache(cache, mask, group=4, capacity=8, share=True)
-    layer = cache.layers[0]
-    assert isinstance(layer, SharedPrefixLayer) and layer.prefix_keys.size(0) == 2  # each prompt once, not 4 times
+    layer = shared.layers[0]
+    assert isinstance(layer, SharedPrefixLayer) and layer.prompt_keys.size(0) == 2  # each prompt once, not 4 times
+    assert shared.get_seq_length() == copied.get_seq_length() == 15
     with pytest.raises(RuntimeError, match="decode_step"):  # the model's own forward cannot read it
-        cache.update(layer.prefix_keys, layer.prefix_values, 0)
+        shared.update(layer.prompt_keys, layer.prompt_values, 0)
+    one_token = mask.clone()
+    one_token[1, :-1] = 0  # a one-token prompt: nothing before its last token to share
+    cache = prefill(model, ids[:, :-1], one_token[:, :-1])  # the cache covers all but the last token
+    expand_cache(cache, one_token[:, :-1], group=4, capacity=8, share=True)
+    assert not isinstance(cache.layers[0], SharedPrefixLayer)
 
 
 def test_small_prompt_caches_are_copied_not_shared():
