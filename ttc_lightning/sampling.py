@@ -300,9 +300,9 @@ def decode_step(lm: torch.nn.Module, ids: Tensor, mask: Tensor | None, positions
         attn = layer.self_attn
         d = attn.head_dim
         x = layer.input_layernorm(hidden)  # [N, 1, E]
-        q = attn.q_proj(x).view(n, -1, d)  # [N, H, D]
-        k = attn.k_proj(x).view(n, -1, d)  # [N, Hkv, D]
-        v = attn.v_proj(x).view(n, -1, d)  # [N, Hkv, D]
+        q = _direct(attn.q_proj)(x).view(n, -1, d)  # [N, H, D]
+        k = _direct(attn.k_proj)(x).view(n, -1, d)  # [N, Hkv, D]
+        v = _direct(attn.v_proj)(x).view(n, -1, d)  # [N, Hkv, D]
         q = q * cos + _rotate_half(q) * sin  # [N, H, D]
         k = k * cos + _rotate_half(k) * sin  # [N, Hkv, D]
         k, v = k.unsqueeze(2), v.unsqueeze(2)  # [N, Hkv, 1, D]
@@ -314,11 +314,18 @@ def decode_step(lm: torch.nn.Module, ids: Tensor, mask: Tensor | None, positions
         else:
             keys, values = cache.update(k, v, i)  # [N, Hkv, L, D]
             out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=attn.scaling)
-        hidden = hidden + attn.o_proj(out.reshape(n, 1, -1))  # [N, 1, E]
+        hidden = hidden + _direct(attn.o_proj)(out.reshape(n, 1, -1))  # [N, 1, E]
         x = layer.post_attention_layernorm(hidden)  # [N, 1, E]
         mlp = layer.mlp
-        hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))  # [N, 1, E]
+        hidden = hidden + _direct(mlp.down_proj)(
+            mlp.act_fn(_direct(mlp.gate_proj)(x)) * _direct(mlp.up_proj)(x)
+        )  # [N, 1, E]
     return lm.lm_head(lm.model.norm(hidden))  # [N, 1, V]
+
+
+def _direct(projection: torch.nn.Module) -> torch.nn.Module:
+    """The layer to call for `projection`: with its LoRA merged into the weights, peft's wrapper has nothing to add."""
+    return projection.base_layer if getattr(projection, "merged", False) else projection
 
 
 def _rotate_half(x: Tensor) -> Tensor:

@@ -332,3 +332,19 @@ def test_models_whose_generation_config_adds_processors_sample_through_generate(
     model.generation_config.no_repeat_ngram_size = None
     model.generation_config.repetition_penalty = 1.05
     assert not sampling.decodes_alone(model)
+
+
+def test_sampling_with_merged_adapters_gives_the_unmerged_policys_tokens(monkeypatch):
+    import contextlib
+
+    import ttc_lightning.module as module_file
+
+    module = lora_module()
+    prompts = ["a prompt", "another, longer prompt"]
+    merged = module.generate(prompts, num_samples=2, temperature=0.0, max_new_tokens=10)[2]
+    monkeypatch.setattr(module_file, "merged_lora", lambda model, enabled: contextlib.nullcontext())
+    unmerged = module.generate(prompts, num_samples=2, temperature=0.0, max_new_tokens=10)[2]
+    assert torch.equal(merged, unmerged)
+    with torch.no_grad(), module.policy.disable_adapter():  # and the adapters do change what is sampled
+        base = module.generate(prompts, num_samples=2, temperature=0.0, max_new_tokens=10)[2]
+    assert not torch.equal(base, merged)
