@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -284,10 +285,18 @@ def fast_decoding(model: torch.nn.Module, enabled: bool = True) -> Iterator[None
             lm.forward = own
 
 
-def decode_step(lm: torch.nn.Module, ids: Tensor, mask: Tensor | None, positions: Tensor | None, cache: Any) -> Tensor:
+def decode_step(
+    lm: torch.nn.Module,
+    ids: Tensor,
+    mask: Tensor | None,
+    positions: Tensor | None,
+    cache: Any,
+    layers: list[DecodeLayer] | None = None,
+) -> Tensor:
     """Logits `[N, 1, V]` for one new token per row of a Llama/Qwen2-family model, keys/values appended to `cache`.
 
-    `mask` `[N, L]` covers the cache and the new token (0 = left padding), as in `generate()`.
+    `mask` `[N, L]` covers the cache and the new token (0 = left padding), as in `generate()`; `layers` is
+    `decode_layers(lm)`, which a caller decoding many tokens looks up once.
     """
     if positions is None:
         positions = mask.long().sum(1, keepdim=True) - 1 if mask is not None else cache.get_seq_length() + ids * 0
@@ -296,13 +305,12 @@ def decode_step(lm: torch.nn.Module, ids: Tensor, mask: Tensor | None, positions
     n = ids.size(0)
     hidden = lm.model.embed_tokens(ids)  # [N, 1, E]
     cos, sin = lm.model.rotary_emb(hidden, positions)  # [N, 1, D]
-    for i, layer in enumerate(lm.model.layers):
-        attn = layer.self_attn
-        d = attn.head_dim
-        x = layer.input_layernorm(hidden)  # [N, 1, E]
-        q = _direct(attn.q_proj)(x).view(n, -1, d)  # [N, H, D]
-        k = _direct(attn.k_proj)(x).view(n, -1, d)  # [N, Hkv, D]
-        v = _direct(attn.v_proj)(x).view(n, -1, d)  # [N, Hkv, D]
+    for i, layer in enumerate(layers if layers is not None else decode_layers(lm)):
+        d = layer.head_dim
+        x = _norm(layer.input_norm, hidden)  # [N, 1, E]
+        q = layer.q(x).view(n, -1, d)  # [N, H, D]
+        k = layer.k(x).view(n, -1, d)  # [N, Hkv, D]
+        v = layer.v(x).view(n, -1, d)  # [N, Hkv, D]
         q = q * cos + _rotate_half(q) * sin  # [N, H, D]
         k = k * cos + _rotate_half(k) * sin  # [N, Hkv, D]
         k, v = k.unsqueeze(2), v.unsqueeze(2)  # [N, Hkv, 1, D]
@@ -310,17 +318,63 @@ def decode_step(lm: torch.nn.Module, ids: Tensor, mask: Tensor | None, positions
         # head's queries.
         q = q.view(n, k.size(1), -1, d)  # [N, Hkv, H/Hkv, D]
         if isinstance(cache.layers[i], SharedPrefixLayer):
-            out = cache.layers[i].attend(q, k, v, attn.scaling)  # [N, Hkv, H/Hkv, D]
+            out = cache.layers[i].attend(q, k, v, layer.scaling)  # [N, Hkv, H/Hkv, D]
         else:
             keys, values = cache.update(k, v, i)  # [N, Hkv, L, D]
-            out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=attn.scaling)
-        hidden = hidden + _direct(attn.o_proj)(out.reshape(n, 1, -1))  # [N, 1, E]
-        x = layer.post_attention_layernorm(hidden)  # [N, 1, E]
-        mlp = layer.mlp
-        hidden = hidden + _direct(mlp.down_proj)(
-            mlp.act_fn(_direct(mlp.gate_proj)(x)) * _direct(mlp.up_proj)(x)
-        )  # [N, 1, E]
-    return lm.lm_head(lm.model.norm(hidden))  # [N, 1, V]
+            out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=layer.scaling)
+        hidden = hidden + layer.o(out.reshape(n, 1, -1))  # [N, 1, E]
+        x = _norm(layer.mlp_norm, hidden)  # [N, 1, E]
+        hidden = hidden + layer.down(layer.act(layer.gate(x)) * layer.up(x))  # [N, 1, E]
+    return lm.lm_head(_norm(lm.model.norm, hidden))  # [N, 1, V]
+
+
+@dataclass
+class DecodeLayer:
+    """The modules one decoder layer calls in `decode_step`, looked up once per sampling call."""
+
+    input_norm: torch.nn.Module
+    q: torch.nn.Module
+    k: torch.nn.Module
+    v: torch.nn.Module
+    o: torch.nn.Module
+    mlp_norm: torch.nn.Module
+    gate: torch.nn.Module
+    up: torch.nn.Module
+    down: torch.nn.Module
+    act: Any
+    head_dim: int
+    scaling: float
+
+
+def decode_layers(lm: torch.nn.Module) -> list[DecodeLayer]:
+    """`decode_step`'s view of `lm`'s layers, valid while their adapters stay merged or unmerged."""
+    layers = []
+    for layer in lm.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(
+            DecodeLayer(
+                layer.input_layernorm,
+                _direct(attn.q_proj),
+                _direct(attn.k_proj),
+                _direct(attn.v_proj),
+                _direct(attn.o_proj),
+                layer.post_attention_layernorm,
+                _direct(mlp.gate_proj),
+                _direct(mlp.up_proj),
+                _direct(mlp.down_proj),
+                mlp.act_fn,
+                attn.head_dim,
+                attn.scaling,
+            )
+        )
+    return layers
+
+
+def _norm(norm: torch.nn.Module, x: Tensor) -> Tensor:
+    """Llama/Qwen2's RMSNorm (`weight * x / sqrt(mean(x^2) + eps)`, in float32), in one call for float32 inputs."""
+    if x.dtype != torch.float32:
+        return norm(x)
+    return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def _direct(projection: torch.nn.Module) -> torch.nn.Module:
@@ -354,12 +408,14 @@ def decode(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cach
     """generate()'s sampling loop for a Llama/Qwen2-family model, one `decode_step` per token -> `[N, P + C]`.
 
     `cache` holds the prompts `[N, P]` but their last token. The same logits processors as generate() for
-    `config` (a GenerationConfig) and the model's `min_new_tokens`, the same random draws, the same padding after
-    EOS: the same tokens for the same seed (tested), without generate()'s per-token bookkeeping.
+    `config` (a GenerationConfig) and the model's `min_new_tokens`, the same padding after EOS, and with
+    `torch.multinomial` for `draw` the same tokens for the same seed (tested); without generate()'s per-token
+    bookkeeping.
     """
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     lm = fast_decode_model(model)
+    layers = decode_layers(lm)
     warpers = []
     if config.do_sample:
         if config.temperature is not None and config.temperature != 1.0:
@@ -377,12 +433,12 @@ def decode(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cach
     unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)  # [N]
     new = []
     for step in range(config.max_new_tokens):
-        scores = decode_step(lm, tokens, mask[:, : p + step], positions + step, cache)[:, -1].float()  # [N, V]
+        scores = decode_step(lm, tokens, mask[:, : p + step], positions + step, cache, layers)[:, -1].float()  # [N, V]
         if step < min_new_tokens:
             scores[:, eos] = float("-inf")
         for warp in warpers:
             scores = warp(prompt_ids, scores)  # [N, V]
-        chosen = torch.multinomial(scores.softmax(-1), 1) if config.do_sample else scores.argmax(-1, keepdim=True)
+        chosen = draw(scores.softmax(-1)) if config.do_sample else scores.argmax(-1, keepdim=True)  # [N, 1]
         chosen = torch.where(unfinished[:, None], chosen, config.pad_token_id)  # [N, 1]
         new.append(chosen)
         unfinished &= ~torch.isin(chosen[:, 0], eos)
@@ -390,3 +446,15 @@ def decode(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cach
             break
         tokens = chosen
     return torch.cat([prompt_ids, *new], dim=1)  # [N, P+C]
+
+
+def draw(probs: Tensor) -> Tensor:
+    """One token per row of `probs` `[N, V]`, each with its probability -> `[N, 1]`: by inverting the cumulative sum.
+
+    `torch.multinomial` draws an exponential per vocabulary entry, ten times slower on CPU for a small model's step.
+    In float64, with a float32 uniform in [0, 1) scaled by the row's total, the draw stays below the total, and the
+    first entry whose cumulative sum exceeds it has a probability above zero.
+    """
+    cdf = probs.double().cumsum(-1)  # [N, V]
+    u = torch.rand(probs.size(0), 1, device=probs.device).double() * cdf[:, -1:]  # [N, 1]
+    return torch.searchsorted(cdf, u, right=True)  # [N, 1]

@@ -279,7 +279,8 @@ def test_generate_samples_the_policy_not_the_models_repetition_penalty():
         {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9},
     ],
 )
-def test_decode_samples_what_generate_samples(settings):
+def test_decode_samples_what_generate_samples(monkeypatch, settings):
+    monkeypatch.setattr(sampling, "draw", lambda probs: torch.multinomial(probs, 1))  # generate()'s draw
     model, (ids, mask) = tiny_llama(), padded_prompts()
     model.generation_config.min_new_tokens = 3  # honoured from the model's generation config, as generate() does
     assert sampling.decodes_alone(model)
@@ -348,3 +349,21 @@ def test_sampling_with_merged_adapters_gives_the_unmerged_policys_tokens(monkeyp
     with torch.no_grad(), module.policy.disable_adapter():  # and the adapters do change what is sampled
         base = module.generate(prompts, num_samples=2, temperature=0.0, max_new_tokens=10)[2]
     assert not torch.equal(base, merged)
+
+
+def test_draw_picks_each_token_with_its_probability(monkeypatch):
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]]).repeat(10_000, 1)  # [20000, 5]
+    tokens = sampling.draw(probs)
+    assert tokens.shape == (20_000, 1) and tokens.dtype == torch.long
+    first, second = tokens[0::2, 0], tokens[1::2, 0]
+    assert (second == 4).all()
+    counts = torch.bincount(first, minlength=5)
+    assert counts[1] == counts[4] == 0  # never a token of probability 0
+    # 10000 draws of p = 0.5, 0.3, 0.2: standard deviations 50, 46 and 40 counts; 4 of them allowed.
+    for token, p in ((0, 0.5), (2, 0.3), (3, 0.2)):
+        sd = (10_000 * p * (1 - p)) ** 0.5
+        assert abs(counts[token] - 10_000 * p) < 4 * sd
+    # A uniform draw at the very top of [0, 1) still lands on the last token with probability.
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full((1, 1), 1 - 2**-24))
+    assert sampling.draw(torch.tensor([[0.25, 0.75, 0.0]])).item() == 1
