@@ -332,6 +332,12 @@ class GRPOModule(L.LightningModule):
                 "`deepspeed_stage_2`."
             )
 
+    def on_fit_start(self) -> None:
+        # Lightning seeds every rank alike, for the same initial weights; sampling from the same random stream would
+        # then tie the completions of different ranks' prompts to each other.
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+
     def _load_causal_lm(self, quantize: bool) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -198,6 +198,9 @@ def test_ddp_ranks_split_prompts_and_agree_on_weights_and_metrics(tmp_path, kill
         assert logged == pytest.approx(both, abs=1e-4)
         rank0_differs |= abs(sum(rewards[0]) / (B * G) - both) > 1e-3
     assert rank0_differs, "both ranks had the same mean reward at every step: the check above proves nothing"
+    # Each rank samples from its own random stream: the same seed on both would tie their completions together.
+    same = sum(a["completion"] == b["completion"] for a, b in zip(*ranks, strict=True))
+    assert same < len(ranks[0]) // 4, f"{same} of {len(ranks[0])} completions are the same on both ranks"
 
     # Different prompts give different local gradients; DDP averages them, so the ranks' weights stay identical.
     weights = [torch.load(run / f"trainable.rank{k}.pt") for k in (0, 1)]
