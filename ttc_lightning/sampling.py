@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,9 +308,7 @@ def decode_step(
     for i, layer in enumerate(layers if layers is not None else decode_layers(lm)):
         d = layer.head_dim
         x = _norm(layer.input_norm, hidden)  # [N, 1, E]
-        q = layer.q(x).view(n, -1, d)  # [N, H, D]
-        k = layer.k(x).view(n, -1, d)  # [N, Hkv, D]
-        v = layer.v(x).view(n, -1, d)  # [N, Hkv, D]
+        q, k, v = (t.reshape(n, -1, d) for t in layer.qkv(x))  # [N, H, D], [N, Hkv, D], [N, Hkv, D]
         q = q * cos + _rotate_half(q) * sin  # [N, H, D]
         k = k * cos + _rotate_half(k) * sin  # [N, Hkv, D]
         k, v = k.unsqueeze(2), v.unsqueeze(2)  # [N, Hkv, 1, D]
@@ -324,43 +322,43 @@ def decode_step(
             out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=layer.scaling)
         hidden = hidden + layer.o(out.reshape(n, 1, -1))  # [N, 1, E]
         x = _norm(layer.mlp_norm, hidden)  # [N, 1, E]
-        hidden = hidden + layer.down(layer.act(layer.gate(x)) * layer.up(x))  # [N, 1, E]
+        gate, up = layer.gate_up(x)  # [N, 1, I] each
+        hidden = hidden + layer.down(layer.act(gate) * up)  # [N, 1, E]
     return lm.lm_head(_norm(lm.model.norm, hidden))  # [N, 1, V]
 
 
 @dataclass
 class DecodeLayer:
-    """The modules one decoder layer calls in `decode_step`, looked up once per sampling call."""
+    """What one decoder layer calls in `decode_step`, looked up (and fused) once per sampling call."""
 
     input_norm: torch.nn.Module
-    q: torch.nn.Module
-    k: torch.nn.Module
-    v: torch.nn.Module
+    qkv: Callable[[Tensor], Sequence[Tensor]]  # x -> the q, k and v projections of x
     o: torch.nn.Module
     mlp_norm: torch.nn.Module
-    gate: torch.nn.Module
-    up: torch.nn.Module
+    gate_up: Callable[[Tensor], Sequence[Tensor]]  # x -> the gate and up projections of x
     down: torch.nn.Module
     act: Any
     head_dim: int
     scaling: float
 
 
-def decode_layers(lm: torch.nn.Module) -> list[DecodeLayer]:
-    """`decode_step`'s view of `lm`'s layers, valid while their adapters stay merged or unmerged."""
+def decode_layers(lm: torch.nn.Module, rows: int | None = None) -> list[DecodeLayer]:
+    """`decode_step`'s view of `lm`'s layers, valid while their weights and adapters stay as they are.
+
+    With `rows` (the rows decoded together), projections of the same input are fused into one oneDNN matmul each
+    (q/k/v, gate/up) where they are plain float32 CPU linear layers: on the medium benchmark model sampling took 8 %
+    less time. The fused weights are a copy, made here.
+    """
     layers = []
     for layer in lm.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         layers.append(
             DecodeLayer(
                 layer.input_layernorm,
-                _direct(attn.q_proj),
-                _direct(attn.k_proj),
-                _direct(attn.v_proj),
+                _together([_direct(attn.q_proj), _direct(attn.k_proj), _direct(attn.v_proj)], rows),
                 _direct(attn.o_proj),
                 layer.post_attention_layernorm,
-                _direct(mlp.gate_proj),
-                _direct(mlp.up_proj),
+                _together([_direct(mlp.gate_proj), _direct(mlp.up_proj)], rows),
                 _direct(mlp.down_proj),
                 mlp.act_fn,
                 attn.head_dim,
@@ -368,6 +366,25 @@ def decode_layers(lm: torch.nn.Module) -> list[DecodeLayer]:
             )
         )
     return layers
+
+
+def _together(projections: list[torch.nn.Module], rows: int | None) -> Callable[[Tensor], Sequence[Tensor]]:
+    """Projections of one input: one matmul over their stacked weights when they are plain linear layers."""
+    weights = [getattr(m, "weight", None) for m in projections]
+    plain = (
+        rows is not None
+        and all(type(m) is torch.nn.Linear and not hasattr(m, "_hf_hook") for m in projections)
+        and len({(w.dtype, w.device) for w in weights}) == 1
+        and weights[0].device.type != "meta"
+        and len({m.bias is None for m in projections}) == 1
+    )
+    # Measured to pay with oneDNN's packed weights only: for the tiny model's small layers it did not.
+    if not plain or sum(w.numel() for w in weights) < PACK_MIN_WEIGHTS or not can_pack(projections[0]):
+        return lambda x: [m(x) for m in projections]
+    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), rows)  # [outs, in]
+    bias = None if projections[0].bias is None else torch.cat([m.bias.detach() for m in projections])
+    sizes = [m.out_features for m in projections]
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").split(sizes, -1)
 
 
 def _norm(norm: torch.nn.Module, x: Tensor) -> Tensor:
@@ -415,7 +432,7 @@ def decode(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cach
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     lm = fast_decode_model(model)
-    layers = decode_layers(lm)
+    layers = decode_layers(lm, rows=prompt_ids.size(0))
     warpers = []
     if config.do_sample:
         if config.temperature is not None and config.temperature != 1.0:

@@ -367,3 +367,27 @@ def test_draw_picks_each_token_with_its_probability(monkeypatch):
     # A uniform draw at the very top of [0, 1) still lands on the last token with probability.
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full((1, 1), 1 - 2**-24))
     assert sampling.draw(torch.tensor([[0.25, 0.75, 0.0]])).item() == 1
+
+
+@needs_onednn
+def test_fused_packed_projections_give_the_models_logits(monkeypatch):
+    monkeypatch.setattr(sampling, "PACK_MIN_WEIGHTS", 0)  # the tiny models' layers are below it
+    for model in (tiny_qwen(), tiny_llama()):
+        layers = sampling.decode_layers(model, rows=6)
+        calls = []
+        model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        torch.manual_seed(1)
+        ids = torch.randint(3, 250, (6, 9))
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        with torch.no_grad():
+            theirs, ours = prefill(model, ids, mask, capacity=12), prefill(model, ids, mask, capacity=12)
+            for _ in range(3):
+                token = torch.randint(3, 250, (6, 1))
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                positions = mask.sum(1, keepdim=True) - 1
+                kwargs = {sampling.cache_keyword(model): theirs}
+                expected = model(input_ids=token, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+                got = decode_step(model, token, mask, positions, ours, layers)
+                torch.testing.assert_close(got, expected.logits, atol=1e-5, rtol=1e-5)
+        assert len(calls) == 2 + 3  # two prefills, the model's own 3 tokens; decode_step used the fused weights
