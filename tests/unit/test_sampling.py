@@ -154,24 +154,28 @@ def tiny_qwen() -> torch.nn.Module:
     return build_tiny_model(build_tiny_tokenizer(), seed=0).eval()
 
 
-@pytest.mark.parametrize("build", [tiny_qwen, tiny_llama])
-def test_decode_step_gives_the_logits_of_the_models_own_forward(build):
-    model = build()
+def check_decode_steps(model: torch.nn.Module, rows: int, layers: list | None = None) -> None:
+    """decode_step and the model's own forward, token after token, from prompts with left padding of two lengths."""
     torch.manual_seed(1)
-    ids = torch.randint(3, 250, (3, 9))
+    ids = torch.randint(3, 250, (rows, 9))
     mask = torch.ones_like(ids)
-    mask[0, :4] = mask[2, :1] = 0  # left padding of two lengths
+    mask[0, :4] = mask[2, :1] = 0
     with torch.no_grad():
         theirs, ours = prefill(model, ids, mask, capacity=14), prefill(model, ids, mask, capacity=14)
         for _ in range(4):
-            token = torch.randint(3, 250, (3, 1))
+            token = torch.randint(3, 250, (rows, 1))
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             positions = mask.sum(1, keepdim=True) - 1
             kwargs = {sampling.cache_keyword(model): theirs}
             expected = model(input_ids=token, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
-            got = decode_step(model, token, mask, positions, ours)
+            got = decode_step(model, token, mask, positions, ours, layers)
             torch.testing.assert_close(got, expected.logits, atol=1e-5, rtol=1e-5)
     assert ours.get_seq_length() == theirs.get_seq_length() == 13
+
+
+@pytest.mark.parametrize("build", [tiny_qwen, tiny_llama])
+def test_decode_step_gives_the_logits_of_the_models_own_forward(build):
+    check_decode_steps(build(), rows=3)
 
 
 def sample(model, prompt_ids, prompt_mask, group, fast, share=False, do_sample=True, seed=3, max_new_tokens=6):
@@ -373,21 +377,7 @@ def test_draw_picks_each_token_with_its_probability(monkeypatch):
 def test_fused_packed_projections_give_the_models_logits(monkeypatch):
     monkeypatch.setattr(sampling, "PACK_MIN_WEIGHTS", 0)  # the tiny models' layers are below it
     for model in (tiny_qwen(), tiny_llama()):
-        layers = sampling.decode_layers(model, rows=6)
         calls = []
         model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_, calls=calls: calls.append(1))
-        torch.manual_seed(1)
-        ids = torch.randint(3, 250, (6, 9))
-        mask = torch.ones_like(ids)
-        mask[0, :3] = 0
-        with torch.no_grad():
-            theirs, ours = prefill(model, ids, mask, capacity=12), prefill(model, ids, mask, capacity=12)
-            for _ in range(3):
-                token = torch.randint(3, 250, (6, 1))
-                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                positions = mask.sum(1, keepdim=True) - 1
-                kwargs = {sampling.cache_keyword(model): theirs}
-                expected = model(input_ids=token, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
-                got = decode_step(model, token, mask, positions, ours, layers)
-                torch.testing.assert_close(got, expected.logits, atol=1e-5, rtol=1e-5)
-        assert len(calls) == 2 + 3  # two prefills, the model's own 3 tokens; decode_step used the fused weights
+        check_decode_steps(model, rows=6, layers=sampling.decode_layers(model, rows=6))
+        assert len(calls) == 2 + 4  # two prefills, the model's own 4 tokens; decode_step used the fused weights
