@@ -333,10 +333,11 @@ class GRPOModule(L.LightningModule):
             )
 
     def on_fit_start(self) -> None:
-        # Lightning seeds every rank alike, for the same initial weights; sampling from the same random stream would
-        # then tie the completions of different ranks' prompts to each other.
+        # Every rank starts from the same random state (Lightning's seed, for the same initial weights, or the
+        # checkpoint's, which rank 0 wrote); sampling from it on every rank would tie the completions of different
+        # ranks' prompts to each other. Each rank goes on from its own seed, drawn from that state.
         if self.trainer.world_size > 1:
-            torch.manual_seed(torch.initial_seed() + self.global_rank)
+            torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
 
     def _load_causal_lm(self, quantize: bool) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -88,7 +88,7 @@ class SharedPrefixLayer(DynamicLayer):
         on_own, own_lse = attention(q, keys, values, 0.0, False, scale=scale)  # [N, Hkv, h, D], [N, Hkv, h]
         # softmax over both parts = each part's softmax weighted by its share of the total exp-sum
         to_prompt = torch.sigmoid(prompt_lse - own_lse.unsqueeze(-1))  # [N, Hkv, h, 1]
-        return on_own + to_prompt.to(q.dtype) * (on_prompt - on_own)  # [N, Hkv, heads, D]
+        return torch.lerp(on_own, on_prompt, to_prompt.to(q.dtype))  # [N, Hkv, heads, D]
 
 
 # Bytes of prompt keys/values per layer that copying to the rows would add, from which sharing them pays: below
@@ -308,10 +308,11 @@ def decode_step(
     for i, layer in enumerate(layers if layers is not None else decode_layers(lm)):
         d = layer.head_dim
         x = _norm(layer.input_norm, hidden)  # [N, 1, E]
-        q, k, v = (t.reshape(n, -1, d) for t in layer.qkv(x))  # [N, H, D], [N, Hkv, D], [N, Hkv, D]
-        q = q * cos + _rotate_half(q) * sin  # [N, H, D]
-        k = k * cos + _rotate_half(k) * sin  # [N, Hkv, D]
-        k, v = k.unsqueeze(2), v.unsqueeze(2)  # [N, Hkv, 1, D]
+        qk, v = layer.qk_v(x)  # [N, 1, (H+Hkv)*D], [N, 1, Hkv*D]
+        qk = qk.reshape(n, -1, d)  # [N, H+Hkv, D]
+        qk = qk * cos + _rotate_half(qk) * sin  # [N, H+Hkv, D]: the same rotation for queries and keys
+        q, k = qk[:, : layer.heads], qk[:, layer.heads :].unsqueeze(2)  # [N, H, D], [N, Hkv, 1, D]
+        v = v.reshape(n, -1, 1, d)  # [N, Hkv, 1, D]
         # Grouped-query attention without repeating the cache: the heads that share a key/value head are that
         # head's queries.
         q = q.view(n, k.size(1), -1, d)  # [N, Hkv, H/Hkv, D]
@@ -332,12 +333,13 @@ class DecodeLayer:
     """What one decoder layer calls in `decode_step`, looked up (and fused) once per sampling call."""
 
     input_norm: torch.nn.Module
-    qkv: Callable[[Tensor], Sequence[Tensor]]  # x -> the q, k and v projections of x
+    qk_v: Callable[[Tensor], Sequence[Tensor]]  # x -> q and k projections of x side by side, and v
     o: torch.nn.Module
     mlp_norm: torch.nn.Module
     gate_up: Callable[[Tensor], Sequence[Tensor]]  # x -> the gate and up projections of x
     down: torch.nn.Module
     act: Any
+    heads: int
     head_dim: int
     scaling: float
 
@@ -355,12 +357,13 @@ def decode_layers(lm: torch.nn.Module, rows: int | None = None) -> list[DecodeLa
         layers.append(
             DecodeLayer(
                 layer.input_layernorm,
-                _together([_direct(attn.q_proj), _direct(attn.k_proj), _direct(attn.v_proj)], rows),
+                _together([_direct(attn.q_proj), _direct(attn.k_proj), _direct(attn.v_proj)], rows, [2, 1]),
                 _direct(attn.o_proj),
                 layer.post_attention_layernorm,
-                _together([_direct(mlp.gate_proj), _direct(mlp.up_proj)], rows),
+                _together([_direct(mlp.gate_proj), _direct(mlp.up_proj)], rows, [1, 1]),
                 _direct(mlp.down_proj),
                 mlp.act_fn,
+                lm.config.num_attention_heads,
                 attn.head_dim,
                 attn.scaling,
             )
@@ -368,8 +371,13 @@ def decode_layers(lm: torch.nn.Module, rows: int | None = None) -> list[DecodeLa
     return layers
 
 
-def _together(projections: list[torch.nn.Module], rows: int | None) -> Callable[[Tensor], Sequence[Tensor]]:
-    """Projections of one input: one matmul over their stacked weights when they are plain linear layers."""
+def _together(
+    projections: list[torch.nn.Module], rows: int | None, counts: list[int]
+) -> Callable[[Tensor], list[Tensor]]:
+    """Projections of one input, their outputs joined in `counts` consecutive groups (q/k, v: [2, 1]).
+
+    One matmul over the stacked weights where they are plain linear layers, else one call each and a concatenation.
+    """
     weights = [getattr(m, "weight", None) for m in projections]
     plain = (
         rows is not None
@@ -378,13 +386,19 @@ def _together(projections: list[torch.nn.Module], rows: int | None) -> Callable[
         and weights[0].device.type != "meta"
         and len({m.bias is None for m in projections}) == 1
     )
+    starts = [sum(counts[:i]) for i in range(len(counts))]
     # Measured to pay with oneDNN's packed weights only: for the tiny model's small layers it did not.
     if not plain or sum(w.numel() for w in weights) < PACK_MIN_WEIGHTS or not can_pack(projections[0]):
-        return lambda x: [m(x) for m in projections]
+
+        def each(x: Tensor) -> list[Tensor]:
+            outs = [m(x) for m in projections]
+            return [outs[i] if c == 1 else torch.cat(outs[i : i + c], -1) for i, c in zip(starts, counts, strict=True)]
+
+        return each
     packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), rows)  # [outs, in]
     bias = None if projections[0].bias is None else torch.cat([m.bias.detach() for m in projections])
-    sizes = [m.out_features for m in projections]
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").split(sizes, -1)
+    sizes = [sum(m.out_features for m in projections[i : i + c]) for i, c in zip(starts, counts, strict=True)]
+    return lambda x: list(torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").split(sizes, -1))
 
 
 def _norm(norm: torch.nn.Module, x: Tensor) -> Tensor:
