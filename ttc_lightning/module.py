@@ -51,6 +51,7 @@ from ttc_lightning.sampling import (
     merged_lora,
     packed_linears,
     prefill,
+    select_rows,
 )
 from ttc_lightning.tiny import TINY, save_tiny
 
@@ -488,7 +489,7 @@ class GRPOModule(L.LightningModule):
         if cache is None:
             start, cached = 0, {}
         else:
-            cache.batch_select_indices(inverse)
+            select_rows(cache, inverse)
             start, cached = p - 1, {cache_keyword(model): cache}
         logits = model(
             input_ids=input_ids[:, start:],

@@ -137,6 +137,16 @@ def prefill(
     return cache if cache.get_seq_length() == input_ids.size(1) else None
 
 
+def select_rows(cache: DynamicCache, index: Tensor) -> None:
+    """Row i of every layer's keys/values becomes row `index[i]`: each completion gets its prompt's cache.
+
+    `index_select` rather than the cache's `batch_select_indices` (advanced indexing): the same values, and a
+    backward pass (`index_add`) 7x faster on CPU than advanced indexing's accumulating `index_put`.
+    """
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+
+
 def cache_keyword(model: torch.nn.Module) -> str:
     """The forward/generate argument that takes a KV cache: transformers renamed `past_key_values` to `cache`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
