@@ -1,7 +1,7 @@
 """Where one ttc training step spends its time and memory: generate / score / log-probs / backward / optimizer.
 
     python benchmarks/profile_step.py [--sizes tiny medium] [--steps 3] [--warmup 1] [--max-new-tokens N]
-                                      [--without prefill merge pack decode share fuse] [--lora-dropout P]
+                                      [--without prefill merge pack decode share fuse keep] [--lora-dropout P]
                                       [--torch-profile]
 
 Runs `GRPOModule` under `lightning.Trainer` on the settings of `compare_trl.py` and wraps the phases of the step in
@@ -13,10 +13,10 @@ What-ifs: `--without prefill` turns off the shared prompt passes (every completi
 in sampling and in training, and sampling uses HF's own KV cache), `--without merge` samples with unmerged LoRA
 layers, `--without pack` with the default float32 matmuls instead of oneDNN's packed ones, `--without decode` with
 `generate()` and the model's own forward instead of ttc's decoding loop, `--without share` with each prompt's
-cache copied to its rows, `--without fuse` with peft's LoRA forward; `--lora-dropout` changes the adapters' dropout
-(peft applies it to a copy of the input of every adapted layer). `--torch-profile` runs one more step under
-torch.profiler and prints its top operators (that step is left out of the table; the profiler inflates the peak
-memory reported).
+cache copied to its rows, `--without fuse` with peft's LoRA forward, `--without keep` with glibc's default of
+handing freed memory back to the OS; `--lora-dropout` changes the adapters' dropout (peft applies it to a copy of
+the input of every adapted layer). `--torch-profile` runs one more step under torch.profiler and prints its top
+operators (that step is left out of the table; the profiler inflates the peak memory reported).
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
         ttc_module.expand_cache = lambda *a, share: expand_cache(*a, share=False)
     if "fuse" in args.without:
         ttc_module.fuse_lora = lambda model: 0
+    if "keep" in args.without:
+        ttc_module.keep_freed_memory = lambda: False
     ttc_module.decode = timers.wrap("generate", ttc_module.decode)
 
     L.seed_everything(SEED, verbose=False)
@@ -240,7 +242,7 @@ def main() -> None:
     parser.add_argument(
         "--without",
         nargs="+",
-        choices=["prefill", "merge", "pack", "decode", "share", "fuse"],
+        choices=["prefill", "merge", "pack", "decode", "share", "fuse", "keep"],
         default=[],
         help="what-if: turn these levers off",
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import dataclasses
 import importlib
 import json
@@ -11,6 +12,7 @@ import math
 import numbers
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -178,6 +180,28 @@ def nan_mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
     return kept.mean(), kept.std() if kept.numel() > 1 else torch.tensor(0.0)
 
 
+# mallopt parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for the next allocation instead of handing it back to the OS.
+
+    A training step on CPU frees and reallocates activations of many megabytes; by default glibc unmaps or trims
+    them, and every reuse then faults its pages in again, zeroed by the kernel (on the 25M-parameter benchmark:
+    ~25K page faults and 7% of each forward/backward; peak memory unchanged). Returns whether glibc took it
+    (False on other C libraries and other systems, where nothing changes).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    # 32 MiB is the largest mmap threshold glibc accepts on 64-bit; bigger blocks are still mapped on their own.
+    return bool(mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))
+
+
 class GRPOModule(L.LightningModule):
     """GRPO on a causal LM: sample G completions per prompt, score them, push the policy towards the better ones.
 
@@ -339,6 +363,8 @@ class GRPOModule(L.LightningModule):
         # ranks' prompts to each other. Each rank goes on from its own seed, drawn from that state.
         if self.trainer.world_size > 1:
             torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
+        if self.device.type == "cpu":
+            keep_freed_memory()
 
     def _load_causal_lm(self, quantize: bool) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
