@@ -96,8 +96,8 @@ def test_unknown_reward_path():
 
 
 FAULTS_SCRIPT = """
-import resource, torch
-from ttc_lightning.module import keep_freed_memory
+import ctypes, resource, torch
+from ttc_lightning.module import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_freed_memory
 
 def faults():  # page faults of 10 rounds of three 12 MiB activations, freed together as a step frees them
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -106,7 +106,11 @@ def faults():  # page faults of 10 rounds of three 12 MiB activations, freed tog
         del blocks
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-faults()
+# glibc's documented starting thresholds (it raises them as the program runs, which makes the default's faults
+# depend on what ran before)
+libc = ctypes.CDLL(None)
+libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
+libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)
 by_default = faults()
 kept = keep_freed_memory()
 faults()  # the first round after the call still maps its memory in
@@ -118,8 +122,8 @@ print(by_default, kept, faults())
 def test_freed_memory_is_reused_without_page_faults():
     out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, check=True).stdout
     by_default, kept, after = out.split()
-    # glibc trims the 36 MiB freed at the top of its heap (over twice the largest block), so every round faults
-    # its 36 MiB / 4 KiB = 9216 pages in again; kept, the same memory serves the next round.
+    # At 128 KiB thresholds each 12 MiB block is mapped on its own and unmapped when freed, so every round faults
+    # 36 MiB / 4 KiB = 9216 pages in again (10 rounds: ~92K); kept, the same memory serves the next round.
     assert kept == "True"
     assert int(by_default) > 10 * 9216 // 2
     assert int(after) < 100
