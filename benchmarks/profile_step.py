@@ -1,7 +1,7 @@
 """Where one ttc training step spends its time and memory: generate / score / log-probs / backward / optimizer.
 
     python benchmarks/profile_step.py [--sizes tiny medium] [--steps 3] [--warmup 1] [--max-new-tokens N]
-                                      [--without prefill merge pack decode share fuse keep] [--lora-dropout P]
+                                      [--without prefill merge decode share fuse cpu] [--lora-dropout P]
                                       [--torch-profile]
 
 Runs `GRPOModule` under `lightning.Trainer` on the settings of `compare_trl.py` and wraps the phases of the step in
@@ -9,20 +9,20 @@ wall-clock timers. The phases run one after another, so they add up to the step;
 total is the median of the steps that had the CPUs to themselves (see `compare_trl.stamp`). The last column is
 how much each phase raised the process's peak resident memory over the whole run.
 
-What-ifs: `--without prefill` turns off the shared prompt passes (every completion then runs its whole prompt,
-in sampling and in training, and sampling uses HF's own KV cache), `--without merge` samples with unmerged LoRA
-layers, `--without pack` with the default float32 matmuls instead of oneDNN's packed ones, `--without decode` with
-`generate()` and the model's own forward instead of ttc's decoding loop, `--without share` with each prompt's
-cache copied to its rows, `--without fuse` with peft's LoRA forward, `--without keep` with glibc's default of
-handing freed memory back to the OS; `--lora-dropout` changes the adapters' dropout (peft applies it to a copy of
-the input of every adapted layer). `--torch-profile` runs one more step under torch.profiler and prints its top
-operators (that step is left out of the table; the profiler inflates the peak memory reported).
+What-ifs turn levers off through their own switches (`ttc_lightning.levers.Levers`): `--without prefill`
+(`prompt_once`: every completion runs its whole prompt, in sampling and in training, and sampling uses HF's own KV
+cache), `merge` (`merge_lora`: sampling with unmerged LoRA layers), `decode` (`decode_loop`: `generate()` with the
+model's own forward), `share` (`share_cache`: each prompt's cache copied to its rows), `fuse` (`fuse_lora`: peft's
+LoRA forward), `cpu` (`cpu`: default float32 matmuls instead of oneDNN's packed ones, copied instead of shared prompt
+caches' CPU attention kernel, glibc's default of handing freed memory back to the OS); `--lora-dropout` changes the
+adapters' dropout (peft applies it to a copy of the input of every adapted layer). `--torch-profile` runs one more
+step under torch.profiler and prints its top operators (that step is left out of the table; the profiler inflates
+the peak memory reported).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -51,6 +51,15 @@ from compare_trl import (
     wait_for_quiet,
 )
 
+# --without NAME -> the `Levers` switch it turns off.
+LEVERS = {
+    "prefill": "prompt_once",
+    "merge": "merge_lora",
+    "decode": "decode_loop",
+    "share": "share_cache",
+    "fuse": "fuse_lora",
+    "cpu": "cpu",
+}
 PHASES = {
     "prompt_sample": "one pass per distinct prompt before sampling (prefill)",
     "generate": "the sampling loop with the KV cache (ttc's decode, or policy.generate())",
@@ -108,42 +117,27 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
     import lightning as L
     import torch
 
-    import ttc_lightning.module as ttc_module
-    from ttc_lightning import GRPOModule, LoRA
+    import ttc_lightning.logprobs as logprobs_py
+    import ttc_lightning.module as module_py
+    import ttc_lightning.sampler as sampler_py
+    from ttc_lightning import GRPOModule, Levers, LoRA
     from ttc_lightning.data import PromptDataModule
 
     size = Size(**spec["size"])
     timers = Timers()
-    # training_step looks these up as module globals at call time, so replacing them times every call.
-    for name, attr in (
-        ("score", "score_completions"),
-        ("log_softmax", "selective_log_softmax"),
-        ("entropy", "token_entropy"),
-        ("loss", "grpo_loss"),
+    # Timing only: the functions the step calls are looked up as module globals, so wrapping them times every call.
+    for owner, name, attr in (
+        (module_py, "score", "score_completions"),
+        (module_py, "loss", "grpo_loss"),
+        (logprobs_py, "log_softmax", "selective_log_softmax"),
+        (logprobs_py, "entropy", "token_entropy"),
+        (logprobs_py, "prompt_train", "prefill"),
+        (sampler_py, "prompt_sample", "prefill"),
+        (sampler_py, "generate", "decode"),
     ):
-        setattr(ttc_module, attr, timers.wrap(name, getattr(ttc_module, attr)))
-    prefill = {phase: timers.wrap(f"prompt_{phase}", ttc_module.prefill) for phase in ("sample", "train")}
-    if "prefill" in args.without:
-        ttc_module.prefill = lambda *a, **k: None  # as a model without a KV cache: every row runs its whole prompt
-    else:
-        # generate() samples in eval mode; training_step's passes run in train mode.
-        ttc_module.prefill = lambda model, *a, **k: prefill["train" if model.training else "sample"](model, *a, **k)
-    if "merge" in args.without:
-        ttc_module.merged_lora = lambda model, enabled: contextlib.nullcontext()
-    if "pack" in args.without:
-        ttc_module.can_pack = lambda model: False
-    if "decode" in args.without:
-        ttc_module.fast_decode_model = lambda model: None
-        ttc_module.fast_decoding = lambda model, enabled: contextlib.nullcontext()
-        ttc_module.decodes_alone = lambda model: False
-    if "share" in args.without:
-        expand_cache = ttc_module.expand_cache
-        ttc_module.expand_cache = lambda *a, share: expand_cache(*a, share=False)
-    if "fuse" in args.without:
-        ttc_module.fuse_lora = lambda model: 0
-    if "keep" in args.without:
-        ttc_module.keep_freed_memory = lambda: False
-    ttc_module.decode = timers.wrap("generate", ttc_module.decode)
+        setattr(owner, attr, timers.wrap(name, getattr(owner, attr)))
+    # The what-ifs are the levers' own switches.
+    levers = Levers(**{LEVERS[name]: False for name in args.without})
 
     L.seed_everything(SEED, verbose=False)
     module = GRPOModule(
@@ -156,6 +150,7 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
         learning_rate=LEARNING_RATE,
         micro_batch_size=size.micro_batch_size,
         log_rollouts=False,
+        levers=levers,
         **SAMPLING,
     )
     module.generate = timers.wrap("rollout", module.generate)
@@ -242,7 +237,7 @@ def main() -> None:
     parser.add_argument(
         "--without",
         nargs="+",
-        choices=["prefill", "merge", "pack", "decode", "share", "fuse", "keep"],
+        choices=sorted(LEVERS),
         default=[],
         help="what-if: turn these levers off",
     )

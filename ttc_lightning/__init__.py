@@ -1,14 +1,14 @@
 """ttc: GRPO reinforcement learning for code LLMs that reason about software vulnerabilities."""
 
+import importlib
 from typing import Any
 
-__all__ = ["GRPOModule", "LoRA", "Rollout"]
+# Loaded on first use, so that `ttc_lightning.patch` and `ttc_lightning.rewards` import without torch and Lightning.
+_HOMES = {"GRPOModule": "module", "Levers": "levers", "LoRA": "policy", "Rollout": "rollout"}
+__all__ = list(_HOMES)
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `ttc_lightning.patch` and `ttc_lightning.rewards` stay importable without loading torch and Lightning.
-    if name in __all__:
-        from ttc_lightning import module
-
-        return getattr(module, name)
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"ttc_lightning.{_HOMES[name]}"), name)
     raise AttributeError(f"module 'ttc_lightning' has no attribute {name!r}")

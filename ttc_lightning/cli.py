@@ -14,10 +14,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ttc_lightning.callbacks import CheckpointOnInterrupt
-from ttc_lightning.errors import TTCError
+from ttc_lightning.callbacks import CheckpointOnInterrupt, RunInfo, SaveConfigToWandb, StepProgressBar, SummaryTable
+from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.module import GRPOModule
-from ttc_lightning.tracking import RunInfo, SaveConfigToWandb, StepProgressBar, SummaryTable, prepare_wandb
+from ttc_lightning.tracking import prepare_wandb
 
 
 def auto_precision(accelerator: Any) -> str:
@@ -54,10 +54,7 @@ class TTCCLI(LightningCLI):
         trainer = config.trainer
         strategy = str(getattr(trainer.strategy, "class_path", trainer.strategy)).rpartition(".")[2]
         if any(name in strategy.lower() for name in ("fsdp", "stage_3", "stage3")):
-            raise TTCError(
-                f"trainer.strategy: {strategy} shards the weights, and generate() would gather them for every new "
-                "token (very slow, or a hang). Use `ddp` (a LoRA policy fits on each GPU) or `deepspeed_stage_2`."
-            )
+            raise sharded_strategy_error(strategy)
         if trainer.precision is None:
             trainer.precision = auto_precision(trainer.accelerator)
         root = trainer.default_root_dir

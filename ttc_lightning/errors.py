@@ -13,3 +13,11 @@ def data_error(path: str | Path, line: int | None, field: str | None, message: s
     """`file:line: field: message`, the form every data error takes so users can jump to the spot."""
     where = f"{path}:{line}" if line is not None else str(path)
     return TTCError(f"{where}: {field}: {message}" if field else f"{where}: {message}")
+
+
+def sharded_strategy_error(strategy: str) -> TTCError:
+    """Why ttc refuses FSDP and DeepSpeed stage 3, and what to use instead."""
+    return TTCError(
+        f"trainer.strategy: {strategy} shards the weights, and generate() would gather them for every new token "
+        "(very slow, or a hang). Use `ddp` (a LoRA policy fits on each GPU) or `deepspeed_stage_2`."
+    )

@@ -5,11 +5,13 @@ An evaluation record is one prompt: its metadata `columns`, its k `completions`,
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from statistics import fmean
 from typing import Any
 
+from ttc_lightning.answers import normalize_label, parse_answer, split_think_answer
 from ttc_lightning.metrics import (
     binary_metrics,
     majority_vote,
@@ -18,8 +20,7 @@ from ttc_lightning.metrics import (
     pass_at_k,
     vd_score,
 )
-from ttc_lightning.patch import score_patch, split_think_answer
-from ttc_lightning.rewards import normalize_label, parse_answer
+from ttc_lightning.patch import score_patch
 
 Record = dict[str, Any]
 VULNERABLE = "vulnerable"
@@ -108,12 +109,53 @@ def patch_metrics(records: Sequence[Record]) -> dict[str, float]:
     metrics["patch_reward"] = fmean(r for p in predictions for r in p["rewards"])
     metrics["final_patch_reward"] = fmean(p["score"] for p in predictions)
     metrics["final_exact"] = fmean(p["final_exact"] for p in predictions)
-    metrics["format_valid"] = fmean(
-        split_think_answer(text) is not None for r in records for text in r["completions"]
-    )
+    metrics["format_valid"] = fmean(split_think_answer(text) is not None for r in records for text in r["completions"])
     metrics["mean_length"] = _mean_length(records)
     return metrics
 
 
 def _mean_length(records: Sequence[Record]) -> float:
     return fmean(n for r in records for n in r["lengths"])
+
+
+def prompt_records(
+    prompts: Sequence[Any],
+    columns: dict[str, list],
+    texts: Sequence[str],
+    lengths: Sequence[int],
+    scores: Sequence[Sequence[float]],
+    reward: Sequence[float],
+    reward_names: Sequence[str],
+    k: int,
+) -> list[Record]:
+    """One evaluation record per prompt from its k scored completions (rows grouped by prompt; `scores` `[B*k][F]`
+    with NaN for no score, `columns` one value per prompt)."""
+    records = []
+    for p, prompt in enumerate(prompts):
+        rows = slice(p * k, (p + 1) * k)
+        records.append(
+            {
+                "prompt": prompt,
+                "columns": {key: values[p] for key, values in columns.items()},
+                "completions": list(texts[rows]),
+                "lengths": list(lengths[rows]),
+                "rewards": {
+                    name: [None if math.isnan(row[j]) else row[j] for row in scores[rows]]
+                    for j, name in enumerate(reward_names)
+                },
+                "reward": list(reward[rows]),
+            }
+        )
+    return records
+
+
+def reward_metrics(records: Sequence[Record], reward_names: Sequence[str]) -> dict[str, float]:
+    """Means over every sample: the weighted reward, each function's (its None scores left out), the length."""
+    rewards = [r for record in records for r in record["reward"]]
+    metrics = {"reward": fmean(rewards)}
+    for name in reward_names:
+        values = [v for record in records for v in record["rewards"][name] if v is not None]
+        if values:
+            metrics[f"rewards/{name}/mean"] = fmean(values)
+    metrics["mean_length"] = _mean_length(records)
+    return metrics

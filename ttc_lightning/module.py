@@ -1,35 +1,29 @@
-"""`GRPOModule`: the policy, its reference, rollout generation and the GRPO update, in one LightningModule."""
+"""`GRPOModule`: the Lightning hooks of GRPO training and evaluation. `training_step` reads top to bottom; the
+pieces it calls live in their own files (policy, sampler, logprobs, rollout, grpo, checkpoints, evaluation)."""
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import dataclasses
-import importlib
-import json
 import math
 import numbers
-import random
-import shutil
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
-from ttc_lightning.errors import TTCError
+from ttc_lightning import cpu
+from ttc_lightning.checkpoints import complete_state, trim_state, ttc_section
+from ttc_lightning.data.base import Task
+from ttc_lightning.errors import TTCError, sharded_strategy_error
+from ttc_lightning.evaluation import prompt_records, reward_metrics
 from ttc_lightning.grpo import (
     LossType,
     ScaleRewards,
@@ -37,169 +31,25 @@ from ttc_lightning.grpo import (
     group_advantages,
     grpo_loss,
     masked_mean,
-    selective_log_softmax,
-    token_entropy,
     warmup_cosine_lr,
 )
-from ttc_lightning.lora import fuse_lora
-from ttc_lightning.sampling import (
-    cache_keyword,
-    can_pack,
-    decode,
-    decodes_alone,
-    expand_cache,
-    fast_decode_model,
-    fast_decoding,
-    merged_lora,
-    packed_linears,
-    prefill,
-    select_rows,
+from ttc_lightning.levers import Levers
+from ttc_lightning.logprobs import completion_logps
+from ttc_lightning.policy import LoRA, Prompt, load_policy, load_tokenizer, materialise, reference_model
+from ttc_lightning.reports import gather_records, print_per_class, write_metrics, write_predictions
+from ttc_lightning.rollout import (
+    Rollout,
+    load_rewards,
+    rollout_metrics,
+    rollout_records,
+    score_completions,
+    write_rollouts,
 )
-from ttc_lightning.tiny import TINY, save_tiny
+from ttc_lightning.sampler import Sampler, Samples
+from ttc_lightning.settings import check_settings
+from ttc_lightning.tiny import TINY
 
-RewardFn = Callable[..., Sequence[float | None]]
-
-
-@dataclass
-class LoRA:
-    """peft LoRA settings."""
-
-    r: int = 16
-    """Rank of the low-rank update."""
-    alpha: int = 32
-    """Scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = 0.0
-    """Dropout on the LoRA input. 0 keeps the trained policy the one that sampled, and peft's dropout copies every
-    adapted layer's input (a third slower forward on CPU in benchmarks/)."""
-    target_modules: str | list[str] = "all-linear"
-    """Module names to adapt, or "all-linear" for every linear layer but the output head."""
-
-
-@dataclass
-class Rollout:
-    """G completions for each of B prompts (N = B*G rows, each prompt's G rows contiguous), scored."""
-
-    prompt_ids: Tensor  # [N, P] left-padded
-    prompt_mask: Tensor  # [N, P]
-    completion_ids: Tensor  # [N, C] right-padded
-    completion_mask: Tensor  # [N, C] 1 up to and including the first EOS
-    completions: list[str]  # N decoded completions
-    rewards: Tensor  # [N, F] one column per reward function, NaN = no score
-    reward: Tensor  # [N] weighted sum over functions
-    advantages: Tensor  # [N]
-    old_logps: Tensor | None = None  # [N, C] only when num_iterations > 1
-    ref_logps: Tensor | None = None  # [N, C] only when beta > 0
-
-    def __len__(self) -> int:
-        return self.completion_ids.size(0)
-
-    def rows(self, index: Tensor) -> Rollout:
-        """The rollout restricted to `index`, trimmed of padding columns no selected row uses."""
-        prompt_mask = self.prompt_mask[index]  # [n, P]
-        completion_mask = self.completion_mask[index]  # [n, C]
-        first = int(prompt_mask.any(0).int().argmax())  # first prompt column any row uses (left padding)
-        last = int(completion_mask.sum(1).max().clamp(min=1))  # longest completion in the selection
-        return Rollout(
-            prompt_ids=self.prompt_ids[index, first:],
-            prompt_mask=prompt_mask[:, first:],
-            completion_ids=self.completion_ids[index, :last],
-            completion_mask=completion_mask[:, :last],
-            completions=[self.completions[i] for i in index.tolist()],
-            rewards=self.rewards[index],
-            reward=self.reward[index],
-            advantages=self.advantages[index],
-            old_logps=None if self.old_logps is None else self.old_logps[index, :last],
-            ref_logps=None if self.ref_logps is None else self.ref_logps[index, :last],
-        )
-
-
-def import_reward(path: str, where: str) -> RewardFn:
-    """`package.module.function` -> the function; a clear error when it cannot be imported."""
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        raise TTCError(f"{where}: {path!r} is not an import path like 'package.module.function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise TTCError(f"{where}: cannot import {path!r} ({type(e).__name__}: {e})") from None
-    if not callable(fn):
-        raise TTCError(f"{where}: {path!r} is not callable")
-    return fn
-
-
-def score_completions(
-    fns: Sequence[RewardFn], names: Sequence[str], completions: list[str], columns: dict[str, list], group_size: int
-) -> Tensor:
-    """Call each reward function on all completions -> `[N, F]` float32, NaN where a function returned None.
-
-    Any failure stops training with the function's name and the prompt (index in the batch) it failed on.
-    """
-    n = len(completions)
-    scores = torch.full((n, len(fns)), float("nan"))
-    for j, (fn, name) in enumerate(zip(fns, names, strict=True)):
-        try:
-            values = fn(completions, **columns)
-        except Exception as e:
-            prompt = _first_failing_prompt(fn, completions, columns, group_size)
-            where = f" on prompt {prompt} of the batch" if prompt is not None else ""
-            raise TTCError(f"reward function {name} raised {type(e).__name__}: {e}{where}") from e
-        if not isinstance(values, Sequence) or len(values) != n:
-            got = len(values) if isinstance(values, Sequence) else type(values).__name__
-            raise TTCError(
-                f"reward function {name} returned {got} values for {n} completions "
-                f"({n // group_size} prompts x {group_size}); it must return one float or None per completion"
-            )
-        for i, value in enumerate(values):
-            if value is None:
-                continue
-            if not isinstance(value, numbers.Real) or math.isnan(value):
-                raise TTCError(
-                    f"reward function {name} returned {value!r} for completion {i % group_size} of prompt "
-                    f"{i // group_size} of the batch; expected a float or None"
-                )
-            scores[i, j] = float(value)
-    return scores
-
-
-def _first_failing_prompt(fn: RewardFn, completions: list[str], columns: dict[str, list], g: int) -> int | None:
-    """Re-run `fn` one prompt's group at a time to name the prompt that makes it raise."""
-    for p in range(len(completions) // g):
-        rows = slice(p * g, (p + 1) * g)
-        try:
-            fn(completions[rows], **{k: v[rows] for k, v in columns.items()})
-        except Exception:
-            return p
-    return None
-
-
-def nan_mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and unbiased std over the non-NaN entries (NaN when there are none, std 0 for a single one)."""
-    kept = values[~torch.isnan(values)]
-    if kept.numel() == 0:
-        return torch.tensor(float("nan")), torch.tensor(float("nan"))
-    return kept.mean(), kept.std() if kept.numel() > 1 else torch.tensor(0.0)
-
-
-# mallopt parameters (glibc's malloc.h)
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for the next allocation instead of handing it back to the OS.
-
-    A training step on CPU frees and reallocates activations of many megabytes; by default glibc unmaps or trims
-    them, and every reuse then faults its pages in again, zeroed by the kernel (on the 25M-parameter benchmark:
-    ~25K page faults and 7% of each forward/backward; peak memory unchanged). Returns whether glibc took it
-    (False on other C libraries and other systems, where nothing changes).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:
-        return False
-    # 32 MiB is the largest mmap threshold glibc accepts on 64-bit; bigger blocks are still mapped on their own.
-    return bool(mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))
+DEFAULT_LEVERS = Levers()
 
 
 class GRPOModule(L.LightningModule):
@@ -207,63 +57,40 @@ class GRPOModule(L.LightningModule):
 
     One `training_step` is one rollout followed by `num_iterations` optimizer steps on it, so `trainer.max_steps`
     counts optimizer steps.
-    """
 
-    model_name_or_path: str
-    """A Hugging Face Hub id, a local model directory, or "tiny" (a small random model built locally, no network)."""
-    lora: LoRA | None
-    """LoRA settings (peft), or null for full fine-tuning."""
-    load_in_4bit: bool
-    """Quantise the base model to 4-bit NF4 with bitsandbytes (QLoRA); needs `lora`."""
-    gradient_checkpointing: bool
-    """Recompute activations in the backward pass: less memory, about a third more compute, and each completion
-    runs its whole prompt in the training forward (HF models keep no KV cache while checkpointing, so a group
-    cannot share one prompt pass there)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"]
-    """Weights' dtype. "auto": float32 on CPU; bfloat16 on GPUs that support it; else float16 under LoRA."""
-    num_generations: int
-    """G: completions sampled per prompt; advantages are relative within these groups."""
-    max_new_tokens: int
-    """Longest completion; longer ones are cut and count in `completions/clipped_ratio`."""
-    temperature: float
-    """Sampling temperature, also applied to the logits when computing log-probs (as TRL does)."""
-    top_p: float
-    """Nucleus sampling: keep the smallest token set with this much probability (1.0 = off)."""
-    top_k: int
-    """Sample among the k most likely tokens only (0 = off)."""
-    beta: float
-    """Weight of the KL penalty to the reference policy; 0 loads and runs no reference model."""
-    epsilon: float
-    """Clip range below 1 for the probability ratio (and above 1 unless `epsilon_high` is set)."""
-    epsilon_high: float | None
-    """Clip range above 1 (DAPO's clip-higher, e.g. 0.28); null means `epsilon`."""
-    loss_type: LossType
-    """Aggregation: "grpo" per-sequence mean, "bnpo" per-micro-batch token mean, "dapo" token mean over the
-    whole rollout, "dr_grpo" token sum / (N * max_new_tokens)."""
-    scale_rewards: ScaleRewards
-    """Divide advantages by the group's std ("group"), the batch's std ("batch") or not at all ("none", Dr. GRPO)."""
-    num_iterations: int
-    """mu: optimizer steps on each rollout; above 1 the old policy's log-probs are computed once per rollout."""
-    micro_batch_size: int
-    """Completions per forward/backward pass; gradients are accumulated over a rollout's micro-batches."""
-    learning_rate: float
-    """Peak AdamW learning rate."""
-    weight_decay: float
-    """AdamW weight decay."""
-    warmup_steps: int
-    """Linear warmup (optimizer steps), then cosine decay to 0 at `trainer.max_steps`."""
-    max_grad_norm: float | None
-    """Clip the gradient's global norm to this (null = no clipping; the norm is logged either way)."""
-    rewards: list[str]
-    """Reward functions by import path, each `fn(completions, **columns) -> list[float | None]`."""
-    reward_weights: list[float] | None
-    """One weight per reward function (null = all 1.0); the reward is the weighted sum, None scores skipped."""
-    eval_num_samples: int
-    """k: completions per prompt at validation/test/predict time."""
-    eval_temperature: float
-    """Sampling temperature for evaluation; 0 means greedy (then k must be 1)."""
-    log_rollouts: bool
-    """Append every completion with its rewards to rollouts.jsonl in the run's log directory."""
+    Args:
+        rewards: Reward functions by import path, each `fn(completions, **columns) -> list[float | None]`.
+        model_name_or_path: A Hugging Face Hub id, a local model directory, or "tiny" (a small random model
+            built locally, no network).
+        lora: LoRA settings (peft), or null for full fine-tuning.
+        load_in_4bit: Quantise the base model to 4-bit NF4 with bitsandbytes (QLoRA); needs `lora`.
+        gradient_checkpointing: Recompute activations in the backward pass: less memory, about a third more
+            compute.
+        dtype: Weights' dtype. "auto": float32 on CPU; bfloat16 on GPUs that support it; else float16 under LoRA.
+        num_generations: G: completions sampled per prompt; advantages are relative within these groups.
+        max_new_tokens: Longest completion; longer ones are cut and count in `completions/clipped_ratio`.
+        temperature: Sampling temperature, also applied to the logits when computing log-probs (as TRL does).
+        top_p: Nucleus sampling: keep the smallest token set with this much probability (1.0 = off).
+        top_k: Sample among the k most likely tokens only (0 = off).
+        beta: Weight of the KL penalty to the reference policy; 0 loads and runs no reference model.
+        epsilon: Clip range below 1 for the probability ratio (and above 1 unless `epsilon_high` is set).
+        epsilon_high: Clip range above 1 (DAPO's clip-higher, e.g. 0.28); null means `epsilon`.
+        loss_type: Aggregation: "grpo" per-sequence mean, "bnpo" per-micro-batch token mean, "dapo" token mean
+            over the whole rollout, "dr_grpo" token sum / (N * max_new_tokens).
+        scale_rewards: Divide advantages by the group's std ("group"), the batch's std ("batch") or not at all
+            ("none", Dr. GRPO).
+        num_iterations: mu: optimizer steps on each rollout; above 1 the old policy's log-probs are computed.
+        micro_batch_size: Completions per forward/backward pass; gradients accumulate over the rollout.
+        learning_rate: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warmup (optimizer steps), then cosine decay to 0 at `trainer.max_steps`.
+        max_grad_norm: Clip the gradient's global norm to this (null = no clipping; the norm is logged).
+        reward_weights: One weight per reward function (null = all 1.0); the reward is their weighted sum.
+        eval_num_samples: k: completions per prompt at validation/test/predict time.
+        eval_temperature: Sampling temperature for evaluation; 0 means greedy (then k must be 1).
+        log_rollouts: Append every completion with its rewards to rollouts.jsonl in the run's log directory.
+        levers: Speed levers, each exact and on by default.
+    """
 
     def __init__(
         self,
@@ -293,68 +120,67 @@ class GRPOModule(L.LightningModule):
         eval_num_samples: int = 1,
         eval_temperature: float = 0.0,
         log_rollouts: bool = True,
+        levers: Levers = DEFAULT_LEVERS,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        _check_settings(self.hparams)
-        self.reward_fns = [import_reward(path, f"model.rewards[{i}]") for i, path in enumerate(rewards)]
-        self.reward_names = [
-            getattr(fn, "__name__", path.rpartition(".")[2]) for fn, path in zip(self.reward_fns, rewards, strict=True)
-        ]
+        check_settings(self.hparams)
+        self.levers = levers if isinstance(levers, Levers) else Levers(**levers)
+        self.lora = lora if isinstance(lora, LoRA) or lora is None else LoRA(**lora)
+        self.reward_fns, self.reward_names = load_rewards(rewards)
         self.reward_weights = torch.tensor(reward_weights or [1.0] * len(rewards))
-        self.model_path = _materialise(model_name_or_path)
-        self.tokenizer = _load_tokenizer(self.model_path, model_name_or_path)
+        self.model_path = materialise(model_name_or_path)
+        self.tokenizer = load_tokenizer(self.model_path, model_name_or_path)
         self.policy: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
+        self.sampler: Sampler | None = None
         self.automatic_optimization = False
         # Under LoRA the checkpoint holds only the adapters; the frozen base comes from `model_name_or_path`.
         self.strict_loading = lora is None
         self._grad_norm = torch.tensor(float("nan"))
-        self._rollout_file: Path | None = None
-        self.last_rollout: list[dict] = []
+        self.last_rollout: list[dict[str, Any]] = []
         self._eval_records: list[dict[str, Any]] = []
+        self._log_path: Path | None = None
 
-    # --- model -------------------------------------------------------------------------------------------------
+    # --- set-up --------------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
         """Load the policy (and, for full fine-tuning with beta > 0, a frozen reference copy) once."""
         if self.policy is not None:
             return
         hp = self.hparams
-        self.policy = self._load_causal_lm(quantize=hp.load_in_4bit)
-        if hp.load_in_4bit:
-            from peft import prepare_model_for_kbit_training
-
-            self.policy = prepare_model_for_kbit_training(
-                self.policy, use_gradient_checkpointing=hp.gradient_checkpointing
-            )
-        if hp.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hp.lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            lora = hp.lora if isinstance(hp.lora, LoRA) else LoRA(**hp.lora)
-            config = LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                task_type="CAUSAL_LM",
-            )
-            self.policy = get_peft_model(self.policy, config)
-            fuse_lora(self.policy)
-        elif hp.beta > 0:
-            self.ref_model = self._load_causal_lm(quantize=False).eval().requires_grad_(False)
-        self.policy.train()
+        policy = load_policy(
+            self.model_path,
+            hp.model_name_or_path,
+            self.tokenizer,
+            dtype=hp.dtype,
+            lora=self.lora,
+            load_in_4bit=hp.load_in_4bit,
+            gradient_checkpointing=hp.gradient_checkpointing,
+            reference=hp.beta > 0,
+            fuse=self.levers.fuse_lora,
+        )
+        self.policy, self.ref_model = policy.model, policy.reference
+        self.sampler = Sampler(
+            self.policy,
+            self.tokenizer,
+            policy.eos_token_ids,
+            self.levers,
+            lora=self.lora is not None,
+            quantized=hp.load_in_4bit,
+            top_p=hp.top_p,
+            top_k=hp.top_k,
+        )
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
-        sharded = "FSDP" in type(strategy).__name__ or getattr(strategy, "zero_stage_3", False)
-        if sharded:
+        if "FSDP" in type(strategy).__name__ or getattr(strategy, "zero_stage_3", False):
+            raise sharded_strategy_error(type(strategy).__name__)
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and not isinstance(datamodule, Task):
             raise TTCError(
-                f"trainer.strategy: {type(strategy).__name__} shards the weights, and generate() would gather them for "
-                "every new token (very slow, or a hang). Use `ddp` (a LoRA policy fits on each GPU) or "
-                "`deepspeed_stage_2`."
+                f"data: {type(datamodule).__name__} has no evaluate(records) and final_prediction(record); "
+                "subclass ttc_lightning.data.TaskDataModule or add both methods"
             )
 
     def on_fit_start(self) -> None:
@@ -363,171 +189,29 @@ class GRPOModule(L.LightningModule):
         # ranks' prompts to each other. Each rank goes on from its own seed, drawn from that state.
         if self.trainer.world_size > 1:
             torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
-        if self.device.type == "cpu":
-            keep_freed_memory()
+        if cpu.enabled(self.levers.cpu, self.device):
+            cpu.keep_freed_memory()
+        config = self.sampler.generation_config(self.hparams.temperature, self.hparams.max_new_tokens)
+        rank_zero_info(f"ttc: {self.sampler.plan(config).describe()}")
 
-    def _load_causal_lm(self, quantize: bool) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    # --- rollout -------------------------------------------------------------------------------------------------
 
-        dtype = self._weights_dtype()
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if quantize:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-            )
-        try:
-            with _quiet_transformers():
-                model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
-        except (OSError, ValueError) as e:
-            raise TTCError(f"model.model_name_or_path: cannot load {self.hparams.model_name_or_path!r}: {e}") from None
-        model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        if quantize:
-            # bitsandbytes repacks 4-bit weights for CPU inference the first time a layer runs in eval mode
-            # (generation), and that layout then fails in the training backward pass: keep the trainable layout.
-            for layer in model.modules():
-                if hasattr(layer, "support_avx512bf16_for_cpu"):
-                    layer.support_avx512bf16_for_cpu = False
-        return model
-
-    def _weights_dtype(self) -> torch.dtype:
-        name = self.hparams.dtype
-        if name != "auto":
-            return getattr(torch, name)
-        if not torch.cuda.is_available():
-            return torch.float32
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        # fp16 master weights cannot be trained stably: only a frozen LoRA base may be stored in half precision.
-        return torch.float16 if self.hparams.lora is not None else torch.float32
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        """Every token that ends a completion: the tokenizer's EOS and the model's generation EOS (e.g. Qwen's two)."""
-        ids = {self.tokenizer.eos_token_id}
-        config_eos = self.policy.generation_config.eos_token_id if self.policy is not None else None
-        ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
-        return sorted(i for i in ids if i is not None)
-
-    # --- rollout -----------------------------------------------------------------------------------------------
-
-    def tokenize_prompts(self, prompts: Sequence[str | list[dict[str, str]]]) -> tuple[Tensor, Tensor]:
-        """Chat messages go through the chat template with the generation prompt; strings are used as they are."""
-        texts = [
-            p
-            if isinstance(p, str)
-            else self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-            for p in prompts
-        ]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-
-    @torch.no_grad()
-    def generate(
-        self, prompts: Sequence[str | list[dict[str, str]]], num_samples: int, temperature: float, max_new_tokens: int
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
-        """`num_samples` completions per prompt, rows grouped by prompt -> ids, masks and decoded texts.
-
-        temperature 0 means greedy decoding. Generation stops when every row has produced an EOS token.
-        """
-        from transformers import GenerationConfig
-
-        prompt_ids, prompt_mask = self.tokenize_prompts(prompts)  # [B, P]
-        hp = self.hparams
-        sampling = dict(temperature=temperature, top_p=hp.top_p, top_k=hp.top_k) if temperature > 0 else {}
-        config = GenerationConfig(
-            do_sample=temperature > 0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            use_cache=True,
-            # Left unset, generate() would take it from the model's generation_config (Qwen2.5-Instruct ships 1.05),
-            # and the samples would come from another distribution than the one whose log-probs are trained.
-            repetition_penalty=1.0,
-            **sampling,
-        )
-        # Merging is exact enough only in float32 (see `merged_lora`); a 4-bit base cannot take the adapters.
-        merge = hp.lora is not None and not hp.load_in_4bit and self.policy.dtype == torch.float32
-        # Eval mode: no dropout while sampling, and HF keeps the KV cache on even with gradient checkpointing.
-        was_training = self.policy.training
-        self.policy.eval()
-        fast = fast_decode_model(self.policy) is not None
-        try:
-            with (
-                merged_lora(self.policy, merge),
-                packed_linears(self.policy, can_pack(self.policy), len(prompts) * num_samples),
-                fast_decoding(self.policy, fast),
-            ):
-                # Each prompt is encoded once, not once per sample: its keys/values go to its rows (shared by them
-                # under fast decoding, else copied), and generate() starts from the last prompt token.
-                cache = None
-                # generate() refuses a cache of ours when the model's generation config asks for its own kind.
-                own_cache = self.policy.generation_config.cache_implementation not in (None, "dynamic")
-                if prompt_ids.size(1) > 1 and not own_cache:
-                    capacity = prompt_ids.size(1) + max_new_tokens
-                    cache = prefill(self.policy, prompt_ids[:, :-1], prompt_mask[:, :-1], capacity)
-                    if cache is not None and num_samples > 1:
-                        expand_cache(cache, prompt_mask[:, :-1], num_samples, max_new_tokens + 1, share=fast)
-                prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [N, P]
-                prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
-                if cache is not None and decodes_alone(self.policy):
-                    sequences = decode(self.policy, prompt_ids, prompt_mask, cache, config)
-                else:
-                    cached = {} if cache is None else {cache_keyword(self.policy): cache}
-                    sequences = self.policy.generate(
-                        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, **cached
-                    )
-        finally:
-            self.policy.train(was_training)
-        completion_ids = sequences[:, prompt_ids.size(1) :]  # [N, C]
-        is_eos = torch.isin(completion_ids, torch.tensor(self.eos_token_ids, device=completion_ids.device))  # [N, C]
-        has_eos = is_eos.any(1)  # [N]
-        first_eos = torch.where(has_eos, is_eos.int().argmax(1), completion_ids.size(1))  # [N]
-        positions = torch.arange(completion_ids.size(1), device=completion_ids.device)  # [C]
-        completion_mask = (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # [N, C]
-        lengths = completion_mask.sum(1).tolist()
-        rows = completion_ids.tolist()
-        texts = [self.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(rows, lengths, strict=True)]
-        return prompt_ids, prompt_mask, completion_ids, completion_mask, texts
+    def generate(self, prompts: list[Prompt], num_samples: int, temperature: float, max_new_tokens: int) -> Samples:
+        """`num_samples` completions per prompt, rows grouped by prompt; temperature 0 is greedy."""
+        return self.sampler.sample(prompts, num_samples, temperature, max_new_tokens)
 
     def completion_logps(
         self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """Per-token log-probs `[n, C]` of the completion tokens (and their entropies), logits only where needed.
-
-        Rows with the same prompt (a group's completions) share one pass over it: the prompt's keys and values are
-        computed once, with gradients, and each row's completion attends to them. Exact, and it skips (G-1)/G of
-        the prompt positions; not with gradients under gradient checkpointing, where HF models keep no KV cache.
-        """
-        input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [n, P+C]
-        attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)  # [n, P+C]
-        # Positions as in generate(): left padding must not shift them (matters for absolute position embeddings).
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # [n, P+C]
-        p, c = rollout.prompt_ids.size(1), rollout.completion_ids.size(1)
-        keys = torch.cat([rollout.prompt_ids, rollout.prompt_mask], dim=1)  # [n, 2P]
-        unique, inverse = torch.unique(keys, dim=0, return_inverse=True)  # [u, 2P], [n]
-        cache = None
-        checkpointed = self.hparams.gradient_checkpointing and torch.is_grad_enabled()
-        if p > 1 and unique.size(0) < len(rollout) and not checkpointed:
-            cache = prefill(model, unique[:, : p - 1], unique[:, p : 2 * p - 1])
-        if cache is None:
-            start, cached = 0, {}
-        else:
-            select_rows(cache, inverse)
-            start, cached = p - 1, {cache_keyword(model): cache}
-        logits = model(
-            input_ids=input_ids[:, start:],
-            attention_mask=attention_mask,
-            position_ids=position_ids[:, start:],
-            logits_to_keep=c + 1,
-            use_cache=cache is not None,
-            **cached,
-        ).logits  # [n, C+1, V]
-        logits = logits[:, :-1] / self.hparams.temperature  # [n, C, V]: position t predicts completion token t
-        logps = selective_log_softmax(logits, rollout.completion_ids)  # [n, C]
-        return logps, token_entropy(logits) if with_entropy else None
+        """Per-token log-probs `[n, C]` of the rollout's completions under `model` (and their entropies)."""
+        return completion_logps(
+            model,
+            rollout,
+            temperature=self.hparams.temperature,
+            prompt_once=self.levers.prompt_once,
+            checkpointed=self.hparams.gradient_checkpointing,
+            with_entropy=with_entropy,
+        )
 
     @torch.no_grad()
     def frozen_logps(self, rollout: Rollout) -> tuple[Tensor | None, Tensor | None]:
@@ -540,12 +224,8 @@ class GRPOModule(L.LightningModule):
             if hp.num_iterations > 1:
                 old.append(torch.nn.functional.pad(self.completion_logps(self.policy, part)[0], (0, pad)))
             if hp.beta > 0:
-                if self.ref_model is not None:
-                    logps = self.completion_logps(self.ref_model, part)[0]
-                else:
-                    with self.policy.disable_adapter():
-                        logps = self.completion_logps(self.policy, part)[0]
-                ref.append(torch.nn.functional.pad(logps, (0, pad)))
+                with reference_model(self.policy, self.ref_model) as reference:
+                    ref.append(torch.nn.functional.pad(self.completion_logps(reference, part)[0], (0, pad)))
         return (torch.cat(old) if old else None), (torch.cat(ref) if ref else None)
 
     def _micro_batches(self, n: int) -> list[Tensor]:
@@ -553,7 +233,7 @@ class GRPOModule(L.LightningModule):
         # does not change the step, which sums the gradients of all micro-batches.
         return list(torch.arange(n, device=self.device).split(self.hparams.micro_batch_size))
 
-    # --- training ----------------------------------------------------------------------------------------------
+    # --- training ------------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
         """One rollout and `num_iterations` optimizer steps on it.
@@ -566,6 +246,7 @@ class GRPOModule(L.LightningModule):
         6. The loss of each micro-batch: policy log-probs, clipped surrogate + KL, scaled for accumulation.
         7. num_iterations passes over the rollout: accumulate the micro-batches' gradients, clip, step the
            optimizer and the LR schedule.
+        8. Log the step's metrics and the rollout's records.
         """
         hp = self.hparams
         g = hp.num_generations
@@ -577,27 +258,16 @@ class GRPOModule(L.LightningModule):
         columns = {k: [v for v in values for _ in range(g)] for k, values in batch.items() if k != "prompt"}
 
         # 2. Generate.
-        prompt_ids, prompt_mask, completion_ids, completion_mask, texts = self.generate(
-            prompts, g, hp.temperature, hp.max_new_tokens
-        )
+        samples = self.generate(prompts, g, hp.temperature, hp.max_new_tokens)
         generated = time.perf_counter()
 
         # 3. Score.
-        scores = score_completions(self.reward_fns, self.reward_names, texts, columns, g)  # [N, F]
+        scores = score_completions(self.reward_fns, self.reward_names, samples.texts, columns, g)  # [N, F]
         reward = torch.nansum(scores * self.reward_weights, dim=1)  # [N]
 
         # 4. Advantages.
         advantages = group_advantages(reward, g, hp.scale_rewards)  # [N]
-        rollout = Rollout(
-            prompt_ids,
-            prompt_mask,
-            completion_ids,
-            completion_mask,
-            texts,
-            scores.to(self.device),
-            reward.to(self.device),
-            advantages.to(self.device),
-        )
+        rollout = Rollout(*samples, scores.to(self.device), reward.to(self.device), advantages.to(self.device))
 
         # 5. Frozen log-probs.
         old_logps, ref_logps = self.frozen_logps(rollout)
@@ -607,29 +277,24 @@ class GRPOModule(L.LightningModule):
         stats = self._optimise(rollout)
         trained = time.perf_counter()
 
+        # 8. Metrics, and the records kept for callbacks (e.g. a W&B completions table) and rollouts.jsonl.
         self._log_step(rollout, stats, generate_s=generated - started, train_s=trained - generated)
-        # Kept for callbacks (e.g. a W&B completions table) as well as the rollout log.
-        self.last_rollout = self.rollout_records(step, prompts, columns, rollout)
+        self.last_rollout = rollout_records(step, prompts, columns, rollout, self.reward_names, g)
         if hp.log_rollouts:
-            self._write_rollouts(self.last_rollout)
+            write_rollouts(self._log_dir(), self.global_rank, self.last_rollout)
 
     def _optimise(self, rollout: Rollout) -> dict[str, Tensor]:
         """Steps 6 and 7 of `training_step`; returns token-weighted means of the loss stats over all passes."""
         hp = self.hparams
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        total_rows = len(rollout)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         total_tokens = self._global_mean_tokens(rollout.completion_mask)
         sums: dict[str, Tensor] = {}
         weights = 0.0
         for _ in range(hp.num_iterations):
-            micro_batches = self._micro_batches(total_rows)
+            micro_batches = self._micro_batches(len(rollout))
             for k, index in enumerate(micro_batches):
                 part = rollout.rows(index)
-                # Under DDP, all-reduce the gradients once per optimizer step, not after every micro-batch.
-                last = k == len(micro_batches) - 1
-                no_sync = self.trainer.model.no_sync if isinstance(self.trainer.model, DDP) and not last else None
-                with no_sync() if no_sync is not None else contextlib.nullcontext():
+                with self._sync_gradients(last=k == len(micro_batches) - 1):
                     # 6. The loss.
                     logps, entropy = self.completion_logps(self.policy, part, with_entropy=True)  # [n, C]
                     loss, stats = grpo_loss(
@@ -646,7 +311,7 @@ class GRPOModule(L.LightningModule):
                     )
                     tokens = int(part.completion_mask.sum())
                     scale = accumulation_weight(
-                        hp.loss_type, len(part), total_rows, tokens, total_tokens, len(micro_batches)
+                        hp.loss_type, len(part), len(rollout), tokens, total_tokens, len(micro_batches)
                     )
                     self.manual_backward(loss * scale)
                 stats = {**stats, "loss": loss.detach(), "entropy": masked_mean(entropy, part.completion_mask)}
@@ -660,6 +325,12 @@ class GRPOModule(L.LightningModule):
             if 0 < self.trainer.max_steps <= self.trainer.global_step:
                 break
         return {key: value / max(weights, 1.0) for key, value in sums.items()}
+
+    def _sync_gradients(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Under DDP, all-reduce the gradients once per optimizer step (the last micro-batch), not after each."""
+        if isinstance(self.trainer.model, DDP) and not last:
+            return self.trainer.model.no_sync()
+        return contextlib.nullcontext()
 
     def _global_mean_tokens(self, mask: Tensor) -> float:
         """Completion tokens per rank, averaged over ranks: DDP averages gradients, so dapo divides by this."""
@@ -676,190 +347,24 @@ class GRPOModule(L.LightningModule):
 
     def _log_step(self, rollout: Rollout, stats: dict[str, Tensor], generate_s: float, train_s: float) -> None:
         g = self.hparams.num_generations
-        grouped = rollout.reward.view(-1, g)  # [B, G]
-        group_std = grouped.std(dim=1)  # [B]
-        lengths = rollout.completion_mask.sum(1).float()  # [N]
-        clipped = ~torch.isin(
-            rollout.completion_ids.gather(1, (lengths.long() - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
-            torch.tensor(self.eos_token_ids, device=self.device),
+        metrics = rollout_metrics(rollout, g, self.sampler.eos_token_ids, self.reward_names)
+        tokens = rollout.completion_mask.sum()
+        metrics.update(
+            {
+                "grad_norm": self._grad_norm,
+                "lr": self.lr_schedulers().get_last_lr()[0],
+                "tokens_per_second": tokens / (generate_s + train_s),
+                "time/generate": generate_s,
+                "time/train": train_s,
+                **stats,
+            }
         )
-        metrics: dict[str, Tensor | float] = {
-            "reward": rollout.reward.mean(),
-            "reward_std": group_std.mean(),
-            "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)).float().mean(),
-            "completions/mean_length": lengths.mean(),
-            "completions/clipped_ratio": clipped.float().mean(),
-            "grad_norm": self._grad_norm,
-            "lr": self.lr_schedulers().get_last_lr()[0],
-            "tokens_per_second": lengths.sum() / (generate_s + train_s),
-            "time/generate": generate_s,
-            "time/train": train_s,
-            **stats,
-        }
-        for j, name in enumerate(self.reward_names):
-            mean, std = nan_mean_std(rollout.rewards[:, j])
-            metrics[f"rewards/{name}/mean"] = mean
-            metrics[f"rewards/{name}/std"] = std
         batch_size = len(rollout) // g
-        self.log_dict(
-            {k: v for k, v in metrics.items() if k not in ("reward", "kl")}, batch_size=batch_size, sync_dist=True
-        )
-        self.log("reward", metrics["reward"], prog_bar=True, batch_size=batch_size, sync_dist=True)
-        if "kl" in metrics:
-            self.log("kl", metrics["kl"], prog_bar=True, batch_size=batch_size, sync_dist=True)
-
-    def rollout_records(self, step: int, prompts: list, columns: dict[str, list], rollout: Rollout) -> list[dict]:
-        """One JSON-ready row per completion: step, prompt, completion, per-function rewards, reward, advantage."""
-        g = self.hparams.num_generations
-        records = []
-        for i, completion in enumerate(rollout.completions):
-            record = {
-                "step": step,
-                "prompt_index": i // g,
-                "prompt": prompts[i // g],
-                "completion": completion,
-                "rewards": {
-                    name: None if math.isnan(v) else v
-                    for name, v in zip(self.reward_names, rollout.rewards[i].tolist(), strict=True)
-                },
-                "reward": float(rollout.reward[i]),
-                "advantage": float(rollout.advantages[i]),
-            }
-            if "id" in columns:
-                record["id"] = columns["id"][i]
-            records.append(record)
-        return records
-
-    def _write_rollouts(self, records: list[dict]) -> None:
-        """Rank 0 appends to rollouts.jsonl in the log directory, rank k to rollouts.rank<k>.jsonl: no interleaving."""
-        if self._rollout_file is None:
-            log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            rank = self.global_rank
-            self._rollout_file = log_dir / ("rollouts.jsonl" if rank == 0 else f"rollouts.rank{rank}.jsonl")
-            self._rollout_file.parent.mkdir(parents=True, exist_ok=True)
-        with self._rollout_file.open("a", encoding="utf-8") as f:
-            f.writelines(json.dumps(record, default=str) + "\n" for record in records)
-
-    # --- evaluation ------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate_batch(self, batch: dict[str, list]) -> list[dict[str, Any]]:
-        """`eval_num_samples` completions per prompt at `eval_temperature`, scored: one record per prompt."""
-        hp = self.hparams
-        k = hp.eval_num_samples
-        prompts = batch["prompt"]
-        columns = {key: values for key, values in batch.items() if key != "prompt"}
-        repeated = {key: [v for v in values for _ in range(k)] for key, values in columns.items()}
-        _, _, _, completion_mask, texts = self.generate(prompts, k, hp.eval_temperature, hp.max_new_tokens)
-        scores = score_completions(self.reward_fns, self.reward_names, texts, repeated, k)  # [B*k, F]
-        reward = torch.nansum(scores * self.reward_weights, dim=1)  # [B*k]
-        lengths = completion_mask.sum(1).tolist()
-        records = []
-        for p, prompt in enumerate(prompts):
-            rows = slice(p * k, (p + 1) * k)
-            records.append(
-                {
-                    "prompt": prompt,
-                    "columns": {key: values[p] for key, values in columns.items()},
-                    "completions": texts[rows],
-                    "lengths": lengths[rows],
-                    "rewards": {
-                        name: [None if math.isnan(v) else v for v in scores[rows, j].tolist()]
-                        for j, name in enumerate(self.reward_names)
-                    },
-                    "reward": reward[rows].tolist(),
-                }
-            )
-        return records
-
-    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self._eval_records.extend(self.evaluate_batch(batch))
-
-    def test_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self._eval_records.extend(self.evaluate_batch(batch))
-
-    def predict_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self._eval_records.extend(self.evaluate_batch(batch))
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_records = []
-
-    on_test_epoch_start = on_validation_epoch_start
-    on_predict_epoch_start = on_validation_epoch_start
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_evaluation("test")
-
-    def evaluation_metrics(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        """Reward means over all samples, plus the data module's task metrics (its `evaluate(records)`)."""
-        rewards = [r for record in records for r in record["reward"]]
-        metrics: dict[str, Any] = {"reward": sum(rewards) / len(rewards)}
-        for name in self.reward_names:
-            values = [v for record in records for v in record["rewards"][name] if v is not None]
-            if values:
-                metrics[f"rewards/{name}/mean"] = sum(values) / len(values)
-        lengths = [n for record in records for n in record["lengths"]]
-        metrics["mean_length"] = sum(lengths) / len(lengths)
-        evaluate = getattr(self.trainer.datamodule, "evaluate", None)
-        if evaluate is not None:
-            metrics.update(evaluate(records))
-        return metrics
-
-    def _gather_records(self) -> list[dict[str, Any]]:
-        """Every rank's evaluation records (the metrics are not averages, so they need all the predictions)."""
-        if self.trainer.world_size == 1:
-            return self._eval_records
-        gathered: list[list[dict[str, Any]]] = [[] for _ in range(self.trainer.world_size)]
-        torch.distributed.all_gather_object(gathered, self._eval_records)
-        return [record for part in gathered for record in part]
-
-    def _finish_evaluation(self, stage: str) -> None:
-        records = self._gather_records()
-        if self.trainer.sanity_checking or not records:
-            return
-        metrics = self.evaluation_metrics(records)
-        scalars = {f"{stage}/{k}": float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
-        self.log_dict(scalars, batch_size=len(records))
-        if self.trainer.state.fn != "fit" and self.global_rank == 0:
-            log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            log_dir.mkdir(parents=True, exist_ok=True)
-            summary = {
-                "stage": stage,
-                "ckpt_path": self.trainer.ckpt_path,
-                "num_prompts": len(records),
-                "eval_num_samples": self.hparams.eval_num_samples,
-                "eval_temperature": self.hparams.eval_temperature,
-                "metrics": metrics,
-            }
-            (log_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-            if "per_class" in metrics:
-                _print_per_class(metrics["per_class"])
-            rank_zero_info(f"ttc: wrote {log_dir / 'metrics.json'}")
-
-    def on_predict_epoch_end(self) -> None:
-        """predictions.jsonl: one line per input with its k completions, what was parsed, the final answer/patch."""
-        records = self._gather_records()
-        if self.global_rank != 0:
-            return
-        final_prediction = getattr(self.trainer.datamodule, "final_prediction", None) or _best_completion
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        path = log_dir / "predictions.jsonl"
-        with path.open("w", encoding="utf-8") as f:
-            for i, record in enumerate(records):
-                line = {
-                    "id": record["columns"].get("id", i),
-                    "completions": record["completions"],
-                    "rewards": record["rewards"],
-                    **final_prediction(record),
-                }
-                f.write(json.dumps(line, default=str) + "\n")
-        rank_zero_info(f"ttc: wrote {len(records)} predictions to {path}")
-
-    # --- optimizer ---------------------------------------------------------------------------------------------
+        shown = ("reward", "kl")
+        self.log_dict({k: v for k, v in metrics.items() if k not in shown}, batch_size=batch_size, sync_dist=True)
+        for name in shown:
+            if name in metrics:
+                self.log(name, metrics[name], prog_bar=True, batch_size=batch_size, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -878,162 +383,81 @@ class GRPOModule(L.LightningModule):
         batches = trainer.estimated_stepping_batches
         return None if math.isinf(batches) else int(batches) * self.hparams.num_iterations
 
-    # --- checkpoints -------------------------------------------------------------------------------------------
+    # --- evaluation ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: dict[str, list]) -> list[dict[str, Any]]:
+        """`eval_num_samples` completions per prompt at `eval_temperature`, scored: one record per prompt."""
+        hp = self.hparams
+        k = hp.eval_num_samples
+        columns = {key: values for key, values in batch.items() if key != "prompt"}
+        repeated = {key: [v for v in values for _ in range(k)] for key, values in columns.items()}
+        samples = self.generate(batch["prompt"], k, hp.eval_temperature, hp.max_new_tokens)
+        scores = score_completions(self.reward_fns, self.reward_names, samples.texts, repeated, k)  # [B*k, F]
+        reward = torch.nansum(scores * self.reward_weights, dim=1)  # [B*k]
+        lengths = samples.completion_mask.sum(1).tolist()
+        return prompt_records(
+            batch["prompt"], columns, samples.texts, lengths, scores.tolist(), reward.tolist(), self.reward_names, k
+        )
+
+    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        self._eval_records.extend(self.evaluate_batch(batch))
+
+    test_step = predict_step = validation_step
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_records = []
+
+    on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation("test")
+
+    def _finish_evaluation(self, stage: str) -> None:
+        records = gather_records(self._eval_records, self.trainer.world_size)
+        if self.trainer.sanity_checking or not records:
+            return
+        task: Task = self.trainer.datamodule
+        metrics: dict[str, Any] = {**reward_metrics(records, self.reward_names), **task.evaluate(records)}
+        scalars = {f"{stage}/{k}": float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
+        self.log_dict(scalars, batch_size=len(records))
+        if self.trainer.state.fn == "fit" or self.global_rank != 0:
+            return
+        sampling = {
+            "eval_num_samples": self.hparams.eval_num_samples,
+            "eval_temperature": self.hparams.eval_temperature,
+        }
+        path = write_metrics(self._log_dir(), stage, self.trainer.ckpt_path, len(records), sampling, metrics)
+        if "per_class" in metrics:
+            print_per_class(metrics["per_class"])
+        rank_zero_info(f"ttc: wrote {path}")
+
+    def on_predict_epoch_end(self) -> None:
+        """predictions.jsonl: one line per input with its k completions, what was parsed, the final answer/patch."""
+        records = gather_records(self._eval_records, self.trainer.world_size)
+        if self.global_rank != 0:
+            return
+        task: Task = self.trainer.datamodule
+        path = write_predictions(self._log_dir(), records, task.final_prediction)
+        rank_zero_info(f"ttc: wrote {len(records)} predictions to {path}")
+
+    def _log_dir(self) -> Path:
+        # trainer.log_dir is a collective call under DDP: looked up once, by every rank.
+        if self._log_path is None:
+            self._log_path = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        return self._log_path
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep what training changed: the LoRA weights under LoRA, the policy otherwise, never the reference."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        state = checkpoint["state_dict"]
-        if self.hparams.lora is not None:
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
-        else:
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("ref_model.")}
-        checkpoint["ttc"] = {
-            "model_name_or_path": self.hparams.model_name_or_path,
-            "lora": self.hparams.lora is not None,
-            # Lightning does not save RNG states; sampling after a resume must continue the same random stream.
-            "rng": rng_states(),
-        }
+        checkpoint["state_dict"] = trim_state(checkpoint["state_dict"], trainable, self.lora is not None)
+        checkpoint["ttc"] = ttc_section(self.hparams.model_name_or_path, self.lora is not None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "ttc" not in checkpoint:
-            raise TTCError("--ckpt_path: this checkpoint was not written by ttc (it has no 'ttc' section)")
-        if checkpoint["ttc"]["lora"] != (self.hparams.lora is not None):
-            raise TTCError(
-                "--ckpt_path: the checkpoint was trained "
-                + ("with" if checkpoint["ttc"]["lora"] else "without")
-                + " LoRA but model.lora is "
-                + ("set" if self.hparams.lora is not None else "null")
-                + "; use the same model settings as the run that wrote it"
-            )
-        if "rng" in checkpoint["ttc"]:
-            set_rng_states(checkpoint["ttc"]["rng"])
-        if self.hparams.lora is None:
-            # The frozen reference is never saved: it is the base model, loaded again in configure_model.
-            reference = {k: v for k, v in self.state_dict().items() if k.startswith("ref_model.")}
-            checkpoint["state_dict"] = {**reference, **checkpoint["state_dict"]}
-        else:
-            expected = {name for name, p in self.named_parameters() if p.requires_grad}
-            unknown = sorted(set(checkpoint["state_dict"]) - expected)
-            if unknown:
-                raise TTCError(
-                    f"--ckpt_path: {len(unknown)} checkpoint weights do not match this model's LoRA layers "
-                    f"(first: {unknown[0]}); check model.lora and model.model_name_or_path"
-                )
-            # Frozen base weights are not in the checkpoint: put the current ones back so loading is complete.
-            state = self.state_dict()
-            checkpoint["state_dict"] = {
-                **{k: v for k, v in state.items() if k not in expected},
-                **checkpoint["state_dict"],
-            }
-
-
-def rng_states() -> dict[str, Any]:
-    """The states of every random generator sampling and shuffling use."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    # Plain lists and tensors only, so the checkpoint also loads with torch.load(weights_only=True).
-    numpy_state = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _best_completion(record: dict[str, Any]) -> dict[str, Any]:
-    """Final answer for a task without its own rule: the completion the reward functions scored highest."""
-    best = max(range(len(record["completions"])), key=lambda i: record["reward"][i])
-    return {"final": record["completions"][best], "score": record["reward"][best]}
-
-
-def _print_per_class(per_class: dict[str, dict[str, float]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="per class")
-    for column in ("class", "precision", "recall", "f1", "support"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    for name, row in per_class.items():
-        table.add_row(name, *(f"{row[c]:.3f}" for c in ("precision", "recall", "f1")), str(int(row["support"])))
-    Console(stderr=True).print(table)
-
-
-def _check_settings(hp: Any) -> None:
-    """Invariants the config must satisfy, each with how to fix it."""
-    problems = []
-    if not hp.rewards:
-        problems.append("model.rewards is empty: name at least one reward function by import path")
-    if hp.reward_weights is not None and len(hp.reward_weights) != len(hp.rewards):
-        problems.append(
-            f"model.reward_weights has {len(hp.reward_weights)} entries for {len(hp.rewards)} reward functions: "
-            "give one weight per function or null"
-        )
-    if hp.num_generations < 2:
-        problems.append("model.num_generations must be >= 2: advantages compare completions of the same prompt")
-    if hp.load_in_4bit and hp.lora is None:
-        problems.append("model.load_in_4bit needs model.lora: 4-bit weights cannot be trained directly (QLoRA)")
-    if hp.temperature <= 0:
-        problems.append("model.temperature must be > 0 for training (sampling)")
-    if not 0 < hp.top_p <= 1:
-        problems.append("model.top_p must be in (0, 1]")
-    if hp.top_k < 0:
-        problems.append("model.top_k must be >= 0 (0 = off)")
-    if hp.beta < 0:
-        problems.append("model.beta must be >= 0")
-    if hp.epsilon <= 0 or (hp.epsilon_high is not None and hp.epsilon_high <= 0):
-        problems.append("model.epsilon and model.epsilon_high must be > 0")
-    for name in ("num_iterations", "micro_batch_size", "max_new_tokens", "eval_num_samples"):
-        if getattr(hp, name) < 1:
-            problems.append(f"model.{name} must be >= 1")
-    if hp.eval_temperature < 0:
-        problems.append("model.eval_temperature must be >= 0 (0 = greedy)")
-    if hp.eval_temperature == 0 and hp.eval_num_samples > 1:
-        problems.append("model.eval_num_samples > 1 needs model.eval_temperature > 0: greedy samples are identical")
-    if hp.learning_rate <= 0:
-        problems.append("model.learning_rate must be > 0")
-    if problems:
-        raise TTCError("; ".join(problems))
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No per-shard progress bars: they would interleave with the training progress bar."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _materialise(model_name_or_path: str) -> str:
-    """ "tiny" -> a temporary directory holding it, so it loads through the same path as any local model."""
-    if model_name_or_path != TINY:
-        return model_name_or_path
-    directory = tempfile.mkdtemp(prefix="ttc-tiny-")
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    with _quiet_transformers():
-        return str(save_tiny(directory))
-
-
-def _load_tokenizer(path: str, name: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise TTCError(f"model.model_name_or_path: cannot load the tokenizer of {name!r}: {e}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        complete_state(checkpoint, self.state_dict(), trainable, self.lora is not None)

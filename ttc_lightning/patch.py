@@ -13,8 +13,7 @@ Edits are line-based. A text is a list of lines split on `\\n` only (C sources m
 newline is not part of any line: `apply_edits` keeps the source's final-newline state, whatever the edits do.
 SEARCH lines must equal the function's lines exactly, indentation and trailing whitespace included (as in SWE-RL).
 
-`split_think_answer` lives here, pure and dependency-free, so that the classification rewards can import it
-without a cycle: it is the one parser of `<think>...</think><answer>...</answer>` completions.
+Completions are split into reasoning and answer by `ttc_lightning.answers.split_think_answer`.
 """
 
 from __future__ import annotations
@@ -24,13 +23,13 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from ttc_lightning.answers import split_think_answer
 from ttc_lightning.errors import TTCError
 
 SEARCH_MARKER = "<<<<<<< SEARCH"
 DIVIDER = "======="
 REPLACE_MARKER = ">>>>>>> REPLACE"
 _MARKERS = (SEARCH_MARKER, DIVIDER, REPLACE_MARKER)
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 @dataclass(frozen=True)
@@ -57,24 +56,6 @@ class PatchScore:
     reward: float
     exact: bool
     error: str | None
-
-
-def split_think_answer(text: str) -> tuple[str, str] | None:
-    """`(think, answer)`, both stripped, when `text` has exactly one `<think>...</think>` followed by exactly
-    one `<answer>...</answer>`; None when a tag is missing, repeated or out of order.
-
-    Text around the tags is allowed and an empty think is accepted (a model in non-thinking mode emits
-    `<think>\\n\\n</think>`). A chat template that pre-fills `<think>` in the prompt leaves it out of the
-    completion: the caller must put it back before calling this.
-    """
-    if any(text.count(tag) != 1 for tag in _TAGS):
-        return None
-    think_open, think_close, answer_open, answer_close = (text.index(tag) for tag in _TAGS)
-    if not think_open < think_close < answer_open < answer_close:
-        return None
-    think = text[think_open + len("<think>") : think_close]
-    answer = text[answer_open + len("<answer>") : answer_close]
-    return think.strip(), answer.strip()
 
 
 def _lines(text: str) -> list[str]:

@@ -6,52 +6,19 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from ttc_lightning.answers import TAGS, normalize_label, parse_answer
 from ttc_lightning.errors import TTCError
 
 
-def char_fraction_reward(
-    completions: list[str], target_char: list[str] | None = None, **_: Any
-) -> list[float | None]:
+def char_fraction_reward(completions: list[str], target_char: list[str] | None = None, **_: Any) -> list[float | None]:
     """Fraction of each completion's characters equal to its row's `target_char` column ("a" without one).
 
     A toy reward for the demo and the learning test: easy to move, and visibly moved by training.
     """
     chars = target_char or ["a"] * len(completions)
     return [text.count(char) / len(text) if text else 0.0 for text, char in zip(completions, chars, strict=True)]
-
-
-_ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
-_FORMAT_TAGS = ("<think>", "</think>", _ANSWER_OPEN, _ANSWER_CLOSE)
-_WORD_LABELS = frozenset({"vulnerable", "benign", "other"})
-# "CWE-787", "cwe 787", "CWE_787", "CWE787", "CWE-0787" all mean the same weakness.
-_CWE = re.compile(r"cwe[\s_:-]*(\d+)")
-
-
-def normalize_label(label: str) -> str | None:
-    """Canonical form of a classification label: `vulnerable` / `benign` / `other` in lower case, or `CWE-<n>`.
-
-    Case, surrounding whitespace and surrounding `. " ' ` *` are ignored (models write "**Vulnerable.**").
-    Anything else is None, including a bare number: the prompt asks for `CWE-<n>` and "787" could as well be
-    a line number, so guessing would reward answers that did not follow the instructions.
-    """
-    text = " ".join(label.split()).strip(" .\"'`*").lower()
-    if text in _WORD_LABELS:
-        return text
-    match = _CWE.fullmatch(text)
-    return f"CWE-{int(match.group(1))}" if match else None
-
-
-def parse_answer(text: str) -> str | None:
-    """The normalised label inside the single `<answer>...</answer>`; None when the block is missing, repeated,
-    unclosed, or holds no valid label (see `normalize_label`). The think block is `format_reward`'s business."""
-    if text.count(_ANSWER_OPEN) != 1 or text.count(_ANSWER_CLOSE) != 1:
-        return None
-    start = text.index(_ANSWER_OPEN) + len(_ANSWER_OPEN)
-    end = text.find(_ANSWER_CLOSE, start)
-    return normalize_label(text[start:end]) if end != -1 else None
 
 
 def format_reward(completions: list[str], **_: Any) -> list[float | None]:
@@ -61,7 +28,7 @@ def format_reward(completions: list[str], **_: Any) -> list[float | None]:
     while a model is still learning the layout. Tag order is not checked: `</answer>x<answer>` earns 0.5 here
     but nothing from `label_reward`, whose `parse_answer` needs the answer block in order.
     """
-    return [0.25 * sum(text.count(tag) == 1 for tag in _FORMAT_TAGS) for text in completions]
+    return [0.25 * sum(text.count(tag) == 1 for tag in TAGS) for text in completions]
 
 
 def label_reward(completions: list[str], label: list[str], **_: Any) -> list[float | None]:

@@ -198,3 +198,26 @@ def test_help_shows_documented_fields(run_ttc):
     code, out, _ = run_ttc("fit", "--model.help", "ttc_lightning.GRPOModule")
     assert code == 0
     assert "Weight of the KL penalty to the reference policy" in out
+
+
+# Checkpoints written by ttc 0.1's first layout (one `module.py`), 2 steps of tests/integration/tiny.yaml with
+# beta 0.04, 8 new tokens, G = 2: with LoRA r 4, alpha 8 (adapters only), and full fine-tuning.
+OLD_LORA = str(REPO / "tests" / "fixtures" / "layout-0.1-lora.ckpt")
+OLD_FULL = str(REPO / "tests" / "fixtures" / "layout-0.1-full.ckpt")
+OLD_SETTINGS = ["--model.beta", "0.04", *FAST]
+
+
+@pytest.mark.parametrize(
+    ("ckpt", "lora"), [(OLD_LORA, ["--model.lora", "{r: 4, alpha: 8}"]), (OLD_FULL, [])], ids=["lora", "full"]
+)
+def test_checkpoints_of_the_first_layout_resume_and_evaluate(run_ttc, tmp_path, ckpt, lora):
+    args = ["--config", DEMO, "--trainer.default_root_dir", "run", *OLD_SETTINGS, *lora]
+    code, _, err = run_ttc("fit", *args, "--trainer.max_steps", "3", "--ckpt_path", ckpt)
+    assert code == 0, err
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "run")] == [2]  # resumed at step 2, not restarted
+    prompts = tmp_path / "val.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    code, _, err = run_ttc("validate", *args, "--data.val_path", str(prompts), "--ckpt_path", ckpt)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "logs" / "version_1" / "metrics.json").read_text())["num_prompts"] == 2

@@ -6,13 +6,31 @@ import torch
 
 from tests.conftest import REPO
 from tests.integration.test_fit import read_metrics
-from ttc_lightning.data.tasks import SAMPLE_DIR
+from ttc_lightning.data.base import SAMPLE_DIR
 
 SMALL = [
-    "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", "run",
-    "--model.model_name_or_path", "tiny", "--model.max_new_tokens", "8", "--model.num_generations", "2",
-    "--model.eval_num_samples", "2", "--model.eval_temperature", "1.0", "--model.gradient_checkpointing", "false",
-    "--model.lora", "{r: 4, alpha: 8}", "--data.data_path", SAMPLE_DIR,
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.default_root_dir",
+    "run",
+    "--model.model_name_or_path",
+    "tiny",
+    "--model.max_new_tokens",
+    "8",
+    "--model.num_generations",
+    "2",
+    "--model.eval_num_samples",
+    "2",
+    "--model.eval_temperature",
+    "1.0",
+    "--model.gradient_checkpointing",
+    "false",
+    "--model.lora",
+    "{r: 4, alpha: 8}",
+    "--data.data_path",
+    SAMPLE_DIR,
 ]
 PATCH = ["--config", str(REPO / "configs" / "patch.yaml"), *SMALL]
 CLASSIFY = ["--config", str(REPO / "configs" / "classify.yaml"), *SMALL]

@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from ttc_lightning.callbacks import RunInfo, SaveConfigToWandb, SummaryTable
 from ttc_lightning.tracking import (
-    RunInfo,
-    SaveConfigToWandb,
-    SummaryTable,
     default_run_name,
     git_state,
     prepare_wandb,

@@ -1,7 +1,8 @@
 import pytest
 
+from ttc_lightning.answers import normalize_label, parse_answer
 from ttc_lightning.errors import TTCError
-from ttc_lightning.rewards import format_reward, label_reward, normalize_label, parse_answer
+from ttc_lightning.rewards import format_reward, label_reward
 
 
 def wrap(answer: str) -> str:

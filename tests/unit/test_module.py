@@ -7,10 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ttc_lightning import module as module_py
+from ttc_lightning import cpu
 from ttc_lightning.cli import auto_precision
 from ttc_lightning.errors import TTCError
-from ttc_lightning.module import GRPOModule, LoRA, Rollout, nan_mean_std, score_completions
+from ttc_lightning.module import GRPOModule
+from ttc_lightning.policy import LoRA, encode_prompts
+from ttc_lightning.rollout import Rollout, nan_mean_std, score_completions
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
 
@@ -97,7 +99,7 @@ def test_unknown_reward_path():
 
 FAULTS_SCRIPT = """
 import ctypes, resource, torch
-from ttc_lightning.module import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_freed_memory
+from ttc_lightning.cpu import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_freed_memory
 
 def faults():  # page faults of 10 rounds of three 12 MiB activations, freed together as a step frees them
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -131,8 +133,9 @@ def test_freed_memory_is_reused_without_page_faults():
 
 def test_training_on_cpu_keeps_freed_memory(monkeypatch):
     calls = []
-    monkeypatch.setattr(module_py, "keep_freed_memory", lambda: calls.append(True))
+    monkeypatch.setattr(cpu, "keep_freed_memory", lambda: calls.append(True))
     module = GRPOModule(rewards=[TOY])
+    module.configure_model()
     module._trainer = SimpleNamespace(world_size=1)
     module.on_fit_start()
     assert calls == [True]
@@ -200,7 +203,7 @@ def test_checkpoint_restores_the_random_streams():
 
 def _rollout_of(module: GRPOModule, prompts: list[str], completions: list[list[int]], g: int) -> Rollout:
     """Each prompt repeated g times (left-padded), with the given completion ids (right-padded)."""
-    prompt_ids, prompt_mask = module.tokenize_prompts(prompts)
+    prompt_ids, prompt_mask = encode_prompts(module.tokenizer, prompts, module.device)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)
     width = max(map(len, completions))
     completion_ids = torch.tensor([row + [0] * (width - len(row)) for row in completions])

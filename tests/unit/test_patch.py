@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from ttc_lightning.answers import split_think_answer
 from ttc_lightning.errors import TTCError
 from ttc_lightning.patch import (
     Edit,
@@ -15,7 +16,6 @@ from ttc_lightning.patch import (
     parse_edits,
     patch_reward,
     score_patch,
-    split_think_answer,
 )
 
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "primevul-real"

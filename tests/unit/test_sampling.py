@@ -3,20 +3,15 @@ import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
-from ttc_lightning import sampling
-from ttc_lightning.module import GRPOModule, LoRA
-from ttc_lightning.sampling import (
-    GrowingLayer,
-    SharedPrefixLayer,
-    can_pack,
-    decode_step,
-    expand_cache,
-    fast_decode_model,
-    fast_decoding,
-    merged_lora,
-    packed_linears,
-    prefill,
-)
+from ttc_lightning import cpu, decoding
+from ttc_lightning import sampler as sampler_py
+from ttc_lightning.cpu import can_pack, packed_linears
+from ttc_lightning.decoding import decode_step, fast_decode_model, fast_decoding
+from ttc_lightning.kv_cache import GrowingLayer, SharedPrefixLayer, cache_bytes, cache_keyword, expand_cache, prefill
+from ttc_lightning.levers import Levers
+from ttc_lightning.module import GRPOModule
+from ttc_lightning.policy import LoRA
+from ttc_lightning.sampler import merged_lora, plan_sampling
 from ttc_lightning.tiny import build_tiny_model, build_tiny_tokenizer
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
@@ -61,7 +56,7 @@ def test_merged_lora_gives_the_same_outputs_and_restores_the_weights():
     before, weights = module.policy(input_ids=ids).logits, base_weights(module)
     cycles = 20
     for _ in range(cycles):
-        with merged_lora(module.policy, enabled=True):
+        with merged_lora(module.policy, "in place"):
             merged = module.policy(input_ids=ids).logits
             merged_weights = base_weights(module)
     torch.testing.assert_close(merged, before, atol=1e-5, rtol=1e-5)
@@ -77,7 +72,7 @@ def test_merged_lora_gives_the_same_outputs_and_restores_the_weights():
 
 def test_merged_lora_unmerges_when_sampling_fails():
     module = lora_module()
-    with pytest.raises(RuntimeError), merged_lora(module.policy, enabled=True):
+    with pytest.raises(RuntimeError), merged_lora(module.policy, "in place"):
         assert any(getattr(m, "merged", False) for m in module.policy.modules())
         raise RuntimeError("generation failed")
     assert not any(getattr(m, "merged", False) for m in module.policy.modules())
@@ -125,7 +120,7 @@ def test_packed_linears_compute_what_the_layers_compute_and_give_them_back():
     x = torch.randn(16, 1, 512)
     with torch.no_grad():
         expected = hooked(big(x))
-        with packed_linears(model, enabled=True, rows=16):
+        with packed_linears(model, rows=16):
             assert "forward" in vars(big) and "forward" not in vars(small)
             got = hooked(big(x))
             with torch.enable_grad():  # training-time calls take the layer's own path, with gradients
@@ -166,7 +161,7 @@ def check_decode_steps(model: torch.nn.Module, rows: int, layers: list | None = 
             token = torch.randint(3, 250, (rows, 1))
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             positions = mask.sum(1, keepdim=True) - 1
-            kwargs = {sampling.cache_keyword(model): theirs}
+            kwargs = {cache_keyword(model): theirs}
             expected = model(input_ids=token, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
             got = decode_step(model, token, mask, positions, ours, layers)
             torch.testing.assert_close(got, expected.logits, atol=1e-5, rtol=1e-5)
@@ -190,7 +185,7 @@ def sample(model, prompt_ids, prompt_mask, group, fast, share=False, do_sample=T
             input_ids=prompt_ids.repeat_interleave(group, 0),
             attention_mask=prompt_mask.repeat_interleave(group, 0),
             generation_config=config,
-            **{sampling.cache_keyword(model): cache},
+            **{cache_keyword(model): cache},
         )
 
 
@@ -206,7 +201,7 @@ def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
 def test_fast_decoding_samples_what_generate_samples(monkeypatch, do_sample):
     model, (ids, mask) = tiny_llama(), padded_prompts()
     calls = []
-    monkeypatch.setattr(sampling, "decode_step", lambda *a: calls.append(1) or decode_step(*a))
+    monkeypatch.setattr(decoding, "decode_step", lambda *a: calls.append(1) or decode_step(*a))
     expected = sample(model, ids, mask, group=3, fast=False, do_sample=do_sample)
     assert not calls
     got = sample(model, ids, mask, group=3, fast=True, do_sample=do_sample)
@@ -217,7 +212,6 @@ def test_fast_decoding_samples_what_generate_samples(monkeypatch, do_sample):
 
 def test_prompts_shared_by_their_rows_sample_what_copies_would(monkeypatch):
     model, (ids, mask) = tiny_qwen(), padded_prompts()
-    monkeypatch.setattr(sampling, "SHARE_MIN_BYTES", 0)
     for do_sample in (False, True):
         expected = sample(model, ids, mask, group=4, fast=True, share=False, do_sample=do_sample)
         got = sample(model, ids, mask, group=4, fast=True, share=True, do_sample=do_sample)
@@ -246,11 +240,18 @@ def test_prompts_shared_by_their_rows_sample_what_copies_would(monkeypatch):
     assert not isinstance(cache.layers[0], SharedPrefixLayer)
 
 
-def test_small_prompt_caches_are_copied_not_shared():
+def test_small_prompt_caches_are_copied_not_shared_on_cpu():
     model, (ids, mask) = tiny_qwen(), padded_prompts()
     cache = prefill(model, ids, mask)
-    expand_cache(cache, mask, group=4, capacity=8, share=True)  # 2 x 11 positions of 2 x 16 values: far below
-    assert not isinstance(cache.layers[0], SharedPrefixLayer) and cache.layers[0].keys.size(0) == 8
+    copies = cache_bytes(cache) * 3  # 2 prompts x 2 heads x 12 positions x 16 values x 2 (k, v) x 4 bytes x 3 copies
+    assert copies == 2 * 2 * 12 * 16 * 2 * 4 * 3 < cpu.SHARE_MIN_BYTES
+    config = GenerationConfig(do_sample=True, max_new_tokens=4, eos_token_id=2, pad_token_id=0, top_k=0)
+    plan = plan_sampling(model, Levers(), config, lora=False, quantized=False, copy_bytes=copies)
+    assert plan.decoder == "loop" and not plan.share_cache and "copying" in plan.off["share_cache"]
+    assert plan_sampling(model, Levers(), config, lora=False, quantized=False, copy_bytes=4 << 20).share_cache
+    # Off the CPU tricks, the threshold measured on CPU does not apply: the plain path shares whenever it can.
+    plan = plan_sampling(model, Levers(cpu=False), config, lora=False, quantized=False, copy_bytes=copies)
+    assert plan.share_cache
 
 
 def test_fast_decoding_leaves_other_models_and_calls_alone():
@@ -284,10 +285,10 @@ def test_generate_samples_the_policy_not_the_models_repetition_penalty():
     ],
 )
 def test_decode_samples_what_generate_samples(monkeypatch, settings):
-    monkeypatch.setattr(sampling, "draw", lambda probs: torch.multinomial(probs, 1))  # generate()'s draw
+    monkeypatch.setattr(decoding, "draw", lambda probs: torch.multinomial(probs, 1))  # generate()'s draw
     model, (ids, mask) = tiny_llama(), padded_prompts()
     model.generation_config.min_new_tokens = 3  # honoured from the model's generation config, as generate() does
-    assert sampling.decodes_alone(model)
+    assert decoding.decodes_alone(model)
     config = GenerationConfig(max_new_tokens=12, eos_token_id=[2, 7], pad_token_id=0, **settings)
     rows_ids, rows_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)  # [6, 12]
     results = []
@@ -297,9 +298,9 @@ def test_decode_samples_what_generate_samples(monkeypatch, settings):
             expand_cache(cache, mask[:, :-1], 3, 13, share=False)
             torch.manual_seed(5)
             if ours:
-                results.append(sampling.decode(model, rows_ids, rows_mask, cache, config))
+                results.append(decoding.decode(model, rows_ids, rows_mask, cache, config))
             else:
-                kwargs = {sampling.cache_keyword(model): cache}
+                kwargs = {cache_keyword(model): cache}
                 results.append(
                     model.generate(input_ids=rows_ids, attention_mask=rows_mask, generation_config=config, **kwargs)
                 )
@@ -314,10 +315,10 @@ def test_decode_stops_when_every_row_has_ended_and_pads_after_eos():
     config = GenerationConfig(do_sample=False, max_new_tokens=10, eos_token_id=[eos], pad_token_id=0)
     with torch.no_grad():
         cache = prefill(model, ids[:, :-1], mask[:, :-1], 22)
-        got = sampling.decode(model, ids, mask, cache, config)
+        got = decoding.decode(model, ids, mask, cache, config)
         cache = prefill(model, ids[:, :-1], mask[:, :-1], 22)
         expected = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=config, **{sampling.cache_keyword(model): cache}
+            input_ids=ids, attention_mask=mask, generation_config=config, **{cache_keyword(model): cache}
         )
     assert torch.equal(got, expected)
     assert got[0, 12] == eos and (got[0, 13:] == 0).all()
@@ -326,28 +327,26 @@ def test_decode_stops_when_every_row_has_ended_and_pads_after_eos():
     )
     with torch.no_grad():
         cache = prefill(model, ids[:, :-1], mask[:, :-1], 22)
-        assert sampling.decode(model, ids, mask, cache, everything_ends).size(1) == 13  # one token, then no more steps
+        assert decoding.decode(model, ids, mask, cache, everything_ends).size(1) == 13  # one token, then no more steps
 
 
 def test_models_whose_generation_config_adds_processors_sample_through_generate():
     model = tiny_qwen()
-    assert sampling.decodes_alone(model)
+    assert decoding.decodes_alone(model)
     model.generation_config.no_repeat_ngram_size = 2
-    assert not sampling.decodes_alone(model)
+    assert not decoding.decodes_alone(model)
     model.generation_config.no_repeat_ngram_size = None
     model.generation_config.repetition_penalty = 1.05
-    assert not sampling.decodes_alone(model)
+    assert not decoding.decodes_alone(model)
 
 
 def test_sampling_with_merged_adapters_gives_the_unmerged_policys_tokens(monkeypatch):
     import contextlib
 
-    import ttc_lightning.module as module_file
-
     module = lora_module()
     prompts = ["a prompt", "another, longer prompt"]
     merged = module.generate(prompts, num_samples=2, temperature=0.0, max_new_tokens=10)[2]
-    monkeypatch.setattr(module_file, "merged_lora", lambda model, enabled: contextlib.nullcontext())
+    monkeypatch.setattr(sampler_py, "merged_lora", lambda model, how: contextlib.nullcontext())
     unmerged = module.generate(prompts, num_samples=2, temperature=0.0, max_new_tokens=10)[2]
     assert torch.equal(merged, unmerged)
     with torch.no_grad(), module.policy.disable_adapter():  # and the adapters do change what is sampled
@@ -358,7 +357,7 @@ def test_sampling_with_merged_adapters_gives_the_unmerged_policys_tokens(monkeyp
 def test_draw_picks_each_token_with_its_probability(monkeypatch):
     torch.manual_seed(0)
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]]).repeat(10_000, 1)  # [20000, 5]
-    tokens = sampling.draw(probs)
+    tokens = decoding.draw(probs)
     assert tokens.shape == (20_000, 1) and tokens.dtype == torch.long
     first, second = tokens[0::2, 0], tokens[1::2, 0]
     assert (second == 4).all()
@@ -370,14 +369,14 @@ def test_draw_picks_each_token_with_its_probability(monkeypatch):
         assert abs(counts[token] - 10_000 * p) < 4 * sd
     # A uniform draw at the very top of [0, 1) still lands on the last token with probability.
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full((1, 1), 1 - 2**-24))
-    assert sampling.draw(torch.tensor([[0.25, 0.75, 0.0]])).item() == 1
+    assert decoding.draw(torch.tensor([[0.25, 0.75, 0.0]])).item() == 1
 
 
 @needs_onednn
 def test_fused_packed_projections_give_the_models_logits(monkeypatch):
-    monkeypatch.setattr(sampling, "PACK_MIN_WEIGHTS", 0)  # the tiny models' layers are below it
+    monkeypatch.setattr(cpu, "PACK_MIN_WEIGHTS", 0)  # the tiny models' layers are below it
     for model in (tiny_qwen(), tiny_llama()):
         calls = []
         model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_, calls=calls: calls.append(1))
-        check_decode_steps(model, rows=6, layers=sampling.decode_layers(model, rows=6))
+        check_decode_steps(model, rows=6, layers=decoding.decode_layers(model, rows=6))
         assert len(calls) == 2 + 4  # two prefills, the model's own 4 tokens; decode_step used the fused weights

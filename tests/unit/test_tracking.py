@@ -12,14 +12,11 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from ttc_lightning.callbacks import CompletionsTable, RunInfo, StepProgressBar, SummaryTable
 from ttc_lightning.errors import TTCError
 from ttc_lightning.tracking import (
     WANDB_MISSING,
     WANDB_NO_LOGIN,
-    CompletionsTable,
-    RunInfo,
-    StepProgressBar,
-    SummaryTable,
     completion_table,
     default_run_name,
     first_last,

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ttc_lightning.data.base import Record, best_completion, prompt_tokenizer
 from ttc_lightning.data.common import (
     ResumableLoader,
     collate_rows,
@@ -95,12 +96,13 @@ class PromptDataModule(L.LightningDataModule):
         self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
+        self.tokenizer: Any = None
         self.splits: dict[str, list[dict[str, Any]]] = {}
 
     def setup(self, stage: str) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}[stage]
         paths = {"train": self.train_path, "val": self.val_path, "test": self.test_path}
-        tokenizer = getattr(getattr(getattr(self, "trainer", None), "lightning_module", None), "tokenizer", None)
+        tokenizer = prompt_tokenizer(self, self.tokenizer)
         for split in wanted:
             if paths[split] is None:
                 if split != "val" or stage == "validate":
@@ -135,3 +137,10 @@ class PromptDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+    def evaluate(self, records: list[Record]) -> dict[str, Any]:
+        """No task metrics beyond the module's reward means: any reward function goes with these prompts."""
+        return {}
+
+    def final_prediction(self, record: Record) -> dict[str, Any]:
+        return best_completion(record)

@@ -1,0 +1,235 @@
+"""What the GRPO module and a data module may ask of each other (`Task`, `HasTokenizer`), and `TaskDataModule`, the
+base of the PrimeVul tasks: their shared options, the `setup` that builds each split's rows, and the loaders.
+
+A row is a dict: `prompt` (a string or chat messages) plus metadata columns that reward functions and evaluation
+read. Rows are built, capped, length-filtered and put in a seeded order in `setup`, so the loaders never shuffle and
+a seed always gives the same rows in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from ttc_lightning.data.common import (
+    ResumableLoader,
+    collate_rows,
+    filter_by_prompt_length,
+    seeded_shuffle,
+    trained_batches,
+)
+from ttc_lightning.data.primevul import HF_PREFIX
+from ttc_lightning.errors import TTCError
+
+log = logging.getLogger("ttc")
+
+Row = dict[str, Any]
+Record = dict[str, Any]
+SAMPLE_DIR = str(Path(__file__).resolve().parents[1] / "assets" / "primevul_sample")
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the GRPO module asks of its data module when it evaluates."""
+
+    def evaluate(self, records: list[Record]) -> dict[str, Any]:
+        """The task's metrics of evaluated prompts (each record: a prompt's `columns`, k `completions`, their
+        `lengths`, `rewards` per function and weighted `reward`)."""
+        ...
+
+    def final_prediction(self, record: Record) -> dict[str, Any]:
+        """The answer written to predictions.jsonl for one record: at least `final` and `score`."""
+        ...
+
+
+class HasTokenizer(Protocol):
+    """What a data module asks of the module it trains: the tokenizer that counts prompt tokens."""
+
+    tokenizer: Any
+
+
+def best_completion(record: Record) -> dict[str, Any]:
+    """Final answer for a task without its own rule: the completion the reward functions scored highest."""
+    best = max(range(len(record["completions"])), key=lambda i: record["reward"][i])
+    return {"final": record["completions"][best], "score": record["reward"][best]}
+
+
+def prompt_tokenizer(dm: L.LightningDataModule, own: Any) -> Any:
+    """The tokenizer that counts prompt tokens: `own` (set on the data module), else the attached module's, else
+    None (no length filter)."""
+    if own is not None:
+        return own
+    module: HasTokenizer | None = dm.trainer.lightning_module if dm.trainer is not None else None
+    return None if module is None else module.tokenizer
+
+
+def arrange_rows(rows: list[Row], seed: int, keep_pairs: bool, limit: int | None = None) -> list[Row]:
+    """Seeded order, at most `limit` rows; with `keep_pairs` the rows of a pair stay adjacent and go together."""
+    units: dict[Any, list[Row]] = {}
+    for i, row in enumerate(rows):
+        key = row.get("pair_id") if keep_pairs and row.get("pair_id") else i
+        units.setdefault(key, []).append(row)
+    out: list[Row] = []
+    for unit in seeded_shuffle(list(units.values()), seed):
+        if limit is None or len(out) + len(unit) <= limit:
+            out.extend(unit)
+    return out
+
+
+def drop_long_prompts(rows: list[Row], tokenizer: Any, max_prompt_tokens: int | None, name: str) -> list[Row]:
+    """Length filter; a pair losing one row loses both, since pair-wise metrics need the two."""
+    kept = filter_by_prompt_length(rows, tokenizer, max_prompt_tokens, name)
+    before = Counter(row.get("pair_id") for row in rows)
+    after = Counter(row.get("pair_id") for row in kept)
+    return [row for row in kept if not row.get("pair_id") or after[row["pair_id"]] == before[row["pair_id"]]]
+
+
+class TaskDataModule(L.LightningDataModule):
+    """The options, `setup` and loaders the PrimeVul tasks share. A task says how to read a split (`read`), whether
+    evaluation keeps pairs together (`pairs_in_evaluation`), how to summarise rows in the log (`describe`), and how
+    to score evaluated prompts (`evaluate`, `final_prediction`: the `Task` protocol)."""
+
+    pairs_in_evaluation = False
+    data_path: str
+    """Directory with primevul_{train,valid,test}[_paired].jsonl, a single .jsonl file (used for every split), or
+    hf://<repo_id> (a Hugging Face dataset). Defaults to the small fictional sample shipped with ttc."""
+    train_split: str
+    """Split trained on."""
+    val_split: str | None
+    """Split validated on during fit; null for no validation."""
+    test_split: str
+    """Split for test and predict."""
+    batch_size: int
+    """Prompts per training step (each gets G completions)."""
+    val_batch_size: int
+    """Prompts per validation, test and predict batch."""
+    max_prompt_tokens: int | None
+    """Drop prompts longer than this many tokens (chat template included); null keeps all."""
+    max_val_prompts: int | None
+    """Validate on at most this many prompts during fit (a seeded subset, pairs kept whole); null for all."""
+    seed: int
+    """Seed of the row order, the validation subset and class balancing."""
+    num_workers: int
+    """DataLoader worker processes."""
+    labels_inverted: bool
+    """Flip the 0/1 labels as read (for a copy of PrimeVul that stores them inverted)."""
+    check_labels: bool
+    """Stop when labels look inverted (a mostly-vulnerable unpaired split, pairs listing the fix first)."""
+
+    def __init__(
+        self,
+        data_path: str = SAMPLE_DIR,
+        train_split: str = "train",
+        val_split: str | None = "valid",
+        test_split: str = "test",
+        batch_size: int = 2,
+        val_batch_size: int = 8,
+        max_prompt_tokens: int | None = None,
+        max_val_prompts: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        labels_inverted: bool = False,
+        check_labels: bool = True,
+    ) -> None:
+        super().__init__()
+        if not data_path.startswith(HF_PREFIX) and not Path(data_path).exists():
+            raise TTCError(
+                f"data_path: {data_path} does not exist; give a directory with primevul_*.jsonl files, "
+                f"a .jsonl file, or {HF_PREFIX}<repo_id>"
+            )
+        splits = {"train_split": train_split, "val_split": val_split, "test_split": test_split}
+        for name, split in splits.items():
+            if split is not None and not split.strip():
+                raise TTCError(f"{name}: empty split name")
+        for name, value, least in (
+            ("batch_size", batch_size, 1),
+            ("val_batch_size", val_batch_size, 1),
+            ("max_prompt_tokens", max_prompt_tokens, 1),
+            ("max_val_prompts", max_val_prompts, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if value is not None and value < least:
+                hint = "; use val_split: null to skip validation" if name == "max_val_prompts" else ""
+                raise TTCError(f"{name} must be >= {least}, got {value}{hint}")
+        self.data_path = data_path
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.max_prompt_tokens, self.max_val_prompts = max_prompt_tokens, max_val_prompts
+        self.seed, self.num_workers = seed, num_workers
+        self.labels_inverted, self.check_labels = labels_inverted, check_labels
+        self.tokenizer: Any = None
+        self.train_rows: list[Row] = []
+        self.val_rows: list[Row] = []
+        self.test_rows: list[Row] = []
+
+    def read(self, split: str, training: bool) -> list[Row]:
+        """The rows of `split` (`training`: it is the split trained on)."""
+        raise NotImplementedError(f"{type(self).__name__} must say how to read a split")
+
+    def describe(self, rows: Sequence[Row]) -> str:
+        """How the log summarises a split's rows."""
+        return f"{len(rows)} prompts"
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            rows = self.read(self.train_split, training=True)
+            self.train_rows = self._finish(rows, self.train_split, keep_pairs=False, limit=None)
+        if stage in (None, "fit", "validate"):
+            if self.val_split is None:
+                if stage == "validate":
+                    raise TTCError("val_split is null: there is nothing to validate on")
+            else:
+                limit = self.max_val_prompts if stage != "validate" else None
+                rows = self.read(self.val_split, training=False)
+                self.val_rows = self._finish(rows, self.val_split, keep_pairs=self.pairs_in_evaluation, limit=limit)
+        if stage in ("test", "predict"):
+            rows = self.read(self.test_split, training=False)
+            self.test_rows = self._finish(rows, self.test_split, keep_pairs=self.pairs_in_evaluation, limit=None)
+
+    def _finish(self, rows: list[Row], split: str, *, keep_pairs: bool, limit: int | None) -> list[Row]:
+        """Order and cap, then length-filter; an empty result is an error that says where it came from."""
+        name = f"{self.data_path} [{split}]"
+        rows = arrange_rows(rows, self.seed, keep_pairs, limit)
+        rows = drop_long_prompts(rows, prompt_tokenizer(self, self.tokenizer), self.max_prompt_tokens, name)
+        if not rows:
+            cap = f", at most {limit} prompts" if limit is not None else ""
+            raise TTCError(
+                f"{name}: no prompts left after filtering (max_prompt_tokens={self.max_prompt_tokens}{cap}); "
+                "raise the limits or check the split"
+            )
+        log.info("%s: %s", split, self.describe(rows))
+        return rows
+
+    def train_dataloader(self) -> DataLoader:
+        # The rows were shuffled once with the seed, so every epoch has the same order and a resumed one skips ahead.
+        return ResumableLoader(
+            self.train_rows,
+            batch_size=self.batch_size,
+            collate_fn=collate_rows,
+            num_workers=self.num_workers,
+            trained=partial(trained_batches, self.trainer),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_rows) if self.val_rows else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_rows)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_rows)
+
+    def _loader(self, rows: list[Row]) -> DataLoader:
+        return DataLoader(
+            rows, batch_size=self.val_batch_size, shuffle=False, collate_fn=collate_rows, num_workers=self.num_workers
+        )
+
+    def final_prediction(self, record: Record) -> dict[str, Any]:
+        return best_completion(record)

@@ -1,0 +1,307 @@
+"""ttc's own decoding loop for Llama/Qwen2-family models: the model's layers with the fewest calls per token, the
+same logits processors as `generate()`, and the same tokens for the same random draws (tested).
+
+A Hugging Face forward spends more time in Python (argument handling, mask building, output recording) than a
+small model spends computing a token; `decode_step` does the same layers directly. `decode` is the sampling loop
+around it; `fast_decoding` routes `generate()`'s own one-token steps through it for the cases `decode` leaves to
+`generate()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from ttc_lightning import cpu
+from ttc_lightning.kv_cache import SharedPrefixLayer, cache_keyword
+
+# Decoder-only families whose layers are exactly: RMSNorm, q/k/v projections, rotary embeddings, attention over the
+# cache, o projection, residual, RMSNorm, gated MLP, residual (`decode_step` below).
+FAST_DECODE_TYPES = ("llama", "qwen2")
+
+# Fields of the generation config `generate()` would use that `decode` honours as generate() would; any other one
+# set there would add a logits processor of generate()'s, and sampling then goes through generate() itself.
+DECODE_HONOURS = {
+    "bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "temperature", "top_p", "top_k", "max_length",
+    "max_new_tokens", "min_new_tokens", "repetition_penalty", "use_cache", "transformers_version", "_from_model_config",
+}  # fmt: skip
+
+
+def fast_decode_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The Hugging Face causal LM inside `model` (peft or not) if `decode_step` can stand in for its forward."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(lm, "config", None)
+    if getattr(config, "model_type", None) not in FAST_DECODE_TYPES:
+        return None
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return None  # sliding-window layers attend to part of the cache
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return None
+    return lm
+
+
+def effective_config(model: torch.nn.Module, config: GenerationConfig | None) -> GenerationConfig:
+    """The generation config `generate()` would sample with: `config`'s values, the model's own where `config`
+    leaves a field unset (as transformers merges them)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if config is None:
+        return lm.generation_config
+    merged = copy.deepcopy(config)
+    merged.update(**lm.generation_config.to_dict(), defaults_only=True)
+    return merged
+
+
+def decodes_alone(model: torch.nn.Module, config: GenerationConfig | None = None) -> bool:
+    """Whether `decode` can sample for `model` with `config` exactly as its generate() would.
+
+    Fields of the model's own generation config that `config` sets anyway (Qwen2.5-Instruct ships temperature,
+    top-k/p and a repetition penalty) do not count: generate() would not use them either.
+    """
+    lm = fast_decode_model(model)
+    if lm is None:
+        return False
+    merged = effective_config(model, config)
+    extra = {k: v for k, v in merged.to_diff_dict().items() if k not in DECODE_HONOURS and v}
+    return not extra and merged.repetition_penalty in (None, 1.0)
+
+
+@contextlib.contextmanager
+def fast_decoding(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Route the one-token steps of `generate()` through `decode_step` instead of the model's own forward.
+
+    Everything else (the prompt pass, calls with gradients, models of other families, inputs it does not handle)
+    takes the model's own forward.
+    """
+    lm = fast_decode_model(model) if enabled else None
+    if lm is None:
+        yield
+        return
+    own = lm.__dict__.get("forward")
+    plain = lm.forward
+    keyword = cache_keyword(lm)
+
+    @functools.wraps(plain)  # the same signature: callers look up its cache keyword
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        handled = (
+            not args
+            and not torch.is_grad_enabled()
+            and ids is not None
+            and ids.size(1) == 1
+            and kwargs.get("inputs_embeds") is None
+            and isinstance(cache, DynamicCache)  # static and sliding-window caches keep positions of their own
+            and all(isinstance(layer, DynamicLayer) for layer in cache.layers)
+            and cache.get_seq_length() > 0
+            and (mask is None or (isinstance(mask, Tensor) and mask.dim() == 2))
+            and (mask is None or mask.size(1) == cache.get_seq_length() + 1)
+            and not any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states", "labels"))
+        )
+        if not handled:
+            return plain(*args, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        logits = decode_step(lm, ids, mask, kwargs.get("position_ids"), cache)
+        return CausalLMOutputWithPast(logits=logits, **{keyword: cache})
+
+    lm.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del lm.forward
+        else:
+            lm.forward = own
+
+
+def decode_step(
+    lm: torch.nn.Module,
+    ids: Tensor,
+    mask: Tensor | None,
+    positions: Tensor | None,
+    cache: Any,
+    layers: list[DecodeLayer] | None = None,
+) -> Tensor:
+    """Logits `[N, 1, V]` for one new token per row of a Llama/Qwen2-family model, keys/values appended to `cache`.
+
+    `mask` `[N, L]` covers the cache and the new token (0 = left padding), as in `generate()`; `layers` is
+    `decode_layers(lm)`, which a caller decoding many tokens looks up once.
+    """
+    if positions is None:
+        positions = mask.long().sum(1, keepdim=True) - 1 if mask is not None else cache.get_seq_length() + ids * 0
+    # Padding matters only where some row has it; a query of one token needs no causal mask.
+    keep = None if mask is None or bool(mask.all()) else mask.bool()[:, None, None, :]  # [N, 1, 1, L]
+    n = ids.size(0)
+    hidden = lm.model.embed_tokens(ids)  # [N, 1, E]
+    cos, sin = lm.model.rotary_emb(hidden, positions)  # [N, 1, D]
+    for i, layer in enumerate(layers if layers is not None else decode_layers(lm)):
+        d = layer.head_dim
+        x = _norm(layer.input_norm, hidden)  # [N, 1, E]
+        qk, v = layer.qk_v(x)  # [N, 1, (H+Hkv)*D], [N, 1, Hkv*D]
+        qk = qk.reshape(n, -1, d)  # [N, H+Hkv, D]
+        qk = qk * cos + _rotate_half(qk) * sin  # [N, H+Hkv, D]: the same rotation for queries and keys
+        q, k = qk[:, : layer.heads], qk[:, layer.heads :].unsqueeze(2)  # [N, H, D], [N, Hkv, 1, D]
+        v = v.reshape(n, -1, 1, d)  # [N, Hkv, 1, D]
+        # Grouped-query attention without repeating the cache: the heads that share a key/value head are that
+        # head's queries.
+        q = q.view(n, k.size(1), -1, d)  # [N, Hkv, H/Hkv, D]
+        if isinstance(cache.layers[i], SharedPrefixLayer):
+            out = cache.layers[i].attend(q, k, v, layer.scaling)  # [N, Hkv, H/Hkv, D]
+        else:
+            keys, values = cache.update(k, v, i)  # [N, Hkv, L, D]
+            out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=layer.scaling)
+        hidden = hidden + layer.o(out.reshape(n, 1, -1))  # [N, 1, E]
+        x = _norm(layer.mlp_norm, hidden)  # [N, 1, E]
+        gate, up = layer.gate_up(x)  # [N, 1, I] each
+        hidden = hidden + layer.down(layer.act(gate) * up)  # [N, 1, E]
+    return lm.lm_head(_norm(lm.model.norm, hidden))  # [N, 1, V]
+
+
+@dataclass
+class DecodeLayer:
+    """What one decoder layer calls in `decode_step`, looked up (and fused) once per sampling call."""
+
+    input_norm: torch.nn.Module
+    qk_v: Callable[[Tensor], Sequence[Tensor]]  # x -> q and k projections of x side by side, and v
+    o: torch.nn.Module
+    mlp_norm: torch.nn.Module
+    gate_up: Callable[[Tensor], Sequence[Tensor]]  # x -> the gate and up projections of x
+    down: torch.nn.Module
+    act: Any
+    heads: int
+    head_dim: int
+    scaling: float
+
+
+def decode_layers(lm: torch.nn.Module, rows: int | None = None) -> list[DecodeLayer]:
+    """`decode_step`'s view of `lm`'s layers, valid while their weights and adapters stay as they are.
+
+    With `rows` (the rows decoded together, given when the CPU tricks are on), projections of the same input are
+    fused into one oneDNN matmul each (q/k/v, gate/up) where that pays (`cpu.packed_projection`).
+    """
+    layers = []
+    for layer in lm.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(
+            DecodeLayer(
+                layer.input_layernorm,
+                _together([_direct(attn.q_proj), _direct(attn.k_proj), _direct(attn.v_proj)], rows, [2, 1]),
+                _direct(attn.o_proj),
+                layer.post_attention_layernorm,
+                _together([_direct(mlp.gate_proj), _direct(mlp.up_proj)], rows, [1, 1]),
+                _direct(mlp.down_proj),
+                mlp.act_fn,
+                lm.config.num_attention_heads,
+                attn.head_dim,
+                attn.scaling,
+            )
+        )
+    return layers
+
+
+def _together(
+    projections: list[torch.nn.Module], rows: int | None, counts: list[int]
+) -> Callable[[Tensor], list[Tensor]]:
+    """Projections of one input, their outputs joined in `counts` consecutive groups (q/k, v: [2, 1])."""
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    sizes = [sum(m.out_features for m in projections[i : i + c]) for i, c in zip(starts, counts, strict=True)]
+    fused = None if rows is None else cpu.packed_projection(projections, rows)
+    if fused is not None:
+        return lambda x: list(fused(x).split(sizes, -1))
+
+    def each(x: Tensor) -> list[Tensor]:
+        outs = [m(x) for m in projections]
+        return [outs[i] if c == 1 else torch.cat(outs[i : i + c], -1) for i, c in zip(starts, counts, strict=True)]
+
+    return each
+
+
+def _norm(norm: torch.nn.Module, x: Tensor) -> Tensor:
+    """Llama/Qwen2's RMSNorm (`weight * x / sqrt(mean(x^2) + eps)`, in float32), in one call for float32 inputs."""
+    if x.dtype != torch.float32:
+        return norm(x)
+    return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def _direct(projection: torch.nn.Module) -> torch.nn.Module:
+    """The layer to call for `projection`: with its LoRA merged into the weights or its adapters disabled, peft's
+    wrapper has nothing to add."""
+    plain = getattr(projection, "merged", False) or getattr(projection, "disable_adapters", False)
+    return projection.base_layer if plain else projection
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def decode(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    cache: DynamicCache,
+    config: GenerationConfig,
+    rows: int | None = None,
+) -> Tensor:
+    """generate()'s sampling loop for a Llama/Qwen2-family model, one `decode_step` per token -> `[N, P + C]`.
+
+    `cache` holds the prompts `[N, P]` but their last token. The same logits processors as generate() for
+    `config` (a GenerationConfig) and the model's `min_new_tokens`, the same padding after EOS, and with
+    `torch.multinomial` for `draw` the same tokens for the same seed (tested); without generate()'s per-token
+    bookkeeping. `rows` fuses projections for oneDNN (`decode_layers`).
+    """
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    lm = fast_decode_model(model)
+    layers = decode_layers(lm, rows=rows)
+    warpers = []
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            warpers.append(TopKLogitsWarper(config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(config.top_p))
+    min_new_tokens = effective_config(model, config).min_new_tokens or 0
+    eos = torch.tensor(config.eos_token_id, device=prompt_ids.device).flatten()  # [E]
+    n, p = prompt_ids.shape
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(n, config.max_new_tokens)], dim=1)  # [N, P+T]
+    positions = prompt_mask.sum(1, keepdim=True) - 1  # [N, 1]: the last prompt token's
+    tokens = prompt_ids[:, -1:]  # [N, 1]
+    unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)  # [N]
+    new = []
+    for step in range(config.max_new_tokens):
+        scores = decode_step(lm, tokens, mask[:, : p + step], positions + step, cache, layers)[:, -1].float()  # [N, V]
+        if step < min_new_tokens:
+            scores[:, eos] = float("-inf")
+        for warp in warpers:
+            scores = warp(prompt_ids, scores)  # [N, V]
+        chosen = draw(scores.softmax(-1)) if config.do_sample else scores.argmax(-1, keepdim=True)  # [N, 1]
+        chosen = torch.where(unfinished[:, None], chosen, config.pad_token_id)  # [N, 1]
+        new.append(chosen)
+        unfinished &= ~torch.isin(chosen[:, 0], eos)
+        if not unfinished.any():
+            break
+        tokens = chosen
+    return torch.cat([prompt_ids, *new], dim=1)  # [N, P+C]
+
+
+def draw(probs: Tensor) -> Tensor:
+    """One token per row of `probs` `[N, V]`, each with its probability -> `[N, 1]`: by inverting the cumulative sum.
+
+    `torch.multinomial` draws an exponential per vocabulary entry, ten times slower on CPU for a small model's step.
+    In float64, with a float32 uniform in [0, 1) scaled by the row's total, the draw stays below the total, and the
+    first entry whose cumulative sum exceeds it has a probability above zero.
+    """
+    cdf = probs.double().cumsum(-1)  # [N, V]
+    u = torch.rand(probs.size(0), 1, device=probs.device).double() * cdf[:, -1:]  # [N, 1]
+    return torch.searchsorted(cdf, u, right=True)  # [N, 1]
