@@ -26,12 +26,13 @@ from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.evaluation import prompt_records, reward_metrics
 from ttc_lightning.grpo import (
     LossType,
+    LRSchedule,
     ScaleRewards,
     accumulation_weight,
     group_advantages,
     grpo_loss,
     masked_mean,
-    warmup_cosine_lr,
+    lr_multiplier,
 )
 from ttc_lightning.levers import Levers
 from ttc_lightning.logprobs import completion_logps
@@ -83,7 +84,9 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: Completions per forward/backward pass; gradients accumulate over the rollout.
         learning_rate: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
-        warmup_steps: Linear warmup (optimizer steps), then cosine decay to 0 at `trainer.max_steps`.
+        lr_scheduler: After warmup: "constant", "linear" decay to 0 at `trainer.max_steps` (TRL's default) or
+            "cosine" decay to 0 there.
+        warmup_steps: Linear warmup from 0 over this many optimizer steps.
         max_grad_norm: Clip the gradient's global norm to this (null = no clipping; the norm is logged).
         reward_weights: One weight per reward function (null = all 1.0); the reward is their weighted sum.
         eval_num_samples: k: completions per prompt at validation/test/predict time.
@@ -114,6 +117,7 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: int = 8,
         learning_rate: float = 1e-5,
         weight_decay: float = 0.0,
+        lr_scheduler: LRSchedule = "linear",
         warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
         reward_weights: list[float] | None = None,
@@ -370,7 +374,12 @@ class GRPOModule(L.LightningModule):
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        schedule = partial(warmup_cosine_lr, warmup_steps=hp.warmup_steps, total_steps=self._total_optimizer_steps())
+        schedule = partial(
+            lr_multiplier,
+            schedule=hp.lr_scheduler,
+            warmup_steps=hp.warmup_steps,
+            total_steps=self._total_optimizer_steps(),
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},

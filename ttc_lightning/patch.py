@@ -1,4 +1,4 @@
-"""The patch task: SEARCH/REPLACE edits on one function, oracle edits from a fix, and the SWE-RL patch rewards.
+"""The patch task: SEARCH/REPLACE edits on one function, oracle edits from a fix, SWE-RL's and syntax rewards.
 
 An answer holds one or more blocks:
 
@@ -14,6 +14,9 @@ newline is not part of any line: `apply_edits` keeps the source's final-newline 
 SEARCH lines must equal the function's lines exactly, indentation and trailing whitespace included (as in SWE-RL).
 
 Completions are split into reasoning and answer by `ttc_lightning.answers.split_think_answer`.
+
+The syntax check parses functions with tree-sitter's C and C++ grammars (https://tree-sitter.github.io), whose
+error recovery marks what it cannot parse with ERROR nodes and what it had to assume with MISSING nodes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from __future__ import annotations
 import difflib
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+import tree_sitter
+import tree_sitter_c
+import tree_sitter_cpp
 
 from ttc_lightning.answers import split_think_answer
 from ttc_lightning.errors import TTCError
@@ -30,6 +37,10 @@ SEARCH_MARKER = "<<<<<<< SEARCH"
 DIVIDER = "======="
 REPLACE_MARKER = ">>>>>>> REPLACE"
 _MARKERS = (SEARCH_MARKER, DIVIDER, REPLACE_MARKER)
+
+Language = Literal["c", "cpp"]
+# `.C` (capital) is C++ by the GCC convention; `.c` is C.
+_CPP_SUFFIXES = (".cc", ".cpp", ".cxx", ".hpp", ".hh", ".C")
 
 
 @dataclass(frozen=True)
@@ -239,6 +250,22 @@ def _oracle_diff(vulnerable: str, fixed: str) -> str:
 
 
 @functools.lru_cache(maxsize=512)
+def apply_completion(completion: str, vulnerable: str) -> tuple[str | None, str | None]:
+    """`(patched function, None)`, or `(None, why)` when the completion is malformed or an edit does not apply.
+
+    Every patch reward starts here, so a completion is parsed and applied once per batch however many rewards
+    read it (cached: a group often repeats a completion too).
+    """
+    parts = split_think_answer(completion)
+    if parts is None:
+        return None, "malformed completion: expected one <think>...</think> then one <answer>...</answer>"
+    try:
+        return apply_edits(vulnerable, parse_edits(parts[1])), None
+    except PatchError as e:
+        return None, str(e)
+
+
+@functools.lru_cache(maxsize=512)
 def score_patch(completion: str, vulnerable: str, fixed: str) -> PatchScore:
     """Parse, apply and score one completion against the fix (SWE-RL: -1 when malformed, else diff similarity).
 
@@ -248,14 +275,9 @@ def score_patch(completion: str, vulnerable: str, fixed: str) -> PatchScore:
     either diff is empty (edits that cancel out must not look like a fix). `exact` compares the patched
     function with the fix after removing all whitespace.
     """
-    parts = split_think_answer(completion)
-    if parts is None:
-        error = "malformed completion: expected one <think>...</think> then one <answer>...</answer>"
+    patched, error = apply_completion(completion, vulnerable)
+    if patched is None:
         return PatchScore(applied=False, patched=None, reward=-1.0, exact=False, error=error)
-    try:
-        patched = apply_edits(vulnerable, parse_edits(parts[1]))
-    except PatchError as e:
-        return PatchScore(applied=False, patched=None, reward=-1.0, exact=False, error=str(e))
     vulnerable, fixed = vulnerable.replace("\r\n", "\n"), fixed.replace("\r\n", "\n")
     predicted_diff, oracle_diff = _unified_diff(vulnerable, patched), _oracle_diff(vulnerable, fixed)
     if not predicted_diff or not oracle_diff:
@@ -268,12 +290,63 @@ def score_patch(completion: str, vulnerable: str, fixed: str) -> PatchScore:
     return PatchScore(applied=True, patched=patched, reward=reward, exact=exact, error=None)
 
 
+def file_language(file_name: str | None) -> Language | None:
+    """The language a file name says: "c" for `.c`, "cpp" for `.cc .cpp .cxx .hpp .hh .C`, else None."""
+    if not file_name:
+        return None
+    if file_name.endswith(".c"):
+        return "c"
+    return "cpp" if file_name.endswith(_CPP_SUFFIXES) else None
+
+
+@functools.cache
+def _parser(language: Language) -> tree_sitter.Parser:
+    # Built once per process; a parser is reused for every parse.
+    grammar = tree_sitter_c.language() if language == "c" else tree_sitter_cpp.language()
+    return tree_sitter.Parser(tree_sitter.Language(grammar))
+
+
+@functools.lru_cache(maxsize=1024)
+def parses(func: str, language: Language) -> bool:
+    """Whether `language`'s tree-sitter grammar parses `func` with no ERROR or MISSING node."""
+    # surrogatepass: a dataset's lone surrogates must not stop training; tree-sitter reads them as bad bytes.
+    return not _parser(language).parse(func.encode("utf-8", "surrogatepass")).root_node.has_error
+
+
+def source_language(func: str, file_name: str | None = None) -> Language | None:
+    """The grammar that judges `func`: its file's language (C when the name says none), or C++ when that is C and
+    C fails where C++ parses; None when the function does not parse.
+
+    The C++ fallback is for PrimeVul: it holds both languages, some of its file names are missing, and many of its
+    C functions begin at their name, the return type left on the line above, which C++'s grammar reads as a
+    constructor and C's cannot read at all.
+    """
+    language = file_language(file_name) or "c"
+    if parses(func, language):
+        return language
+    return "cpp" if language == "c" and parses(func, "cpp") else None
+
+
+def _parse_verdict(patched: str, vulnerable: str, file_name: str | None) -> float | None:
+    """1.0 when the patched function parses, 0.0 when the patch broke the original's parse, None when the
+    original does not parse (nothing to compare with). The patched function is read in the original's grammar."""
+    language = source_language(vulnerable, file_name)
+    if language is None:
+        return None
+    return 1.0 if parses(patched, language) else 0.0
+
+
+def _check_columns(name: str, completions: list[str], **columns: list[Any] | None) -> None:
+    for column, values in columns.items():
+        if values is not None and len(values) != len(completions):
+            raise TTCError(
+                f"{name}: got {len(completions)} completions but {len(values)} {column} values; "
+                "the columns need one value per completion"
+            )
+
+
 def _scores(name: str, completions: list[str], vulnerable_func: list[str], fixed_func: list[str]) -> list[PatchScore]:
-    if not len(completions) == len(vulnerable_func) == len(fixed_func):
-        raise TTCError(
-            f"{name}: got {len(completions)} completions but {len(vulnerable_func)} vulnerable_func and "
-            f"{len(fixed_func)} fixed_func values; the columns need one value per completion"
-        )
+    _check_columns(name, completions, vulnerable_func=vulnerable_func, fixed_func=fixed_func)
     return [score_patch(c, v, f) for c, v, f in zip(completions, vulnerable_func, fixed_func, strict=True)]
 
 
@@ -289,3 +362,50 @@ def exact_fix_reward(
 ) -> list[float | None]:
     """1.0 when the patched function equals the fix up to whitespace, else 0.0 (malformed answers included)."""
     return [float(s.exact) for s in _scores("exact_fix_reward", completions, vulnerable_func, fixed_func)]
+
+
+def parses_reward(
+    completions: list[str],
+    vulnerable_func: list[str],
+    fixed_func: list[str] | None = None,
+    file_name: list[str | None] | None = None,
+    **_: Any,
+) -> list[float | None]:
+    """Syntax check per completion: -1.0 when malformed or unappliable; 1.0 when the patched function parses
+    (no ERROR or MISSING node) in the grammar that parses the original; 0.0 when the patch breaks that parse;
+    None when the original does not parse in C or C++, since the check cannot judge it.
+
+    The grammar comes from the `file_name` column (see `source_language`). `fixed_func` is not read: the check
+    compares the patch with the original, so it also serves tasks that have no fix.
+
+    It catches broken structure (braces, parentheses, a stray `else` before a statement), not every error a
+    compiler would: where a keyword cannot stand, tree-sitter reads an identifier, so `else x = 0;` passes as a
+    declaration of `x` with type `else`. Undeclared names and types are not checked at all.
+    """
+    _check_columns("parses_reward", completions, vulnerable_func=vulnerable_func, file_name=file_name)
+    names = file_name or [None] * len(completions)
+    rewards: list[float | None] = []
+    for completion, vulnerable, name in zip(completions, vulnerable_func, names, strict=True):
+        patched, _ = apply_completion(completion, vulnerable)
+        rewards.append(-1.0 if patched is None else _parse_verdict(patched, vulnerable, name))
+    return rewards
+
+
+def parsed_patch_reward(
+    completions: list[str],
+    vulnerable_func: list[str],
+    fixed_func: list[str],
+    file_name: list[str | None] | None = None,
+    **_: Any,
+) -> list[float | None]:
+    """`patch_reward` gated on the syntax check: -1.0 when malformed or unappliable, 0.0 when the patch breaks
+    the original's parse, else SWE-RL's similarity (also when the original does not parse, so that no row goes
+    unscored)."""
+    scores = _scores("parsed_patch_reward", completions, vulnerable_func, fixed_func)
+    _check_columns("parsed_patch_reward", completions, file_name=file_name)
+    names = file_name or [None] * len(completions)
+    rewards: list[float | None] = []
+    for score, vulnerable, name in zip(scores, vulnerable_func, names, strict=True):
+        broken = score.patched is not None and _parse_verdict(score.patched, vulnerable, name) == 0.0
+        rewards.append(0.0 if broken else score.reward)
+    return rewards

@@ -16,7 +16,7 @@ from ttc_lightning.data.tasks import (
 from ttc_lightning.errors import TTCError
 
 CLASSIFICATION_COLUMNS = {"prompt", "id", "label", "target", "cwe", "pair_id"}
-PATCH_COLUMNS = {"prompt", "id", "cve", "cwe", "vulnerable_func", "fixed_func"}
+PATCH_COLUMNS = {"prompt", "id", "cve", "cwe", "vulnerable_func", "fixed_func", "file_name"}
 BLOCK_FORMAT = "<<<<<<< SEARCH\nlines copied exactly from the function\n=======\nreplacement lines\n>>>>>>> REPLACE"
 
 
@@ -191,6 +191,17 @@ def test_patch_rows_and_batch():
     assert user["content"].endswith(f"Vulnerable function:\n```c\n{row['vulnerable_func']}\n```")
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == PATCH_COLUMNS and len(batch["prompt"]) == 3
+
+
+def test_patch_rows_carry_the_file_name_or_none():
+    # The sample's valid split: CVE-0000-0014's records have the release's "None" for a file name.
+    dm = PrimeVulPatchDataModule()
+    dm.setup("fit")
+    assert {r["cve"]: r["file_name"] for r in dm.val_rows} == {
+        "CVE-0000-0013": "cookie.c",
+        "CVE-0000-0014": None,
+        "CVE-0000-0015": "page.c",
+    }
 
 
 def test_patch_prompt_leaves_out_what_is_unknown():

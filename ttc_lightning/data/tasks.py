@@ -83,6 +83,7 @@ def patch_row(pair: PrimeVulPair) -> Row:
         "cwe": v.primary_cwe,
         "vulnerable_func": v.func,
         "fixed_func": pair.fixed.func,
+        "file_name": v.file_name,
     }
 
 
@@ -210,7 +211,7 @@ class PrimeVulPatchDataModule(TaskDataModule):
     `ttc_lightning.patch` compare them with the real fix.
 
     Row columns: `prompt`, `id` (idx of the vulnerable record), `cve` (or ""), `cwe` (first CWE id or ""),
-    `vulnerable_func`, `fixed_func`.
+    `vulnerable_func`, `fixed_func`, `file_name` (None when the release has none).
     """
 
     def __init__(self, **options: Any) -> None:
