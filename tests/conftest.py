@@ -47,3 +47,15 @@ def restore_global_rank():
     saved = rank_zero_only.rank, fabric_rank_zero_only.rank
     yield
     rank_zero_only.rank, fabric_rank_zero_only.rank = saved
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` are skipped where CUDA is not available, so they need no skipif of their own."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

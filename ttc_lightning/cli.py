@@ -113,9 +113,12 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             seed_everything_default=42,
             trainer_defaults={"callbacks": [SummaryTable(), RunInfo()]},
+            # `export` is dispatched above, outside LightningCLI, whose list of subcommands cannot show it.
             parser_kwargs={
-                "description": "GRPO for code LLMs on PrimeVul. `ttc fit --help` lists every option; "
-                "`ttc export --help` turns a checkpoint into a Hugging Face model."
+                "description": "GRPO for code LLMs on PrimeVul. Subcommands: fit, validate, test, predict (below) and "
+                "export (at the end). `ttc SUBCOMMAND --help` lists a subcommand's options.",
+                "epilog": "export: `ttc export --ckpt_path CKPT --output_dir DIR [--merge]` writes a checkpoint as a "
+                "Hugging Face model directory (LoRA adapter or merged model, with the tokenizer).",
             },
             args=args,
         )

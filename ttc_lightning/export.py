@@ -3,13 +3,18 @@
     ttc export --ckpt_path runs/patch/checkpoints/last.ckpt --output_dir exported [--merge] [--overwrite]
         [--push_to_hub USER/REPO]
 
-Full fine-tuning writes the model. LoRA writes the adapter (`peft.PeftModel.from_pretrained(base, DIR)`), or with
-`--merge` the base model with the adapter merged in (`transformers.AutoModelForCausalLM.from_pretrained(DIR)`).
-The tokenizer and its chat template are written either way.
+Full fine-tuning writes the model (`--merge` has nothing to merge and changes nothing). LoRA writes the adapter
+(`peft.AutoPeftModelForCausalLM.from_pretrained(DIR)`), or with `--merge` the base model with the adapter merged in
+(`transformers.AutoModelForCausalLM.from_pretrained(DIR)`). The tokenizer and its chat template are written either way.
 
-The adapter's `base_model_name_or_path` is the training base (a Hub id, or a local directory made absolute).
+The adapter's `base_model_name_or_path` is the training base: a Hub id as it is, a local directory as an absolute
+path. peft loads it with `from_pretrained(base_model_name_or_path)`, which resolves a relative path against the
+current directory, not against DIR, so only an absolute path still finds the base after DIR is moved.
 The built-in "tiny" model only exists while ttc runs, so its adapter export also holds the base model in
-`DIR/base_model`, and `base_model_name_or_path` points there.
+`DIR/base_model`, and `base_model_name_or_path` is that directory's absolute path; once DIR is moved, load it with
+`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR / "base_model"), DIR)`.
+The model card (`DIR/README.md`, written by peft) names the base by its Hub id, its directory's name, or "tiny": it is
+meant to be published, and the Hub refuses a local path as `base_model`.
 
 A QLoRA checkpoint is exported on the base model in its `dtype` without 4-bit quantisation: the adapter is the same,
 and merging needs unquantised weights.
@@ -89,6 +94,12 @@ def base_model_reference(model_name_or_path: str) -> str:
     return str(path.resolve()) if path.is_dir() else model_name_or_path
 
 
+def base_model_card_name(model_name_or_path: str) -> str:
+    """How the model card names the base: a Hub id as it is, a local directory by its own name, "tiny" as "tiny"."""
+    path = Path(model_name_or_path).expanduser()
+    return path.resolve().name if model_name_or_path != TINY and path.is_dir() else model_name_or_path
+
+
 def export(
     ckpt_path: str | Path,
     output_dir: str | Path,
@@ -101,10 +112,13 @@ def export(
     out = prepare_output_dir(output_dir, overwrite)
     module = rebuild_module(checkpoint)
     policy, tokenizer = module.policy, module.tokenizer
-    name = checkpoint["ttc"]["model_name_or_path"]
-    if checkpoint["ttc"]["lora"] and merge:
+    name, lora = checkpoint["ttc"]["model_name_or_path"], checkpoint["ttc"]["lora"]
+    if merge and not lora:
+        # Already one model, which is what --merge asks for: say so and write it.
+        print("ttc: note: --merge: the checkpoint is a full fine-tune, it has no adapter to merge", file=sys.stderr)
+    elif merge:
         policy = policy.merge_and_unload()
-    elif checkpoint["ttc"]["lora"]:
+    elif lora:
         if name == TINY:
             # The directory the module loaded the base from: the exact weights the adapter was trained on.
             base = shutil.copytree(module.model_path, out / BASE_DIR)
@@ -113,6 +127,9 @@ def export(
             reference = base_model_reference(name)
         for config in policy.peft_config.values():
             config.base_model_name_or_path = reference
+        # peft's model card names the base by the loaded model's name_or_path: for "tiny", a temporary directory.
+        base_model = policy.get_base_model()
+        base_model.name_or_path = base_model.config.name_or_path = base_model_card_name(name)
     policy.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if push_to_hub:

@@ -150,6 +150,7 @@ def kill_on_exit():
             proc.wait()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_split_prompts_and_agree_on_weights_and_metrics(tmp_path, kill_on_exit):
     proc = start_ttc(
         tmp_path,
@@ -209,6 +210,7 @@ def test_ddp_ranks_split_prompts_and_agree_on_weights_and_metrics(tmp_path, kill
     assert any(not torch.equal(weights[0]["end"][n], s) for n, s in weights[0]["start"].items())
 
 
+@pytest.mark.slow
 def test_sigterm_saves_interrupted_checkpoint_and_resume_continues_there(tmp_path, kill_on_exit, run_ttc, one_thread):
     # 64 prompts, 16 steps an epoch: the signal lands mid-epoch (an epoch's last step is the test below).
     prompts = tmp_path / "prompts.jsonl"
@@ -253,6 +255,7 @@ def prompts_per_step(*paths: Path) -> dict[int, list[str]]:
     return steps
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_continues_the_epoch_instead_of_replaying_it(run_ttc, tmp_path, one_thread):
     args = ["fit", "--config", TINY, *FAST]
     # 16 prompts, 4 per step, so 4 steps an epoch: stop in the middle of epoch 1 (after step 5), resume into
@@ -271,6 +274,7 @@ def test_resume_mid_epoch_continues_the_epoch_instead_of_replaying_it(run_ttc, t
     assert whole[4] != whole[0] and whole[8] != whole[4]  # each epoch has an order of its own
 
 
+@pytest.mark.slow
 def test_ddp_resume_mid_epoch_continues_each_ranks_share(tmp_path, kill_on_exit):
     # 2 ranks x 4 prompts a step: the 16 demo prompts are 2 steps an epoch. Stop after step 3 (mid-epoch 1), resume
     # to step 6 and compare each rank's prompts with a run that was never stopped.
@@ -291,6 +295,7 @@ def test_ddp_resume_mid_epoch_continues_each_ranks_share(tmp_path, kill_on_exit)
         assert resumed == whole, rank_file
 
 
+@pytest.mark.slow
 def test_sigusr1_under_slurm_saves_hpc_checkpoint_and_requeues(tmp_path, kill_on_exit):
     # Lightning's SLURM handler needs only srun's variables and an `scontrol` on PATH: this one records its arguments.
     bin_dir = tmp_path / "bin"

@@ -1,17 +1,19 @@
 """`ttc export` on tiny-model checkpoints: the exported directory reproduces the trained policy's logits."""
 
 import json
+import shutil
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from peft import PeftModel
+from huggingface_hub import ModelCard
+from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import REPO
-from ttc_lightning.export import main
-from ttc_lightning.tiny import CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer
+from ttc_lightning.export import base_model_card_name, base_model_reference, main
+from ttc_lightning.tiny import CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer, save_tiny
 
 TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
 FAST = ["--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "8", "--model.num_generations", "2"]
@@ -57,6 +59,7 @@ def train(run_ttc, *args: str) -> tuple[Path, torch.Tensor]:
     return Path("run/checkpoints/last.ckpt").resolve(), torch.load("run/logits.pt")
 
 
+@pytest.mark.slow
 def test_lora_export_as_adapter_and_merged_gives_the_trained_logits(run_ttc, tmp_path, capsys):
     ckpt, trained = train(run_ttc, "--model.lora", "{r: 4, alpha: 8}")
     out = tmp_path / "exported"
@@ -80,7 +83,8 @@ def test_lora_export_as_adapter_and_merged_gives_the_trained_logits(run_ttc, tmp
     assert "ttc: exported" in capsys.readouterr().err
 
 
-def test_full_finetune_export_gives_the_trained_logits(run_ttc, tmp_path):
+@pytest.mark.slow
+def test_full_finetune_export_gives_the_trained_logits(run_ttc, tmp_path, capsys):
     ckpt, trained = train(run_ttc)
     assert not torch.allclose(logits_of(build_tiny_model(build_tiny_tokenizer())), trained, atol=1e-4)  # it trained
     out = tmp_path / "exported"
@@ -89,6 +93,66 @@ def test_full_finetune_export_gives_the_trained_logits(run_ttc, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(logits_of(model), trained, atol=1e-5, rtol=1e-5)
     assert AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
+
+    # A full fine-tune is already one model: --merge says so and writes the same model.
+    code, err = run_export(capsys, "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "merged"), "--merge")
+    assert code == 0
+    assert "ttc: note: --merge: the checkpoint is a full fine-tune, it has no adapter to merge\n" in err
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits_of(model), trained, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_tiny_adapter_names_tiny_in_its_card_and_loads_after_the_export_is_moved(run_ttc, tmp_path, monkeypatch):
+    ckpt, trained = train(run_ttc, "--model.lora", "{r: 4, alpha: 8}")
+    out = tmp_path / "exported"
+    main(["--ckpt_path", str(ckpt), "--output_dir", str(out)])
+    card = ModelCard.load(out / "README.md")
+    # Training loaded "tiny" from a temporary directory; the card must not name it.
+    assert card.data.base_model == "tiny" and "base_model:adapter:tiny" in card.data.tags
+    assert "ttc-tiny-" not in card.content
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    torch.testing.assert_close(logits_of(AutoPeftModelForCausalLM.from_pretrained(out)), trained, atol=1e-5, rtol=1e-5)
+    moved = Path(shutil.move(out, tmp_path / "moved"))
+    base = AutoModelForCausalLM.from_pretrained(moved / "base_model")
+    torch.testing.assert_close(logits_of(PeftModel.from_pretrained(base, moved)), trained, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_adapter_on_a_local_base_loads_after_the_export_is_moved(run_ttc, tmp_path, monkeypatch):
+    base_dir = save_tiny(tmp_path / "my-base")
+    ckpt, trained = train(run_ttc, "--model.lora", "{r: 4, alpha: 8}", "--model.model_name_or_path", "my-base")
+    out = tmp_path / "exported"
+    main(["--ckpt_path", str(ckpt), "--output_dir", str(out)])
+    # peft resolves the base against the current directory, so the export records an absolute path.
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    assert ModelCard.load(out / "README.md").data.base_model == "my-base"
+
+    moved = Path(shutil.move(out, tmp_path / "elsewhere" / "moved"))
+    monkeypatch.chdir(moved.parent)
+    adapter = AutoPeftModelForCausalLM.from_pretrained(moved)
+    torch.testing.assert_close(logits_of(adapter), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_base_reference_and_card_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "coder").mkdir(parents=True)
+    hub_id = "Qwen/Qwen2.5-Coder-1.5B-Instruct"  # not a local directory here
+    assert base_model_reference(hub_id) == hub_id and base_model_card_name(hub_id) == hub_id
+    assert base_model_reference("models/coder") == str(tmp_path / "models" / "coder")
+    assert base_model_card_name("models/coder") == "coder" and base_model_card_name("models/coder/..") == "models"
+    (tmp_path / "tiny").mkdir()  # "tiny" is the built-in model even beside a directory of that name
+    assert base_model_card_name("tiny") == "tiny"
+
+
+def test_top_level_help_lists_export(run_ttc):
+    code, out, _ = run_ttc("--help")
+    assert code == 0
+    assert "Subcommands: fit, validate, test, predict (below) and export" in " ".join(out.split())
+    assert "export: `ttc export --ckpt_path CKPT --output_dir DIR [--merge]`" in " ".join(out.split())
 
 
 def run_export(capsys, *args: str) -> tuple[int, str]:

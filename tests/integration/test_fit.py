@@ -63,6 +63,7 @@ def test_demo_fit_writes_checkpoint_metrics_and_rollouts(run_ttc, tmp_path):
     assert "reward 0." in err  # the end-of-run summary line
 
 
+@pytest.mark.slow
 def test_resume_from_last_continues_at_the_same_step(run_ttc, tmp_path):
     # full fine-tuning with a KL term: the frozen reference is not in the checkpoint and must not be needed
     args = ["fit", "--config", DEMO, "--trainer.default_root_dir", "run", "--model.beta", "0.04", *FAST]
@@ -77,6 +78,7 @@ def test_resume_from_last_continues_at_the_same_step(run_ttc, tmp_path):
     assert second["lr_schedulers"][0]["last_epoch"] == 4  # the schedule continued too
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_holds_only_adapters(run_ttc, tmp_path):
     code, _, err = run_ttc(
         "fit",
@@ -97,6 +99,7 @@ def test_lora_checkpoint_holds_only_adapters(run_ttc, tmp_path):
     assert saved < 0.2 * 90_880  # the tiny model has 90,880 parameters; r=4 adapters are a small fraction
 
 
+@pytest.mark.slow
 def test_qlora_4bit_trains_on_cpu(run_ttc, tmp_path):
     code, _, err = run_ttc(
         "fit",
@@ -119,6 +122,7 @@ def test_qlora_4bit_trains_on_cpu(run_ttc, tmp_path):
     assert len(rows) == 2 and float(rows[-1]["kl"]) >= 0.0
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_with_lora_trains(run_ttc, tmp_path):
     code, _, err = run_ttc(
         "fit",

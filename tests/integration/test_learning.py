@@ -1,9 +1,12 @@
 """GRPO must learn: with a reward for emitting "a", the tiny model's reward climbs within a few dozen steps."""
 
+import pytest
+
 from tests.conftest import REPO
 from tests.integration.test_fit import read_metrics
 
 
+@pytest.mark.slow
 def test_reward_rises_on_a_learnable_toy_task(run_ttc, tmp_path):
     code, _, err = run_ttc(
         "fit",

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from tests.conftest import REPO
@@ -36,6 +37,7 @@ PATCH = ["--config", str(REPO / "configs" / "patch.yaml"), *SMALL]
 CLASSIFY = ["--config", str(REPO / "configs" / "classify.yaml"), *SMALL]
 
 
+@pytest.mark.slow
 def test_patch_fit_validate_predict(run_ttc, tmp_path):
     code, _, err = run_ttc(
         "fit", *PATCH, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.max_val_prompts", "2"
@@ -63,6 +65,7 @@ def test_patch_fit_validate_predict(run_ttc, tmp_path):
     assert len(lines[0]["completions"]) == 2
 
 
+@pytest.mark.slow
 def test_classification_fit_test_predict(run_ttc, tmp_path):
     code, _, err = run_ttc("fit", *CLASSIFY, "--trainer.max_steps", "2", "--data.val_split", "null")
     assert code == 0, err
