@@ -31,8 +31,8 @@ from ttc_lightning.grpo import (
     accumulation_weight,
     group_advantages,
     grpo_loss,
-    masked_mean,
     lr_multiplier,
+    masked_mean,
 )
 from ttc_lightning.levers import Levers
 from ttc_lightning.logprobs import completion_logps
