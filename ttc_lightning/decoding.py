@@ -14,7 +14,7 @@ import copy
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -244,6 +244,11 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class Decoded(NamedTuple):
+    sequences: Tensor  # [N, P+C] the prompts and their completions, padded after EOS
+    logps: Tensor  # [N, C] each chosen token's log-prob at the sampling temperature, over the whole vocabulary
+
+
 def decode(
     model: torch.nn.Module,
     prompt_ids: Tensor,
@@ -251,13 +256,16 @@ def decode(
     cache: DynamicCache,
     config: GenerationConfig,
     rows: int | None = None,
-) -> Tensor:
-    """generate()'s sampling loop for a Llama/Qwen2-family model, one `decode_step` per token -> `[N, P + C]`.
+) -> Decoded:
+    """generate()'s sampling loop for a Llama/Qwen2-family model, one `decode_step` per token.
 
     `cache` holds the prompts `[N, P]` but their last token. The same logits processors as generate() for
     `config` (a GenerationConfig) and the model's `min_new_tokens`, the same padding after EOS, and with
     `torch.multinomial` for `draw` the same tokens for the same seed (tested); without generate()'s per-token
     bookkeeping. `rows` fuses projections for oneDNN (`decode_layers`).
+
+    Also returns each chosen token's log-prob as the trainer computes it: `log_softmax(logits / temperature)`
+    before top-k/top-p and `min_new_tokens` (0 after EOS), to measure how far sampling and training disagree.
     """
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -277,22 +285,27 @@ def decode(
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(n, config.max_new_tokens)], dim=1)  # [N, P+T]
     positions = prompt_mask.sum(1, keepdim=True) - 1  # [N, 1]: the last prompt token's
     tokens = prompt_ids[:, -1:]  # [N, 1]
+    temperature = config.temperature if config.do_sample and config.temperature else 1.0
     unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)  # [N]
-    new = []
+    new, logps = [], []
     for step in range(config.max_new_tokens):
-        scores = decode_step(lm, tokens, mask[:, : p + step], positions + step, cache, layers)[:, -1].float()  # [N, V]
+        logits = decode_step(lm, tokens, mask[:, : p + step], positions + step, cache, layers)[:, -1].float()  # [N, V]
+        lse = torch.logsumexp(logits / temperature, dim=-1, keepdim=True)  # [N, 1]
+        scores = logits.clone()  # [N, V]
         if step < min_new_tokens:
             scores[:, eos] = float("-inf")
         for warp in warpers:
             scores = warp(prompt_ids, scores)  # [N, V]
         chosen = draw(scores.softmax(-1)) if config.do_sample else scores.argmax(-1, keepdim=True)  # [N, 1]
+        logp = logits.gather(1, chosen) / temperature - lse  # [N, 1]
+        logps.append(torch.where(unfinished[:, None], logp, 0.0))
         chosen = torch.where(unfinished[:, None], chosen, config.pad_token_id)  # [N, 1]
         new.append(chosen)
         unfinished &= ~torch.isin(chosen[:, 0], eos)
         if not unfinished.any():
             break
         tokens = chosen
-    return torch.cat([prompt_ids, *new], dim=1)  # [N, P+C]
+    return Decoded(torch.cat([prompt_ids, *new], dim=1), torch.cat(logps, dim=1))  # [N, P+C], [N, C]
 
 
 def draw(probs: Tensor) -> Tensor:

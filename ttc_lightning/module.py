@@ -271,7 +271,17 @@ class GRPOModule(L.LightningModule):
 
         # 4. Advantages.
         advantages = group_advantages(reward, g, hp.scale_rewards)  # [N]
-        rollout = Rollout(*samples, scores.to(self.device), reward.to(self.device), advantages.to(self.device))
+        rollout = Rollout(
+            samples.prompt_ids,
+            samples.prompt_mask,
+            samples.completion_ids,
+            samples.completion_mask,
+            samples.texts,
+            scores.to(self.device),
+            reward.to(self.device),
+            advantages.to(self.device),
+            sampler_logps=samples.logps,
+        )
 
         # 5. Frozen log-probs.
         old_logps, ref_logps = self.frozen_logps(rollout)

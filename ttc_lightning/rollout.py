@@ -34,6 +34,7 @@ class Rollout:
     advantages: Tensor  # [N]
     old_logps: Tensor | None = None  # [N, C] only when num_iterations > 1
     ref_logps: Tensor | None = None  # [N, C] only when beta > 0
+    sampler_logps: Tensor | None = None  # [N, C] the sampler's own, when it kept them (ttc's decoding loop)
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
@@ -55,6 +56,7 @@ class Rollout:
             advantages=self.advantages[index],
             old_logps=None if self.old_logps is None else self.old_logps[index, :last],
             ref_logps=None if self.ref_logps is None else self.ref_logps[index, :last],
+            sampler_logps=None if self.sampler_logps is None else self.sampler_logps[index, :last],
         )
 
 

@@ -36,6 +36,7 @@ class Samples(NamedTuple):
     completion_ids: Tensor  # [N, C] right-padded
     completion_mask: Tensor  # [N, C] 1 up to and including the first EOS
     texts: list[str]  # N decoded completions
+    logps: Tensor | None  # [N, C] the sampler's log-prob of each token at the sampling temperature (decoding loop)
 
 
 @dataclass(frozen=True)
@@ -178,24 +179,28 @@ class Sampler:
                 self.last_plan = plan
                 prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [N, P]
                 prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
-                sequences = self._decode(plan, prompt_ids, prompt_mask, cache, config)  # [N, P+C]
+                sequences, logps = self._decode(plan, prompt_ids, prompt_mask, cache, config)  # [N, P+C], [N, C]
         finally:
             model.train(was_training)
-        return self._completions(prompt_ids, prompt_mask, sequences[:, prompt_ids.size(1) :])
+        return self._completions(prompt_ids, prompt_mask, sequences[:, prompt_ids.size(1) :], logps)
 
     def _packed(self, plan: SamplingPlan, rows: int) -> contextlib.AbstractContextManager[None]:
         return cpu.packed_linears(self.model, rows) if plan.cpu_kernels else contextlib.nullcontext()
 
     def _decode(
         self, plan: SamplingPlan, ids: Tensor, mask: Tensor, cache: object | None, config: GenerationConfig
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor | None]:
+        """The prompts and their completions `[N, P+C]`, and the sampler's log-probs `[N, C]` (decoding loop only:
+        generate() would have to keep every step's logits to give them)."""
         if plan.decoder == "loop" and cache is not None:
             return decode(self.model, ids, mask, cache, config, rows=ids.size(0) if plan.cpu_kernels else None)
         cached = {} if cache is None else {cache_keyword(self.model): cache}
         with fast_decoding(self.model, plan.decoder == "generate+steps"):
-            return self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **cached)
+            return self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **cached), None
 
-    def _completions(self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor) -> Samples:
+    def _completions(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, logps: Tensor | None
+    ) -> Samples:
         eos = torch.tensor(self.eos_token_ids, device=completion_ids.device)  # [E]
         is_eos = torch.isin(completion_ids, eos)  # [N, C]
         first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion_ids.size(1))  # [N]
@@ -204,7 +209,7 @@ class Sampler:
         lengths = completion_mask.sum(1).tolist()
         rows = completion_ids.tolist()
         texts = [self.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(rows, lengths, strict=True)]
-        return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
+        return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, logps)
 
 
 @contextlib.contextmanager

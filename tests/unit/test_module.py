@@ -287,13 +287,33 @@ def test_generate_encodes_each_prompt_once_and_samples_as_if_it_did_not():
     hook = module.policy.get_base_model().register_forward_pre_hook(
         lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
     )
-    _, _, ids, mask, texts = module.generate(prompts, num_samples=3, temperature=0.0, max_new_tokens=6)
+    _, _, ids, mask, texts, _ = module.generate(prompts, num_samples=3, temperature=0.0, max_new_tokens=6)
     hook.remove()
     assert calls[0][0] == 2  # the prompts' pass: 2 rows, not 6
     assert all(shape[0] == 6 and shape[1] == 1 for shape in calls[1:])  # then one token per row per step
     for j, prompt in enumerate(prompts):
-        _, _, alone_ids, alone_mask, alone_texts = module.generate([prompt], 1, temperature=0.0, max_new_tokens=6)
+        _, _, alone_ids, alone_mask, alone_texts, _ = module.generate([prompt], 1, temperature=0.0, max_new_tokens=6)
         width = alone_ids.size(1)
         for row in range(3 * j, 3 * j + 3):
             assert texts[row] == alone_texts[0]
             assert torch.equal(ids[row, :width][mask[row, :width].bool()], alone_ids[0][alone_mask[0].bool()])
+
+
+def test_the_samplers_log_probs_are_the_trainers():
+    # Sampled at temperature 0.7 with LoRA merged for sampling: the decoding loop's log-prob of each chosen token
+    # (full vocabulary, temperature only) is what the training forward computes for it, up to float32 rounding.
+    module = GRPOModule(rewards=[TOY], lora=LoRA(r=4), temperature=0.7)
+    module.configure_model()
+    for name, param in module.policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    torch.manual_seed(0)
+    samples = module.generate(["a prompt", "another, longer prompt"], 3, temperature=0.7, max_new_tokens=8)
+    assert samples.logps is not None and samples.logps.shape == samples.completion_ids.shape
+    n = len(samples.texts)
+    rollout = Rollout(*samples[:5], torch.zeros(n, 1), torch.zeros(n), torch.zeros(n))
+    with torch.no_grad():
+        logps, _ = module.completion_logps(module.policy, rollout)
+    mask = samples.completion_mask.bool()
+    torch.testing.assert_close(samples.logps[mask], logps[mask], atol=1e-4, rtol=1e-4)
+    assert (samples.logps[~mask] == 0).all() and (samples.logps[mask] < 0).all()

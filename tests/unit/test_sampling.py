@@ -100,7 +100,8 @@ def test_a_model_that_asks_for_its_own_cache_samples_without_the_shared_prompt_p
     module.policy.register_forward_pre_hook(
         lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
     )
-    _, _, ids, _, texts = module.generate(["a prompt", "another one"], num_samples=2, temperature=1.0, max_new_tokens=3)
+    samples = module.generate(["a prompt", "another one"], num_samples=2, temperature=1.0, max_new_tokens=3)
+    ids, texts = samples.completion_ids, samples.texts
     assert len(texts) == 4 and ids.size(0) == 4
     assert calls[0][0] == 4  # every row ran its whole prompt
 
@@ -298,7 +299,7 @@ def test_decode_samples_what_generate_samples(monkeypatch, settings):
             expand_cache(cache, mask[:, :-1], 3, 13, share=False)
             torch.manual_seed(5)
             if ours:
-                results.append(decoding.decode(model, rows_ids, rows_mask, cache, config))
+                results.append(decoding.decode(model, rows_ids, rows_mask, cache, config).sequences)
             else:
                 kwargs = {cache_keyword(model): cache}
                 results.append(
@@ -315,7 +316,7 @@ def test_decode_stops_when_every_row_has_ended_and_pads_after_eos():
     config = GenerationConfig(do_sample=False, max_new_tokens=10, eos_token_id=[eos], pad_token_id=0)
     with torch.no_grad():
         cache = prefill(model, ids[:, :-1], mask[:, :-1], 22)
-        got = decoding.decode(model, ids, mask, cache, config)
+        got = decoding.decode(model, ids, mask, cache, config).sequences
         cache = prefill(model, ids[:, :-1], mask[:, :-1], 22)
         expected = model.generate(
             input_ids=ids, attention_mask=mask, generation_config=config, **{cache_keyword(model): cache}
@@ -327,7 +328,8 @@ def test_decode_stops_when_every_row_has_ended_and_pads_after_eos():
     )
     with torch.no_grad():
         cache = prefill(model, ids[:, :-1], mask[:, :-1], 22)
-        assert decoding.decode(model, ids, mask, cache, everything_ends).size(1) == 13  # one token, then no more steps
+        decoded = decoding.decode(model, ids, mask, cache, everything_ends)
+        assert decoded.sequences.size(1) == 13  # one token, then no more steps
 
 
 def test_models_whose_generation_config_adds_processors_sample_through_generate():
