@@ -1,9 +1,15 @@
 """ttc against TRL's GRPOTrainer: seconds per optimizer step, generated tokens per second, peak resident memory.
 
     python benchmarks/compare_trl.py [--quick] [--sizes tiny medium] [--rounds 2] [--steps N] [--warmup 1]
+                                     [--layers N] [--device cpu|cuda]
 
 Both trainers get the same locally built model, the same prompts and the same rollout per optimizer step
-(B prompts x G completions, micro-batches of m, LoRA, beta, learning rate, sampling settings). Each run is a
+(B prompts x G completions, micro-batches of m, LoRA, beta, learning rate, sampling settings, gradient
+checkpointing). The `qwen-*` sizes are the job users run: a random model with Qwen2.5-Coder-Instruct's shape
+(vocabulary 151,936 with tied embeddings, GQA, rope theta 1e6, its generation config; fewer layers on CPU, all of
+them with `--layers 0`), prompts made from the shipped PrimeVul sample's functions by the patch task's own prompt.
+Every time is also reported as a multiple of its floor (`floor.py`): the step's arithmetic at this machine's
+measured matmul peak, and for sampling the larger of that and the bytes decoding must read. Each run is a
 separate process (`--worker ttc|trl`), so peak RSS belongs to one trainer alone; the trainers alternate, and the
 one that goes first alternates between rounds. The model's generation config sets `min_new_tokens` equal to
 `max_new_tokens`, so every completion has exactly `max_new_tokens` tokens in both trainers; the tokens each
@@ -26,6 +32,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import floor
+
 
 @dataclass
 class Size:
@@ -39,6 +47,13 @@ class Size:
     micro_batch_size: int = 16  # completions per forward/backward
     code_lines: int = 0  # lines added to each prompt's C function: 24 tokens each with the byte-level tokenizer
     timed_steps: int = 8  # optimizer steps timed per run, after the warm-up
+    qwen: str | None = None  # a Qwen2.5-Coder size ("0.5b", "1.5b"): its shape instead of save_tiny's
+    layers: int | None = None  # of the Qwen shape; None: all
+    sample_prompts: bool = False  # the shipped PrimeVul sample's functions through the patch prompt
+    gradient_checkpointing: bool = False
+    beta: float = 0.0
+    lora_r: int = 16
+    lora_alpha: int = 32
 
 
 MEDIUM = Size(
@@ -49,15 +64,35 @@ MEDIUM = Size(
     micro_batch_size=8,
     timed_steps=3,
 )
+# The job users run (configs/patch.yaml): Qwen2.5-Coder's shape, real PrimeVul functions, G = 8, LoRA, a KL term,
+# gradient checkpointing as the GPU configs ship; 4 layers of the 0.5B model on CPU, as in the issue's measurement.
+QWEN = Size(
+    "qwen-0.5b-4l",
+    prompts=2,
+    generations=8,
+    max_new_tokens=64,
+    micro_batch_size=8,
+    timed_steps=2,
+    qwen="0.5b",
+    layers=4,
+    sample_prompts=True,
+    gradient_checkpointing=True,
+    beta=0.04,
+    lora_r=8,
+    lora_alpha=16,
+)
 SIZES = {
     "tiny": Size("tiny"),
     "medium": MEDIUM,
     # PrimeVul's prompts (a whole C function) are longer than the completions: the medium setting with such prompts.
     "long-prompt": replace(MEDIUM, name="long-prompt", code_lines=16),
+    "qwen-0.5b-4l": QWEN,
+    "qwen-0.5b-4l-nogc": replace(QWEN, name="qwen-0.5b-4l-nogc", gradient_checkpointing=False),
+    # On a GPU: the whole 1.5B model (`--layers 0`), bf16.
+    "qwen-1.5b": replace(QWEN, name="qwen-1.5b", qwen="1.5b", layers=None, micro_batch_size=4),
 }
-LORA = {"r": 16, "alpha": 32, "dropout": 0.0}  # ttc's default; the same in both trainers
+LORA_DROPOUT = 0.0  # ttc's default; the same in both trainers
 LEARNING_RATE = 1e-4
-BETA = 0.0
 SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 SEED = 0
 BUSY_LIMIT = 0.10  # a step counts as contended when other processes used more than this share of the CPUs
@@ -80,20 +115,44 @@ def build_prompts(n: int = 16, code_lines: int = 0) -> list[str]:
     return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
 
 
+def sample_prompts(n: int) -> list[str]:
+    """`n` patch prompts of the shipped PrimeVul sample's train split, chat-templated, those nearest the median
+    length (so every run costs the same whichever the trainers draw first)."""
+    from ttc_lightning.data.base import SAMPLE_DIR
+    from ttc_lightning.data.primevul import load_pairs
+    from ttc_lightning.data.tasks import patch_row
+    from ttc_lightning.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    texts = [
+        tokenizer.apply_chat_template(patch_row(pair)["prompt"], add_generation_prompt=True, tokenize=False)
+        for pair in load_pairs(SAMPLE_DIR, "train")
+    ]
+    texts.sort(key=len)
+    middle = len(texts) // 2 - n // 2
+    return texts[middle : middle + n]
+
+
 def prepare(size: Size, directory: Path) -> dict[str, Any]:
     """Write the model directory and the prompts file; return the worker's spec."""
-    from ttc_lightning.tiny import build_tiny_tokenizer, save_tiny
+    from ttc_lightning.policy import quiet_transformers
+    from ttc_lightning.tiny import build_tiny_tokenizer, save_qwen_shaped, save_tiny
 
-    model_dir = save_tiny(directory / "model", seed=SEED, **size.model)
+    with quiet_transformers():
+        if size.qwen:
+            model_dir = save_qwen_shaped(directory / "model", size.qwen, num_layers=size.layers, seed=SEED)
+        else:
+            model_dir = save_tiny(directory / "model", seed=SEED, **size.model)
     config_path = model_dir / "generation_config.json"
     config = json.loads(config_path.read_text())
     # Neither trainer sets min_new_tokens, so generate() takes it from here: completions of exactly max_new_tokens.
     config["min_new_tokens"] = size.max_new_tokens
     config_path.write_text(json.dumps(config, indent=2))
     prompts_path = directory / "prompts.jsonl"
-    prompts = build_prompts(code_lines=size.code_lines)
+    prompts = sample_prompts(size.prompts) if size.sample_prompts else build_prompts(code_lines=size.code_lines)
     prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    tokens = len(build_tiny_tokenizer()(prompts[0], add_special_tokens=False)["input_ids"])
+    tokenizer = build_tiny_tokenizer()
+    tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     return {"size": asdict(size), "model_dir": str(model_dir), "prompts": str(prompts_path), "prompt_tokens": tokens}
 
 
@@ -129,24 +188,30 @@ def run_ttc(spec: dict[str, Any], steps: int) -> dict[str, Any]:
         def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
             self.stamps.append(stamp())
             self.tokens.append(round(float(trainer.callback_metrics["completions/mean_length"]) * n))
+            self.generate.append(float(trainer.callback_metrics["time/generate"]))
 
     L.seed_everything(SEED, verbose=False)
     module = GRPOModule(
         rewards=["compare_trl.letter_fraction"],
         model_name_or_path=spec["model_dir"],
-        lora=LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"]),
+        lora=LoRA(r=size.lora_r, alpha=size.lora_alpha, dropout=LORA_DROPOUT),
+        gradient_checkpointing=size.gradient_checkpointing,
         num_generations=size.generations,
         max_new_tokens=size.max_new_tokens,
-        beta=BETA,
+        beta=size.beta,
         loss_type="dapo",
         learning_rate=LEARNING_RATE,
+        lr_scheduler="cosine",
         micro_batch_size=size.micro_batch_size,
         log_rollouts=False,
         **SAMPLING,
     )
     timer = StepTimer()
+    timer.generate = []
+    cuda = spec["device"] == "cuda"
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if cuda else "cpu",
+        precision="bf16-mixed" if cuda else "32-true",
         devices=1,
         max_steps=steps,
         logger=False,
@@ -157,7 +222,13 @@ def run_ttc(spec: dict[str, Any], steps: int) -> dict[str, Any]:
         default_root_dir=str(Path(spec["model_dir"]).parent / "ttc-run"),
     )
     trainer.fit(module, PromptDataModule(train_path=spec["prompts"], batch_size=size.prompts, seed=SEED))
-    return {"stamps": timer.stamps, "tokens": timer.tokens}
+    return {"stamps": timer.stamps, "tokens": timer.tokens, "generate_s": timer.generate, **peak_cuda()}
+
+
+def peak_cuda() -> dict[str, float]:
+    import torch
+
+    return {"peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_available() else {}
 
 
 def run_trl(spec: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -191,7 +262,7 @@ def run_trl(spec: dict[str, Any], steps: int) -> dict[str, Any]:
         gradient_accumulation_steps=n // size.micro_batch_size,
         num_generations=size.generations,
         max_completion_length=size.max_new_tokens,
-        beta=BETA,
+        beta=size.beta,
         loss_type="dapo",
         scale_rewards="group",
         num_iterations=1,
@@ -202,12 +273,13 @@ def run_trl(spec: dict[str, Any], steps: int) -> dict[str, Any]:
         max_grad_norm=1.0,
         optim="adamw_torch",
         max_steps=steps,
-        gradient_checkpointing=False,  # GRPOConfig turns it on by default; ttc's default is off
-        bf16=False,
+        gradient_checkpointing=size.gradient_checkpointing,  # GRPOConfig turns it on by default
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=spec["device"] == "cuda",
         fp16=False,
-        use_cpu=True,
+        use_cpu=spec["device"] == "cpu",
         use_vllm=False,
-        model_init_kwargs={"dtype": torch.float32},
+        model_init_kwargs={"dtype": torch.bfloat16 if spec["device"] == "cuda" else torch.float32},
         report_to="none",
         logging_strategy="no",
         save_strategy="no",
@@ -218,9 +290,9 @@ def run_trl(spec: dict[str, Any], steps: int) -> dict[str, Any]:
     )
     timer = StepTimer()
     peft_config = LoraConfig(
-        r=LORA["r"],
-        lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"],
+        r=size.lora_r,
+        lora_alpha=size.lora_alpha,
+        lora_dropout=LORA_DROPOUT,
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
@@ -233,7 +305,7 @@ def run_trl(spec: dict[str, Any], steps: int) -> dict[str, Any]:
         callbacks=[timer],
     )
     trainer.train()
-    return {"stamps": timer.stamps, "tokens": timer.tokens}
+    return {"stamps": timer.stamps, "tokens": timer.tokens, **peak_cuda()}
 
 
 def worker(name: str, spec: dict[str, Any], steps: int, result_path: Path) -> None:
@@ -309,13 +381,16 @@ def summarise(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     quiet = [s for s in steps if s["others_cpu_share"] <= BUSY_LIMIT] or steps
     seconds = [s["seconds"] for s in quiet]
     tokens = [s["tokens"] for s in quiet]
+    generate = [g for run in runs for g in run.get("generate_s", [])[warmup:]]
     return {
         "median_s_per_step": statistics.median(seconds),
         "min_s_per_step": min(seconds),
         "max_s_per_step": max(seconds),
+        "median_generate_s": statistics.median(generate) if generate else None,
         "tokens_per_step": statistics.mean(tokens),
         "tokens_per_s": sum(tokens) / sum(seconds),
         "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
+        "peak_cuda_mib": max((run.get("peak_cuda_mib", 0.0) for run in runs), default=0.0) or None,
         "steps_used": len(quiet),
         "steps_left_out": len(steps) - len(quiet),
         "runs": len(runs),
@@ -324,24 +399,47 @@ def summarise(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     }
 
 
-def compare(size: Size, rounds: int, steps: int, warmup: int, attempts: int, directory: Path) -> dict[str, Any]:
+def floors(size: Size, spec: dict[str, Any], machine: floor.Machine) -> dict[str, float]:
+    """The step's floor (its FLOPs at the matmul peak, sampling at the larger of FLOPs and reads) and its parts."""
+    config = json.loads((Path(spec["model_dir"]) / "config.json").read_text())
+    shape = floor.Shape.from_config(config, lora_r=size.lora_r)
+    prompts = spec["prompt_tokens"][: size.prompts]
+    dtype_bytes = 2 if spec["device"] == "cuda" else 4
+    sampling = floor.sampling_floor(shape, prompts, size.generations, size.max_new_tokens, machine, dtype_bytes)
+    flops = floor.training_flops(
+        shape, prompts, size.generations, size.max_new_tokens, size.beta > 0, size.gradient_checkpointing
+    )
+    training = flops / machine.flops
+    return {"sampling_s": sampling, "training_s": training, "step_s": sampling + training}
+
+
+def compare(
+    size: Size, rounds: int, steps: int, warmup: int, attempts: int, directory: Path, device: str, machine: Any
+) -> dict[str, Any]:
     """Alternate the two trainers on one size; the one that starts alternates between rounds."""
-    spec = prepare(size, directory)
+    spec = {**prepare(size, directory), "device": device}
     runs: dict[str, list[dict[str, Any]]] = {"ttc": [], "trl": []}
     for r in range(rounds):
         for trainer in ("ttc", "trl") if r % 2 == 0 else ("trl", "ttc"):
             print(f"{size.name}: round {r + 1}/{rounds}, {trainer}", file=sys.stderr, flush=True)
             runs[trainer] += run_quietly(trainer, spec, steps, warmup, attempts)
     ttc, trl = summarise(runs["ttc"], warmup), summarise(runs["trl"], warmup)
+    limit = floors(size, spec, machine)
     return {
         "setting": {
             **asdict(size),
             "timed_steps_per_run": steps,
             "parameters": parameters(spec["model_dir"]),
-            "prompt_tokens": spec["prompt_tokens"],
+            "prompt_tokens": spec["prompt_tokens"][: size.prompts],
         },
         "ttc": ttc,
         "trl": trl,
+        "floor": limit,
+        "over_floor": {
+            "ttc": ttc["median_s_per_step"] / limit["step_s"],
+            "trl": trl["median_s_per_step"] / limit["step_s"],
+            "ttc_sampling": ttc["median_generate_s"] / limit["sampling_s"] if ttc["median_generate_s"] else None,
+        },
         "ttc_over_trl": {
             "s_per_step": ttc["median_s_per_step"] / trl["median_s_per_step"],
             "tokens_per_s": ttc["tokens_per_s"] / trl["tokens_per_s"],
@@ -351,27 +449,35 @@ def compare(size: Size, rounds: int, steps: int, warmup: int, attempts: int, dir
 
 
 def print_table(report: dict[str, Any]) -> None:
+    machine = report["machine"]
     print(f"\n{report['cpu']}, {report['threads']} torch threads, {report['versions']}")
+    print(f"measured: matmul {machine['flops'] / 1e9:.0f} GFLOP/s, reads {machine['bandwidth'] / 1e9:.1f} GB/s")
     print(
-        f"{'size':<12}{'params':>7}{'prompt':>7}{'B x G x T':>13}  {'trainer':<8}{'s/step':>7}{'(min-max)':>14}"
-        f"{'tok/step':>9}{'tok/s':>7}{'peak RSS MiB':>13}"
+        f"{'size':<18}{'params':>8}{'prompt':>11}{'B x G x T':>11}  {'trainer':<8}{'s/step':>8}{'x floor':>8}"
+        f"{'(min-max)':>16}{'tok/s':>7}{'peak RSS MiB':>13}"
     )
     for name, result in report["sizes"].items():
         setting = result["setting"]
         shape = f"{setting['prompts']} x {setting['generations']} x {setting['max_new_tokens']}"
         params = f"{setting['parameters'] / 1e6:.1f}M"
+        lengths = setting["prompt_tokens"]
+        prompt = f"{min(lengths)}-{max(lengths)}" if min(lengths) != max(lengths) else str(lengths[0])
         for trainer in ("ttc", "trl"):
             r = result[trainer]
             spread = f"({r['min_s_per_step']:.2f}-{r['max_s_per_step']:.2f})"
             print(
-                f"{name:<12}{params:>7}{setting['prompt_tokens']:>7}{shape:>13}  {trainer:<8}"
-                f"{r['median_s_per_step']:>7.2f}{spread:>14}"
-                f"{r['tokens_per_step']:>9.0f}{r['tokens_per_s']:>7.0f}{r['peak_rss_mib']:>13.0f}"
+                f"{name:<18}{params:>8}{prompt:>11}{shape:>11}  {trainer:<8}{r['median_s_per_step']:>8.2f}"
+                f"{result['over_floor'][trainer]:>7.2f}x{spread:>16}{r['tokens_per_s']:>7.0f}{r['peak_rss_mib']:>13.0f}"
             )
-        ratio = result["ttc_over_trl"]
+        ratio, limit = result["ttc_over_trl"], result["floor"]
         print(
-            f"{'':<41}{'ttc/TRL':<8}{ratio['s_per_step']:>6.2f}x{'':>23}{ratio['tokens_per_s']:>6.2f}x"
+            f"{'':<50}{'ttc/TRL':<8}{ratio['s_per_step']:>7.2f}x{'':>24}{ratio['tokens_per_s']:>6.2f}x"
             f"{ratio['peak_rss']:>12.2f}x"
+        )
+        sampling = result["ttc"]["median_generate_s"]
+        print(
+            f"{'':<50}floor: step {limit['step_s']:.2f} s = sampling {limit['sampling_s']:.2f} + training "
+            f"{limit['training_s']:.2f}; ttc sampling {sampling:.2f} s = {result['over_floor']['ttc_sampling']:.2f}x"
         )
 
 
@@ -408,6 +514,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed optimizer steps per run (default: the size's)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps at the start of each run")
     parser.add_argument("--output", type=Path, default=Path("runs/bench/compare_trl.json"))
+    parser.add_argument("--layers", type=int, help="layers of the qwen-* sizes' model (0: all of the real model's)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16 on the first GPU")
     parser.add_argument("--worker", choices=["ttc", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -417,6 +525,8 @@ def main() -> None:
         return
 
     started = time.perf_counter()
+    wait_for_quiet()
+    machine = floor.measure()
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "command": " ".join(["python", *sys.argv]),
@@ -424,21 +534,24 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "threads": None,
         "versions": versions(),
-        "settings": {"lora": LORA, "learning_rate": LEARNING_RATE, "beta": BETA, **SAMPLING, "loss_type": "dapo"},
+        "settings": {"lora_dropout": LORA_DROPOUT, "learning_rate": LEARNING_RATE, **SAMPLING, "loss_type": "dapo"},
         "rounds": 1 if args.quick else args.rounds,
         "warmup_steps_per_run": args.warmup,
+        "machine": {"flops": machine.flops, "bandwidth": machine.bandwidth},
         "sizes": {},
     }
     with tempfile.TemporaryDirectory(prefix="ttc-vs-trl-") as tmp:
         for name in args.sizes:
             size = SIZES[name]
+            if size.qwen and args.layers is not None:
+                size = replace(size, layers=args.layers or None)
             steps = args.steps or size.timed_steps
             if args.quick:
                 size, steps = Size(**{**asdict(size), "max_new_tokens": 8}), 1
             directory = Path(tmp) / name
             directory.mkdir()
             attempts = 1 if args.quick else 3
-            result = compare(size, report["rounds"], steps, args.warmup, attempts, directory)
+            result = compare(size, report["rounds"], steps, args.warmup, attempts, directory, args.device, machine)
             report["sizes"][name] = result
             report["threads"] = result["ttc"]["threads"]
     report["wall_s"] = time.perf_counter() - started

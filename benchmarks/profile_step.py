@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from compare_trl import (
-    BETA,
     BUSY_LIMIT,
     LEARNING_RATE,
-    LORA,
+    LORA_DROPOUT,
     SAMPLING,
     SEED,
     SIZES,
@@ -65,11 +64,9 @@ PHASES = {
     "generate": "the sampling loop with the KV cache (ttc's decode, or policy.generate())",
     "rollout_other": "tokenise prompts, merge/unmerge LoRA, EOS masks, decode completions",
     "score": "reward functions",
-    "frozen_logps": "old/reference log-probs (num_iterations > 1 or beta > 0)",
-    "prompt_train": "policy forward on each distinct prompt, train mode",
-    "forward": "policy forward on the completions (or on prompt + completion), train mode",
-    "log_softmax": "selective_log_softmax: the chosen tokens' log-probs",
-    "entropy": "token_entropy (a logged metric)",
+    "frozen_logps": "old/reference log-probs (num_iterations > 1 or beta > 0), no grad",
+    "forward": "policy forward, train mode: each distinct prompt once, then the completions",
+    "head": "output head, log-softmax of the chosen tokens and entropy, in chunks (train mode)",
     "loss": "grpo_loss",
     "backward": "manual_backward",
     "optimizer": "gradient clipping + AdamW step",
@@ -78,7 +75,7 @@ PHASES = {
 # Timed calls that contain other timed calls: their own share is what is left once the inner ones are removed.
 NESTED = {
     "rollout_other": ("rollout", ["generate", "prompt_sample"]),
-    "forward": ("logps", ["log_softmax", "entropy", "prompt_train"]),
+    "forward": ("logps", ["head"]),
 }
 
 
@@ -103,6 +100,13 @@ class Timers:
                 self.rss_growth[name] += peak_rss_mib() - rss
 
         return timed
+
+    def wrap_training(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Timed as `name` when gradients are on (the training passes), not timed otherwise."""
+        import torch
+
+        timed = self.wrap(name, fn)
+        return lambda *args, **kwargs: (timed if torch.is_grad_enabled() else fn)(*args, **kwargs)
 
     @staticmethod
     def exclusive(values: dict[str, float]) -> dict[str, float]:
@@ -129,9 +133,6 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
     for owner, name, attr in (
         (module_py, "score", "score_completions"),
         (module_py, "loss", "grpo_loss"),
-        (logprobs_py, "log_softmax", "selective_log_softmax"),
-        (logprobs_py, "entropy", "token_entropy"),
-        (logprobs_py, "prompt_train", "prefill"),
         (sampler_py, "prompt_sample", "prefill"),
         (sampler_py, "generate", "decode"),
     ):
@@ -143,10 +144,11 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
     module = GRPOModule(
         rewards=["compare_trl.letter_fraction"],
         model_name_or_path=spec["model_dir"],
-        lora=LoRA(r=LORA["r"], alpha=LORA["alpha"], dropout=args.lora_dropout),
+        lora=LoRA(r=size.lora_r, alpha=size.lora_alpha, dropout=args.lora_dropout),
+        gradient_checkpointing=size.gradient_checkpointing,
         num_generations=size.generations,
         max_new_tokens=size.max_new_tokens,
-        beta=BETA,
+        beta=size.beta,
         learning_rate=LEARNING_RATE,
         micro_batch_size=size.micro_batch_size,
         log_rollouts=False,
@@ -155,7 +157,9 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
     )
     module.generate = timers.wrap("rollout", module.generate)
     module.frozen_logps = timers.wrap("frozen_logps", module.frozen_logps)
-    module.completion_logps = timers.wrap("logps", module.completion_logps)
+    # The training passes only: the frozen ones (no grad) are inside frozen_logps.
+    module.completion_logps = timers.wrap_training("logps", module.completion_logps)
+    logprobs_py.token_logps = timers.wrap_training("head", logprobs_py.token_logps)
     module.manual_backward = timers.wrap("backward", module.manual_backward)
     records: list[dict[str, float]] = []
     memory: dict[str, float] = {}
@@ -241,7 +245,7 @@ def main() -> None:
         default=[],
         help="what-if: turn these levers off",
     )
-    parser.add_argument("--lora-dropout", type=float, default=LORA["dropout"], help="what-if: another LoRA dropout")
+    parser.add_argument("--lora-dropout", type=float, default=LORA_DROPOUT, help="what-if: another LoRA dropout")
     parser.add_argument("--torch-profile", action="store_true", help="print the top operators of one more step")
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()

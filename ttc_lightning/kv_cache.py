@@ -49,6 +49,54 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
+class RecordingLayer(DynamicLayer):
+    """The training pass over a group's prompt: keeps the keys/values it is given, without concatenating, so that
+    recomputing the layer under gradient checkpointing records the same tensors and attends to the same ones."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class PrefixLayer(DynamicLayer):
+    """Read-only prompt keys/values for the training pass over completions: attention sees the prompt and the new
+    tokens, and the cache is never written, so recomputing the layer under gradient checkpointing is exact."""
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values  # [n, Hkv, P, D]
+        self.is_initialized = True
+        self.dtype, self.device = keys.dtype, keys.device
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def recording_cache(config: Any) -> DynamicCache | None:
+    """A cache of `RecordingLayer`s for a model with `config`, or None when its cache is not all full-attention layers
+    (sliding windows keep positions of their own)."""
+    cache = DynamicCache(config=config)
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [RecordingLayer() for _ in cache.layers]
+    return cache
+
+
+def prefix_cache(recorded: DynamicCache, index: Tensor) -> DynamicCache:
+    """Row i gets the recorded prompt `index[i]`'s keys/values, read-only (`PrefixLayer`).
+
+    `index_select` rather than advanced indexing: the same values, and a backward pass (`index_add`) far faster on
+    CPU than advanced indexing's accumulating `index_put`.
+    """
+    cache = DynamicCache()
+    cache.layers = [
+        PrefixLayer(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in recorded.layers
+    ]
+    return cache
+
+
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """`softmax(q k^T * scale + mask) v` and each query's log-sum-exp of its scores: q `[B, H, L, D]`, k and v
     `[B, H, S, D]`, mask broadcastable to `[B, H, L, S]` (0 or -inf) -> `[B, H, L, D]`, `[B, H, L]` (float32)."""

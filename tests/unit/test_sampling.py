@@ -79,7 +79,7 @@ def test_merged_lora_unmerges_when_sampling_fails():
 
 
 @pytest.mark.parametrize(("dtype", "merges"), [("auto", True), ("bfloat16", False)])
-def test_generate_merges_float32_adapters_only(monkeypatch, dtype, merges):
+def test_generate_merges_float32_adapters_in_place_only(monkeypatch, dtype, merges):
     module = lora_module(dtype)
     calls = []
     monkeypatch.setattr(
@@ -340,6 +340,40 @@ def test_models_whose_generation_config_adds_processors_sample_through_generate(
     model.generation_config.no_repeat_ngram_size = None
     model.generation_config.repetition_penalty = 1.05
     assert not decoding.decodes_alone(model)
+
+
+def test_the_models_own_sampling_settings_do_not_stop_the_decoding_loop():
+    # Qwen2.5-Instruct ships temperature 0.7, top-k 20, top-p 0.8 and a repetition penalty of 1.1; ttc sets each of
+    # them itself, so generate() would not use the model's either, and the loop samples exactly as generate() would.
+    model = tiny_qwen()
+    model.generation_config.update(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.1)
+    assert not decoding.decodes_alone(model)  # generate() without ttc's settings would apply the penalty
+    config = GenerationConfig(
+        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=4, eos_token_id=2
+    )
+    assert decoding.decodes_alone(model, config)
+    plan = plan_sampling(model, Levers(), config, lora=False, quantized=False)
+    assert plan.decoder == "loop" and "decode_loop" not in plan.off
+    model.generation_config.no_repeat_ngram_size = 2  # a processor ttc does not set: generate() applies it
+    assert plan_sampling(model, Levers(), config, lora=False, quantized=False).decoder == "generate+steps"
+
+
+def test_bfloat16_adapters_sample_from_a_merged_copy_and_the_weights_stay_bit_for_bit():
+    module = lora_module("bfloat16")
+    before = base_weights(module)
+    ids = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():
+        expected = module.policy(input_ids=ids).logits
+        with merged_lora(module.policy, "copy"):
+            assert all(not getattr(m, "merged", False) for m in module.policy.modules())  # peft's merge not used
+            merged = module.policy(input_ids=ids).logits
+        after = module.policy(input_ids=ids).logits
+    torch.testing.assert_close(merged, expected, atol=0.1, rtol=0.05)  # one bf16 rounding of W + BA vs three products
+    assert torch.equal(after, expected)
+    assert all(torch.equal(before[n], w) for n, w in base_weights(module).items())  # no drift, however many merges
+    plan = plan_sampling(module.policy, Levers(), GenerationConfig(max_new_tokens=2), lora=True, quantized=False)
+    assert plan.merge_lora == "copy"
+    assert plan_sampling(module.policy, Levers(), GenerationConfig(), lora=True, quantized=True).merge_lora == "off"
 
 
 def test_sampling_with_merged_adapters_gives_the_unmerged_policys_tokens(monkeypatch):

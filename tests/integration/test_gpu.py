@@ -1,0 +1,88 @@
+"""On a CUDA device: the paths users run (bf16, gradient checkpointing, LoRA, 4-bit weights) and every lever against
+its plain computation. Skipped without CUDA (tests/conftest.py); `benchmarks/gpu_check.sh` runs them with the
+shaped benchmark."""
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from tests.conftest import REPO
+from tests.integration.test_fit import read_metrics
+from ttc_lightning import decoding
+from ttc_lightning.kv_cache import attention_with_lse, expand_cache, prefill
+from ttc_lightning.module import GRPOModule
+from ttc_lightning.policy import LoRA, encode_prompts
+from ttc_lightning.rollout import Rollout
+from ttc_lightning.tiny import build_tiny_model, build_tiny_tokenizer
+
+pytestmark = pytest.mark.gpu
+
+TINY_YAML = str(REPO / "tests" / "integration" / "tiny.yaml")
+GPU = ["--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false"]
+FAST = ["--model.max_new_tokens", "8", "--model.num_generations", "4", "--trainer.max_steps", "2"]
+TOY = "ttc_lightning.rewards.char_fraction_reward"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--trainer.precision", "bf16-mixed", "--model.gradient_checkpointing", "true", "--model.lora", "{r: 4}"],
+        ["--model.load_in_4bit", "true", "--model.lora", "{r: 4}", "--model.beta", "0.04"],
+    ],
+    ids=["bf16 checkpointing lora", "4-bit lora kl"],
+)
+def test_fit_on_the_gpu(run_ttc, tmp_path, options):
+    code, _, err = run_ttc("fit", "--config", TINY_YAML, "--trainer.default_root_dir", "run", *GPU, *FAST, *options)
+    assert code == 0, err
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 2
+    assert all(float(r["grad_norm"]) > 0 and float(r["loss"]) == float(r["loss"]) for r in rows)  # finite, learning
+
+
+def test_decoding_loop_samples_what_generate_samples_on_cuda(monkeypatch):
+    monkeypatch.setattr(decoding, "draw", lambda probs: torch.multinomial(probs, 1))  # generate()'s draw
+    model = build_tiny_model(build_tiny_tokenizer(), seed=0).cuda().eval()
+    torch.manual_seed(2)
+    ids = torch.randint(3, 250, (2, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    config = GenerationConfig(do_sample=True, top_k=20, top_p=0.8, temperature=0.7, max_new_tokens=10)
+    config.update(eos_token_id=[2], pad_token_id=0)
+    results = []
+    for ours in (False, True):
+        with torch.no_grad():
+            cache = prefill(model, ids[:, :-1], mask[:, :-1], 24)
+            expand_cache(cache, mask[:, :-1], 3, 11, share=ours, attention=attention_with_lse)
+            torch.manual_seed(5)
+            rows, rows_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+            if ours:  # the loop, with the prompt's cache shared by its rows through the plain attention
+                results.append(decoding.decode(model, rows, rows_mask, cache, config).sequences)
+            else:
+                results.append(model.generate(input_ids=rows, attention_mask=rows_mask, generation_config=config, cache=cache))
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_shared_prompt_pass_matches_each_row_alone_in_bf16(checkpointing):
+    module = GRPOModule(
+        rewards=[TOY], lora=LoRA(r=4), dtype="bfloat16", gradient_checkpointing=checkpointing, temperature=0.7
+    )
+    module.configure_model()
+    module.policy.cuda()
+    for name, param in module.policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    prompt_ids, prompt_mask = encode_prompts(module.tokenizer, ["short", "a longer prompt"], torch.device("cuda"))
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(3, 0), prompt_mask.repeat_interleave(3, 0)
+    completion_ids = torch.randint(3, 200, (6, 5), device="cuda")
+    completion_mask = torch.ones_like(completion_ids)
+    zeros = torch.zeros(6, device="cuda")
+    rollout = Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, [""] * 6, zeros[:, None], zeros, zeros)
+    trainable = [p for p in module.policy.parameters() if p.requires_grad]
+    shared, _ = module.completion_logps(module.policy, rollout)
+    grads = torch.autograd.grad(shared.sum(), trainable)
+    alone = [module.completion_logps(module.policy, rollout.rows(torch.tensor([i], device="cuda")))[0] for i in range(6)]
+    alone_grads = torch.autograd.grad(sum(a.sum() for a in alone), trainable)
+    torch.testing.assert_close(shared, torch.cat(alone), atol=2e-2, rtol=2e-2)  # bf16 activations
+    for a, b in zip(grads, alone_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
