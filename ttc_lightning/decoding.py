@@ -267,14 +267,13 @@ def decode(
     Also returns each chosen token's log-prob as the trainer computes it: `log_softmax(logits / temperature)`
     before top-k/top-p and `min_new_tokens` (0 after EOS), to measure how far sampling and training disagree.
     """
-    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
 
     lm = fast_decode_model(model)
     layers = decode_layers(lm, rows=rows)
+    temperature = config.temperature if config.do_sample and config.temperature else 1.0
     warpers = []
     if config.do_sample:
-        if config.temperature is not None and config.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(config.temperature))
         if config.top_k:
             warpers.append(TopKLogitsWarper(config.top_k))
         if config.top_p is not None and config.top_p < 1.0:
@@ -285,20 +284,22 @@ def decode(
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(n, config.max_new_tokens)], dim=1)  # [N, P+T]
     positions = prompt_mask.sum(1, keepdim=True) - 1  # [N, 1]: the last prompt token's
     tokens = prompt_ids[:, -1:]  # [N, 1]
-    temperature = config.temperature if config.do_sample and config.temperature else 1.0
     unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)  # [N]
     new, logps = [], []
     for step in range(config.max_new_tokens):
         logits = decode_step(lm, tokens, mask[:, : p + step], positions + step, cache, layers)[:, -1].float()  # [N, V]
-        lse = torch.logsumexp(logits / temperature, dim=-1, keepdim=True)  # [N, 1]
-        scores = logits.clone()  # [N, V]
+        scaled = logits / temperature if temperature != 1.0 else logits  # [N, V]: generate()'s temperature warper
+        probs = scaled.softmax(-1)  # [N, V] the trained distribution
+        scores = scaled  # [N, V]: what is sampled from, after generate()'s other processors
         if step < min_new_tokens:
-            scores[:, eos] = float("-inf")
+            scores = scores.index_fill(1, eos, float("-inf"))
         for warp in warpers:
             scores = warp(prompt_ids, scores)  # [N, V]
-        chosen = draw(scores.softmax(-1)) if config.do_sample else scores.argmax(-1, keepdim=True)  # [N, 1]
-        logp = logits.gather(1, chosen) / temperature - lse  # [N, 1]
-        logps.append(torch.where(unfinished[:, None], logp, 0.0))
+        if config.do_sample:
+            chosen = draw(probs if scores is scaled else scores.softmax(-1))  # [N, 1]
+        else:
+            chosen = scores.argmax(-1, keepdim=True)  # [N, 1]
+        logps.append(torch.where(unfinished[:, None], probs.gather(1, chosen).log(), 0.0))  # [N, 1]
         chosen = torch.where(unfinished[:, None], chosen, config.pad_token_id)  # [N, 1]
         new.append(chosen)
         unfinished &= ~torch.isin(chosen[:, 0], eos)

@@ -163,7 +163,8 @@ class _FrozenHeadLogps(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [K, 1]
             logps[rows] = logits.gather(1, ids[rows].unsqueeze(1)).squeeze(1) - lse.squeeze(1)
             probs = torch.sub(logits, lse).exp_()  # [K, V]
-            entropy[rows] = lse.squeeze(1) - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)  # H = lse - E[z]
+            # H = lse - E_p[z], without a [K, V] product
+            entropy[rows] = lse.squeeze(1) - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
             del logits
             if grad is not None:
                 # d log p_y / d logits = onehot(y) - p, and logits = h W^T / T

@@ -58,7 +58,8 @@ def test_decoding_loop_samples_what_generate_samples_on_cuda(monkeypatch):
             if ours:  # the loop, with the prompt's cache shared by its rows through the plain attention
                 results.append(decoding.decode(model, rows, rows_mask, cache, config).sequences)
             else:
-                results.append(model.generate(input_ids=rows, attention_mask=rows_mask, generation_config=config, cache=cache))
+                out = model.generate(input_ids=rows, attention_mask=rows_mask, generation_config=config, cache=cache)
+                results.append(out)
     assert torch.equal(results[0], results[1])
 
 
@@ -81,7 +82,8 @@ def test_shared_prompt_pass_matches_each_row_alone_in_bf16(checkpointing):
     trainable = [p for p in module.policy.parameters() if p.requires_grad]
     shared, _ = module.completion_logps(module.policy, rollout)
     grads = torch.autograd.grad(shared.sum(), trainable)
-    alone = [module.completion_logps(module.policy, rollout.rows(torch.tensor([i], device="cuda")))[0] for i in range(6)]
+    rows = [rollout.rows(torch.tensor([i], device="cuda")) for i in range(6)]
+    alone = [module.completion_logps(module.policy, row)[0] for row in rows]
     alone_grads = torch.autograd.grad(sum(a.sum() for a in alone), trainable)
     torch.testing.assert_close(shared, torch.cat(alone), atol=2e-2, rtol=2e-2)  # bf16 activations
     for a, b in zip(grads, alone_grads, strict=True):
