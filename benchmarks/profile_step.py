@@ -126,12 +126,14 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
     import ttc_lightning.sampler as sampler_py
     from ttc_lightning import GRPOModule, Levers, LoRA
     from ttc_lightning.data import PromptDataModule
+    from ttc_lightning.scoring import RewardScorer
 
     size = Size(**spec["size"])
     timers = Timers()
-    # Timing only: the functions the step calls are looked up as module globals, so wrapping them times every call.
+    # Timing only: the functions the step calls are looked up as module (or class) attributes, so wrapping them
+    # times every call.
     for owner, name, attr in (
-        (module_py, "score", "score_completions"),
+        (RewardScorer, "score", "score"),
         (module_py, "loss", "grpo_loss"),
         (sampler_py, "prompt_sample", "prefill"),
         (sampler_py, "generate", "decode"),

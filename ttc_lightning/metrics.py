@@ -85,7 +85,7 @@ def multiclass_metrics(labels: Sequence[str], preds: Sequence[str | None]) -> di
 
 
 def pairwise_metrics(predictions: Sequence[tuple[int, int]]) -> dict[str, float]:
-    """PrimeVul's pair-wise metrics, in percent of pairs (they sum to 100).
+    """PrimeVul's pair-wise metrics as fractions of the pairs (they sum to 1; the paper gives them in percent).
 
     Each item is `(prediction for the vulnerable function, prediction for its fix)`, 1 = vulnerable.
     P-C: correct (1, 0); P-V: both called vulnerable (1, 1); P-B: both called benign (0, 0); P-R: reversed (0, 1).
@@ -98,7 +98,7 @@ def pairwise_metrics(predictions: Sequence[tuple[int, int]]) -> dict[str, float]
     counts = Counter((vul, fix) for vul, fix in predictions)
     n = len(predictions)
     outcomes = {"P-C": (1, 0), "P-V": (1, 1), "P-B": (0, 0), "P-R": (0, 1)}
-    return {name: 100.0 * counts[key] / n for name, key in outcomes.items()}
+    return {name: counts[key] / n for name, key in outcomes.items()}
 
 
 def _roc_points(labels: Sequence[int], scores: Sequence[float]) -> list[tuple[int, int, float]]:

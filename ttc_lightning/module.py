@@ -38,15 +38,9 @@ from ttc_lightning.levers import Levers
 from ttc_lightning.logprobs import completion_logps
 from ttc_lightning.policy import LoRA, Prompt, load_policy, load_tokenizer, materialise, reference_model
 from ttc_lightning.reports import gather_records, print_per_class, write_metrics, write_predictions
-from ttc_lightning.rollout import (
-    Rollout,
-    load_rewards,
-    rollout_metrics,
-    rollout_records,
-    score_completions,
-    write_rollouts,
-)
+from ttc_lightning.rollout import Rollout, rollout_metrics, rollout_records, write_rollouts
 from ttc_lightning.sampler import Sampler, Samples
+from ttc_lightning.scoring import RewardErrors, RewardScorer, RewardSpec, load_rewards
 from ttc_lightning.settings import check_settings
 from ttc_lightning.tiny import TINY
 
@@ -60,7 +54,8 @@ class GRPOModule(L.LightningModule):
     counts optimizer steps.
 
     Args:
-        rewards: Reward functions by import path, each `fn(completions, **columns) -> list[float | None]`.
+        rewards: Reward functions, each `fn(completions, **columns) -> list[float | None]`: an import path, or a
+            mapping `{function: import.path, args: {...}, name: ...}` whose args are bound to the function once.
         model_name_or_path: A Hugging Face Hub id, a local model directory, or "tiny" (a small random model
             built locally, no network).
         lora: LoRA settings (peft), or null for full fine-tuning.
@@ -89,6 +84,11 @@ class GRPOModule(L.LightningModule):
         warmup_steps: Linear warmup from 0 over this many optimizer steps.
         max_grad_norm: Clip the gradient's global norm to this (null = no clipping; the norm is logged).
         reward_weights: One weight per reward function (null = all 1.0); the reward is their weighted sum.
+        reward_workers: Reward functions running at once, in threads (1: one after the other).
+        reward_timeout: Seconds each reward call may take (null = no limit). A late call cannot be stopped: its
+            thread runs on and its result is dropped.
+        reward_errors: A reward call that raises or runs out of time stops training ("raise") or leaves its
+            completions unscored, counted in `rewards/<fn>/errors` ("skip").
         eval_num_samples: k: completions per prompt at validation/test/predict time.
         eval_temperature: Sampling temperature for evaluation; 0 means greedy (then k must be 1).
         log_rollouts: Append every completion with its rewards to rollouts.jsonl in the run's log directory.
@@ -97,7 +97,7 @@ class GRPOModule(L.LightningModule):
 
     def __init__(
         self,
-        rewards: list[str],
+        rewards: list[str | RewardSpec | dict[str, Any]],
         model_name_or_path: str = TINY,
         lora: LoRA | None = None,
         load_in_4bit: bool = False,
@@ -121,6 +121,9 @@ class GRPOModule(L.LightningModule):
         warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
         reward_weights: list[float] | None = None,
+        reward_workers: int = 1,
+        reward_timeout: float | None = None,
+        reward_errors: RewardErrors = "raise",
         eval_num_samples: int = 1,
         eval_temperature: float = 0.0,
         log_rollouts: bool = True,
@@ -131,7 +134,8 @@ class GRPOModule(L.LightningModule):
         check_settings(self.hparams)
         self.levers = levers if isinstance(levers, Levers) else Levers(**levers)
         self.lora = lora if isinstance(lora, LoRA) or lora is None else LoRA(**lora)
-        self.reward_fns, self.reward_names = load_rewards(rewards)
+        self.scorer = RewardScorer(load_rewards(rewards), reward_workers, reward_timeout, reward_errors)
+        self.reward_names = self.scorer.names
         self.reward_weights = torch.tensor(reward_weights or [1.0] * len(rewards))
         self.model_path = materialise(model_name_or_path)
         self.tokenizer = load_tokenizer(self.model_path, model_name_or_path)
@@ -266,7 +270,7 @@ class GRPOModule(L.LightningModule):
         generated = time.perf_counter()
 
         # 3. Score.
-        scores = score_completions(self.reward_fns, self.reward_names, samples.texts, columns, g)  # [N, F]
+        scores, errors = self.scorer.score(samples.texts, columns, g)  # [N, F], [F] or None
         reward = torch.nansum(scores * self.reward_weights, dim=1)  # [N]
 
         # 4. Advantages.
@@ -281,6 +285,7 @@ class GRPOModule(L.LightningModule):
             reward.to(self.device),
             advantages.to(self.device),
             sampler_logps=samples.logps,
+            reward_errors=errors,
         )
 
         # 5. Frozen log-probs.
@@ -412,7 +417,7 @@ class GRPOModule(L.LightningModule):
         columns = {key: values for key, values in batch.items() if key != "prompt"}
         repeated = {key: [v for v in values for _ in range(k)] for key, values in columns.items()}
         samples = self.generate(batch["prompt"], k, hp.eval_temperature, hp.max_new_tokens)
-        scores = score_completions(self.reward_fns, self.reward_names, samples.texts, repeated, k)  # [B*k, F]
+        scores, _ = self.scorer.score(samples.texts, repeated, k)  # [B*k, F]
         reward = torch.nansum(scores * self.reward_weights, dim=1)  # [B*k]
         lengths = samples.completion_mask.sum(1).tolist()
         return prompt_records(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -300,10 +301,20 @@ def file_language(file_name: str | None) -> Language | None:
 
 
 @functools.cache
+def _grammar(language: Language) -> tree_sitter.Language:
+    return tree_sitter.Language(tree_sitter_c.language() if language == "c" else tree_sitter_cpp.language())
+
+
+_parsers = threading.local()
+
+
 def _parser(language: Language) -> tree_sitter.Parser:
-    # Built once per process; a parser is reused for every parse.
-    grammar = tree_sitter_c.language() if language == "c" else tree_sitter_cpp.language()
-    return tree_sitter.Parser(tree_sitter.Language(grammar))
+    # One parser per thread and language, reused for every parse: a tree-sitter parser must not be used by two
+    # threads at once, and reward functions may run in parallel threads (model.reward_workers).
+    parsers: dict[Language, tree_sitter.Parser] = _parsers.__dict__.setdefault("by_language", {})
+    if language not in parsers:
+        parsers[language] = tree_sitter.Parser(_grammar(language))
+    return parsers[language]
 
 
 @functools.lru_cache(maxsize=1024)

@@ -1,23 +1,17 @@
 """A rollout: the completions sampled for a batch of prompts, scored by the reward functions, with advantages.
-Scoring (`score_completions`), the rollout's step metrics, and its records in `rollouts.jsonl`."""
+The rollout's step metrics, and its records in `rollouts.jsonl` (scoring itself is in `scoring.py`)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-
-from ttc_lightning.errors import TTCError
-
-RewardFn = Callable[..., Sequence[float | None]]
 
 
 @dataclass
@@ -35,6 +29,7 @@ class Rollout:
     old_logps: Tensor | None = None  # [N, C] only when num_iterations > 1
     ref_logps: Tensor | None = None  # [N, C] only when beta > 0
     sampler_logps: Tensor | None = None  # [N, C] the sampler's own, when it kept them (ttc's decoding loop)
+    reward_errors: Tensor | None = None  # [F] failed reward calls, under model.reward_errors: skip
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
@@ -57,73 +52,8 @@ class Rollout:
             old_logps=None if self.old_logps is None else self.old_logps[index, :last],
             ref_logps=None if self.ref_logps is None else self.ref_logps[index, :last],
             sampler_logps=None if self.sampler_logps is None else self.sampler_logps[index, :last],
+            reward_errors=self.reward_errors,
         )
-
-
-def import_reward(path: str, where: str) -> RewardFn:
-    """`package.module.function` -> the function; a clear error when it cannot be imported."""
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        raise TTCError(f"{where}: {path!r} is not an import path like 'package.module.function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise TTCError(f"{where}: cannot import {path!r} ({type(e).__name__}: {e})") from None
-    if not callable(fn):
-        raise TTCError(f"{where}: {path!r} is not callable")
-    return fn
-
-
-def load_rewards(paths: Sequence[str]) -> tuple[list[RewardFn], list[str]]:
-    """The reward functions of `model.rewards` and their names (as logged: `rewards/<name>/mean`)."""
-    fns = [import_reward(path, f"model.rewards[{i}]") for i, path in enumerate(paths)]
-    names = [getattr(fn, "__name__", path.rpartition(".")[2]) for fn, path in zip(fns, paths, strict=True)]
-    return fns, names
-
-
-def score_completions(
-    fns: Sequence[RewardFn], names: Sequence[str], completions: list[str], columns: dict[str, list], group_size: int
-) -> Tensor:
-    """Call each reward function on all completions -> `[N, F]` float32, NaN where a function returned None.
-
-    Any failure stops training with the function's name and the prompt (index in the batch) it failed on.
-    """
-    n = len(completions)
-    scores = torch.full((n, len(fns)), float("nan"))
-    for j, (fn, name) in enumerate(zip(fns, names, strict=True)):
-        try:
-            values = fn(completions, **columns)
-        except Exception as e:
-            prompt = _first_failing_prompt(fn, completions, columns, group_size)
-            where = f" on prompt {prompt} of the batch" if prompt is not None else ""
-            raise TTCError(f"reward function {name} raised {type(e).__name__}: {e}{where}") from e
-        if not isinstance(values, Sequence) or len(values) != n:
-            got = len(values) if isinstance(values, Sequence) else type(values).__name__
-            raise TTCError(
-                f"reward function {name} returned {got} values for {n} completions "
-                f"({n // group_size} prompts x {group_size}); it must return one float or None per completion"
-            )
-        for i, value in enumerate(values):
-            if value is None:
-                continue
-            if not isinstance(value, numbers.Real) or math.isnan(value):
-                raise TTCError(
-                    f"reward function {name} returned {value!r} for completion {i % group_size} of prompt "
-                    f"{i // group_size} of the batch; expected a float or None"
-                )
-            scores[i, j] = float(value)
-    return scores
-
-
-def _first_failing_prompt(fn: RewardFn, completions: list[str], columns: dict[str, list], g: int) -> int | None:
-    """Re-run `fn` one prompt's group at a time to name the prompt that makes it raise."""
-    for p in range(len(completions) // g):
-        rows = slice(p * g, (p + 1) * g)
-        try:
-            fn(completions[rows], **{k: v[rows] for k, v in columns.items()})
-        except Exception:
-            return p
-    return None
 
 
 def nan_mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -152,6 +82,8 @@ def rollout_metrics(
     }
     for j, name in enumerate(reward_names):
         metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = nan_mean_std(rollout.rewards[:, j])
+        if rollout.reward_errors is not None:
+            metrics[f"rewards/{name}/errors"] = rollout.reward_errors[j]
     return metrics
 
 

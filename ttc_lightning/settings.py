@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ttc_lightning.errors import TTCError
@@ -17,6 +18,14 @@ def check_settings(hp: Any) -> None:
             f"model.reward_weights has {len(hp.reward_weights)} entries for {len(hp.rewards)} reward functions: "
             "give one weight per function or null"
         )
+    if hp.reward_weights is not None and not all(math.isfinite(w) for w in hp.reward_weights):
+        problems.append(f"model.reward_weights must be finite numbers, got {list(hp.reward_weights)}")
+    if hp.reward_workers < 1:
+        problems.append("model.reward_workers must be >= 1")
+    if hp.reward_timeout is not None and not hp.reward_timeout > 0:
+        problems.append("model.reward_timeout must be > 0 seconds, or null for no limit")
+    if hp.reward_errors not in ("raise", "skip"):
+        problems.append(f"model.reward_errors must be raise or skip, got {hp.reward_errors!r}")
     if hp.num_generations < 2:
         problems.append("model.num_generations must be >= 2: advantages compare completions of the same prompt")
     if hp.load_in_4bit and hp.lora is None:

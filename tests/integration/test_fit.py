@@ -151,6 +151,59 @@ def test_bad_reward_path_is_a_one_line_error(run_ttc):
     assert "Traceback" not in err
 
 
+COMPILES = {"function": "ttc_lightning.rewards.command_reward", "name": "compiles", "args": {"timeout": 30}}
+
+
+def test_reward_entries_parse_from_yaml_and_from_the_command_line(run_ttc, tmp_path):
+    config = tmp_path / "rewards.yaml"
+    config.write_text(
+        "model:\n"
+        "  init_args:\n"
+        "    rewards:\n"
+        "      - ttc_lightning.patch.parses_reward\n"
+        "      - function: ttc_lightning.rewards.command_reward\n"
+        "        name: compiles\n"
+        "        args: {command: 'gcc -fsyntax-only {file}', timeout: 30, exit_rewards: {0: 1.0, 1: null}}\n"
+        "    reward_weights: [1.0, 0.5]\n"
+    )
+    code, out, err = run_ttc("fit", "--config", DEMO, "--config", str(config), "--print_config")
+    assert code == 0, err
+    expected = """
+    rewards:
+    - ttc_lightning.patch.parses_reward
+    - function: ttc_lightning.rewards.command_reward
+      args:
+        command: gcc -fsyntax-only {file}
+        timeout: 30
+        exit_rewards:
+          0: 1.0
+          1: null
+      name: compiles
+"""
+    assert expected in out
+    entries = f"[ttc_lightning.patch.parses_reward, {json.dumps(COMPILES)}]"
+    code, out, err = run_ttc("fit", "--config", DEMO, "--model.rewards", entries, "--print_config")
+    assert code == 0, err
+    entry = [
+        "    - function: ttc_lightning.rewards.command_reward",
+        "      args:",
+        "        timeout: 30",
+        "      name: compiles",
+    ]
+    assert "\n".join(entry) in out
+
+
+def test_bad_reward_entry_is_a_one_line_error(run_ttc):
+    entries = f"[ttc_lightning.rewards.format_reward, {json.dumps({**COMPILES, 'args': {'comand': 'gcc'}})}]"
+    code, _, err = run_ttc("fit", "--config", DEMO, "--model.rewards", entries, *FAST)
+    assert code == 1
+    assert "ttc: error: model.rewards[1].args: ttc_lightning.rewards.command_reward has no parameter 'comand'" in err
+    assert "Traceback" not in err
+    code, _, err = run_ttc("fit", "--config", DEMO, "--model.rewards", '[{"function": "a.b", "weight": 1}]', *FAST)
+    assert code == 1
+    assert "ttc: error: model.rewards[0]: unknown key 'weight'" in err
+
+
 def test_malformed_prompt_file_names_file_and_line(run_ttc, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
@@ -173,6 +226,20 @@ def test_failing_reward_stops_with_function_and_prompt(run_ttc, tmp_path):
     )
     assert code == 1
     assert "reward function broken_reward raised ZeroDivisionError: division by zero on prompt 0" in err
+
+
+def test_skipped_reward_errors_are_counted_and_training_goes_on(run_ttc, tmp_path, caplog):
+    rewards = "[tests.integration.test_fit.broken_reward, ttc_lightning.rewards.char_fraction_reward]"
+    args = ["--model.rewards", rewards, "--model.reward_errors", "skip", "--model.reward_workers", "2"]
+    code, _, err = run_ttc(
+        "fit", "--config", DEMO, *args, "--trainer.max_steps", "2", "--trainer.default_root_dir", "run", *FAST
+    )
+    assert code == 0, err
+    assert caplog.text.count("reward function broken_reward raised ZeroDivisionError") == 2
+    rows = read_metrics(tmp_path / "run")
+    assert [float(row["rewards/broken_reward/errors"]) for row in rows] == [1.0, 1.0]
+    assert [float(row["rewards/char_fraction_reward/errors"]) for row in rows] == [0.0, 0.0]
+    assert all(row["rewards/broken_reward/mean"] == "nan" for row in rows)
 
 
 def first_char_reward(completions, **_):
@@ -202,6 +269,10 @@ def test_help_shows_documented_fields(run_ttc):
     code, out, _ = run_ttc("fit", "--model.help", "ttc_lightning.GRPOModule")
     assert code == 0
     assert "Weight of the KL penalty to the reference policy" in out
+    assert "Reward functions running at once" in out
+    code, out, _ = run_ttc("fit", "--data.help", "ttc_lightning.data.PrimeVulClassificationDataModule")
+    assert code == 0
+    assert "Train on whole pairs" in out
 
 
 # Checkpoints written by ttc 0.1's first layout (one `module.py`), 2 steps of tests/integration/tiny.yaml with

@@ -34,8 +34,8 @@ def test_binary_classification_metrics():
     assert m["format_valid"] == pytest.approx(11 / 12)  # one sample has no tags
     # TP 1 (pair a), FP 1 (pair b fixed half), FN 1 (pair b vulnerable half): P = R = F1 = 1/2
     assert (m["precision"], m["recall"], m["f1"]) == (0.5, 0.5, 0.5)
-    # pair a (1, 0) is correct, pair b (0, 1) is reversed
-    assert (m["P-C"], m["P-V"], m["P-B"], m["P-R"]) == (50.0, 0.0, 0.0, 50.0)
+    # pair a (1, 0) is correct, pair b (0, 1) is reversed: 1 of 2 pairs each
+    assert (m["P-C"], m["P-V"], m["P-B"], m["P-R"]) == (0.5, 0.0, 0.0, 0.5)
     # the benign half of pair b scores 1.0, above every vulnerable one: at FPR 0 nothing is flagged, FNR = 1
     assert m["vd_score"] == 1.0
     assert m["mean_length"] == 10

@@ -113,15 +113,15 @@ def test_multiclass_metrics_rejects_bad_input():
 
 def test_pairwise_metrics_hand_worked():
     # 8 pairs: 4 correct (1,0), 2 both-vulnerable, 1 both-benign, 1 reversed
-    # -> 4/8 = 50%, 2/8 = 25%, 1/8 = 12.5%, 1/8 = 12.5%
+    # -> 4/8 = 0.5, 2/8 = 0.25, 1/8 = 0.125, 1/8 = 0.125: fractions, like every other metric
     pairs = [(1, 0), (1, 1), (1, 0), (0, 0), (1, 0), (0, 1), (1, 1), (1, 0)]
     m = pairwise_metrics(pairs)
-    assert m == {"P-C": 50.0, "P-V": 25.0, "P-B": 12.5, "P-R": 12.5}
-    assert sum(m.values()) == 100.0
+    assert m == {"P-C": 0.5, "P-V": 0.25, "P-B": 0.125, "P-R": 0.125}
+    assert sum(m.values()) == 1.0
 
 
 def test_pairwise_metrics_all_pairs_correct():
-    assert pairwise_metrics([(1, 0)] * 3) == {"P-C": 100.0, "P-V": 0.0, "P-B": 0.0, "P-R": 0.0}
+    assert pairwise_metrics([(1, 0)] * 3) == {"P-C": 1.0, "P-V": 0.0, "P-B": 0.0, "P-R": 0.0}
 
 
 def test_pairwise_metrics_rejects_bad_input():

@@ -12,46 +12,9 @@ from ttc_lightning.cli import auto_precision
 from ttc_lightning.errors import TTCError
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.policy import LoRA, encode_prompts
-from ttc_lightning.rollout import Rollout, nan_mean_std, score_completions
+from ttc_lightning.rollout import Rollout, nan_mean_std
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
-
-
-def length_reward(completions, **_):
-    return [float(len(c)) for c in completions]
-
-
-def none_for_empty(completions, **_):
-    return [None if not c else 1.0 for c in completions]
-
-
-def test_score_completions_columns_and_none():
-    # 2 prompts x G=2; the second function gives no score for empty completions (NaN in the matrix)
-    scores = score_completions(
-        [length_reward, none_for_empty], ["length", "nonempty"], ["ab", "", "abc", "a"], {}, group_size=2
-    )
-    assert scores[:, 0].tolist() == [2.0, 0.0, 3.0, 1.0]
-    assert scores[0, 1].item() == 1.0 and math.isnan(scores[1, 1].item())
-
-
-def test_reward_that_raises_names_function_and_prompt():
-    def picky(completions, id, **_):
-        if "p1" in id:
-            raise KeyError("boom")
-        return [0.0] * len(completions)
-
-    with pytest.raises(TTCError, match=r"reward function picky raised KeyError: 'boom' on prompt 1 of the batch"):
-        score_completions([picky], ["picky"], ["a", "b", "c", "d"], {"id": ["p0", "p0", "p1", "p1"]}, group_size=2)
-
-
-def test_reward_with_wrong_length_is_an_error():
-    with pytest.raises(TTCError, match=r"short returned 1 values for 4 completions \(2 prompts x 2\)"):
-        score_completions([lambda c, **_: [1.0]], ["short"], ["a"] * 4, {}, group_size=2)
-
-
-def test_reward_with_non_number_names_prompt():
-    with pytest.raises(TTCError, match="returned 'x' for completion 1 of prompt 0"):
-        score_completions([lambda c, **_: [1.0, "x"]], ["bad"], ["a", "b"], {}, group_size=2)
 
 
 def test_nan_mean_std_skips_missing_scores():
@@ -85,6 +48,11 @@ def test_auto_precision(monkeypatch, accelerator, cuda, capability, expected):
         ({"reward_weights": [1.0, 2.0]}, "reward_weights has 2 entries for 1 reward functions"),
         ({"eval_num_samples": 4}, "eval_num_samples > 1 needs model.eval_temperature > 0"),
         ({"top_p": 0.0}, "top_p must be in"),
+        ({"reward_weights": [float("nan")]}, r"reward_weights must be finite numbers, got \[nan\]"),
+        ({"reward_weights": [float("inf")]}, "reward_weights must be finite numbers"),
+        ({"reward_workers": 0}, "reward_workers must be >= 1"),
+        ({"reward_timeout": 0.0}, "reward_timeout must be > 0 seconds, or null"),
+        ({"reward_errors": "ignore"}, "reward_errors must be raise or skip"),
     ],
 )
 def test_invalid_settings_say_how_to_fix(kwargs, message):

@@ -6,7 +6,9 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
+from torch.utils.data import DistributedSampler
 
+from ttc_lightning.data.common import ResumableLoader
 from ttc_lightning.data.tasks import (
     PrimeVulClassificationDataModule,
     PrimeVulPatchDataModule,
@@ -207,3 +209,68 @@ def test_patch_rows_carry_the_file_name_or_none():
 def test_patch_prompt_leaves_out_what_is_unknown():
     [_, user] = patch_prompt("int f;", cwe="", cve_desc=None)
     assert user["content"] == "Vulnerable function:\n```c\nint f;\n```"
+
+
+def pairs_of(batch: dict[str, list]) -> list[str]:
+    """The batch's pair ids, each once, after checking that every pair in it is whole (its two rows, adjacent)."""
+    ids = batch["pair_id"]
+    assert len(ids) % 2 == 0 and all(ids[i] == ids[i + 1] != "" for i in range(0, len(ids), 2)), ids
+    assert all(sorted(batch["target"][i : i + 2]) == [0, 1] for i in range(0, len(ids), 2))
+    return ids[::2]
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_pair_batches_hold_whole_pairs_over_epochs_and_after_a_resume(balance):
+    dm = PrimeVulClassificationDataModule(paired=True, pair_batches=True, balance=balance, batch_size=4)
+    dm.setup("fit")
+    # 12 training pairs, 2 a batch: 6 batches an epoch, each pair once
+    trained = [0]
+    loader = dm.train_dataloader()
+    loader.trained = lambda: trained[0]
+    epochs = [[pairs_of(batch) for batch in loader] for _ in range(2)]
+    assert [len(epoch) for epoch in epochs] == [6, 6]
+    assert sorted(p for batch in epochs[0] for p in batch) == sorted({row["pair_id"] for row in dm.train_rows})
+    assert len({p for batch in epochs[0] for p in batch}) == 12
+    assert Counter(row["label"] for row in dm.train_rows) == {"vulnerable": 12, "benign": 12}
+
+    # Stopped after 2 batches of an epoch (the loader had fetched a third): the resumed loader goes on with the 4 left.
+    iterator = iter(loader)
+    next(iterator), next(iterator), next(iterator)
+    trained[0] = 2
+    state = loader.state_dict()
+    resumed = PrimeVulClassificationDataModule(paired=True, pair_batches=True, balance=balance, batch_size=4)
+    resumed.setup("fit")
+    again = resumed.train_dataloader()
+    again.load_state_dict(state)
+    assert [pairs_of(batch) for batch in again] == epochs[0][2:]
+    assert [pairs_of(batch) for batch in again] == epochs[1]
+
+
+def test_pair_batches_give_ranks_whole_pairs():
+    # Under DDP Lightning rebuilds the loader with a DistributedSampler over its items: with pair batches, pairs.
+    dm = PrimeVulClassificationDataModule(paired=True, pair_batches=True, batch_size=4)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    seen = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=False)
+        share = ResumableLoader(
+            loader.dataset, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn, trained=int
+        )
+        batches = [pairs_of(batch) for batch in share]
+        assert [len(batch) for batch in batches] == [2, 2, 2]  # 12 pairs: 6 a rank, 2 a batch
+        seen += [p for batch in batches for p in batch]
+    assert sorted(seen) == sorted({row["pair_id"] for row in dm.train_rows})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "pair_batches needs paired: true"),
+        ({"paired": True, "label_mode": "cwe"}, "pair_batches needs label_mode: binary"),
+        ({"paired": True, "batch_size": 3}, "pair_batches needs an even batch_size .*got 3"),
+    ],
+)
+def test_pair_batches_need_paired_binary_rows_and_an_even_batch(kwargs, message):
+    with pytest.raises(TTCError, match=message):
+        PrimeVulClassificationDataModule(pair_batches=True, **kwargs)

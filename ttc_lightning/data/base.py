@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from ttc_lightning.data.common import (
     ResumableLoader,
+    collate_groups,
     collate_rows,
     filter_by_prompt_length,
     seeded_shuffle,
@@ -83,6 +84,17 @@ def arrange_rows(rows: list[Row], seed: int, keep_pairs: bool, limit: int | None
     return out
 
 
+def pair_groups(rows: list[Row]) -> list[list[Row]]:
+    """Adjacent rows with the same `pair_id` as one group each (as `arrange_rows` leaves the rows of a pair)."""
+    groups: list[list[Row]] = []
+    for row in rows:
+        if groups and row.get("pair_id") and groups[-1][0].get("pair_id") == row["pair_id"]:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
 def drop_long_prompts(rows: list[Row], tokenizer: Any, max_prompt_tokens: int | None, name: str) -> list[Row]:
     """Length filter; a pair losing one row loses both, since pair-wise metrics need the two."""
     kept = filter_by_prompt_length(rows, tokenizer, max_prompt_tokens, name)
@@ -94,9 +106,11 @@ def drop_long_prompts(rows: list[Row], tokenizer: Any, max_prompt_tokens: int | 
 class TaskDataModule(L.LightningDataModule):
     """The options, `setup` and loaders the PrimeVul tasks share. A task says how to read a split (`read`), whether
     evaluation keeps pairs together (`pairs_in_evaluation`), how to summarise rows in the log (`describe`), and how
-    to score evaluated prompts (`evaluate`, `final_prediction`: the `Task` protocol)."""
+    to score evaluated prompts (`evaluate`, `final_prediction`: the `Task` protocol). With `pairs_in_training` the
+    training batches hold whole pairs."""
 
     pairs_in_evaluation = False
+    pairs_in_training = False
     data_path: str
     """Directory with primevul_{train,valid,test}[_paired].jsonl, a single .jsonl file (used for every split), or
     hf://<repo_id> (a Hugging Face dataset). Defaults to the small fictional sample shipped with ttc."""
@@ -180,7 +194,7 @@ class TaskDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             rows = self.read(self.train_split, training=True)
-            self.train_rows = self._finish(rows, self.train_split, keep_pairs=False, limit=None)
+            self.train_rows = self._finish(rows, self.train_split, keep_pairs=self.pairs_in_training, limit=None)
         if stage in (None, "fit", "validate"):
             if self.val_split is None:
                 if stage == "validate":
@@ -209,10 +223,15 @@ class TaskDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # The rows were shuffled once with the seed, so every epoch has the same order and a resumed one skips ahead.
+        # With pairs in training the loader's items are whole pairs: no batch, on any rank, can split one.
+        if self.pairs_in_training:
+            items, batch_size, collate = pair_groups(self.train_rows), self.batch_size // 2, collate_groups
+        else:
+            items, batch_size, collate = self.train_rows, self.batch_size, collate_rows
         return ResumableLoader(
-            self.train_rows,
-            batch_size=self.batch_size,
-            collate_fn=collate_rows,
+            items,
+            batch_size=batch_size,
+            collate_fn=collate,
             num_workers=self.num_workers,
             trained=partial(trained_batches, self.trainer),
         )

@@ -42,6 +42,11 @@ def collate_rows(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
     return {key: [row[key] for row in rows] for key in rows[0]}
 
 
+def collate_groups(groups: Sequence[Sequence[dict[str, Any]]]) -> dict[str, list[Any]]:
+    """Items that are groups of rows (a pair's two) -> the columns of all their rows, group after group."""
+    return collate_rows([row for group in groups for row in group])
+
+
 def seeded_shuffle(rows: list[Any], seed: int) -> list[Any]:
     """A copy of `rows` in an order that depends on `seed` alone (not on global RNG state)."""
     rows = list(rows)

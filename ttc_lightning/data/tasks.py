@@ -108,6 +108,15 @@ def balance_rows(rows: list[Row], seed: int) -> list[Row]:
     return [row for label in sorted(by_label) for row in seeded_shuffle(by_label[label], seed)[:n]]
 
 
+def _check_pair_batches(paired: bool, label_mode: str, batch_size: int) -> None:
+    if not paired:
+        raise TTCError("pair_batches needs paired: true (the pairs come from the primevul_*_paired.jsonl files)")
+    if label_mode != "binary":
+        raise TTCError("pair_batches needs label_mode: binary (cwe mode keeps only the vulnerable function of a pair)")
+    if batch_size % 2:
+        raise TTCError(f"pair_batches needs an even batch_size (whole pairs in every batch), got {batch_size}")
+
+
 class PrimeVulClassificationDataModule(TaskDataModule):
     """PrimeVul functions to classify: vulnerable or benign, or which CWE. Pair with `format_reward` and
     `label_reward` from `ttc_lightning.rewards`.
@@ -126,7 +135,12 @@ class PrimeVulClassificationDataModule(TaskDataModule):
     cwe_labels: list[str] | None
     """label_mode cwe: fixed CWE classes (e.g. [CWE-787, CWE-125]) instead of the train split's top_k."""
     balance: bool
-    """Downsample the train split so every label has as many rows as the rarest (PrimeVul is ~3% vulnerable)."""
+    """Downsample the train split so every label has as many rows as the rarest (PrimeVul is ~3% vulnerable). With
+    paired: true it changes nothing: each pair is one vulnerable and one fixed function."""
+    pair_batches: bool
+    """Train on whole pairs: both functions of a pair (vulnerable and fixed) in the same batch, so the same
+    optimizer step, the contrast that the pair-wise metrics (P-C, P-V, P-B, P-R) measure. Pairs move as units in
+    the seeded order. Needs paired: true, label_mode: binary and an even batch_size."""
 
     def __init__(
         self,
@@ -135,6 +149,7 @@ class PrimeVulClassificationDataModule(TaskDataModule):
         top_k: int = 10,
         cwe_labels: list[str] | None = None,
         balance: bool = False,
+        pair_batches: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -148,11 +163,14 @@ class PrimeVulClassificationDataModule(TaskDataModule):
             bad = [c for c in cwe_labels if not is_cwe_id(c)]
             if bad or not cwe_labels or len(set(cwe_labels)) < len(cwe_labels):
                 raise TTCError(f"cwe_labels must be distinct CWE ids like CWE-787, got {cwe_labels}")
+        if pair_batches:
+            _check_pair_batches(paired, label_mode, self.batch_size)
         self.label_mode = label_mode
         self.paired = paired
         self.top_k = top_k
         self.cwe_labels = cwe_labels
         self.balance = balance
+        self.pair_batches = self.pairs_in_training = pair_batches
         self.labels: list[str] | None = list(BINARY_LABELS) if label_mode == "binary" else None
         if cwe_labels is not None:
             self.labels = [*cwe_labels, OTHER]

@@ -1,0 +1,303 @@
+"""Reward functions at work: `model.rewards` entries, values, parallel calls, time limits, skipped errors."""
+
+import functools
+import logging
+import math
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from ttc_lightning import patch
+from ttc_lightning.errors import TTCError
+from ttc_lightning.rewards import command_reward, label_reward
+from ttc_lightning.rollout import Rollout, rollout_metrics
+from ttc_lightning.scoring import Reward, RewardScorer, RewardSpec, load_rewards, run_calls
+
+COMMAND = "ttc_lightning.rewards.command_reward"
+
+
+def length_reward(completions, **_):
+    return [float(len(c)) for c in completions]
+
+
+def none_for_empty(completions, **_):
+    return [None if not c else 1.0 for c in completions]
+
+
+def never_scores(completions, **_):
+    return [None] * len(completions)
+
+
+def scorer(*fns, **options) -> RewardScorer:
+    return RewardScorer([Reward(fn.__name__, fn) for fn in fns], **options)
+
+
+def test_scores_columns_and_none():
+    # 2 prompts x G=2; the second function gives no score for empty completions (NaN in the matrix)
+    scores, errors = scorer(length_reward, none_for_empty).score(["ab", "", "abc", "a"], {}, group_size=2)
+    assert scores[:, 0].tolist() == [2.0, 0.0, 3.0, 1.0]
+    assert scores[0, 1].item() == 1.0 and math.isnan(scores[1, 1].item())
+    assert errors is None  # counted under reward_errors: skip only
+
+
+def test_reward_that_raises_names_function_and_prompt():
+    def picky(completions, id, **_):
+        if "p1" in id:
+            raise KeyError("boom")
+        return [0.0] * len(completions)
+
+    columns = {"id": ["p0", "p0", "p1", "p1"]}
+    with pytest.raises(
+        TTCError, match=r"reward function picky raised KeyError: 'boom' on prompt 1 of the batch \(id p1\)"
+    ):
+        scorer(picky).score(["a", "b", "c", "d"], columns, group_size=2)
+
+
+def test_reward_with_wrong_length_is_an_error():
+    with pytest.raises(TTCError, match=r"short returned 1 values for 4 completions \(2 prompts x 2\)"):
+        RewardScorer([Reward("short", lambda c, **_: [1.0])]).score(["a"] * 4, {}, group_size=2)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.5, 2],  # a float and an int
+        [np.float64(0.5), np.int64(2)],
+        [np.array(0.5), np.array(2)],  # 0-d arrays
+        [torch.tensor(0.5), torch.tensor(2)],  # 0-d tensors
+        (Fraction(1, 2), 2),  # a tuple, and any real number
+        np.array([0.5, 2.0]),
+        torch.tensor([0.5, 2.0]),
+        np.array([0.5, None], dtype=object),
+    ],
+    ids=["python", "numpy-scalars", "0d-arrays", "0d-tensors", "tuple", "array", "tensor", "object-array"],
+)
+def test_any_real_number_and_array_is_a_reward(values):
+    scores, _ = RewardScorer([Reward("r", lambda c, **_: values)]).score(["a", "b"], {}, group_size=2)
+    assert scores[0, 0].item() == 0.5
+    assert scores[1, 0].item() == 2.0 or (values[1] is None and math.isnan(scores[1, 0].item()))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([1.0, "x"], "returned 'x' for completion 1 of prompt 0 of the batch; expected a float or None"),
+        ([1.0, float("nan")], "returned nan for completion 1 of prompt 0 of the batch; rewards must be finite"),
+        ([float("inf"), 1.0], "returned inf for completion 0 of prompt 0"),
+        ([1.0, np.float64("-inf")], "returned -inf for completion 1 of prompt 0"),
+        ([1e39, 1.0], "returned 1e\\+39 .*within float32's range"),  # finite in Python, inf in float32
+        ([True, 1.0], "returned True for completion 0 of prompt 0 of the batch; a bool is not taken as a reward"),
+        ([1.0, np.bool_(False)], "returned False for completion 1 .* a bool is not taken"),
+        (torch.tensor([True, False]), "returned True for completion 0 .* a bool is not taken"),
+        (np.zeros((2, 1)), r"returned an array of shape \(2, 1\)"),
+        ("ab", "returned str; it must return one float or None per completion"),
+        (iter([1.0, 1.0]), "returned list_iterator"),
+    ],
+    ids=["str-value", "nan", "inf", "numpy-inf", "float32-overflow", "bool", "numpy-bool", "bool-tensor", "2d", "str",
+         "iterator"],
+)  # fmt: skip
+def test_values_that_are_not_finite_real_numbers_are_refused(values, message):
+    with pytest.raises(TTCError, match=f"reward function bad {message}"):
+        RewardScorer([Reward("bad", lambda c, **_: values)]).score(["a", "b"], {}, group_size=2)
+
+
+def test_reward_errors_metric_is_logged_only_when_errors_are_counted():
+    rollout = Rollout(
+        prompt_ids=torch.zeros(2, 1, dtype=torch.long),
+        prompt_mask=torch.ones(2, 1),
+        completion_ids=torch.ones(2, 1, dtype=torch.long),
+        completion_mask=torch.ones(2, 1, dtype=torch.long),
+        completions=["a", "b"],
+        rewards=torch.tensor([[1.0, float("nan")], [3.0, float("nan")]]),
+        reward=torch.tensor([1.0, 3.0]),
+        advantages=torch.zeros(2),
+    )
+    assert not any(key.endswith("/errors") for key in rollout_metrics(rollout, 2, [1], ["a", "b"]))
+    rollout.reward_errors = torch.tensor([0.0, 1.0])
+    metrics = rollout_metrics(rollout, 2, [1], ["a", "b"])
+    assert (metrics["rewards/a/errors"].item(), metrics["rewards/b/errors"].item()) == (0.0, 1.0)
+
+
+# ---------------------------------------------------------------- model.rewards entries
+
+
+def test_entries_by_path_and_by_mapping():
+    rewards = load_rewards(
+        [
+            "ttc_lightning.rewards.format_reward",
+            {"function": COMMAND, "args": {"command": "true {file}", "timeout": 5}},
+            RewardSpec(COMMAND, {"command": "false"}, name="fails"),
+        ]
+    )
+    assert [r.name for r in rewards] == ["format_reward", "command_reward", "fails"]  # a partial's: its function's
+    bound = rewards[1].fn
+    assert isinstance(bound, functools.partial) and bound.func is command_reward
+    assert bound.keywords == {"command": "true {file}", "timeout": 5}
+    assert rewards[2].fn.keywords == {"command": "false"}
+
+
+def test_a_bound_command_reward_runs_with_its_options():
+    [reward] = load_rewards([{"function": COMMAND, "args": {"command": "false", "exit_rewards": {1: 0.5}}}])
+    edit = "<<<<<<< SEARCH\n  return x;\n=======\n  return x & 1;\n>>>>>>> REPLACE"
+    completion = f"<think>\nmask\n</think>\n<answer>\n{edit}\n</answer>"
+    vulnerable = "int f(int x)\n{\n  return x;\n}"
+    assert reward.fn([completion, "no answer"], vulnerable_func=[vulnerable] * 2) == [0.5, -1.0]  # `false` exits 1
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"function": COMMAND, "arguments": {}}, r"model.rewards\[0\]: unknown key 'arguments'; an entry is an import"),
+        ({"args": {"command": "true"}}, r"model.rewards\[0\]: no `function`"),
+        ({"function": COMMAND, "args": {"comand": "true"}},
+         r"model.rewards\[0\].args: .*command_reward has no parameter 'comand' \(it names: command, vulnerable_func"),
+        ({"function": COMMAND, "args": {"completions": []}}, "has no parameter 'completions'"),
+        ({"function": COMMAND, "args": ["command"]}, r"model.rewards\[0\].args: expected a mapping"),
+        ({"function": "ttc_lightning.rewards.nope"}, r"model.rewards\[0\].function: cannot import"),
+        ({"function": "nope"}, r"model.rewards\[0\].function: 'nope' is not an import path"),
+        ({"function": COMMAND, "name": ""}, r"model.rewards\[0\].name: expected a non-empty name"),
+        (3, r"model.rewards\[0\]: got int 3; an entry is an import path"),
+    ],
+)  # fmt: skip
+def test_bad_entries_name_the_entry(entry, message):
+    with pytest.raises(TTCError, match=message):
+        load_rewards([entry])
+
+
+def test_two_entries_logged_under_one_name_are_refused():
+    with pytest.raises(
+        TTCError, match=r"model.rewards\[0\] and model.rewards\[1\] are both logged as 'command_reward'"
+    ):
+        load_rewards([{"function": COMMAND, "args": {"command": "true"}}, {"function": COMMAND}])
+
+
+def test_a_column_must_not_replace_a_bound_argument():
+    [reward] = load_rewards([{"function": "ttc_lightning.rewards.label_reward", "args": {"label": ["benign"]}}])
+    assert reward.fn.func is label_reward
+    with pytest.raises(TTCError, match="the batch has a column 'label', which would replace the argument"):
+        RewardScorer([reward]).score(["a"], {"label": ["vulnerable"]}, group_size=1)
+
+
+# ---------------------------------------------------------------- parallel calls, time limits, skipped errors
+
+
+def test_reward_workers_run_functions_at_the_same_time():
+    # Each function waits at a barrier for the other: they return only if both run at once.
+    barrier = [threading.Barrier(2, timeout=5)]
+
+    def meet(completions, **_):
+        barrier[0].wait()
+        return [1.0] * len(completions)
+
+    two = [Reward("first", meet), Reward("second", meet)]
+    scores, _ = RewardScorer(two, workers=2).score(["a", "b"], {}, group_size=2)
+    assert scores.tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    barrier[0] = threading.Barrier(2, timeout=0.3)
+    with pytest.raises(TTCError, match="reward function first raised BrokenBarrierError"):
+        RewardScorer(two, workers=1, timeout=30).score(["a", "b"], {}, group_size=2)  # one at a time: nobody comes
+
+
+def test_run_calls_keeps_the_order_and_leaves_a_late_call_behind():
+    release = threading.Event()
+
+    def late():
+        release.wait(10)
+        return "late"
+
+    started = time.monotonic()
+    futures = run_calls([lambda: 1, late, lambda: 3], workers=2, timeout=0.2)
+    assert time.monotonic() - started < 2  # the late call did not hold the others
+    assert futures[0].result() == 1 and futures[1] is None and futures[2].result() == 3
+    release.set()
+
+
+def test_a_call_past_the_timeout_stops_training_or_is_skipped(caplog):
+    release = threading.Event()
+
+    def stuck(completions, **_):
+        release.wait(10)
+        return [5.0] * len(completions)
+
+    columns = {"id": ["a", "a", "b", "b"]}
+    started = time.monotonic()
+    with pytest.raises(TTCError, match=r"stuck did not return within model.reward_timeout=0.2 s on the batch's 4 "
+                                       r"completions \(prompt ids a, b\); raise the limit"):  # fmt: skip
+        scorer(stuck, length_reward, timeout=0.2).score(["a", "bb", "c", "d"], columns, group_size=2)
+    assert time.monotonic() - started < 2
+
+    skipping = scorer(stuck, length_reward, timeout=0.2, errors="skip")
+    scores, errors = skipping.score(["a", "bb", "c", "d"], columns, group_size=2)
+    assert torch.isnan(scores[:, 0]).all() and scores[:, 1].tolist() == [1.0, 2.0, 1.0, 1.0]
+    assert errors.tolist() == [1.0, 0.0]
+    assert "stuck did not return within" in caplog.text and "its 4 completions go unscored" in caplog.text
+    release.set()  # the late calls return [5.0, ...] now: nobody reads it
+    time.sleep(0.05)
+    scores, errors = skipping.score(["a", "b"], {}, group_size=2)
+    assert scores[:, 0].tolist() == [5.0, 5.0] and errors.tolist() == [0.0, 0.0]
+
+
+def test_skipped_errors_leave_no_score_and_are_counted(caplog):
+    def broken(completions, **_):
+        raise ZeroDivisionError("division by zero")
+
+    scores, errors = scorer(broken, length_reward, errors="skip").score(["a", "bb"], {}, group_size=2)
+    assert torch.isnan(scores[:, 0]).all() and scores[:, 1].tolist() == [1.0, 2.0]
+    assert errors.tolist() == [1.0, 0.0]
+    assert "reward function broken raised ZeroDivisionError: division by zero" in caplog.text
+
+
+def test_a_configuration_mistake_stops_training_even_when_errors_are_skipped():
+    def misconfigured(completions, **_):
+        raise TTCError("command_reward: cannot run command 'nope'")
+
+    with pytest.raises(TTCError, match="cannot run command 'nope'"):
+        scorer(misconfigured, errors="skip").score(["a"], {}, group_size=1)
+
+
+def test_a_function_that_never_scores_warns_once_and_an_empty_batch_every_time(caplog):
+    caplog.set_level(logging.WARNING, logger="ttc")
+    scoring = scorer(never_scores, length_reward)
+    scoring.score(["a", "b"], {}, group_size=2)
+    scoring.score(["c", "d"], {}, group_size=2)
+    assert caplog.text.count("reward function never_scores gave no score (None) to any of a batch's 2") == 1
+    assert "no reward function scored" not in caplog.text
+    alone = scorer(never_scores)
+    alone.score(["a", "b"], {}, group_size=2)
+    alone.score(["c", "d"], {}, group_size=2)
+    assert caplog.text.count("no reward function scored any of this batch's 2 completions") == 2
+
+
+EXIT_WITH_A_STUCK_REWARD = """
+import threading
+from ttc_lightning.scoring import Reward, RewardScorer
+
+def stuck(completions, **_):
+    threading.Event().wait()  # forever
+    return [0.0] * len(completions)
+
+scores, errors = RewardScorer([Reward("stuck", stuck)], timeout=0.1, errors="skip").score(["a"], {}, 1)
+print(errors.tolist())
+"""
+
+
+def test_a_stuck_reward_does_not_keep_the_program_from_exiting():
+    done = subprocess.run([sys.executable, "-c", EXIT_WITH_A_STUCK_REWARD], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[1.0]"
+
+
+def test_each_thread_parses_with_its_own_parser():
+    # A tree-sitter parser must not be used by two threads at once; reward functions may run in parallel threads.
+    here = patch._parser("c")
+    assert patch._parser("c") is here and patch._parser("cpp") is not here
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(patch._parser("c")))
+    thread.start()
+    thread.join()
+    assert elsewhere[0] is not here

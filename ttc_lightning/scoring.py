@@ -1,0 +1,344 @@
+"""Reward functions at work: loading `model.rewards` (import paths, or functions with options bound to them) and
+scoring a batch with them (in parallel, each call under a time limit, every value checked).
+
+A reward function is `fn(completions: list[str], **columns) -> list[float | None]`. A value may be any real number
+(Python, numpy or a 0-d torch tensor) or None (no score); the list may be a tuple or a 1-d numpy array or tensor.
+A bool, NaN or an infinity is refused: a bool is most likely a check's result returned by mistake, and a non-finite
+reward would turn the loss into NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+import math
+import numbers
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ttc_lightning.errors import TTCError
+
+log = logging.getLogger("ttc")
+
+RewardFn = Callable[..., Sequence[float | None]]
+RewardErrors = Literal["raise", "skip"]
+_SPEC_KEYS = ("function", "args", "name")
+_ONE_EACH = "it must return one float or None per completion"
+_FLOAT32_MAX = torch.finfo(torch.float32).max  # rewards are kept in float32
+_ENTRY = "an entry is an import path, or a mapping with `function` (an import path), `args` and `name`"
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """A reward function with options bound to it once (`functools.partial`), e.g. `command_reward`'s command."""
+
+    function: str
+    """Import path of the function, e.g. ttc_lightning.rewards.command_reward."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments bound to the function; each must be a parameter it names."""
+    name: str | None = None
+    """Name in the logs (rewards/<name>/mean); null for the function's own name."""
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A loaded reward function and the name its scores are logged under."""
+
+    name: str
+    fn: RewardFn
+
+
+def import_reward(path: str, where: str) -> Any:
+    """`package.module.function` -> the function; a clear error when it cannot be imported."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise TTCError(f"{where}: {path!r} is not an import path like 'package.module.function'; {_ENTRY}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise TTCError(f"{where}: cannot import {path!r} ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise TTCError(f"{where}: {path!r} is not callable")
+    return fn
+
+
+def load_rewards(entries: Sequence[str | RewardSpec | Mapping[str, Any]]) -> list[Reward]:
+    """The reward functions of `model.rewards`, named as logged (`rewards/<name>/mean`): an entry's `name`, else the
+    imported function's `__name__` (for an object without one, such as a `functools.partial`, the import path's
+    last part)."""
+    rewards = [_load_reward(entry, f"model.rewards[{i}]") for i, entry in enumerate(entries)]
+    first: dict[str, int] = {}
+    for i, reward in enumerate(rewards):
+        if reward.name in first:
+            raise TTCError(
+                f"model.rewards[{first[reward.name]}] and model.rewards[{i}] are both logged as {reward.name!r}: "
+                "give one of them another `name`"
+            )
+        first[reward.name] = i
+    return rewards
+
+
+def _load_reward(entry: str | RewardSpec | Mapping[str, Any], where: str) -> Reward:
+    if isinstance(entry, str):
+        fn = import_reward(entry, where)
+        return Reward(getattr(fn, "__name__", entry.rpartition(".")[2]), fn)
+    spec = _spec(entry, where)
+    fn = import_reward(spec.function, f"{where}.function")
+    _check_args(fn, spec.args, spec.function, where)
+    name = spec.name or getattr(fn, "__name__", spec.function.rpartition(".")[2])
+    return Reward(name, functools.partial(fn, **spec.args) if spec.args else fn)
+
+
+def _spec(entry: RewardSpec | Mapping[str, Any], where: str) -> RewardSpec:
+    """`entry` as a `RewardSpec`; TTCError naming `where` for anything that is not one."""
+    if isinstance(entry, Mapping):
+        unknown = [key for key in entry if key not in _SPEC_KEYS]
+        if unknown:
+            raise TTCError(f"{where}: unknown key {unknown[0]!r}; {_ENTRY}")
+        if "function" not in entry:
+            raise TTCError(f"{where}: no `function`; {_ENTRY}")
+        entry = RewardSpec(entry["function"], entry.get("args") or {}, entry.get("name"))
+    elif not isinstance(entry, RewardSpec):
+        raise TTCError(f"{where}: got {type(entry).__name__} {entry!r}; {_ENTRY}")
+    if not isinstance(entry.function, str):
+        raise TTCError(f"{where}.function: expected an import path, got {entry.function!r}")
+    if not isinstance(entry.args, Mapping) or not all(isinstance(key, str) for key in entry.args):
+        raise TTCError(f"{where}.args: expected a mapping of argument names to values, got {entry.args!r}")
+    if entry.name is not None and (not isinstance(entry.name, str) or not entry.name.strip()):
+        raise TTCError(f"{where}.name: expected a non-empty name or null, got {entry.name!r}")
+    return entry
+
+
+def _check_args(fn: Any, args: Mapping[str, Any], path: str, where: str) -> None:
+    """Each bound argument must be a parameter `fn` names, other than its first (the completions): a name that only
+    `**kwargs` would take is a typo, since `**kwargs` receives the batch's columns."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (some builtins): the first call will say what is wrong
+        return
+    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = [p.name for i, p in enumerate(parameters) if p.kind in by_keyword and (i or p.kind != by_keyword[0])]
+    for arg in args:
+        if arg not in named:
+            accepted = ", ".join(named) or "none"
+            raise TTCError(
+                f"{where}.args: {path} has no parameter {arg!r} (it names: {accepted}); the completions and the "
+                "batch's columns are passed at each call"
+            )
+
+
+class RewardScorer:
+    """Scores a batch's completions with every reward function.
+
+    The functions run in parallel, at most `workers` at once, each call given `timeout` seconds (None: no limit).
+    With one worker and no limit they run one after the other in the calling thread. A call that raises or runs
+    out of time stops training (`errors="raise"`) or leaves its completions unscored (`errors="skip"`), counted in
+    the step's `rewards/<name>/errors`. A `TTCError` (a configuration mistake) and a malformed value always stop it.
+
+    A call past its limit cannot be stopped (Python cannot kill a thread): it runs on in a daemon thread, which
+    does not hold the step or the exit of the program, and what it returns is dropped.
+    """
+
+    def __init__(
+        self, rewards: Sequence[Reward], workers: int = 1, timeout: float | None = None, errors: RewardErrors = "raise"
+    ) -> None:
+        self.rewards = list(rewards)
+        self.names = [reward.name for reward in self.rewards]
+        self.workers, self.timeout, self.errors = workers, timeout, errors
+        self._warned: set[str] = set()
+
+    def score(self, completions: list[str], columns: dict[str, list], group_size: int) -> tuple[Tensor, Tensor | None]:
+        """`[N, F]` float32 scores, NaN for no score, and under `errors="skip"` the `[F]` count of failed calls
+        (None otherwise)."""
+        for reward in self.rewards:
+            _check_bound_columns(reward, columns)
+        calls = [functools.partial(reward.fn, completions, **columns) for reward in self.rewards]
+        outcomes = run_calls(calls, self.workers, self.timeout)
+        n = len(completions)
+        scores = torch.full((n, len(self.rewards)), float("nan"))
+        failed = torch.zeros(len(self.rewards))
+        for j, (reward, outcome) in enumerate(zip(self.rewards, outcomes, strict=True)):
+            problem = self._problem(reward, outcome, completions, columns, group_size)
+            if problem is None:
+                values = checked_values(reward.name, outcome.result(), n, columns, group_size)
+                scores[:, j] = torch.tensor(values)
+            else:
+                log.warning("%s; its %d completions go unscored (model.reward_errors: skip)", problem, n)
+                failed[j] = 1
+        self._warn_unscored(scores, failed, n)
+        return scores, failed if self.errors == "skip" else None
+
+    def _problem(
+        self, reward: Reward, outcome: Future | None, completions: list[str], columns: dict[str, list], g: int
+    ) -> str | None:
+        """What went wrong with a call that raised or ran out of time, under `errors="skip"`; raises otherwise."""
+        if outcome is None:
+            problem = (
+                f"reward function {reward.name} did not return within model.reward_timeout={self.timeout:g} s "
+                f"on the batch's {len(completions)} completions{_ids(columns, g)}"
+            )
+            if self.errors == "raise":
+                raise TTCError(f"{problem}; raise the limit, or set model.reward_errors: skip to go on without it")
+            return problem
+        error = outcome.exception()
+        if error is None:
+            return None
+        if isinstance(error, TTCError):
+            raise error
+        problem = f"reward function {reward.name} raised {type(error).__name__}: {error}"
+        if self.errors == "raise":
+            prompt = _first_failing_prompt(reward.fn, completions, columns, g)
+            where = f" on {_prompt(prompt, columns, g)}" if prompt is not None else ""
+            raise TTCError(f"{problem}{where}") from error
+        return f"{problem}{_ids(columns, g)}"
+
+    def _warn_unscored(self, scores: Tensor, failed: Tensor, n: int) -> None:
+        """Once per function that scores none of a batch, and at every batch that no function scored at all."""
+        for j, name in enumerate(self.names):
+            if not failed[j] and torch.isnan(scores[:, j]).all() and name not in self._warned:
+                self._warned.add(name)
+                log.warning(
+                    "reward function %s gave no score (None) to any of a batch's %d completions; it adds nothing "
+                    "to their rewards (shown once per run)",
+                    name,
+                    n,
+                )
+        if torch.isnan(scores).all():
+            log.warning(
+                "no reward function scored any of this batch's %d completions: every reward is 0 and the batch "
+                "teaches nothing",
+                n,
+            )
+
+
+def run_calls(calls: Sequence[Callable[[], Any]], workers: int, timeout: float | None) -> list[Future | None]:
+    """Run `calls`, at most `workers` at once, each given `timeout` seconds; their futures in order, None for a call
+    still running at its deadline (its thread is left behind, and what it returns later is dropped)."""
+    if workers == 1 and timeout is None:
+        return [_call_here(call) for call in calls]
+    futures: list[Future] = [Future() for _ in calls]
+    waiting = deque(range(len(calls)))
+    running: dict[int, float] = {}  # call -> deadline
+    late: set[int] = set()
+    while waiting or running:
+        while waiting and len(running) < workers:
+            i = waiting.popleft()
+            _start(calls[i], futures[i])
+            running[i] = math.inf if timeout is None else time.monotonic() + timeout
+        soonest = min(running.values())
+        limit = None if math.isinf(soonest) else max(0.0, soonest - time.monotonic())
+        wait([futures[i] for i in running], limit, return_when=FIRST_COMPLETED)
+        now = time.monotonic()
+        for i, deadline in list(running.items()):
+            if futures[i].done() or now >= deadline:
+                del running[i]
+                if not futures[i].done():
+                    late.add(i)
+    return [None if i in late else future for i, future in enumerate(futures)]
+
+
+def _call_here(call: Callable[[], Any]) -> Future:
+    future: Future = Future()
+    try:
+        future.set_result(call())
+    except Exception as e:
+        future.set_exception(e)
+    return future
+
+
+def _start(call: Callable[[], Any], future: Future) -> None:
+    def run() -> None:
+        try:
+            result = call()
+        except BaseException as e:
+            future.set_exception(e)
+        else:
+            future.set_result(result)
+
+    # A daemon: a call past its limit must not keep the program from exiting.
+    threading.Thread(target=run, name="ttc-reward", daemon=True).start()
+
+
+def _check_bound_columns(reward: Reward, columns: Mapping[str, list]) -> None:
+    """A column named like a bound argument would silently replace it in the call."""
+    bound = reward.fn.keywords if isinstance(reward.fn, functools.partial) else {}
+    clash = sorted(set(bound) & set(columns))
+    if clash:
+        raise TTCError(
+            f"reward function {reward.name}: the batch has a column {clash[0]!r}, which would replace the argument "
+            "of that name bound in model.rewards; rename the argument or the column"
+        )
+
+
+def checked_values(name: str, values: Any, n: int, columns: Mapping[str, list], g: int) -> list[float]:
+    """A reward function's values for `n` completions as floats (NaN for None); TTCError naming the function and
+    the prompt for a wrong count or a value that is not a finite real number."""
+    if getattr(values, "ndim", None) is not None and hasattr(values, "tolist"):  # a numpy array or a tensor
+        if values.ndim != 1:
+            raise TTCError(f"reward function {name} returned an array of shape {tuple(values.shape)}; {_ONE_EACH}")
+        values = values.tolist()
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+        raise TTCError(f"reward function {name} returned {type(values).__name__}; {_ONE_EACH}")
+    if len(values) != n:
+        raise TTCError(
+            f"reward function {name} returned {len(values)} values for {n} completions ({n // g} prompts x {g}); "
+            f"{_ONE_EACH}"
+        )
+    return [_checked_value(name, value, i, columns, g) for i, value in enumerate(values)]
+
+
+def _checked_value(name: str, value: Any, i: int, columns: Mapping[str, list], g: int) -> float:
+    if value is None:
+        return math.nan
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a numpy scalar, 0-d array or 0-d tensor
+        value = value.item()
+    where = f"completion {i % g} of {_prompt(i // g, columns, g)}"
+    if isinstance(value, bool):
+        raise TTCError(
+            f"reward function {name} returned {value!r} for {where}; a bool is not taken as a reward (it is most "
+            "often a check's result returned by mistake): return float(...) to score it 0.0 or 1.0"
+        )
+    if not isinstance(value, numbers.Real):
+        raise TTCError(f"reward function {name} returned {value!r} for {where}; expected a float or None")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf if value > 0 else -math.inf
+    if not abs(number) <= _FLOAT32_MAX:
+        raise TTCError(
+            f"reward function {name} returned {number} for {where}; rewards must be finite, within float32's range "
+            "(None means no score)"
+        )
+    return number
+
+
+def _prompt(p: int, columns: Mapping[str, list], g: int) -> str:
+    """`prompt P of the batch`, with the row's id when the batch has one."""
+    ids = columns.get("id")
+    return f"prompt {p} of the batch" + (f" (id {ids[p * g]})" if ids else "")
+
+
+def _ids(columns: Mapping[str, list], g: int) -> str:
+    ids = columns.get("id")
+    return f" (prompt ids {', '.join(str(i) for i in ids[::g])})" if ids else ""
+
+
+def _first_failing_prompt(fn: RewardFn, completions: list[str], columns: dict[str, list], g: int) -> int | None:
+    """Re-run `fn` one prompt's group at a time to name the prompt that makes it raise."""
+    for p in range(len(completions) // g):
+        rows = slice(p * g, (p + 1) * g)
+        try:
+            fn(completions[rows], **{k: v[rows] for k, v in columns.items()})
+        except Exception:
+            return p
+    return None
