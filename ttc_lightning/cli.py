@@ -32,7 +32,7 @@ from ttc_lightning.callbacks import (
 from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.preflight import check_before_start
-from ttc_lightning.tracking import wandb_defaults
+from ttc_lightning.tracking import quiet_wandb_start, wandb_defaults
 
 
 def auto_precision(accelerator: Any) -> str:
@@ -122,7 +122,9 @@ class TTCCLI(LightningCLI):
             callbacks.append(progress_callback(self._get(self.config_init, "progress", default=Progress())))
         if self.subcommand == "fit":
             callbacks.append(CheckpointOnInterrupt(self._get(self.config, "checkpoint").dirpath))
-        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        quiet_wandb_start(trainer.loggers)
+        return trainer
 
 
 def is_terminal(stream: TextIO | None) -> bool:

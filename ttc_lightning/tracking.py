@@ -171,6 +171,22 @@ def wandb_defaults(config: Any) -> None:
             args["save_dir"] = config.trainer.default_root_dir
 
 
+def quiet_wandb_start(loggers: Sequence[Any]) -> None:
+    """Before each `WandbLogger` starts its run: Lightning passes `anonymous=None`, which wandb warns about whatever
+    the value, so an unset one is left out; and the logger's directory is created, since wandb looks for the git
+    repository from there and warns when the directory does not exist yet."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        init = logger._wandb_init
+        if init.get("anonymous") is None:
+            init.pop("anonymous", None)
+        if init.get("dir"):
+            Path(init["dir"]).mkdir(parents=True, exist_ok=True)
+
+
 # --- tables --------------------------------------------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ from ttc_lightning.tracking import (
     has_wandb_credentials,
     prepare_wandb,
     progress_line,
+    quiet_wandb_start,
     task_name,
 )
 
@@ -154,6 +155,17 @@ def test_prepare_wandb_reports_a_missing_package(no_wandb_login, monkeypatch):
     assert str(info.value) == WANDB_MISSING
     prepare_wandb(cli_config({"class_path": "lightning.pytorch.loggers.CSVLogger"}))  # other loggers need nothing
     prepare_wandb(cli_config(False))
+
+
+def test_wandb_starts_without_anonymous_and_in_an_existing_directory(tmp_path):
+    logger = WandbLogger(save_dir=str(tmp_path / "runs" / "x"), offline=True)  # no run starts before `experiment`
+    assert "anonymous" in logger._wandb_init  # Lightning passes None; wandb warns about any value
+    quiet_wandb_start([CSVLogger(tmp_path), logger])
+    assert "anonymous" not in logger._wandb_init
+    assert (tmp_path / "runs" / "x").is_dir()  # wandb looks for the git repository from there
+    chosen = WandbLogger(save_dir=str(tmp_path), offline=True, anonymous=True)
+    quiet_wandb_start([chosen])
+    assert chosen._wandb_init["anonymous"] == "allow"  # what the user set stays
 
 
 # --- completion tables ---------------------------------------------------------------------------------------
