@@ -200,6 +200,26 @@ def library_notices_hidden() -> Iterator[None]:
             logger.removeFilter(log_filter)
 
 
+@contextlib.contextmanager
+def ttc_log_shown() -> Iterator[None]:
+    """While the `ttc` command runs, the `ttc` logger's INFO lines (rows read, rows dropped) go to stderr as
+    `ttc: ...`, unless the logger already has a handler."""
+    logger = logging.getLogger("ttc")
+    if logger.handlers:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("ttc: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _no_validation_split(data: Any) -> bool:
     """True when the data module is configured without validation data (`val_split`/`val_path` null)."""
     init_args = getattr(data, "init_args", None)
@@ -211,7 +231,7 @@ def _no_validation_split(data: Any) -> bool:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `ttc` command."""
-    with library_notices_hidden():
+    with library_notices_hidden(), ttc_log_shown():
         run(args)
 
 

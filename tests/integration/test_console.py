@@ -7,9 +7,8 @@ import warnings
 import yaml
 from lightning.fabric.utilities.rank_zero import LightningDeprecationWarning
 
-from tests.conftest import CONFIGS, REPO, UNREACHABLE
+from tests.conftest import CONFIGS, UNREACHABLE
 
-TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
 DEMO = str(next(c for c in CONFIGS if c.name == "demo.yaml"))
 SMALL = ["--model.max_new_tokens", "8", "--model.num_generations", "2", "--trainer.default_root_dir", "run"]
 NUMBER = r"\d+\.\d+"
@@ -26,13 +25,14 @@ def console_filters() -> None:
 
 def test_a_log_gets_progress_lines_and_no_library_warnings(run_ttc):
     # Full fine-tuning with beta > 0: the frozen reference is in eval mode (Lightning would warn about it).
-    args = ["fit", "--config", TINY, *SMALL, "--trainer.max_steps", "3", "--model.beta", "0.04"]
+    args = ["fit", "--config", DEMO, *SMALL, "--trainer.max_steps", "3", "--model.beta", "0.04"]
     with warnings.catch_warnings(record=True) as caught:
         console_filters()
         code, out, err = run_ttc(*args, "--progress.every_n_steps", "2")
     assert code == 0, err
     assert [str(w.message) for w in caught] == []
     assert "Tip:" not in err
+    assert "ttc: train: 12 prompts" in err.splitlines()  # the `ttc` logger's INFO lines show
     # stdout and stderr are not terminals here: lines on stderr, every 2 steps and at the end, and no rich bar.
     lines = [line for line in err.splitlines() if line.startswith("ttc: step ")]
     assert [line.split(" | ")[0] for line in lines] == ["ttc: step 2/3", "ttc: step 3/3"]
