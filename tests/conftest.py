@@ -11,6 +11,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 REAL_PRIMEVUL = REPO.parent / "shared" / "data" / "primevul-real"
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, a connection is refused at once
 
 
 @pytest.fixture
@@ -59,3 +60,38 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """No offline variable, an empty HF_HOME, the Hub at an address that does not answer; the offline switch that a
+    failed probe turns on is restored afterwards."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")
+    for name in ("TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_DATASETS_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_ENDPOINT", UNREACHABLE)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    if "datasets.config" in sys.modules:
+        monkeypatch.setattr(
+            sys.modules["datasets.config"], "HF_HUB_OFFLINE", sys.modules["datasets.config"].HF_HUB_OFFLINE
+        )
+    return tmp_path / "hf-home"
+
+
+@pytest.fixture
+def probes(monkeypatch):
+    """Counts the Hub probes (each still runs)."""
+    from ttc_lightning import preflight
+
+    calls = []
+    real = preflight.hub_reachable
+
+    def counted(endpoint, timeout=preflight.PROBE_TIMEOUT_S):
+        calls.append(endpoint)
+        return real(endpoint, timeout)
+
+    monkeypatch.setattr(preflight, "hub_reachable", counted)
+    return calls

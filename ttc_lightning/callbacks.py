@@ -1,24 +1,31 @@
-"""Every callback ttc adds to a run: the interrupt checkpoint, the progress bar, the end-of-run summary, the run
-metadata, and the W&B config and completions table (which do nothing without a `WandbLogger`)."""
+"""Every callback ttc adds to a run: the interrupt checkpoint, the progress bar or progress lines, the parameter
+count, the end-of-run summary, the run metadata, and the W&B config and completions table (which do nothing without
+a `WandbLogger`)."""
 
 from __future__ import annotations
 
 import json
+import sys
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from rich.console import Console
 from rich.table import Table
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.tracking import completion_table, first_last, format_duration, run_info
+from ttc_lightning.tracking import completion_table, first_last, format_duration, progress_line, run_info
 
 
 class HasRollout(Protocol):
@@ -98,12 +105,227 @@ class CompletionsTable(L.Callback):
             logger.log_table(key=self.key, columns=columns, data=rows, step=trainer.global_step)
 
 
+@dataclass
+class Progress:
+    """How `ttc` shows progress: the `progress` section of the config."""
+
+    mode: Literal["auto", "bar", "lines"] = "auto"
+    """"bar": the rich progress bar (stdout); "lines": plain progress lines on stderr, for logs (SLURM, CI, nohup);
+    "auto": the bar when stdout and stderr are both terminals, else lines."""
+    every_n_steps: int = 10
+    """Lines: one every this many optimizer steps, or after `every_n_seconds`, whichever comes first."""
+    every_n_seconds: float = 30.0
+    """Lines: the longest silence, in seconds; when loading the model, a step or a validation takes longer than
+    that, a line says what the run is working on."""
+
+
+def rollout_tokens(trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+    """Completion tokens the last rollout generated on all ranks (0 before the first)."""
+    mean_length = trainer.callback_metrics.get("completions/mean_length")
+    if mean_length is None:
+        return 0.0
+    # The logged length is the mean over all ranks; each rank generated as many completions as this one.
+    return float(mean_length) * len(cast(HasRollout, pl_module).last_rollout) * trainer.world_size
+
+
+def optional_metric(trainer: L.Trainer, name: str) -> float | None:
+    """The metric's latest value, None when it was not logged (e.g. `kl` with beta 0)."""
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
+
+
 class StepProgressBar(RichProgressBar):
-    """The rich progress bar, with the optimizer step (the unit of `max_steps`) shown next to reward and KL."""
+    """The rich progress bar over the whole run: optimizer steps out of `trainer.max_steps` (the unit of
+    `max_steps`, not the batches of an epoch), with reward and KL."""
+
+    def __init__(self) -> None:
+        # ".3g": a KL of 3e-05 would read 0.000 with three decimals.
+        super().__init__(theme=RichProgressBarTheme(metrics_format=".3g"))
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        # A string: the bar formats numbers as floats ("3.000").
-        return {"step": str(trainer.global_step), **super().get_metrics(trainer, pl_module)}
+        # Only what the module shows (reward, KL): not Lightning's logger version ("v_num").
+        return dict(trainer.progress_bar_metrics)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # One task for the whole run, created once: Lightning's resets it every epoch ("Epoch 6/-2").
+        if self.is_enabled and self.progress is not None and self.train_progress_bar_id is None:
+            self._add_train_task(trainer)
+            self.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.is_enabled and self.train_progress_bar_id is None:  # resumed in the middle of an epoch
+            self._add_train_task(trainer)
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def _add_train_task(self, trainer: L.Trainer) -> None:
+        total = trainer.max_steps if trainer.max_steps > 0 else float("inf")
+        self.train_progress_bar_id = self._add_task(total, "step")
+        self._update(self.train_progress_bar_id, trainer.global_step)
+
+
+class ProgressLines(ProgressBar):
+    """Progress as plain lines on stderr (rank zero), for output that is not a terminal.
+
+    After every `every_n_steps` optimizer steps, or at the first step that ends `every_n_seconds` after the last
+    line, one line: the step out of `max_steps`, reward, KL (when beta > 0), seconds per step and completion tokens
+    per second since the last line, and the ETA at that pace (`tracking.progress_line`). When nothing has been
+    printed for `every_n_seconds` while the run is busy (loading the model, a long step, validation, test or predict
+    batches), a watcher thread says what it is working on and for how long.
+    """
+
+    def __init__(
+        self, every_n_steps: int = 10, every_n_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        if every_n_steps < 1 or every_n_seconds <= 0:
+            raise TTCError(
+                f"progress.every_n_steps must be >= 1 and progress.every_n_seconds > 0, got {every_n_steps} and "
+                f"{every_n_seconds}"
+            )
+        self.every_n_steps = every_n_steps
+        self.every_n_seconds = every_n_seconds
+        self.clock = clock
+        self._enabled = True
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._last_line = 0.0
+        self._busy, self._busy_since = "set-up (loading the model)", 0.0
+        # The rates of a line are measured from the previous line (or the start of training).
+        self._mark_time, self._mark_step, self._tokens = 0.0, 0, 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)  # disables the callback on ranks other than zero
+        if not self.is_enabled:
+            return
+        now = self.clock()
+        self._last_line = now
+        self._set_busy("set-up (loading the model)", now)
+        if self._watcher is None or not self._watcher.is_alive():
+            self._stop.clear()
+            self._watcher = threading.Thread(target=self._watch, name="ttc-progress", daemon=True)
+            self._watcher.start()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stop_watcher()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._stop_watcher()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._mark_time, self._mark_step, self._tokens = self.clock(), trainer.global_step, 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step + 1
+        self._set_busy(f"step {step}/{trainer.max_steps}" if trainer.max_steps > 0 else f"step {step}")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if not self.is_enabled:
+            return
+        self._tokens += rollout_tokens(trainer, pl_module)
+        now = self.clock()
+        if trainer.global_step - self._mark_step >= self.every_n_steps or now - self._last_line >= self.every_n_seconds:
+            self._print_step(trainer, now)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.is_enabled and trainer.global_step > self._mark_step:
+            self._print_step(trainer, self.clock())
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.has_dataloader_changed(dataloader_idx)
+        self._set_busy(f"validation batch {batch_idx + 1}/{self.total_val_batches_current_dataloader}")
+
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.has_dataloader_changed(dataloader_idx)
+        self._set_busy(f"test batch {batch_idx + 1}/{self.total_test_batches_current_dataloader}")
+
+    def on_predict_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.has_dataloader_changed(dataloader_idx)
+        self._set_busy(f"predict batch {batch_idx + 1}/{self.total_predict_batches_current_dataloader}")
+
+    def _print_step(self, trainer: L.Trainer, now: float) -> None:
+        steps = trainer.global_step - self._mark_step
+        seconds = max(now - self._mark_time, 1e-9)
+        line = progress_line(
+            trainer.global_step,
+            trainer.max_steps,
+            seconds_per_step=seconds / max(steps, 1),
+            tokens_per_second=self._tokens / seconds,
+            reward=optional_metric(trainer, "reward"),
+            kl=optional_metric(trainer, "kl"),
+        )
+        self._mark_time, self._mark_step, self._tokens = now, trainer.global_step, 0.0
+        self._emit(f"ttc: {line}", now)
+
+    def _set_busy(self, what: str, now: float | None = None) -> None:
+        with self._lock:
+            self._busy, self._busy_since = what, self.clock() if now is None else now
+
+    def _emit(self, line: str, now: float) -> None:
+        with self._lock:
+            self._last_line = now
+            # Looked up at each line, so that a redirected or captured stderr receives it.
+            print(line, file=sys.stderr, flush=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.every_n_seconds)):
+            self.check_busy()
+
+    def check_busy(self) -> None:
+        """Print what the run is working on if nothing was printed for `every_n_seconds` (the watcher's tick)."""
+        now = self.clock()
+        with self._lock:
+            quiet = now - self._last_line >= self.every_n_seconds
+            busy, since = self._busy, self._busy_since
+        if quiet:
+            self._emit(f"ttc: working on {busy} for {format_duration(now - since)}", now)
+
+    def _stop_watcher(self) -> None:
+        self._stop.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=5)
+        self._watcher = None
+
+
+def readable_count(n: int) -> str:
+    """1543714304 -> "1.5 B", 8 -> "8"."""
+    return get_human_readable_count(n).strip()  # Lightning pads small counts for its table's alignment
+
+
+class ParameterCount(L.Callback):
+    """At the start of `fit`, one line (rank zero): the policy's parameters and how many of them train. It stands in
+    for Lightning's model summary, which ttc turns off: one row for the whole policy, and no FLOPs without an
+    example input."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        policy = getattr(pl_module, "policy", None) or pl_module
+        if hasattr(policy, "get_nb_trainable_parameters"):  # peft: counts 4-bit weights unpacked
+            trained, total = policy.get_nb_trainable_parameters()
+        else:
+            total = sum(p.numel() for p in policy.parameters())
+            trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        share = 100 * trained / max(total, 1)
+        rank_zero_info(
+            f"ttc: policy: {readable_count(total)} parameters, {readable_count(trained)} trained ({share:.3g}%)"
+        )
 
 
 class SummaryTable(L.Callback):
@@ -134,11 +356,7 @@ class SummaryTable(L.Callback):
                 if key == "reward" or (key.startswith("rewards/") and key.endswith("/mean"))
             }
         )
-        mean_length = metrics.get("completions/mean_length")
-        if mean_length is not None:
-            # The logged length is the mean over all ranks; each rank generated as many completions as this one.
-            rows = len(cast(HasRollout, pl_module).last_rollout)
-            self.tokens += float(mean_length) * rows * trainer.world_size
+        self.tokens += rollout_tokens(trainer, pl_module)
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

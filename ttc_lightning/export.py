@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ttc_lightning.errors import TTCError
+from ttc_lightning.policy import quiet_transformers
 from ttc_lightning.tiny import TINY
 
 BASE_DIR = "base_model"
@@ -130,8 +131,9 @@ def export(
         # peft's model card names the base by the loaded model's name_or_path: for "tiny", a temporary directory.
         base_model = policy.get_base_model()
         base_model.name_or_path = base_model.config.name_or_path = base_model_card_name(name)
-    policy.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with quiet_transformers():  # no "Writing model shards" bar
+        policy.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     if push_to_hub:
         # Uploads the same model and tokenizer objects; needs `huggingface-cli login` (or HF_TOKEN) and network.
         policy.push_to_hub(push_to_hub)

@@ -1,4 +1,5 @@
-"""Experiment tracking: W&B set-up checks, run metadata, completion tables and the end-of-run summary.
+"""Experiment tracking: W&B set-up checks, run metadata, completion tables, progress lines and the end-of-run
+summary.
 
 `prepare_wandb` runs on the parsed config before anything is built, so a missing package or login stops the run
 with one line instead of a crash once training has started. The callbacks work with any logger; the W&B-specific
@@ -132,11 +133,10 @@ def _class_path(entry: Any) -> str:
 
 
 def prepare_wandb(config: Any) -> None:
-    """Check that each WandbLogger in `config.trainer.logger` can start, and fill in its defaults.
+    """Check that each WandbLogger in `config.trainer.logger` can start, and fill in its defaults (`wandb_defaults`).
 
     Raises `TTCError` when wandb is not installed, or when it would need a login that is not there (no API key and
-    not offline). Defaults: the run name `default_run_name(...)`, and the run directory (`trainer.default_root_dir`
-    instead of the current directory) for the W&B files, `run_info.json` and `rollouts.jsonl`. Safe to call twice.
+    not offline). Safe to call twice.
     """
     entries = _wandb_entries(config.trainer.logger)
     if not entries:
@@ -146,12 +146,21 @@ def prepare_wandb(config: Any) -> None:
     except ImportError:
         raise TTCError(WANDB_MISSING) from None
     for entry in entries:
-        if entry.get("init_args") is None:
-            entry["init_args"] = {}
-        args = entry["init_args"]
+        args = entry.get("init_args") or {}
         offline = args.get("offline") or args.get("mode") in OFFLINE_MODES
         if not offline and os.environ.get("WANDB_MODE") not in OFFLINE_MODES and not has_wandb_credentials():
             raise TTCError(WANDB_NO_LOGIN)
+    wandb_defaults(config)
+
+
+def wandb_defaults(config: Any) -> None:
+    """Each WandbLogger's unset run name becomes `default_run_name(...)`, and its files (W&B's, `run_info.json`,
+    `rollouts.jsonl`) go to the run directory (`trainer.default_root_dir`) instead of the current directory. Checks
+    nothing: `--print_config` shows these values too. Safe to call twice."""
+    for entry in _wandb_entries(config.trainer.logger):
+        if entry.get("init_args") is None:
+            entry["init_args"] = {}
+        args = entry["init_args"]
         if not args.get("name"):
             model = config.get("model")
             data = config.get("data")
@@ -160,6 +169,22 @@ def prepare_wandb(config: Any) -> None:
             args["name"] = default_run_name(task_name(_class_path(data)), model_path, commit)
         if args.get("save_dir") in (None, ".") and not args.get("dir"):
             args["save_dir"] = config.trainer.default_root_dir
+
+
+def quiet_wandb_start(loggers: Sequence[Any]) -> None:
+    """Before each `WandbLogger` starts its run: Lightning passes `anonymous=None`, which wandb warns about whatever
+    the value, so an unset one is left out; and the logger's directory is created, since wandb looks for the git
+    repository from there and warns when the directory does not exist yet."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        init = logger._wandb_init
+        if init.get("anonymous") is None:
+            init.pop("anonymous", None)
+        if init.get("dir"):
+            Path(init["dir"]).mkdir(parents=True, exist_ok=True)
 
 
 # --- tables --------------------------------------------------------------------------------------------------
@@ -213,3 +238,37 @@ def format_duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+# --- progress lines ------------------------------------------------------------------------------------------
+
+
+def eta_seconds(step: int, max_steps: int | None, seconds_per_step: float) -> float | None:
+    """Seconds left at `seconds_per_step` for the steps from `step` to `max_steps` (None without a step limit)."""
+    if not max_steps or max_steps <= 0:
+        return None
+    return max(max_steps - step, 0) * seconds_per_step
+
+
+def progress_line(
+    step: int,
+    max_steps: int | None,
+    seconds_per_step: float,
+    tokens_per_second: float,
+    reward: float | None = None,
+    kl: float | None = None,
+) -> str:
+    """`step 12/40 | reward 0.412 | kl 0.0031 | 2.41 s/step | 312 tok/s | ETA 0:01:07`, the parts that are known.
+
+    `tokens_per_second`: completion tokens generated (all ranks) per wall-clock second.
+    """
+    parts = [f"step {step}/{max_steps}" if max_steps and max_steps > 0 else f"step {step}"]
+    if reward is not None:
+        parts.append(f"reward {reward:.3f}")
+    if kl is not None:
+        parts.append(f"kl {kl:.3g}")
+    parts += [f"{seconds_per_step:.2f} s/step", f"{tokens_per_second:.0f} tok/s"]
+    eta = eta_seconds(step, max_steps, seconds_per_step)
+    if eta is not None:
+        parts.append(f"ETA {format_duration(eta)}")
+    return " | ".join(parts)

@@ -12,18 +12,28 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from ttc_lightning.callbacks import CompletionsTable, RunInfo, StepProgressBar, SummaryTable
+from ttc_lightning.callbacks import (
+    CompletionsTable,
+    ParameterCount,
+    ProgressLines,
+    RunInfo,
+    StepProgressBar,
+    SummaryTable,
+)
 from ttc_lightning.errors import TTCError
 from ttc_lightning.tracking import (
     WANDB_MISSING,
     WANDB_NO_LOGIN,
     completion_table,
     default_run_name,
+    eta_seconds,
     first_last,
     format_duration,
     git_state,
     has_wandb_credentials,
     prepare_wandb,
+    progress_line,
+    quiet_wandb_start,
     task_name,
 )
 
@@ -147,6 +157,17 @@ def test_prepare_wandb_reports_a_missing_package(no_wandb_login, monkeypatch):
     prepare_wandb(cli_config(False))
 
 
+def test_wandb_starts_without_anonymous_and_in_an_existing_directory(tmp_path):
+    logger = WandbLogger(save_dir=str(tmp_path / "runs" / "x"), offline=True)  # no run starts before `experiment`
+    assert "anonymous" in logger._wandb_init  # Lightning passes None; wandb warns about any value
+    quiet_wandb_start([CSVLogger(tmp_path), logger])
+    assert "anonymous" not in logger._wandb_init
+    assert (tmp_path / "runs" / "x").is_dir()  # wandb looks for the git repository from there
+    chosen = WandbLogger(save_dir=str(tmp_path), offline=True, anonymous=True)
+    quiet_wandb_start([chosen])
+    assert chosen._wandb_init["anonymous"] == "allow"  # what the user set stays
+
+
 # --- completion tables ---------------------------------------------------------------------------------------
 
 RECORDS = [
@@ -220,9 +241,96 @@ def test_completions_table_logs_every_n_steps_and_only_to_wandb(tmp_path):
 # --- console -------------------------------------------------------------------------------------------------
 
 
-def test_progress_bar_shows_the_optimizer_step():
-    trainer = SimpleNamespace(loggers=[], progress_bar_metrics={"reward": 0.25, "kl": 0.01}, global_step=7)
-    assert StepProgressBar().get_metrics(trainer, None) == {"step": "7", "reward": 0.25, "kl": 0.01}
+def test_progress_bar_counts_optimizer_steps_of_the_whole_run(tmp_path):
+    logger = CSVLogger(tmp_path)  # has a version, which Lightning's bar would show as v_num
+    metrics = {"reward": 0.25, "kl": 0.01}
+    bar = StepProgressBar()
+    trainer = SimpleNamespace(
+        loggers=[logger],
+        progress_bar_metrics=metrics,
+        global_step=12,
+        max_steps=40,
+        progress_bar_callback=bar,
+        state=SimpleNamespace(fn="fit"),
+        sanity_checking=False,
+        training=True,
+    )
+    assert bar.get_metrics(trainer, None) == {"reward": 0.25, "kl": 0.01}
+    bar._init_progress(trainer)
+    try:
+        bar.on_train_epoch_start(trainer, None)
+        task = bar.train_progress_bar
+        assert (task.description, task.completed, task.total) == ("step", 12, 40)  # not "Epoch 6/-2", batches
+        trainer.global_step = 14  # num_iterations 2: one batch, two optimizer steps
+        bar.on_train_batch_end(trainer, None, None, {}, 0)
+        bar.on_train_epoch_start(trainer, None)  # a new epoch does not restart the bar
+        assert (bar.train_progress_bar.completed, bar.train_progress_bar.total) == (14, 40)
+    finally:
+        bar.progress.stop()
+
+
+def test_eta_and_progress_line():
+    assert eta_seconds(12, 40, 2.5) == 70.0  # (40 - 12) steps x 2.5 s
+    assert eta_seconds(40, 40, 2.5) == 0.0
+    assert eta_seconds(12, -1, 2.5) is None  # no step limit (max_steps -1): no ETA
+    line = progress_line(12, 40, seconds_per_step=2.4125, tokens_per_second=311.6, reward=0.41249, kl=0.0031416)
+    # ETA: 28 steps x 2.4125 s = 67.55 s -> 0:01:08
+    assert line == "step 12/40 | reward 0.412 | kl 0.00314 | 2.41 s/step | 312 tok/s | ETA 0:01:08"
+    assert progress_line(3, -1, 0.5, 10.0) == "step 3 | 0.50 s/step | 10 tok/s"  # no reward yet, no KL, no limit
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_lines_every_n_steps_or_seconds(capsys):
+    clock = FakeClock()
+    lines = ProgressLines(every_n_steps=2, every_n_seconds=30, clock=clock)
+    trainer = SimpleNamespace(global_step=0, max_steps=10, world_size=2, callback_metrics={})
+    module = SimpleNamespace(last_rollout=[{}] * 8)  # 8 completions on this rank
+    lines.on_train_start(trainer, module)
+
+    def step(at: float, **metrics: float) -> list[str]:
+        lines.on_train_batch_start(trainer, module, {}, 0)
+        clock.now = at
+        trainer.global_step += 1
+        trainer.callback_metrics = {"completions/mean_length": torch.tensor(6.0), **metrics}
+        lines.on_train_batch_end(trainer, module, None, {}, 0)
+        return capsys.readouterr().err.splitlines()
+
+    assert step(4.0, reward=torch.tensor(0.1)) == []  # 1 step, 4 s: not yet
+    # 2 steps in 9 s: 4.5 s/step; tokens 2 x (6 x 8 x 2 ranks) = 192 in 9 s = 21.3/s; ETA 8 x 4.5 = 36 s
+    assert step(9.0, reward=torch.tensor(0.5)) == [
+        "ttc: step 2/10 | reward 0.500 | 4.50 s/step | 21 tok/s | ETA 0:00:36"
+    ]
+    # one step, but 36 s since the last line: 96 tokens / 36 s = 2.7/s; ETA 7 x 36 = 252 s
+    assert step(45.0, reward=torch.tensor(0.25), kl=torch.tensor(0.02)) == [
+        "ttc: step 3/10 | reward 0.250 | kl 0.02 | 36.00 s/step | 3 tok/s | ETA 0:04:12"
+    ]
+    lines.on_train_batch_start(trainer, module, {}, 0)  # step 4 starts at 45 s and takes long
+    clock.now = 74.0
+    lines.check_busy()
+    assert capsys.readouterr().err == ""  # 29 s since the last line
+    clock.now = 80.0
+    lines.check_busy()
+    assert capsys.readouterr().err == "ttc: working on step 4/10 for 0:00:35\n"
+    clock.now = 81.0
+    lines.check_busy()
+    assert capsys.readouterr().err == ""  # a line went out 1 s ago
+    with pytest.raises(TTCError, match="every_n_steps must be >= 1"):
+        ProgressLines(every_n_steps=0)
+
+
+def test_parameter_count_names_the_trained_share(caplog):
+    policy = torch.nn.Linear(3, 2)  # 6 weights + 2 biases
+    policy.bias.requires_grad_(False)
+    with caplog.at_level("INFO"):
+        ParameterCount().on_fit_start(None, SimpleNamespace(policy=policy))
+    assert "ttc: policy: 8 parameters, 6 trained (75%)" in caplog.messages  # 6 / 8
 
 
 def test_first_last_means_skip_missing_values():
