@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ttc_lightning.data.primevul import HF_PREFIX
 from ttc_lightning.errors import TTCError
-from ttc_lightning.rollout import import_reward
+from ttc_lightning.scoring import load_reward
 from ttc_lightning.settings import check_settings
 from ttc_lightning.tiny import TINY
 from ttc_lightning.tracking import prepare_wandb
@@ -227,9 +227,9 @@ def primevul_path_problems(path: Path, splits: Sequence[str | None]) -> list[str
 
 def reward_problems(rewards: Any) -> list[str]:
     problems = []
-    for i, path in enumerate(rewards or []):
+    for i, entry in enumerate(rewards or []):
         try:
-            import_reward(path, f"model.rewards[{i}]")
+            load_reward(entry.as_dict() if hasattr(entry, "as_dict") else entry, f"model.rewards[{i}]")
         except TTCError as e:
             problems.append(str(e))
     return problems

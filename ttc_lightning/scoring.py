@@ -76,7 +76,7 @@ def load_rewards(entries: Sequence[str | RewardSpec | Mapping[str, Any]]) -> lis
     """The reward functions of `model.rewards`, named as logged (`rewards/<name>/mean`): an entry's `name`, else the
     imported function's `__name__` (for an object without one, such as a `functools.partial`, the import path's
     last part)."""
-    rewards = [_load_reward(entry, f"model.rewards[{i}]") for i, entry in enumerate(entries)]
+    rewards = [load_reward(entry, f"model.rewards[{i}]") for i, entry in enumerate(entries)]
     first: dict[str, int] = {}
     for i, reward in enumerate(rewards):
         if reward.name in first:
@@ -88,7 +88,8 @@ def load_rewards(entries: Sequence[str | RewardSpec | Mapping[str, Any]]) -> lis
     return rewards
 
 
-def _load_reward(entry: str | RewardSpec | Mapping[str, Any], where: str) -> Reward:
+def load_reward(entry: str | RewardSpec | Mapping[str, Any], where: str) -> Reward:
+    """One `model.rewards` entry (an import path or `{function, args, name}`), imported and its options bound."""
     if isinstance(entry, str):
         fn = import_reward(entry, where)
         return Reward(getattr(fn, "__name__", entry.rpartition(".")[2]), fn)

@@ -1,6 +1,7 @@
 """The checks before a run starts: where the model and the data come from, the Hub probe, the cache, one message."""
 
 import http.server
+import inspect
 import re
 import threading
 import time
@@ -65,27 +66,14 @@ def test_dataset_cached_in_the_hub_cache_or_datasets_cache(hub_env):
 
 def config(model_name, data_path=SAMPLE_DIR, rewards=("ttc_lightning.rewards.char_fraction_reward",), **model_args):
     """The parts of a parsed `ttc fit` config the checks read (the rest of the module's options at their defaults)."""
-    args = {
-        "rewards": list(rewards),
-        "model_name_or_path": model_name,
-        "reward_weights": None,
-        "num_generations": 4,
-        "load_in_4bit": False,
-        "lora": None,
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "top_k": 0,
-        "beta": 0.0,
-        "epsilon": 0.2,
-        "epsilon_high": None,
-        "num_iterations": 1,
-        "micro_batch_size": 8,
-        "max_new_tokens": 16,
-        "eval_num_samples": 1,
-        "eval_temperature": 0.0,
-        "learning_rate": 1e-5,
-        **model_args,
+    from ttc_lightning.module import GRPOModule
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(GRPOModule.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
     }
+    args = {**defaults, "rewards": list(rewards), "model_name_or_path": model_name, **model_args}
     data_args = {"data_path": data_path, "train_split": "train", "val_split": "valid", "test_split": "test"}
     return Namespace(
         trainer=Namespace(logger=None, default_root_dir="runs/x"),
