@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from ttc_lightning.data.common import (
     ResumableLoader,
     collate_rows,
+    draw_train_batch,
     filter_by_prompt_length,
     seeded_shuffle,
     trained_batches,
@@ -37,7 +38,13 @@ SAMPLE_DIR = str(Path(__file__).resolve().parents[1] / "assets" / "primevul_samp
 
 @runtime_checkable
 class Task(Protocol):
-    """What the GRPO module asks of its data module when it evaluates."""
+    """What the GRPO module asks of its data module: further training prompts (dynamic sampling) and, when it
+    evaluates, the task's metrics and final answers."""
+
+    def next_train_batch(self) -> dict[str, list] | None:
+        """The training stream's next batch after those taken so far (the resumable loader counts it, so a
+        resumed run goes on after it), or None when the epoch has none left."""
+        ...
 
     def evaluate(self, records: list[Record]) -> dict[str, Any]:
         """The task's metrics of evaluated prompts (each record: a prompt's `columns`, k `completions`, their
@@ -94,7 +101,7 @@ def drop_long_prompts(rows: list[Row], tokenizer: Any, max_prompt_tokens: int | 
 class TaskDataModule(L.LightningDataModule):
     """The options, `setup` and loaders the PrimeVul tasks share. A task says how to read a split (`read`), whether
     evaluation keeps pairs together (`pairs_in_evaluation`), how to summarise rows in the log (`describe`), and how
-    to score evaluated prompts (`evaluate`, `final_prediction`: the `Task` protocol)."""
+    to score evaluated prompts (`evaluate`, `final_prediction`: with `next_train_batch`, the `Task` protocol)."""
 
     pairs_in_evaluation = False
     data_path: str
@@ -216,6 +223,9 @@ class TaskDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             trained=partial(trained_batches, self.trainer),
         )
+
+    def next_train_batch(self) -> dict[str, list] | None:
+        return draw_train_batch(self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_rows) if self.val_rows else []
