@@ -225,8 +225,7 @@ class GRPOModule(L.LightningModule):
             torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
         if cpu.enabled(self.levers.cpu, self.device):
             cpu.keep_freed_memory()
-        config = self.sampler.generation_config(self.hparams.temperature, self.hparams.max_new_tokens)
-        plan = self.sampler.plan(config)
+        plan = self.sampler.plan(self.sampler.generation_config(self.hparams.temperature, self.hparams.max_new_tokens))
         rank_zero_info(f"ttc: {plan.describe()}")
         if self.hparams.tis_cap is not None and plan.decoder != "loop":
             rank_zero_warn("model.tis_cap has no effect: generate() keeps no log-probs of its own (see the plan)")
