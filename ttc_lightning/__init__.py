@@ -4,7 +4,13 @@ import importlib
 from typing import Any
 
 # Loaded on first use, so that `ttc_lightning.patch` and `ttc_lightning.rewards` import without torch and Lightning.
-_HOMES = {"GRPOModule": "module", "Levers": "levers", "LoRA": "policy", "Rollout": "rollout"}
+_HOMES = {
+    "GRPOModule": "module",
+    "Levers": "levers",
+    "LoRA": "policy",
+    "OverlongBuffer": "rollout",
+    "Rollout": "rollout",
+}
 __all__ = list(_HOMES)
 
 

@@ -6,7 +6,7 @@ tokens, so no `[rows, tokens, vocabulary]` logits tensor exists, forward or back
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -207,3 +207,25 @@ def _logps_from_logits(
     logits = logits[:, :-1] / temperature  # [n, C, V]
     logps = selective_log_softmax(logits, rollout.completion_ids)  # [n, C]
     return logps, token_entropy(logits) if with_entropy else None
+
+
+@torch.no_grad()
+def frozen_logps(
+    logps_of: Callable[[torch.nn.Module, Rollout], tuple[Tensor, Tensor | None]],
+    rollout: Rollout,
+    micro_batches: Sequence[Tensor],
+    old_policy: torch.nn.Module | None,
+    reference: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]] | None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The old policy's log-probs and the reference's (the model `reference()` lends), `[N, C]` each, computed
+    micro-batch by micro-batch without gradients; None for a model not given."""
+    old, ref = [], []
+    for index in micro_batches:
+        part = rollout.rows(index)
+        pad = rollout.completion_ids.size(1) - part.completion_ids.size(1)
+        if old_policy is not None:
+            old.append(torch.nn.functional.pad(logps_of(old_policy, part)[0], (0, pad)))  # [n, C]
+        if reference is not None:
+            with reference() as model:
+                ref.append(torch.nn.functional.pad(logps_of(model, part)[0], (0, pad)))  # [n, C]
+    return (torch.cat(old) if old else None), (torch.cat(ref) if ref else None)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
@@ -22,23 +22,37 @@ from torch.optim.lr_scheduler import LambdaLR
 from ttc_lightning import cpu
 from ttc_lightning.checkpoints import complete_state, trim_state, ttc_section
 from ttc_lightning.data.base import Task
+from ttc_lightning.dynamic import nothing_left_to_learn, sample_until_informative
 from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.evaluation import prompt_records, reward_metrics
 from ttc_lightning.grpo import (
+    ImportanceSamplingLevel,
     LossType,
     LRSchedule,
     ScaleRewards,
     accumulation_weight,
-    group_advantages,
     grpo_loss,
+    logprob_mismatch,
     lr_multiplier,
     masked_mean,
 )
 from ttc_lightning.levers import Levers
-from ttc_lightning.logprobs import completion_logps
+from ttc_lightning.logprobs import completion_logps, frozen_logps
 from ttc_lightning.policy import LoRA, Prompt, load_policy, load_tokenizer, materialise, reference_model
 from ttc_lightning.reports import gather_records, print_per_class, write_metrics, write_predictions
-from ttc_lightning.rollout import Rollout, rollout_metrics, rollout_records, write_rollouts
+from ttc_lightning.rollout import (
+    OVERLONG,
+    OverlongBuffer,
+    Rollout,
+    Round,
+    add_overlong_penalty,
+    as_overlong_buffer,
+    repeat_columns,
+    rollout_metrics,
+    step_records,
+    training_rollout,
+    write_rollouts,
+)
 from ttc_lightning.sampler import Sampler, Samples
 from ttc_lightning.scoring import RewardErrors, RewardScorer, RewardSpec, load_rewards
 from ttc_lightning.settings import check_settings
@@ -54,8 +68,7 @@ class GRPOModule(L.LightningModule):
     counts optimizer steps.
 
     Args:
-        rewards: Reward functions, each `fn(completions, **columns) -> list[float | None]`: an import path, or a
-            mapping `{function: import.path, args: {...}, name: ...}` whose args are bound to the function once.
+        rewards: Reward functions by import path, each `fn(completions, **columns) -> list[float | None]`.
         model_name_or_path: A Hugging Face Hub id, a local model directory, or "tiny" (a small random model
             built locally, no network).
         lora: LoRA settings (peft), or null for full fine-tuning.
@@ -75,6 +88,23 @@ class GRPOModule(L.LightningModule):
             over the whole rollout, "dr_grpo" token sum / (N * max_new_tokens).
         scale_rewards: Divide advantages by the group's std ("group"), the batch's std ("batch") or not at all
             ("none", Dr. GRPO).
+        importance_sampling_level: "token": a probability ratio per token; "sequence": GSPO's length-normalised
+            ratio per completion, clipped whole. GSPO clips at epsilon 3e-4, epsilon_high 4e-4 (0.2 hardly clips).
+        dynamic_sampling: DAPO's: drop the groups whose rewards all tie and sample the training stream's next
+            prompts until the step has `data.batch_size` groups whose rewards differ, or `max_sampling_rounds`
+            batches; train on those (none on any rank: no optimizer step). Logs sampling_rounds, groups_kept.
+        max_sampling_rounds: With dynamic_sampling, the most batches one step samples, the first included.
+        mask_truncated_completions: No loss on completions cut at `max_new_tokens` (DAPO's overlong filtering).
+        overlong_buffer: DAPO's soft overlong punishment `{length, penalty}`: the reward loses up to `penalty`,
+            linearly over the last `length` tokens before `max_new_tokens` (`rewards/overlong_penalty/mean`).
+        tis_cap: Truncated importance sampling: token losses weighted by min(pi_train / pi_sampler, tis_cap), for
+            when the sampler's log-probs differ from the trainer's (bf16, merged LoRA). Needs the sampler's own
+            log-probs: ttc's decoding loop keeps them, generate() does not. null = off.
+        reward_workers: Reward functions running at once, in threads (1: one after the other).
+        reward_timeout: Seconds each reward call may take (null = no limit). A late call cannot be stopped: its
+            thread runs on and its result is dropped.
+        reward_errors: A reward call that raises or runs out of time stops training ("raise") or leaves its
+            completions unscored, counted in `rewards/<fn>/errors` ("skip").
         num_iterations: mu: optimizer steps on each rollout; above 1 the old policy's log-probs are computed.
         micro_batch_size: Completions per forward/backward pass; gradients accumulate over the rollout.
         learning_rate: Peak AdamW learning rate.
@@ -84,11 +114,6 @@ class GRPOModule(L.LightningModule):
         warmup_steps: Linear warmup from 0 over this many optimizer steps.
         max_grad_norm: Clip the gradient's global norm to this (null = no clipping; the norm is logged).
         reward_weights: One weight per reward function (null = all 1.0); the reward is their weighted sum.
-        reward_workers: Reward functions running at once, in threads (1: one after the other).
-        reward_timeout: Seconds each reward call may take (null = no limit). A late call cannot be stopped: its
-            thread runs on and its result is dropped.
-        reward_errors: A reward call that raises or runs out of time stops training ("raise") or leaves its
-            completions unscored, counted in `rewards/<fn>/errors` ("skip").
         eval_num_samples: k: completions per prompt at validation/test/predict time.
         eval_temperature: Sampling temperature for evaluation; 0 means greedy (then k must be 1).
         log_rollouts: Append every completion with its rewards to rollouts.jsonl in the run's log directory.
@@ -113,6 +138,15 @@ class GRPOModule(L.LightningModule):
         epsilon_high: float | None = None,
         loss_type: LossType = "dapo",
         scale_rewards: ScaleRewards = "group",
+        importance_sampling_level: ImportanceSamplingLevel = "token",
+        dynamic_sampling: bool = False,
+        max_sampling_rounds: int = 4,
+        mask_truncated_completions: bool = False,
+        overlong_buffer: OverlongBuffer | None = None,
+        tis_cap: float | None = None,
+        reward_workers: int = 1,
+        reward_timeout: float | None = None,
+        reward_errors: RewardErrors = "raise",
         num_iterations: int = 1,
         micro_batch_size: int = 8,
         learning_rate: float = 1e-5,
@@ -121,9 +155,6 @@ class GRPOModule(L.LightningModule):
         warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
         reward_weights: list[float] | None = None,
-        reward_workers: int = 1,
-        reward_timeout: float | None = None,
-        reward_errors: RewardErrors = "raise",
         eval_num_samples: int = 1,
         eval_temperature: float = 0.0,
         log_rollouts: bool = True,
@@ -137,6 +168,9 @@ class GRPOModule(L.LightningModule):
         self.scorer = RewardScorer(load_rewards(rewards), reward_workers, reward_timeout, reward_errors)
         self.reward_names = self.scorer.names
         self.reward_weights = torch.tensor(reward_weights or [1.0] * len(rewards))
+        self.overlong = as_overlong_buffer(overlong_buffer)
+        self.score_names = [*self.reward_names, *([OVERLONG] if self.overlong else [])]  # rollout's reward columns
+        self._tied = 0  # batches drawn in a row by steps that found no group to train on (dynamic sampling)
         self.model_path = materialise(model_name_or_path)
         self.tokenizer = load_tokenizer(self.model_path, model_name_or_path)
         self.policy: torch.nn.Module | None = None
@@ -187,8 +221,8 @@ class GRPOModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         if datamodule is not None and not isinstance(datamodule, Task):
             raise TTCError(
-                f"data: {type(datamodule).__name__} has no evaluate(records) and final_prediction(record); "
-                "subclass ttc_lightning.data.TaskDataModule or add both methods"
+                f"data: {type(datamodule).__name__} lacks evaluate(records), final_prediction(record) or "
+                "next_train_batch(); subclass ttc_lightning.data.TaskDataModule or add the three methods"
             )
 
     def on_fit_start(self) -> None:
@@ -199,8 +233,10 @@ class GRPOModule(L.LightningModule):
             torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
         if cpu.enabled(self.levers.cpu, self.device):
             cpu.keep_freed_memory()
-        config = self.sampler.generation_config(self.hparams.temperature, self.hparams.max_new_tokens)
-        rank_zero_info(f"ttc: {self.sampler.plan(config).describe()}")
+        plan = self.sampler.plan(self.sampler.generation_config(self.hparams.temperature, self.hparams.max_new_tokens))
+        rank_zero_info(f"ttc: {plan.describe()}")
+        if self.hparams.tis_cap is not None and plan.decoder != "loop":
+            rank_zero_warn("model.tis_cap has no effect: generate() keeps no log-probs of its own (see the plan)")
 
     # --- rollout -------------------------------------------------------------------------------------------------
 
@@ -221,20 +257,11 @@ class GRPOModule(L.LightningModule):
             with_entropy=with_entropy,
         )
 
-    @torch.no_grad()
     def frozen_logps(self, rollout: Rollout) -> tuple[Tensor | None, Tensor | None]:
         """Old-policy log-probs (num_iterations > 1) and reference log-probs (beta > 0), micro-batched, no grad."""
-        hp = self.hparams
-        old, ref = [], []
-        for index in self._micro_batches(len(rollout)):
-            part = rollout.rows(index)
-            pad = rollout.completion_ids.size(1) - part.completion_ids.size(1)
-            if hp.num_iterations > 1:
-                old.append(torch.nn.functional.pad(self.completion_logps(self.policy, part)[0], (0, pad)))
-            if hp.beta > 0:
-                with reference_model(self.policy, self.ref_model) as reference:
-                    ref.append(torch.nn.functional.pad(self.completion_logps(reference, part)[0], (0, pad)))
-        return (torch.cat(old) if old else None), (torch.cat(ref) if ref else None)
+        old = self.policy if self.hparams.num_iterations > 1 else None
+        reference = partial(reference_model, self.policy, self.ref_model) if self.hparams.beta > 0 else None
+        return frozen_logps(self.completion_logps, rollout, self._micro_batches(len(rollout)), old, reference)
 
     def _micro_batches(self, n: int) -> list[Tensor]:
         # In order, so a group's rows share micro-batches and their prompt pass (`completion_logps`); the order
@@ -248,68 +275,82 @@ class GRPOModule(L.LightningModule):
 
         1. Take the batch: B prompts and their metadata columns.
         2. Generate G completions per prompt (no grad, sampling, KV cache, stop at EOS).
-        3. Score each completion with every reward function; combine them with `reward_weights`.
-        4. Group-relative advantages.
+        3. Score each completion with every reward function; combine them with `reward_weights`, add the overlong
+           penalty. With `dynamic_sampling`, 1-3 again on the training stream's next prompts until B groups have
+           rewards that differ; only those are trained on (with none on any rank, no optimizer step).
+        4. Group-relative advantages; with `mask_truncated_completions`, cut completions get no loss.
         5. Per-token log-probs of the old policy (num_iterations > 1) and the reference (beta > 0), no grad.
         6. The loss of each micro-batch: policy log-probs, clipped surrogate + KL, scaled for accumulation.
         7. num_iterations passes over the rollout: accumulate the micro-batches' gradients, clip, step the
            optimizer and the LR schedule.
-        8. Log the step's metrics and the rollout's records.
+        8. Log the step's metrics (of every completion sampled) and the rollout's records.
         """
         hp = self.hparams
         g = hp.num_generations
         step = self.trainer.global_step
         started = time.perf_counter()
 
-        # 1. Prompts and metadata; each metadata value repeated for its prompt's G completions.
-        prompts = batch["prompt"]
-        columns = {k: [v for v in values for _ in range(g)] for k, values in batch.items() if k != "prompt"}
-
-        # 2. Generate.
-        samples = self.generate(prompts, g, hp.temperature, hp.max_new_tokens)
+        # 1-3. Prompts and metadata, completions, rewards: one round, or rounds until enough groups differ.
+        sampled, training, sampling = self._sample_round(batch), (torch.arange(len(batch["prompt"])), 1.0), {}
+        if hp.dynamic_sampling:
+            drawn = sample_until_informative(
+                sampled,
+                target=len(batch["prompt"]),
+                group_size=g,
+                max_rounds=hp.max_sampling_rounds,
+                draw=self.trainer.datamodule.next_train_batch,
+                sample=self._sample_round,
+                sum_over_ranks=lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu(),
+                pad_id=self.tokenizer.pad_token_id,
+            )
+            sampled, training, sampling = drawn.sampled, drawn.training_groups(), drawn.metrics()
+            self._tied = 0 if training else self._tied + drawn.rounds
+            self.trainer.should_stop |= nothing_left_to_learn(self._tied, self.trainer.num_training_batches)
         generated = time.perf_counter()
+        if training is None:  # no rank has a group whose rewards differ: nothing to learn, no optimizer step
+            return self._finish_step(step, sampled, None, sampling, (generated - started, 0.0))
+        groups, weight = training
 
-        # 3. Score.
-        scores, errors = self.scorer.score(samples.texts, columns, g)  # [N, F], [F] or None
-        reward = torch.nansum(scores * self.reward_weights, dim=1)  # [N]
-
-        # 4. Advantages.
-        advantages = group_advantages(reward, g, hp.scale_rewards)  # [N]
-        rollout = Rollout(
-            samples.prompt_ids,
-            samples.prompt_mask,
-            samples.completion_ids,
-            samples.completion_mask,
-            samples.texts,
-            scores.to(self.device),
-            reward.to(self.device),
-            advantages.to(self.device),
-            sampler_logps=samples.logps,
-            reward_errors=errors,
-        )
+        # 4. Advantages of the groups trained on; with mask_truncated_completions, their loss mask.
+        eos = self.sampler.eos_token_ids if hp.mask_truncated_completions else None
+        rollout = training_rollout(sampled, groups, g, hp.scale_rewards, truncated_by=eos)
 
         # 5. Frozen log-probs.
         old_logps, ref_logps = self.frozen_logps(rollout)
         rollout = dataclasses.replace(rollout, old_logps=old_logps, ref_logps=ref_logps)
 
         # 6-7. Optimisation passes.
-        stats = self._optimise(rollout)
+        stats = self._optimise(rollout, weight)
         trained = time.perf_counter()
 
         # 8. Metrics, and the records kept for callbacks (e.g. a W&B completions table) and rollouts.jsonl.
-        self._log_step(rollout, stats, generate_s=generated - started, train_s=trained - generated)
-        self.last_rollout = rollout_records(step, prompts, columns, rollout, self.reward_names, g)
-        if hp.log_rollouts:
-            write_rollouts(self._log_dir(), self.global_rank, self.last_rollout)
+        kept = (groups, rollout) if weight else None
+        self._finish_step(step, sampled, kept, stats | sampling, (generated - started, trained - generated))
 
-    def _optimise(self, rollout: Rollout) -> dict[str, Tensor]:
-        """Steps 6 and 7 of `training_step`; returns token-weighted means of the loss stats over all passes."""
+    def _sample_round(self, batch: dict[str, list]) -> Round:
+        """Steps 1-3 of `training_step` on one batch: G completions per prompt, scored."""
+        hp, g = self.hparams, self.hparams.num_generations
+        samples = self.generate(batch["prompt"], g, hp.temperature, hp.max_new_tokens)
+        columns = repeat_columns(batch, g)
+        scores, errors = self.scorer.score(samples.texts, columns, g)  # [N, F], [F] or None
+        reward = torch.nansum(scores * self.reward_weights, dim=1)  # [N]
+        scores, shaped = add_overlong_penalty(scores, reward, samples.completion_mask, hp.max_new_tokens, self.overlong)
+        scores, reward, shaped = scores.to(self.device), reward.to(self.device), shaped.to(self.device)
+        # Advantages come in step 4, from the groups trained on.
+        zeros = torch.zeros_like(reward)
+        rollout = Rollout(*samples[:5], scores, shaped, zeros, sampler_logps=samples.logps, reward_errors=errors)
+        return Round(batch, rollout, task_reward=reward)
+
+    def _optimise(self, rollout: Rollout, weight: float = 1.0) -> dict[str, Tensor]:
+        """Steps 6 and 7 of `training_step`; returns token-weighted means of the loss stats over all passes, and of
+        the sampler/trainer log-prob mismatch over the first. `weight` 0: a pass that only joins DDP's all-reduce."""
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        total_tokens = self._global_mean_tokens(rollout.completion_mask)
+        totals = torch.tensor([len(rollout), float(rollout.completion_mask.sum())]) * weight  # [2] rows, tokens
+        total_rows, total_tokens = self._global_mean(totals)
         sums: dict[str, Tensor] = {}
-        weights = 0.0
-        for _ in range(hp.num_iterations):
+        weights: dict[str, float] = {}
+        for iteration in range(hp.num_iterations):
             micro_batches = self._micro_batches(len(rollout))
             for k, index in enumerate(micro_batches):
                 part = rollout.rows(index)
@@ -327,23 +368,28 @@ class GRPOModule(L.LightningModule):
                         epsilon_high=hp.epsilon_high,
                         loss_type=hp.loss_type,
                         max_completion_length=hp.max_new_tokens,
+                        importance_sampling_level=hp.importance_sampling_level,
+                        sampler_logps=part.sampler_logps,
+                        tis_cap=hp.tis_cap if part.sampler_logps is not None else None,
                     )
                     tokens = int(part.completion_mask.sum())
                     scale = accumulation_weight(
-                        hp.loss_type, len(part), len(rollout), tokens, total_tokens, len(micro_batches)
+                        hp.loss_type, len(part), total_rows, tokens, total_tokens, len(micro_batches)
                     )
-                    self.manual_backward(loss * scale)
+                    self.manual_backward(loss * scale * weight)
                 stats = {**stats, "loss": loss.detach(), "entropy": masked_mean(entropy, part.completion_mask)}
+                if iteration == 0 and part.sampler_logps is not None:  # before any update: old policy = trainer
+                    stats |= logprob_mismatch(logps.detach(), part.sampler_logps, part.completion_mask)
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value.detach() * tokens
-                weights += tokens
+                    weights[key] = weights.get(key, 0.0) + tokens
             # 7. One optimizer step per pass; clipping happens in `on_before_optimizer_step`.
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             if 0 < self.trainer.max_steps <= self.trainer.global_step:
                 break
-        return {key: value / max(weights, 1.0) for key, value in sums.items()}
+        return {key: value / max(weights[key], 1.0) for key, value in sums.items()}
 
     def _sync_gradients(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         """Under DDP, all-reduce the gradients once per optimizer step (the last micro-batch), not after each."""
@@ -351,12 +397,12 @@ class GRPOModule(L.LightningModule):
             return self.trainer.model.no_sync()
         return contextlib.nullcontext()
 
-    def _global_mean_tokens(self, mask: Tensor) -> float:
-        """Completion tokens per rank, averaged over ranks: DDP averages gradients, so dapo divides by this."""
-        tokens = mask.sum().float()
+    def _global_mean(self, values: Tensor) -> list[float]:
+        """Per-rank totals (rows, tokens) averaged over ranks: DDP averages gradients, so the losses divide by these."""
+        values = values.float().to(self.device)
         if self.trainer.world_size > 1:
-            tokens = self.all_gather(tokens).float().mean()
-        return float(tokens)
+            values = self.all_gather(values).float().mean(0)
+        return values.tolist()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Runs after the precision plugin has unscaled fp16 gradients, so the norm is the true one.
@@ -364,26 +410,30 @@ class GRPOModule(L.LightningModule):
         max_norm = self.hparams.max_grad_norm or float("inf")
         self._grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
 
-    def _log_step(self, rollout: Rollout, stats: dict[str, Tensor], generate_s: float, train_s: float) -> None:
-        g = self.hparams.num_generations
-        metrics = rollout_metrics(rollout, g, self.sampler.eos_token_ids, self.reward_names)
-        tokens = rollout.completion_mask.sum()
+    def _finish_step(
+        self, step: int, sampled: Round, kept: tuple[Tensor, Rollout] | None, stats: dict, seconds: tuple[float, float]
+    ) -> None:
+        """Step 8: the metrics of every completion sampled, and their records (`kept`: the groups trained on)."""
+        hp, rollout = self.hparams, sampled.rollout
+        metrics = rollout_metrics(rollout, hp.num_generations, self.sampler.eos_token_ids, self.score_names)
         metrics.update(
             {
                 "grad_norm": self._grad_norm,
                 "lr": self.lr_schedulers().get_last_lr()[0],
-                "tokens_per_second": tokens / (generate_s + train_s),
-                "time/generate": generate_s,
-                "time/train": train_s,
+                "tokens_per_second": rollout.completion_mask.sum() / sum(seconds),
+                "time/generate": seconds[0],
+                "time/train": seconds[1],
                 **stats,
             }
         )
-        batch_size = len(rollout) // g
-        shown = ("reward", "kl")
+        batch_size, shown = len(rollout) // hp.num_generations, ("reward", "kl")
         self.log_dict({k: v for k, v in metrics.items() if k not in shown}, batch_size=batch_size, sync_dist=True)
         for name in shown:
             if name in metrics:
                 self.log(name, metrics[name], prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.last_rollout = step_records(step, sampled, kept, self.score_names, hp.num_generations, hp.dynamic_sampling)
+        if hp.log_rollouts:
+            write_rollouts(self._log_dir(), self.global_rank, self.last_rollout)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -1,17 +1,34 @@
 """A rollout: the completions sampled for a batch of prompts, scored by the reward functions, with advantages.
-The rollout's step metrics, and its records in `rollouts.jsonl` (scoring itself is in `scoring.py`)."""
+DAPO's overlong penalty, joining rollouts and rounds of prompts, the rollout's step metrics, and its records in
+`rollouts.jsonl` (calling the reward functions is `scoring.py`'s job)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from ttc_lightning.grpo import ScaleRewards, group_advantages, overlong_penalty
+
+OVERLONG = "overlong_penalty"  # its column among the reward functions': rewards/overlong_penalty/mean
+
+
+@dataclass(frozen=True)
+class OverlongBuffer:
+    """DAPO's soft overlong punishment: completions longer than `max_new_tokens - length` tokens lose up to
+    `penalty` reward, linearly over the last `length` tokens (arXiv 2503.14476, eq. 13)."""
+
+    length: int
+    """Tokens before `max_new_tokens` where the penalty starts (DAPO: 4,096 of 20,480, a fifth)."""
+    penalty: float = 1.0
+    """Penalty at `max_new_tokens` (and for a cut completion), subtracted from the weighted reward."""
 
 
 @dataclass
@@ -56,6 +73,123 @@ class Rollout:
         )
 
 
+def _pad_cat(tensors: list[Tensor], value: float = 0, left: bool = False) -> Tensor:
+    """`[n_i, W_i]` tensors -> `[sum n_i, max W_i]`, padded with `value` on the right (or the left)."""
+    width = max(t.size(1) for t in tensors)
+    pads = [(width - t.size(1), 0) if left else (0, width - t.size(1)) for t in tensors]
+    return torch.cat([torch.nn.functional.pad(t, pad, value=value) for t, pad in zip(tensors, pads, strict=True)])
+
+
+def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """One rollout of `parts`' rows in order: prompts left-padded, completions right-padded to the widest part."""
+
+    def optional(name: str) -> Tensor | None:
+        tensors = [getattr(part, name) for part in parts]
+        return None if any(t is None for t in tensors) else _pad_cat(tensors)  # [N, C]
+
+    return Rollout(
+        prompt_ids=_pad_cat([p.prompt_ids for p in parts], pad_id, left=True),  # [N, P]
+        prompt_mask=_pad_cat([p.prompt_mask for p in parts], left=True),  # [N, P]
+        completion_ids=_pad_cat([p.completion_ids for p in parts], pad_id),  # [N, C]
+        completion_mask=_pad_cat([p.completion_mask for p in parts]),  # [N, C]
+        completions=[text for p in parts for text in p.completions],
+        rewards=torch.cat([p.rewards for p in parts]),  # [N, F]
+        reward=torch.cat([p.reward for p in parts]),  # [N]
+        advantages=torch.cat([p.advantages for p in parts]),  # [N]
+        old_logps=optional("old_logps"),
+        ref_logps=optional("ref_logps"),
+        sampler_logps=optional("sampler_logps"),
+        reward_errors=_total([p.reward_errors for p in parts]),
+    )
+
+
+def _total(counts: list[Tensor | None]) -> Tensor | None:
+    """Error counts `[F]` of several rounds added up; None when no round counted any."""
+    present = [c for c in counts if c is not None]
+    return torch.stack(present).sum(0) if present else None
+
+
+Batch = dict[str, list]
+
+
+class Round(NamedTuple):
+    """Prompts and their completions: `batch` holds one value per prompt in each column (`prompt` included),
+    `rollout` each prompt's G completions, scored, in contiguous rows."""
+
+    batch: Batch
+    rollout: Rollout
+    task_reward: Tensor | None = None
+    """`[N]` the reward functions' weighted sum before the overlong penalty (None: the rollout's reward)."""
+
+    @property
+    def task(self) -> Tensor:
+        """`[N]` what dynamic sampling compares: the task's reward, not the length shaping (DAPO filters on
+        accuracy, verl's `filter_groups.metric: acc`)."""
+        return self.rollout.reward if self.task_reward is None else self.task_reward
+
+
+def group_rows(groups: Tensor, group_size: int) -> Tensor:
+    """The rows `[K*G]` of groups `[K]`."""
+    offsets = torch.arange(group_size, device=groups.device)  # [G]
+    return (groups.unsqueeze(1) * group_size + offsets).reshape(-1)  # [K*G]
+
+
+def select_groups(round_: Round, groups: Tensor, group_size: int) -> Round:
+    """The round restricted to `groups` `[K]` (K >= 1), in that order."""
+    batch = {key: [values[i] for i in groups.tolist()] for key, values in round_.batch.items()}
+    rows = group_rows(groups.to(round_.rollout.reward.device), group_size)  # [K*G]
+    return Round(batch, round_.rollout.rows(rows), round_.task[rows])
+
+
+def concat_rounds(rounds: Sequence[Round], pad_id: int) -> Round:
+    """One round of all `rounds`' prompts and completions, in order."""
+    batch = {key: [value for r in rounds for value in r.batch[key]] for key in rounds[0].batch}
+    task = torch.cat([r.task for r in rounds])  # [N]
+    return Round(batch, concat_rollouts([r.rollout for r in rounds], pad_id), task)
+
+
+def training_rollout(
+    sampled: Round, groups: Tensor, group_size: int, scale: ScaleRewards, truncated_by: list[int] | None
+) -> Rollout:
+    """The groups `[K]` of `sampled` a step trains on, with their group-relative advantages; with `truncated_by`
+    (the EOS token ids) the completions cut at `max_new_tokens` are masked out of the loss."""
+    rollout = select_groups(sampled, groups, group_size).rollout
+    mask = rollout.completion_mask  # [n, C]
+    if truncated_by is not None:
+        mask = mask * ~truncated(rollout.completion_ids, mask, truncated_by).unsqueeze(1)  # [n, C]
+    advantages = group_advantages(rollout.reward, group_size, scale)  # [n]
+    return dataclasses.replace(rollout, advantages=advantages, completion_mask=mask)
+
+
+def as_overlong_buffer(value: OverlongBuffer | dict[str, Any] | None) -> OverlongBuffer | None:
+    """`model.overlong_buffer` as given in a config (a mapping) or in code."""
+    return OverlongBuffer(**value) if isinstance(value, dict) else value
+
+
+def repeat_columns(batch: Batch, group_size: int) -> dict[str, list]:
+    """A batch's metadata columns (one value per prompt) with each value repeated for its prompt's completions."""
+    return {k: [v for v in values for _ in range(group_size)] for k, values in batch.items() if k != "prompt"}
+
+
+def add_overlong_penalty(
+    scores: Tensor, reward: Tensor, completion_mask: Tensor, max_new_tokens: int, buffer: OverlongBuffer | None
+) -> tuple[Tensor, Tensor]:
+    """With a buffer: DAPO's length penalty added to the weighted `reward` `[N]`, and kept as the last column of
+    `scores` `[N, F]` (`[N, F+1]`: it is logged as one more reward). Without one: both unchanged."""
+    if buffer is None:
+        return scores, reward
+    lengths = completion_mask.sum(1).to(scores.device)  # [N], EOS included
+    penalty = overlong_penalty(lengths, max_new_tokens, buffer.length, buffer.penalty)  # [N]
+    return torch.cat([scores, penalty.unsqueeze(1)], dim=1), reward + penalty  # [N, F+1], [N]
+
+
+def truncated(completion_ids: Tensor, completion_mask: Tensor, eos_token_ids: list[int]) -> Tensor:
+    """`[N]` bool: the completions cut at `max_new_tokens`, whose last token is not an EOS."""
+    lengths = completion_mask.sum(1)  # [N]
+    last = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # [N]
+    return ~torch.isin(last, torch.tensor(eos_token_ids, device=last.device))  # [N]
+
+
 def nan_mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and unbiased std over the non-NaN entries (NaN when there are none, std 0 for a single one)."""
     kept = values[~torch.isnan(values)]
@@ -71,8 +205,7 @@ def rollout_metrics(
     grouped = rollout.reward.view(-1, group_size)  # [B, G]
     group_std = grouped.std(dim=1)  # [B]
     lengths = rollout.completion_mask.sum(1)  # [N]
-    last = rollout.completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # [N]
-    clipped = ~torch.isin(last, torch.tensor(eos_token_ids, device=last.device))  # [N] cut at max_new_tokens
+    clipped = truncated(rollout.completion_ids, rollout.completion_mask, eos_token_ids)  # [N]
     metrics = {
         "reward": rollout.reward.mean(),
         "reward_std": group_std.mean(),
@@ -82,15 +215,22 @@ def rollout_metrics(
     }
     for j, name in enumerate(reward_names):
         metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = nan_mean_std(rollout.rewards[:, j])
-        if rollout.reward_errors is not None:
+        if rollout.reward_errors is not None and j < len(rollout.reward_errors):  # the overlong column has none
             metrics[f"rewards/{name}/errors"] = rollout.reward_errors[j]
     return metrics
 
 
 def rollout_records(
-    step: int, prompts: list, columns: dict[str, list], rollout: Rollout, reward_names: Sequence[str], group_size: int
+    step: int,
+    prompts: list,
+    columns: dict[str, list],
+    rollout: Rollout,
+    reward_names: Sequence[str],
+    group_size: int,
+    trained: Sequence[bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """One JSON-ready row per completion: step, prompt, completion, per-function rewards, reward, advantage."""
+    """One JSON-ready row per completion: step, prompt, completion, per-function rewards, reward, advantage, and
+    with `trained` (dynamic sampling) whether the step trained on it."""
     records = []
     for i, completion in enumerate(rollout.completions):
         record = {
@@ -107,8 +247,31 @@ def rollout_records(
         }
         if "id" in columns:
             record["id"] = columns["id"][i]
+        if trained is not None:
+            record["trained"] = trained[i]
         records.append(record)
     return records
+
+
+def step_records(
+    step: int,
+    sampled: Round,
+    trained: tuple[Tensor, Rollout] | None,
+    reward_names: Sequence[str],
+    group_size: int,
+    flag: bool,
+) -> list[dict[str, Any]]:
+    """The records of every completion a step sampled; `trained` is the groups `[K]` it trained on and their
+    rollout, whose advantages the records show (0 for the others). `flag` adds whether each was trained on."""
+    reward = sampled.rollout.reward  # [N]
+    advantages, kept = torch.zeros_like(reward), torch.zeros_like(reward, dtype=torch.bool)  # [N], [N]
+    if trained is not None:
+        rows = group_rows(trained[0].to(reward.device), group_size)  # [K*G]
+        advantages[rows], kept[rows] = trained[1].advantages, True
+    rollout = dataclasses.replace(sampled.rollout, advantages=advantages)
+    columns = repeat_columns(sampled.batch, group_size)
+    flags = kept.tolist() if flag else None
+    return rollout_records(step, sampled.batch["prompt"], columns, rollout, reward_names, group_size, flags)
 
 
 def write_rollouts(log_dir: str | Path, rank: int, records: list[dict[str, Any]]) -> None:

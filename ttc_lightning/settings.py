@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from ttc_lightning.errors import TTCError
+from ttc_lightning.rollout import as_overlong_buffer
 
 
 def check_settings(hp: Any) -> None:
@@ -49,5 +50,17 @@ def check_settings(hp: Any) -> None:
         problems.append("model.eval_num_samples > 1 needs model.eval_temperature > 0: greedy samples are identical")
     if hp.learning_rate <= 0:
         problems.append("model.learning_rate must be > 0")
+    if hp.max_sampling_rounds < 1:
+        problems.append("model.max_sampling_rounds must be >= 1 (1: dynamic sampling only filters the step's batch)")
+    if hp.tis_cap is not None and hp.tis_cap <= 0:
+        problems.append("model.tis_cap must be > 0 (e.g. 2.0), or null to train without the correction")
+    buffer = as_overlong_buffer(hp.overlong_buffer)
+    if buffer is not None and not 1 <= buffer.length <= hp.max_new_tokens:
+        problems.append(
+            f"model.overlong_buffer.length must be in [1, model.max_new_tokens={hp.max_new_tokens}], got "
+            f"{buffer.length}: it is the stretch before max_new_tokens where the penalty grows (DAPO: a fifth)"
+        )
+    if buffer is not None and buffer.penalty < 0:
+        problems.append("model.overlong_buffer.penalty must be >= 0: it is subtracted from the reward")
     if problems:
         raise TTCError("; ".join(problems))

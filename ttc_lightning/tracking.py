@@ -202,8 +202,9 @@ def completion_table(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], l
         return [], []
     functions = list(records[0]["rewards"])
     with_id = any("id" in r for r in records)
+    trained = ["trained"] if "trained" in records[0] else []  # dynamic sampling: was the completion trained on
     columns = ["step", "prompt_index", *(["id"] if with_id else []), "prompt", "completion", "reward", "advantage"]
-    columns += [f"reward/{name}" for name in functions]
+    columns += [*trained, *(f"reward/{name}" for name in functions)]
     rows = [
         [
             r["step"],
@@ -213,6 +214,7 @@ def completion_table(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], l
             r["completion"],
             r["reward"],
             r["advantage"],
+            *(r[key] for key in trained),
             *(r["rewards"][name] for name in functions),
         ]
         for r in records

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tests.conftest import REPO
 from tests.integration.test_fit import read_metrics
+from tests.integration.test_grpo_options import assert_trained_groups_differ, tied_prompts
 from ttc_lightning.callbacks import CheckpointOnInterrupt
 from ttc_lightning.errors import TTCError
 from ttc_lightning.grpo import group_advantages
@@ -31,6 +32,7 @@ from ttc_lightning.grpo import group_advantages
 TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
 DEMO_PROMPTS = REPO / "ttc_lightning" / "assets" / "demo_prompts.jsonl"
 HERE = "tests.integration.test_distributed"
+OPTIONS = "tests.integration.test_grpo_options"
 B, G = 4, 2  # prompts per step per rank (tiny.yaml's data.batch_size), completions per prompt
 FAST = ["--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "8", "--model.num_generations", str(G)]
 JOB_ID = "4242"
@@ -53,6 +55,12 @@ def distinct_chars_reward(completions: list[str], **_) -> list[float]:
     Distinct characters, not length: at 8 new tokens the tiny model's completions often all have the same length.
     """
     return [float(len(set(c))) for c in completions]
+
+
+def first_char_on_rank_zero(completions: list[str], **_) -> list[float]:
+    """The first character's code on rank 0 (almost any two completions differ); 0 for all on the other ranks."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return [float(ord(text[0])) if text and rank == 0 else 0.0 for text in completions]
 
 
 class SaveTrainable(L.Callback):
@@ -293,6 +301,61 @@ def test_ddp_resume_mid_epoch_continues_each_ranks_share(tmp_path, kill_on_exit)
         whole = prompts_per_step(tmp_path / "whole" / "logs" / "version_0" / rank_file)
         assert sorted(whole) == list(range(6))
         assert resumed == whole, rank_file
+
+
+@pytest.mark.slow
+def test_resume_with_dynamic_sampling_draws_the_prompts_of_an_unbroken_run(run_ttc, tmp_path, one_thread):
+    # 32 prompts, half of them always tied, 4 a batch: a step draws more batches for the groups it dropped. Stop
+    # after step 3, resume to step 8, and compare every prompt sampled (trained on or not) with an unbroken run.
+    dynamic = ["--model.dynamic_sampling", "true", "--model.rewards", f"[{OPTIONS}.tie_or_first_char]"]
+    args = ["fit", "--config", TINY, *FAST, *dynamic, "--data.train_path", str(tied_prompts(tmp_path))]
+    assert run_ttc(*args, "--trainer.default_root_dir", "whole", "--trainer.max_steps", "8")[0] == 0
+    assert run_ttc(*args, "--trainer.default_root_dir", "run", "--trainer.max_steps", "3")[0] == 0
+    code, _, err = run_ttc(*args, "--trainer.default_root_dir", "run", "--trainer.max_steps", "8", "--ckpt_path=last")
+    assert code == 0, err
+    logs = tmp_path / "run" / "logs"
+    resumed = prompts_per_step(logs / "version_0" / "rollouts.jsonl", logs / "version_1" / "rollouts.jsonl")
+    whole = prompts_per_step(tmp_path / "whole" / "logs" / "version_0" / "rollouts.jsonl")
+    assert sorted(whole) == list(range(8))
+    assert resumed == whole
+    rounds = [float(r["sampling_rounds"]) for r in read_metrics(tmp_path / "whole")]
+    assert rounds == [float(r["sampling_rounds"]) for v in (0, 1) for r in read_metrics(tmp_path / "run", v)]
+    assert max(rounds[3:]) > 1  # the resumed steps drew prompts beyond Lightning's batches too
+
+
+@pytest.mark.slow
+def test_ddp_with_dynamic_sampling_ranks_agree_on_rounds_and_steps(tmp_path, kill_on_exit):
+    # On rank 1 every group ties: it draws and samples every round (rank 0 may be full), keeps nothing and joins
+    # each step with a zero-weight backward. 16 prompts a rank, 4 a batch: steps also run out of the epoch.
+    proc = start_ttc(
+        tmp_path,
+        *("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "4"),
+        *("--model.dynamic_sampling", "true", "--model.max_sampling_rounds", "3"),
+        *("--model.rewards", f"[{HERE}.first_char_on_rank_zero]", f"--trainer.callbacks+={HERE}.SaveTrainable"),
+        *("--data.train_path", str(tied_prompts(tmp_path)), "--model.micro_batch_size", "3"),
+    )
+    kill_on_exit(proc)
+    code, out = finish(proc, tmp_path)
+    assert code == 0, out[-3000:]
+    run = tmp_path / "run"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    logs = run / "logs" / "version_0"
+    ranks = [read_rollouts(logs / "rollouts.jsonl"), read_rollouts(logs / "rollouts.rank1.jsonl")]
+    assert [sorted({r["step"] for r in rows}) for rows in ranks] == [[0, 1, 2, 3]] * 2
+    assert_trained_groups_differ(ranks[0], g=G, ties_marked=False)
+    assert {r["step"] for r in ranks[0] if r["trained"]} == {0, 1, 2, 3} and not any(r["trained"] for r in ranks[1])
+    rows = read_metrics(run)
+    assert len(rows) == 4
+    # Logged as the mean over ranks: a whole number only if both ranks did the same number of rounds.
+    assert all(float(r["sampling_rounds"]).is_integer() for r in rows)
+    assert any(float(r["sampling_rounds"]) > 1 for r in rows)
+    for step, row in enumerate(rows):  # rank 1, never full, sampled every round; rank 0 only while it was short
+        counts = [sum(r["step"] == step for r in records) for records in ranks]
+        assert counts[1] == float(row["sampling_rounds"]) * B * G and counts[0] <= counts[1], (step, counts)
+    weights = [torch.load(run / f"trainable.rank{k}.pt") for k in (0, 1)]
+    for name, end in weights[0]["end"].items():
+        assert torch.equal(end, weights[1]["end"][name]), name
+    assert any(not torch.equal(weights[0]["end"][n], s) for n, s in weights[0]["start"].items())
 
 
 @pytest.mark.slow

@@ -35,7 +35,8 @@ SMALL = [
     "--data.data_path",
     SAMPLE_DIR,
 ]
-PATCH = ["--config", str(REPO / "configs" / "patch.yaml"), *SMALL]
+# The config's overlong buffer (256 of 1,024 tokens), scaled to the 8 tokens here.
+PATCH = ["--config", str(REPO / "configs" / "patch.yaml"), *SMALL, "--model.overlong_buffer", "{length: 2}"]
 CLASSIFY = ["--config", str(REPO / "configs" / "classify.yaml"), *SMALL]
 
 

@@ -88,3 +88,89 @@ def test_ddp_sampler_stays_on_the_data_epoch_when_lightning_counts_ahead():
     second.load_state_dict(state)
     assert lightning_epoch(second, 2) == expected[1][1:]  # the rest of epoch 1, though Lightning says 2
     assert lightning_epoch(second, 3) == expected[2]  # and then epoch 2, in its own order
+
+
+ROWS16 = [{"prompt": f"q{i}"} for i in range(16)]  # batches of 2: 8 batches an epoch
+
+
+def loader16(trained: list[int], num_workers: int = 0) -> ResumableLoader:
+    generator = torch.Generator().manual_seed(0)
+    return ResumableLoader(
+        ROWS16,
+        batch_size=2,
+        shuffle=True,
+        generator=generator,
+        collate_fn=collate_rows,
+        num_workers=num_workers,
+        trained=lambda: trained[0],
+    )
+
+
+def fresh(num_workers: int = 0) -> tuple[ResumableLoader, list[int]]:
+    trained = [0]
+    return loader16(trained, num_workers), trained
+
+
+def fit(dl: ResumableLoader, trained: list[int], draws: list[int], crash: bool = False) -> tuple[list, dict]:
+    """Steps as Lightning runs them: it fetches one batch ahead of the one it trains on and counts the batches
+    trained on in the epoch; step k trains on its batch and draws `draws[k]` more (dynamic sampling). Returns each
+    step's prompts (its batch, then its draws) and the loader's state after the last step, which with `crash`
+    raised before it finished."""
+    steps = []
+    epoch = iter(dl)
+    ahead = next(epoch, None)
+    for k, n in enumerate(draws):
+        if ahead is None:  # the epoch is over: Lightning starts the next one
+            trained[0], epoch = 0, iter(dl)
+            ahead = next(epoch, None)
+        batch, ahead = ahead, next(epoch, None)
+        drawn = [dl.draw() for _ in range(n)]
+        steps.append(batch["prompt"] + [p for d in drawn if d is not None for p in d["prompt"]])
+        if not (crash and k == len(draws) - 1):
+            trained[0] += 1
+    return steps, dl.state_dict()
+
+
+def resumed(state: dict, draws: list[int], num_workers: int = 0) -> list:
+    trained = [state["batches"]]  # Lightning restores its count of the epoch's trained batches
+    dl = loader16(trained, num_workers)
+    dl.load_state_dict(state)
+    return fit(dl, trained, draws)[0]
+
+
+DRAWS = [2, 0, 1, 1, 0, 3, 0, 0, 1, 0]  # epoch 0 is steps 0-4: batches 0-7, 3 of them drawn by the module
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_draws_come_from_the_epoch_after_the_batch_fetched_ahead_and_resume_exactly(num_workers):
+    whole = fit(*fresh(num_workers), DRAWS)[0]
+    epoch0 = [p for step in whole[:5] for p in step]
+    assert sorted(epoch0) == sorted(r["prompt"] for r in ROWS16)  # each prompt once, drawn or handed to Lightning
+    # Step 0 trains on batch 0 and draws batches 2 and 3: batch 1 was already fetched for step 1.
+    order = [batch["prompt"] for batch in loader16([0])]
+    assert whole[0] == order[0] + order[2] + order[3] and whole[1] == order[1]
+    assert whole[5][:2] != order[0]  # epoch 1 has an order of its own
+
+    for stop in (3, 5, 7):  # mid-epoch 0, at its end, mid-epoch 1
+        _, state = fit(*fresh(num_workers), DRAWS[:stop])
+        assert resumed(state, DRAWS[stop:], num_workers) == whole[stop:], stop
+
+
+def test_state_when_draws_used_up_the_epoch_starts_the_next_one():
+    _, state = fit(*fresh(), DRAWS[:5])
+    assert state["batches"] == 0 and "pending" not in state
+
+
+def test_a_step_that_failed_draws_its_prompts_again_after_a_restore():
+    whole = fit(*fresh(), DRAWS)[0]
+    _, state = fit(*fresh(), DRAWS[:4], crash=True)  # step 3 drew a batch, then raised
+    assert state["batches"] == 3 and len(state["pending"]) == 2  # its own batch and the one fetched ahead
+    assert resumed(state, DRAWS[3:]) == whole[3:]
+
+
+def test_state_of_a_checkpoint_without_draws_still_restores():
+    expected = epochs(loader([0]), 1)[0]
+    state = {"generator": torch.Generator().manual_seed(0).get_state(), "batches": 1, "epoch": None}
+    second = loader([1])
+    second.load_state_dict(state)
+    assert epochs(second, 1) == [expected[1:]]

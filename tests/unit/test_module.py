@@ -53,6 +53,10 @@ def test_auto_precision(monkeypatch, accelerator, cuda, capability, expected):
         ({"reward_workers": 0}, "reward_workers must be >= 1"),
         ({"reward_timeout": 0.0}, "reward_timeout must be > 0 seconds, or null"),
         ({"reward_errors": "ignore"}, "reward_errors must be raise or skip"),
+        ({"max_sampling_rounds": 0}, r"max_sampling_rounds must be >= 1 \(1: dynamic sampling only filters"),
+        ({"tis_cap": 0.0}, r"tis_cap must be > 0 \(e.g. 2.0\), or null"),
+        ({"overlong_buffer": {"length": 200}}, r"overlong_buffer.length must be in \[1, model.max_new_tokens=128\]"),
+        ({"overlong_buffer": {"length": 16, "penalty": -1.0}}, "overlong_buffer.penalty must be >= 0"),
     ],
 )
 def test_invalid_settings_say_how_to_fix(kwargs, message):

@@ -212,6 +212,13 @@ def test_completion_table_has_one_column_per_reward_function():
     assert completion_table([]) == ([], [])
 
 
+def test_completion_table_shows_what_dynamic_sampling_trained_on():
+    records = [{**RECORDS[0], "trained": True}, {**RECORDS[1], "trained": False}]
+    columns, rows = completion_table(records)
+    assert columns[6:] == ["advantage", "trained", "reward/format", "reward/patch"]
+    assert [row[7] for row in rows] == [True, False]
+
+
 class RecordingWandbLogger(WandbLogger):
     """A WandbLogger that records tables instead of starting a W&B run."""
 

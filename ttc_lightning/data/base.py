@@ -22,6 +22,7 @@ from ttc_lightning.data.common import (
     ResumableLoader,
     collate_groups,
     collate_rows,
+    draw_train_batch,
     filter_by_prompt_length,
     seeded_shuffle,
     trained_batches,
@@ -38,7 +39,13 @@ SAMPLE_DIR = str(Path(__file__).resolve().parents[1] / "assets" / "primevul_samp
 
 @runtime_checkable
 class Task(Protocol):
-    """What the GRPO module asks of its data module when it evaluates."""
+    """What the GRPO module asks of its data module: further training prompts (dynamic sampling) and, when it
+    evaluates, the task's metrics and final answers."""
+
+    def next_train_batch(self) -> dict[str, list] | None:
+        """The training stream's next batch after those taken so far (the resumable loader counts it, so a
+        resumed run goes on after it), or None when the epoch has none left."""
+        ...
 
     def evaluate(self, records: list[Record]) -> dict[str, Any]:
         """The task's metrics of evaluated prompts (each record: a prompt's `columns`, k `completions`, their
@@ -106,8 +113,8 @@ def drop_long_prompts(rows: list[Row], tokenizer: Any, max_prompt_tokens: int | 
 class TaskDataModule(L.LightningDataModule):
     """The options, `setup` and loaders the PrimeVul tasks share. A task says how to read a split (`read`), whether
     evaluation keeps pairs together (`pairs_in_evaluation`), how to summarise rows in the log (`describe`), and how
-    to score evaluated prompts (`evaluate`, `final_prediction`: the `Task` protocol). With `pairs_in_training` the
-    training batches hold whole pairs."""
+    to score evaluated prompts (`evaluate`, `final_prediction`: with `next_train_batch`, the `Task` protocol). With
+    `pairs_in_training` the training batches hold whole pairs."""
 
     pairs_in_evaluation = False
     pairs_in_training = False
@@ -235,6 +242,9 @@ class TaskDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             trained=partial(trained_batches, self.trainer),
         )
+
+    def next_train_batch(self) -> dict[str, list] | None:
+        return draw_train_batch(self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_rows) if self.val_rows else []

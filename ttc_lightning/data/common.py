@@ -1,9 +1,8 @@
 """Pieces shared by the data modules: JSON-lines reading with `file:line` errors, batching, length filtering, a
-training loader that resumes in the middle of an epoch."""
+training loader that resumes in the middle of an epoch and lends the module further batches of it."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import random
@@ -83,29 +82,41 @@ def filter_by_prompt_length(
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader that Lightning resumes in the middle of an epoch instead of starting the epoch over.
+    """A DataLoader that Lightning resumes in the middle of an epoch instead of starting the epoch over, and from
+    which the module can draw further batches of the same epoch (`draw`, for dynamic sampling).
 
     Lightning saves `state_dict()` in every checkpoint and calls `load_state_dict()` before the first pass after a
     restore. The state is where the epoch's order comes from (the shuffling generator as the epoch began, or the
-    epoch number of DDP's sampler) and how many of its batches were trained on; the restored pass draws the same
-    order and skips those batches. `trained` reads that count from the trainer, because Lightning fetches a batch
-    ahead of the one being trained on.
+    epoch number of DDP's sampler), how many of its batches were taken (by Lightning or by `draw`), and which of
+    those Lightning had fetched but not trained on: it fetches a batch ahead of the one being trained on, so the
+    module's draws come after that one. The restored pass draws the same order, hands Lightning the batches it had
+    fetched, then goes on after the last batch taken. `trained` reads from the trainer how many of the epoch's
+    batches were trained on.
     """
 
     def __init__(self, *args: Any, trained: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.trained = trained
         self._epoch_start = self._generator_state()
-        self._skip = 0
+        self._restored: dict[str, Any] | None = None
         self._restored_epoch: int | None = None
         self._epoch_offset = 0
+        self._source: Iterator[Any] | None = None
+        self._taken = 0  # batches of the epoch taken, by Lightning or by `draw`
+        self._taken_at_fetch = 0  # ... when Lightning last fetched one
+        self._fetched: list[int] = []  # positions in the epoch of the batches Lightning fetched in this pass
+        self._trained_before = 0  # batches of this epoch trained on before this pass (a restored one)
 
     def __iter__(self) -> Iterator[Any]:
         self._epoch_start = self._generator_state()
-        skip, self._skip = self._skip, 0
-        return self._batches(skip)
+        restored, self._restored = self._restored or {"batches": 0}, None
+        # A checkpoint written before `draw` existed has no "taken": then its batches trained on were all taken.
+        self._taken = self._taken_at_fetch = restored.get("taken", restored["batches"])
+        self._trained_before = restored["batches"]
+        self._source, self._fetched = None, []
+        return self._batches(self._taken, restored.get("pending", []))
 
-    def _batches(self, skip: int) -> Iterator[Any]:
+    def _batches(self, skip: int, pending: list[int]) -> Iterator[Any]:
         # Runs at the first batch, after Lightning has numbered the DDP sampler's epoch. A run stopped by max_steps
         # counts its unfinished epoch as done, so after a restore Lightning's number can be one ahead of the epoch
         # the data is in: keep the sampler on the data's epoch from then on.
@@ -114,23 +125,54 @@ class ResumableLoader(DataLoader):
                 self._epoch_offset = self._restored_epoch - self.sampler.epoch
                 self._restored_epoch = None
             self.sampler.set_epoch(self.sampler.epoch + self._epoch_offset)
-        yield from itertools.islice(super().__iter__(), skip, None)
+        source = super().__iter__()
+        held = [batch for position, batch in zip(range(skip), source, strict=False) if position in pending]
+        self._source = source
+        for position, batch in zip(pending, held, strict=True):
+            self._fetched.append(position)
+            yield batch
+        while (batch := self.draw()) is not None:
+            self._fetched.append(self._taken - 1)
+            self._taken_at_fetch = self._taken
+            yield batch
+
+    def draw(self) -> Any | None:
+        """The epoch's next batch after all those taken so far, or None when the epoch has none left."""
+        batch = None if self._source is None else next(self._source, None)
+        if batch is not None:
+            self._taken += 1
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         trained = self.trained()
+        pending = self._fetched[max(trained - self._trained_before, 0) :]
         epoch = getattr(self.sampler, "epoch", None)
-        if trained >= len(self):  # the epoch is over: the next one starts from the generator as it is now
+        if not pending and self._taken >= len(self):  # the epoch is over: the next one starts from the generator now
             return {"generator": self._generator_state(), "batches": 0, "epoch": None if epoch is None else epoch + 1}
-        return {"generator": self._epoch_start, "batches": trained, "epoch": epoch}
+        # Two pending batches: the step of the first did not finish (an error), so what it drew is drawn again.
+        taken = self._taken if len(pending) <= 1 else self._taken_at_fetch
+        state = {"generator": self._epoch_start, "batches": trained, "taken": taken, "pending": pending}
+        return {**state, "epoch": epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.generator is not None and state["generator"] is not None:
             self.generator.set_state(state["generator"])
-        self._skip = state["batches"]
+        self._restored = state
         self._restored_epoch = state["epoch"]
 
     def _generator_state(self) -> Any:
         return None if self.generator is None else self.generator.get_state()
+
+
+def draw_train_batch(trainer: L.Trainer) -> dict[str, list[Any]] | None:
+    """The training loader's next batch of the epoch after those taken so far (`ResumableLoader.draw`)."""
+    loader = trainer.train_dataloader
+    if not isinstance(loader, ResumableLoader):
+        raise TTCError(
+            f"model.dynamic_sampling draws further prompts from the training loader, but it is a "
+            f"{type(loader).__name__}; return a ttc_lightning.data.common.ResumableLoader from train_dataloader()"
+        )
+    return loader.draw()
 
 
 def trained_batches(trainer: L.Trainer) -> int:

@@ -14,6 +14,7 @@ from ttc_lightning.data.base import Record, best_completion, prompt_tokenizer
 from ttc_lightning.data.common import (
     ResumableLoader,
     collate_rows,
+    draw_train_batch,
     filter_by_prompt_length,
     read_jsonl,
     trained_batches,
@@ -126,6 +127,9 @@ class PromptDataModule(L.LightningDataModule):
             collate_fn=collate_rows,
             trained=partial(trained_batches, self.trainer),
         )
+
+    def next_train_batch(self) -> dict[str, list] | None:
+        return draw_train_batch(self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self.splits:

@@ -1,0 +1,166 @@
+"""The GRPO variants' options through `ttc fit` on the tiny model: dynamic sampling, overlong handling, GSPO,
+truncated importance sampling, the sampler/trainer mismatch metrics and the LR schedules."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO
+from tests.integration.test_fit import DEMO, FAST, read_metrics
+from ttc_lightning.module import GRPOModule
+
+DEMO_PROMPTS = REPO / "ttc_lightning" / "assets" / "demo_prompts.jsonl"
+HERE = "tests.integration.test_grpo_options"
+
+
+def tied_prompts(directory: Path) -> Path:
+    """The 16 demo prompts twice: as they are (`tie: false`) and as a second prompt (`tie: true`) whose completions
+    the rewards below always score the same, so its groups teach nothing. 32 prompts, tie and not alternating."""
+    rows = []
+    for line in DEMO_PROMPTS.read_text().splitlines():
+        row = json.loads(line)
+        tied = {**row, "prompt": [{"role": "user", "content": "Say nothing. " + row["prompt"][0]["content"]}]}
+        rows += [{**row, "tie": False}, {**tied, "tie": True}]
+    path = directory / "tied_prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def tie_or_first_char(completions: list[str], tie: list[bool], **_) -> list[float]:
+    """0.5 for a `tie` prompt's completions; else the first character's code, which almost any two differ in."""
+    return [0.5 if t else (float(ord(text[0])) if text else 0.0) for text, t in zip(completions, tie, strict=True)]
+
+
+def tie_or_char_fraction(completions: list[str], tie: list[bool], **_) -> list[float]:
+    """0 for a `tie` prompt's completions; else the share of "a" characters (learnable, as the demo's reward)."""
+    return [
+        0.0 if t else (text.count("a") / len(text) if text else 0.0) for text, t in zip(completions, tie, strict=True)
+    ]
+
+
+def read_rollouts(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def groups_by_step(records: list[dict]) -> dict[int, dict[int, list[dict]]]:
+    """step -> prompt_index -> that group's records."""
+    steps: dict[int, dict[int, list[dict]]] = {}
+    for r in records:
+        steps.setdefault(r["step"], {}).setdefault(r["prompt_index"], []).append(r)
+    return steps
+
+
+def assert_trained_groups_differ(records: list[dict], g: int, ties_marked: bool = True) -> int:
+    """Every group a step trained on has task rewards (before the overlong penalty) that differ and, with
+    `ties_marked` (the rewards above), is no tie prompt's; returns how many groups were dropped."""
+    dropped = 0
+    for step, groups in groups_by_step(records).items():
+        for group in groups.values():
+            assert len(group) == g and len({r["trained"] for r in group}) == 1, (step, group)
+            rewards = [r["reward"] - r["rewards"].get("overlong_penalty", 0.0) for r in group]  # before the penalty
+            if group[0]["trained"]:
+                assert max(rewards) != min(rewards), (step, rewards)
+                assert not ties_marked or "Say nothing." not in json.dumps(group[0]["prompt"]), step
+            else:
+                dropped += 1
+    return dropped
+
+
+def test_dynamic_sampling_with_every_new_option_trains_only_on_groups_that_differ(run_ttc, tmp_path):
+    args = ["--data.train_path", str(tied_prompts(tmp_path)), "--model.rewards", f"[{HERE}.tie_or_first_char]"]
+    options = [
+        *("--model.dynamic_sampling", "true", "--model.max_sampling_rounds", "3"),
+        *("--model.overlong_buffer", "{length: 4, penalty: 0.5}", "--model.mask_truncated_completions", "true"),
+        *("--model.importance_sampling_level", "sequence", "--model.epsilon", "3e-4", "--model.epsilon_high", "4e-4"),
+        *("--model.tis_cap", "2.0", "--model.num_iterations", "2"),
+    ]
+    run = ["--trainer.default_root_dir", "run", "--trainer.max_steps", "4", *FAST]
+    code, _, err = run_ttc("fit", "--config", DEMO, *run, *args, *options)
+    assert code == 0, err
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 2  # num_iterations 2: two optimizer steps per rollout
+    for row in rows:
+        assert 1 <= float(row["sampling_rounds"]) <= 3 and 1 <= float(row["groups_kept"]) <= 4
+        assert float(row["rewards/overlong_penalty/mean"]) <= 0
+        # One float32 model samples and trains: the two log-probs of a token agree to rounding.
+        assert float(row["mismatch/abs_logp_diff"]) < 1e-4 and float(row["mismatch/kl"]) < 1e-7
+    assert max(float(row["frac_reward_zero_std"]) for row in rows) > 0  # half the prompts tie: there were drops
+    records = read_rollouts(tmp_path / "run" / "logs" / "version_0" / "rollouts.jsonl")
+    assert assert_trained_groups_differ(records, g=2) > 0
+    assert {"tie_or_first_char", "overlong_penalty"} == set(records[0]["rewards"])
+    assert all(r["reward"] == pytest.approx(sum(r["rewards"].values())) for r in records)
+
+
+def test_under_generate_there_is_no_mismatch_to_log_and_tis_has_no_effect(run_ttc, tmp_path):
+    args = ["--model.levers", "{decode_loop: false}", "--model.tis_cap", "2.0", "--trainer.max_steps", "2"]
+    with pytest.warns(UserWarning, match="model.tis_cap has no effect: generate"):
+        code, _, err = run_ttc("fit", "--config", DEMO, "--trainer.default_root_dir", "run", *args, *FAST)
+    assert code == 0, err
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 2 and "loss" in rows[0] and not any(key.startswith("mismatch/") for key in rows[0])
+
+
+def test_a_run_whose_prompts_all_tie_stops_after_an_epoch_of_batches(run_ttc, tmp_path):
+    prompts = tmp_path / "all_tied.jsonl"
+    prompts.write_text(tied_prompts(tmp_path).read_text().replace('"tie": false', '"tie": true'))
+    args = ["--data.train_path", str(prompts), "--model.rewards", f"[{HERE}.tie_or_first_char]"]
+    run = ["--trainer.default_root_dir", "run", "--model.dynamic_sampling", "true", *FAST]
+    with pytest.warns(UserWarning, match=r"no prompt in the last 8 batches \(an epoch's worth\)"):
+        code, _, err = run_ttc("fit", "--config", DEMO, *run, *args)  # tiny.yaml's max_steps is 40
+    assert code == 0, err
+    rows = read_metrics(tmp_path / "run")
+    assert [float(r["groups_kept"]) for r in rows] == [0.0, 0.0]  # 2 steps of 4 rounds: the 8 batches of an epoch
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 0
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # lr 0.003, 2 warmup steps, max_steps 5; the logged lr is the one after each step's scheduler step.
+        ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
+        pytest.param("linear", [0.5, 1.0, 2 / 3, 1 / 3, 0.0], marks=pytest.mark.slow),  # after warmup: (5 - k) / 3
+        # 0.5 * (1 + cos(pi * (k - 2) / 3)) for k = 3, 4
+        pytest.param("cosine", [0.5, 1.0, 0.75, 0.25, 0.0], marks=pytest.mark.slow),
+    ],
+)
+def test_lr_scheduler_option(run_ttc, tmp_path, schedule, expected):
+    args = ["--model.lr_scheduler", schedule, "--model.warmup_steps", "2", "--trainer.max_steps", "5"]
+    code, _, err = run_ttc("fit", "--config", DEMO, "--trainer.default_root_dir", "run", *args, *FAST)
+    assert code == 0, err
+    assert [float(r["lr"]) for r in read_metrics(tmp_path / "run")] == pytest.approx([0.003 * m for m in expected])
+
+
+def test_unknown_lr_scheduler_is_a_one_line_error(run_ttc):
+    code, _, err = run_ttc("fit", "--config", DEMO, "--model.lr_scheduler", "exponential")
+    assert code != 0 and "lr_scheduler" in err and "Traceback" not in err
+
+
+def test_help_documents_the_grpo_options(run_ttc):
+    code, out, _ = run_ttc("fit", "--model.help", "ttc_lightning.GRPOModule")
+    assert code == 0
+    out = " ".join(out.split())  # the help wraps lines
+    for text in (
+        "--model.lr_scheduler",
+        "decay to 0 at `trainer.max_steps`",
+        "--model.dynamic_sampling",
+        "--model.max_sampling_rounds",
+        "--model.mask_truncated_completions",
+        "--model.overlong_buffer",
+        "--model.importance_sampling_level",
+        "GSPO clips at epsilon 3e-4",
+        "--model.tis_cap",
+    ):
+        assert text in out, text
+
+
+def test_readme_recipes_are_valid_settings():
+    text = (REPO / "README.md").read_text()
+    recipes = {name: yaml.safe_load(block) for block, name in re.findall(r"```yaml\n(# ([^:]+):.*?)```", text, re.S)}
+    assert sorted(recipes) == ["DAPO", "Dr. GRPO", "GSPO"]
+    for recipe in recipes.values():
+        GRPOModule(rewards=["ttc_lightning.rewards.char_fraction_reward"], max_new_tokens=1024, **recipe)
+    assert recipes["GSPO"]["importance_sampling_level"] == "sequence" and recipes["DAPO"]["dynamic_sampling"]
