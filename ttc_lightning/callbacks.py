@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
@@ -44,7 +44,11 @@ class CheckpointOnInterrupt(L.Callback):
         if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
             return
         if trainer.state.fn == "fit" and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
+            try:
+                trainer.save_checkpoint(self.path)
+            except TTCError as e:  # non-finite weights: the run's earlier checkpoints stay the ones to resume from
+                rank_zero_warn(f"ttc: interrupted at step {trainer.global_step}; {e}")
+                return
             rank_zero_info(f"ttc: interrupted at step {trainer.global_step}; saved {self.path}")
 
 

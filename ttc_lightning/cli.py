@@ -1,20 +1,31 @@
-"""`ttc`: the LightningCLI with ttc's defaults (automatic precision, run directory layout, clean user errors)."""
+"""`ttc`: the LightningCLI with ttc's defaults (automatic precision, run directory layout, clean user errors).
+
+Exit status: 0 done, 1 a user error (one line `ttc: error: ...`), 2 a command line that does not parse, 130
+interrupted (Ctrl-C), 143 stopped by SIGTERM.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal
 import sys
 import warnings
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import lightning as L
 import torch
-from jsonargparse import set_parsing_settings
+from jsonargparse import ActionYesNo, set_parsing_settings
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from ttc_lightning import runs
 from ttc_lightning.callbacks import CheckpointOnInterrupt, RunInfo, SaveConfigToWandb, StepProgressBar, SummaryTable
+from ttc_lightning.checkpoints import AtomicCheckpointIO
 from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.tracking import prepare_wandb
@@ -33,15 +44,39 @@ def auto_precision(accelerator: Any) -> str:
 
 
 class TTCCLI(LightningCLI):
-    """LightningCLI plus a `checkpoint` section and run-directory defaults under `trainer.default_root_dir`."""
+    """LightningCLI plus a `checkpoint` section and run-directory defaults under `trainer.default_root_dir`, which
+    one fit run owns (`runs`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.lock: IO[str] | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self.lock is not None:
+                self.lock.close()
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the hyperparameters of a `--ckpt_path` file back into the config, over the command line
+        (`--model.eval_num_samples 8` would be ignored), before the file is checked. ttc builds the model from the
+        config alone and checks the checkpoint against it (`checkpoints.complete_state`)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_argument(
+            "--overwrite",
+            action=ActionYesNo,
+            default=False,
+            help="fit: start a new run in a run directory that holds an earlier run's checkpoints, deleting them",
+        )
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
                 "checkpoint.every_n_train_steps": 50,
-                "checkpoint.save_top_k": 0,
+                # Besides last.ckpt, the newest periodic checkpoints (step=N.ckpt), to go back past a bad stretch.
+                "checkpoint.monitor": "step",
+                "checkpoint.mode": "max",
+                "checkpoint.save_top_k": 3,
+                "checkpoint.filename": "{step}",
                 "trainer.precision": None,
                 "trainer.default_root_dir": "runs/ttc",
                 # Validation generates text: too slow to run as a sanity check before every fit.
@@ -71,16 +106,39 @@ class TTCCLI(LightningCLI):
             trainer.limit_val_batches = 0
         # Before anything is built: a missing wandb package or login stops here, in one line.
         prepare_wandb(config)
+        if self.subcommand:  # a CLI built with run=False runs nothing: no checkpoint, no run directory to claim
+            self._prepare_run(config)
+
+    def _prepare_run(self, config: Any) -> None:
+        """`--ckpt_path` resolved and checked, and under `fit` the run directory claimed (rank zero: the others
+        start once it has), all before the model loads."""
+        run = runs.run_dir(config)
+        given = config.ckpt_path
+        config.ckpt_path = runs.resolve_ckpt_path(given, self.subcommand, run)
+        if config.ckpt_path is not None:
+            runs.check_checkpoint(config.ckpt_path, given, self.subcommand, config.trainer.max_steps)
+        if self.subcommand == "fit" and config.trainer.enable_checkpointing is not False and rank_zero_only.rank == 0:
+            self.lock = runs.claim(run, resume=config.ckpt_path is not None, overwrite=config.overwrite)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """A rich progress bar unless the config turns progress bars off or brings its own."""
+        """A rich progress bar unless the config turns progress bars off or brings its own; checkpoints written
+        atomically, and none at all with `trainer.enable_checkpointing: false`."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())
-        if self.subcommand == "fit":
+        checkpointing = config.get("enable_checkpointing") is not False
+        if self.subcommand == "fit" and checkpointing:
             callbacks.append(CheckpointOnInterrupt(self._get(self.config, "checkpoint").dirpath))
-        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if not checkpointing:
+            # The `checkpoint` section's ModelCheckpoint, which Lightning refuses beside enable_checkpointing false.
+            extra = [c for c in extra if not isinstance(c, ModelCheckpoint)]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return self._instantiate_trainer({**config, **kwargs, "callbacks": callbacks, "plugins": plugins}, extra)
 
 
 def _no_validation_split(data: Any) -> bool:
@@ -90,6 +148,55 @@ def _no_validation_split(data: Any) -> bool:
         return False
     keys = [k for k in ("val_split", "val_path") if k in init_args]
     return bool(keys) and all(init_args[k] is None for k in keys)
+
+
+class _LogLines(logging.Formatter):
+    """`ttc: message`, `ttc: warning: message`: the form of every line ttc prints."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"ttc: {level}{record.getMessage()}"
+
+
+@contextlib.contextmanager
+def ttc_log_lines() -> Iterator[None]:
+    """The `ttc` logger's lines (records dropped, the checkpoint resumed from, skipped steps) on stderr at INFO, one
+    line each and on rank zero only; its own handler, so Lightning's and any root handler see nothing twice."""
+    logger = logging.getLogger("ttc")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogLines())
+    handler.addFilter(lambda record: rank_zero_only.rank == 0)
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.level, logger.propagate = saved
+
+
+def run_cli(args: list[str] | None) -> None:
+    """The LightningCLI with ttc's module, data modules and callbacks (`args`: the command line after `ttc`)."""
+    TTCCLI(
+        GRPOModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=SaveConfigToWandb,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=42,
+        trainer_defaults={"callbacks": [SummaryTable(), RunInfo()]},
+        # `export` is dispatched in `main`, outside LightningCLI, whose list of subcommands cannot show it.
+        parser_kwargs={
+            "description": "GRPO for code LLMs on PrimeVul. Subcommands: fit, validate, test, predict (below) and "
+            "export (at the end). `ttc SUBCOMMAND --help` lists a subcommand's options.",
+            "epilog": "export: `ttc export --ckpt_path CKPT --output_dir DIR [--merge]` writes a checkpoint as a "
+            "Hugging Face model directory (LoRA adapter or merged model, with the tokenizer).",
+        },
+        args=args,
+    )
 
 
 def main(args: list[str] | None = None) -> None:
@@ -104,27 +211,19 @@ def main(args: list[str] | None = None) -> None:
     # One optimizer step per pass is ttc's design, so "the checkpoint holds the post-step state" is what we want.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     try:
-        TTCCLI(
-            GRPOModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=SaveConfigToWandb,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=42,
-            trainer_defaults={"callbacks": [SummaryTable(), RunInfo()]},
-            # `export` is dispatched above, outside LightningCLI, whose list of subcommands cannot show it.
-            parser_kwargs={
-                "description": "GRPO for code LLMs on PrimeVul. Subcommands: fit, validate, test, predict (below) and "
-                "export (at the end). `ttc SUBCOMMAND --help` lists a subcommand's options.",
-                "epilog": "export: `ttc export --ckpt_path CKPT --output_dir DIR [--merge]` writes a checkpoint as a "
-                "Hugging Face model directory (LoRA adapter or merged model, with the tokenizer).",
-            },
-            args=args,
-        )
+        with ttc_log_lines():
+            run_cli(args)
     except SIGTERMException:
         # Lightning turns SIGTERM into a clean exit (status 0); a script or scheduler must see the run was stopped.
         sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:
+        print("ttc: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except SystemExit as e:
+        # Lightning answers Ctrl-C during a run with exit(1): the shell's convention is 128 + SIGINT.
+        if isinstance(e.__context__, KeyboardInterrupt):
+            sys.exit(128 + signal.SIGINT)
+        raise
     except Exception as e:
         # jsonargparse wraps errors raised while building the model or data module: find ours in the chain.
         cause: BaseException | None = e
