@@ -264,7 +264,7 @@ def test_mismatch_can_be_allowed_explicitly(run_ttc, run):
     assert "ttc: warning: --ckpt_path: the checkpoint was trained with model.lora alpha=8 (now 16)" in err
 
 
-@pytest.mark.parametrize(("ckpt", "lora"), [(OLD_LORA, ["--model.lora", "{r: 4, alpha: 8}"]), (OLD_FULL, [])])
+@pytest.mark.parametrize(("ckpt", "lora"), [(OLD_LORA, LORA), (OLD_FULL, [])], ids=["lora", "full"])
 def test_checkpoint_without_fingerprint_loads_with_a_warning(run_ttc, tmp_path, val, ckpt, lora):
     args = run_args(tmp_path / "run", "--model.beta", "0.04", *lora, *val)
     code, _, err = run_ttc("validate", *args, "--ckpt_path", ckpt)
