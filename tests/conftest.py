@@ -1,5 +1,7 @@
 import logging
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +39,17 @@ def run_ttc(capsys, monkeypatch, tmp_path):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def kill_on_exit():
+    """Kills the session of every process registered with it, should a test fail while one is running."""
+    procs: list[subprocess.Popen] = []
+    yield procs.append
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from rich.console import Console
@@ -51,7 +51,11 @@ class CheckpointOnInterrupt(L.Callback):
         if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
             return
         if trainer.state.fn == "fit" and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
+            try:
+                trainer.save_checkpoint(self.path)
+            except TTCError as e:  # non-finite weights: the run's earlier checkpoints stay the ones to resume from
+                rank_zero_warn(f"ttc: interrupted at step {trainer.global_step}; {e}")
+                return
             rank_zero_info(f"ttc: interrupted at step {trainer.global_step}; saved {self.path}")
 
 

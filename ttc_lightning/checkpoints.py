@@ -1,61 +1,239 @@
 """What a ttc checkpoint holds beyond Lightning's own: only the weights training changed (the LoRA adapters, or the
-policy without its frozen reference), the base model it was trained on, and the random states sampling needs."""
+policy without its frozen reference), what it was trained on (base model with a fingerprint, LoRA settings, task),
+and the random states sampling needs. Also how checkpoints are written (atomically, never with non-finite weights)
+and read (a damaged file is a one-line error)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
 import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ttc_lightning.errors import TTCError
 
+log = logging.getLogger("ttc")
+
 REFERENCE_PREFIX = "ref_model."
+# Architecture fields of a model's config that the fingerprint hashes: what decides the weights' shapes and meaning,
+# not fields that change with the loading options (dtype, use_cache, quantisation) or the transformers version.
+CONFIG_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
+# Relative difference of a tensor's L1 norm below which two loads count as the same weights: bf16 and fp32 copies
+# of one model differ by rounding (at most 2^-9 per element, averaging out over a sum).
+FINGERPRINT_RTOL = 1e-3
+LORA_SHAPE_FIELDS = ("r", "target_modules")
 
 
-def trim_state(state: dict[str, Any], trainable: set[str], lora: bool) -> dict[str, Any]:
-    """The state dict to save: the trainable weights under LoRA, the policy otherwise, never the reference."""
+def trim_state(state: dict[str, Any], trainable: set[str], lora: bool, step: int) -> dict[str, Any]:
+    """The state dict to save at optimizer step `step`: the trainable weights under LoRA, the policy otherwise, never
+    the reference; weights that are NaN or infinite are refused (`check_finite`)."""
     if lora:
-        return {k: v for k, v in state.items() if k in trainable}
-    return {k: v for k, v in state.items() if not k.startswith(REFERENCE_PREFIX)}
+        kept = {k: v for k, v in state.items() if k in trainable}
+    else:
+        kept = {k: v for k, v in state.items() if not k.startswith(REFERENCE_PREFIX)}
+    check_finite(kept, step)
+    return kept
 
 
-def ttc_section(model_name_or_path: str, lora: bool) -> dict[str, Any]:
-    """The checkpoint's "ttc" section."""
+def ttc_section(identity: dict[str, Any], skipped_steps: int) -> dict[str, Any]:
+    """The checkpoint's "ttc" section: the run's `run_identity`, the random states and the skipped-step count."""
     # Lightning does not save RNG states; sampling after a resume must continue the same random stream.
-    return {"model_name_or_path": model_name_or_path, "lora": lora, "rng": rng_states()}
+    return {**identity, "rng": rng_states(), "skipped_steps": skipped_steps}
 
 
-def complete_state(checkpoint: dict[str, Any], current: dict[str, Any], trainable: set[str], lora: bool) -> None:
+def run_identity(
+    model_name_or_path: str, fingerprint: dict[str, Any] | None, lora: Any | None, datamodule: Any | None
+) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run that loads it: the base model (its name and fingerprint), the
+    LoRA settings (a dataclass; None under full fine-tuning) and the task (the data module's class and label mode;
+    None without a data module)."""
+    task = None if datamodule is None else type(datamodule).__name__
+    if task is not None and getattr(datamodule, "label_mode", None):
+        task += f" label_mode={datamodule.label_mode}"
+    return {
+        "model_name_or_path": model_name_or_path,
+        "lora": lora is not None,
+        "base_fingerprint": fingerprint,
+        "lora_settings": None if lora is None else dataclasses.asdict(lora),
+        "task": task,
+    }
+
+
+def base_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """A cheap identity of the base model's weights as loaded: a hash of its architecture (`CONFIG_KEYS`) and the
+    shape and L1 norm of its input embedding and normalisation weights. Those are never quantised (4-bit) nor adapted
+    by LoRA, so the fingerprint is the same for every way ttc loads one model; at 1.5B parameters they are about 15%
+    of the weights and their norms take a fraction of a second. Call it before training changes the weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = {key: getattr(base.config, key, None) for key in CONFIG_KEYS}
+    embedding = base.get_input_embeddings().weight
+    tensors = {
+        name: [list(p.shape), _l1(p)]
+        for name, p in base.named_parameters()
+        if p is embedding or (p.ndim == 1 and "norm" in name)
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"config": digest, "tensors": tensors}
+
+
+def _l1(p: torch.Tensor) -> float:
+    # In chunks, so a large embedding is not copied whole in float64.
+    return float(sum(chunk.abs().sum(dtype=torch.float64) for chunk in p.detach().reshape(-1).split(1 << 24)))
+
+
+def fingerprint_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """How two fingerprints differ, in words, or None when they are the same model."""
+    if saved["config"] != current["config"]:
+        return f"its architecture differs (config hash {saved['config']} vs {current['config']})"
+    if set(saved["tensors"]) != set(current["tensors"]):
+        return "its weights have other names"
+    for name, (shape, l1) in saved["tensors"].items():
+        now_shape, now_l1 = current["tensors"][name]
+        if list(shape) != list(now_shape):
+            return f"{name} has shape {list(now_shape)}, the checkpoint's base {list(shape)}"
+        if not math.isclose(l1, now_l1, rel_tol=FINGERPRINT_RTOL):
+            return f"its weights differ ({name}: L1 norm {now_l1:.6g}, the checkpoint's base {l1:.6g})"
+    return None
+
+
+def complete_state(
+    checkpoint: dict[str, Any],
+    current: dict[str, Any],
+    trainable: set[str],
+    identity: dict[str, Any],
+    allow_mismatch: bool = False,
+) -> None:
     """Check a checkpoint against this model and fill in what was not saved (frozen weights), in place, so that
-    Lightning's loading is complete; restores the random states."""
-    if "ttc" not in checkpoint:
+    Lightning's loading is complete; restores the random states.
+
+    `identity` is this run's `run_identity`; a task of None is not compared. A different base model, LoRA alpha or
+    dropout, or task is refused unless `allow_mismatch` (then warned); different weight names or shapes always are.
+    """
+    ttc, lora = checkpoint.get("ttc"), identity["lora"]
+    if ttc is None:
         raise TTCError("--ckpt_path: this checkpoint was not written by ttc (it has no 'ttc' section)")
-    if checkpoint["ttc"]["lora"] != lora:
+    if ttc["lora"] != lora:
         raise TTCError(
             "--ckpt_path: the checkpoint was trained "
-            + ("with" if checkpoint["ttc"]["lora"] else "without")
+            + ("with" if ttc["lora"] else "without")
             + " LoRA but model.lora is "
             + ("set" if lora else "null")
             + "; use the same model settings as the run that wrote it"
         )
-    if "rng" in checkpoint["ttc"]:
-        set_rng_states(checkpoint["ttc"]["rng"])
+    check_lora_shape(ttc.get("lora_settings"), identity["lora_settings"])
+    check_identity(ttc, identity, allow_mismatch)
+    check_shapes(checkpoint["state_dict"], current, trainable, lora)
+    if "rng" in ttc:
+        set_rng_states(ttc["rng"])
     if not lora:
         # The frozen reference is never saved: it is the base model, loaded again when the model is configured.
         reference = {k: v for k, v in current.items() if k.startswith(REFERENCE_PREFIX)}
         checkpoint["state_dict"] = {**reference, **checkpoint["state_dict"]}
         return
-    unknown = sorted(set(checkpoint["state_dict"]) - trainable)
-    if unknown:
-        raise TTCError(
-            f"--ckpt_path: {len(unknown)} checkpoint weights do not match this model's LoRA layers "
-            f"(first: {unknown[0]}); check model.lora and model.model_name_or_path"
-        )
     # Frozen base weights are not in the checkpoint: put the current ones back so loading is complete.
     frozen = {k: v for k, v in current.items() if k not in trainable}
     checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}
+
+
+def check_lora_shape(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> None:
+    """LoRA settings that change the adapters' shapes (rank, adapted layers) cannot differ: the weights would not
+    fit."""
+    if saved is None or current is None:
+        return
+    for field in LORA_SHAPE_FIELDS:
+        if saved.get(field) != current.get(field):
+            raise TTCError(
+                f"model.lora.{field}: the checkpoint's adapters were trained with {field}={saved.get(field)!r}, this "
+                f"run has {current.get(field)!r}; use the LoRA settings of the run that wrote it"
+            )
+
+
+def check_shapes(saved: Mapping[str, Any], current: Mapping[str, Any], trainable: set[str], lora: bool) -> None:
+    """Every saved weight must exist in this model with the same shape; under full fine-tuning none may be missing."""
+    unknown = sorted(set(saved) - (trainable if lora else set(current)))
+    if unknown:
+        raise TTCError(
+            f"--ckpt_path: {len(unknown)} checkpoint weights do not exist in this model (first: {unknown[0]}); "
+            "check model.lora and model.model_name_or_path"
+        )
+    for name, value in saved.items():
+        if tuple(value.shape) != tuple(current[name].shape):
+            raise TTCError(
+                f"--ckpt_path: {name} has shape {list(value.shape)} in the checkpoint but {list(current[name].shape)} "
+                "in this model; use the model.model_name_or_path and model.lora of the run that wrote it"
+            )
+    if not lora:
+        missing = sorted(k for k in current if not k.startswith(REFERENCE_PREFIX) and k not in saved)
+        if missing:
+            raise TTCError(
+                f"--ckpt_path: {len(missing)} of this model's weights are not in the checkpoint (first: {missing[0]}); "
+                "use the model.model_name_or_path of the run that wrote it"
+            )
+
+
+def check_identity(saved: Mapping[str, Any], current: Mapping[str, Any], allow_mismatch: bool) -> None:
+    """Base model, LoRA scaling and task of the checkpoint against this run: refused (one line naming the
+    difference) unless `allow_mismatch`. A checkpoint that recorded no fingerprint is loaded with a warning."""
+    differences = []
+    name, now_name = saved.get("model_name_or_path"), current["model_name_or_path"]
+    if saved.get("base_fingerprint") is None:
+        log.warning(
+            "the checkpoint records no fingerprint of its base model (%s; written by an earlier ttc): "
+            "not checked against model.model_name_or_path",
+            name,
+        )
+    else:
+        difference = fingerprint_difference(saved["base_fingerprint"], current["base_fingerprint"])
+        if difference is not None:
+            now = "another model of that name" if name == now_name else f"model.model_name_or_path {now_name!r}"
+            differences.append(f"was trained on base model {name!r}, and {now} differs: {difference}")
+    lora, now = saved.get("lora_settings"), current["lora_settings"]
+    if lora is not None and now is not None:
+        changed = [f"{k}={lora.get(k)!r} (now {now.get(k)!r})" for k in sorted(now) if lora.get(k) != now.get(k)]
+        if changed:
+            differences.append(f"was trained with model.lora {', '.join(changed)}")
+    task = saved.get("task")
+    if task is not None and current["task"] is not None and task != current["task"]:
+        differences.append(f"was trained on task {task}, this run's data module is {current['task']}")
+    if not differences:
+        return
+    message = "--ckpt_path: the checkpoint " + "; ".join(differences)
+    if not allow_mismatch:
+        raise TTCError(
+            f"{message}; use the settings of the run that wrote it, or --model.allow_checkpoint_mismatch true"
+        )
+    log.warning("%s (loaded anyway: model.allow_checkpoint_mismatch)", message)
+
+
+def check_finite(state: Mapping[str, Any], step: int) -> None:
+    """Refuse to save weights that are NaN or infinite: the file would replace the last good checkpoint."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise TTCError(
+            f"not saving a checkpoint at step {step}: {len(bad)} weights are NaN or infinite (first: {bad[0]}); the "
+            "previous checkpoint is kept. Lower model.learning_rate or check the reward functions, then resume with "
+            "--ckpt_path last"
+        )
 
 
 def rng_states() -> dict[str, Any]:
@@ -76,3 +254,85 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents without reading its tensors (memory-mapped): cheap even for a full fine-tune; a
+    missing, empty, truncated or foreign file is a `TTCError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise TTCError(f"--ckpt_path: {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise TTCError(f"--ckpt_path: {path} is empty (0 bytes): a write was cut short; use another checkpoint")
+    try:
+        # Not weights-only: hyper_parameters hold config objects. Only load checkpoints you trust.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise unreadable(path, e) from None
+    if not isinstance(checkpoint, dict) or "ttc" not in checkpoint:
+        raise TTCError(f"--ckpt_path: {path} is not a ttc checkpoint (it has no 'ttc' section)")
+    return checkpoint
+
+
+def unreadable(path: str | Path, error: BaseException) -> TTCError:
+    detail = str(error).split(". ")[0].splitlines()[0][:100] if str(error) else ""
+    return TTCError(
+        f"--ckpt_path: {path} cannot be read, it is truncated or corrupt ({type(error).__name__}"
+        f"{': ' + detail if detail else ''}); use another checkpoint of the run"
+    )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside its target and renames it into place, so a run killed while
+    saving leaves the previous file whole; reading a damaged file is a one-line error.
+
+    Lightning's own save stages the file in the system's temporary directory, and moving it from there to another
+    file system is a plain copy into the target: a kill during that copy truncates `last.ckpt`.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's own transaction
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with partial.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if not Path(path).is_file() and "://" not in str(path):
+            raise TTCError(f"--ckpt_path: {path} does not exist")
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except Exception as e:
+            raise unreadable(path, e) from None
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (a crash of the machine right after it keeps the new file)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_partial_files(directory: str | Path) -> None:
+    """Temporary files left by a save that was killed (`AtomicCheckpointIO`); only while no run writes there."""
+    for path in Path(directory).glob(".*.partial"):
+        path.unlink(missing_ok=True)

@@ -1,34 +1,36 @@
 """`ttc`: the LightningCLI with ttc's defaults (automatic precision, run directory layout, clean user errors, checks
-before anything slow starts, a quiet console and progress that suits the terminal or the log it goes to)."""
+before anything slow starts, a run directory that one run owns, atomic checkpoints, a quiet console).
+
+Exit status: 0 done, 1 a user error (one line `ttc: error: ...`), 2 a command line that does not parse, 130
+interrupted (Ctrl-C), 143 stopped by SIGTERM.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import signal
 import sys
-import warnings
-from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import IO, Any
 
 import lightning as L
 import torch
-from jsonargparse import Namespace, set_parsing_settings
-from lightning.fabric.utilities.warnings import PossibleUserWarning
+from jsonargparse import ActionYesNo, Namespace, set_parsing_settings
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from ttc_lightning import runs
 from ttc_lightning.callbacks import (
     CheckpointOnInterrupt,
     ParameterCount,
     Progress,
-    ProgressLines,
     RunInfo,
     SaveConfigToWandb,
-    StepProgressBar,
     SummaryTable,
 )
+from ttc_lightning.checkpoints import AtomicCheckpointIO
+from ttc_lightning.console import library_notices_hidden, progress_callback, ttc_log_lines
 from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.preflight import check_before_start
@@ -60,20 +62,40 @@ class TTCArgumentParser(LightningArgumentParser):
 
 class TTCCLI(LightningCLI):
     """LightningCLI plus `checkpoint` and `progress` sections and run-directory defaults under
-    `trainer.default_root_dir`."""
+    `trainer.default_root_dir`, which one fit run owns (`runs`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", TTCArgumentParser)
-        super().__init__(*args, **kwargs)
+        self.lock: IO[str] | None = None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if self.lock is not None:
+                self.lock.close()
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the hyperparameters of a `--ckpt_path` file back into the config, over the command line
+        (`--model.eval_num_samples 8` would be ignored), before the file is checked. ttc builds the model from the
+        config alone and checks the checkpoint against it (`checkpoints.complete_state`)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_class_arguments(Progress, "progress")
+        parser.add_argument(
+            "--overwrite",
+            action=ActionYesNo,
+            default=False,
+            help="fit: start a new run in a run directory that holds an earlier run's checkpoints, deleting them",
+        )
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
                 "checkpoint.every_n_train_steps": 50,
-                "checkpoint.save_top_k": 0,
+                # Besides last.ckpt, the newest periodic checkpoints (step=N.ckpt), to go back past a bad stretch.
+                "checkpoint.monitor": "step",
+                "checkpoint.mode": "max",
+                "checkpoint.save_top_k": 3,
+                "checkpoint.filename": "{step}",
                 "trainer.precision": None,
                 "trainer.default_root_dir": "runs/ttc",
                 # Validation generates text: too slow to run as a sanity check before every fit.
@@ -92,6 +114,19 @@ class TTCCLI(LightningCLI):
         self.resolve_defaults(config)
         # Before anything is built: the model, data, rewards, settings and W&B, every problem in one line.
         check_before_start(config, self.subcommand)
+        if self.subcommand:  # a CLI built with run=False runs nothing: no checkpoint, no run directory to claim
+            self._prepare_run(config)
+
+    def _prepare_run(self, config: Any) -> None:
+        """`--ckpt_path` resolved and checked, and under `fit` the run directory claimed (rank zero: the others
+        start once it has), all before the model loads."""
+        run = runs.run_dir(config)
+        given = config.ckpt_path
+        config.ckpt_path = runs.resolve_ckpt_path(given, self.subcommand, run)
+        if config.ckpt_path is not None:
+            runs.check_checkpoint(config.ckpt_path, given, self.subcommand, config.trainer.max_steps)
+        if self.subcommand == "fit" and config.trainer.enable_checkpointing is not False and rank_zero_only.rank == 0:
+            self.lock = runs.claim(run, resume=config.ckpt_path is not None, overwrite=config.overwrite)
 
     @staticmethod
     def resolve_defaults(config: Namespace) -> None:
@@ -115,109 +150,26 @@ class TTCCLI(LightningCLI):
         wandb_defaults(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """ttc's progress (`progress_callback`) unless the config turns progress bars off or brings its own."""
+        """ttc's progress (`progress_callback`) unless the config turns progress bars off or brings its own;
+        checkpoints written atomically, and none at all with `trainer.enable_checkpointing: false`."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(progress_callback(self._get(self.config_init, "progress", default=Progress())))
-        if self.subcommand == "fit":
+        checkpointing = config.get("enable_checkpointing") is not False
+        if self.subcommand == "fit" and checkpointing:
             callbacks.append(CheckpointOnInterrupt(self._get(self.config, "checkpoint").dirpath))
-        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if not checkpointing:
+            # The `checkpoint` section's ModelCheckpoint, which Lightning refuses beside enable_checkpointing false.
+            extra = [c for c in extra if not isinstance(c, ModelCheckpoint)]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        trainer = self._instantiate_trainer({**config, **kwargs, "callbacks": callbacks, "plugins": plugins}, extra)
         quiet_wandb_start(trainer.loggers)
         return trainer
-
-
-def is_terminal(stream: TextIO | None) -> bool:
-    """`stream.isatty()`, False for a stream that cannot tell."""
-    try:
-        return stream is not None and stream.isatty()
-    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
-        return False
-
-
-def progress_callback(progress: Progress) -> ProgressBar:
-    """The rich bar when stdout (where it draws) and stderr are terminals; else plain lines on stderr, which a log
-    file (SLURM, CI, nohup) shows as they come instead of one bar at the end. `progress.mode` overrides the choice."""
-    terminal = is_terminal(sys.stdout) and is_terminal(sys.stderr)
-    if progress.mode == "bar" or (progress.mode == "auto" and terminal):
-        return StepProgressBar()
-    return ProgressLines(progress.every_n_steps, progress.every_n_seconds)
-
-
-# --- a quiet console -------------------------------------------------------------------------------------------
-
-# Warnings that libraries raise on every ttc run although the user did nothing to cause them: (message regex,
-# category). Each is matched exactly, so a warning about something the user set still shows.
-LIBRARY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
-    # One optimizer step per pass is ttc's design, so "the checkpoint holds the post-step state" is what we want.
-    ("Using ModelCheckpoint with manual optimization", UserWarning),
-    # The loaders hold rows in memory and collate lists: worker processes would not make anything faster.
-    (r"The '\w+' does not have many workers which may be a bottleneck", PossibleUserWarning),
-    # ttc's loader when the data module has no validation split: an empty list, on purpose.
-    (r"Total length of `list` across ranks is zero", UserWarning),
-    # The frozen reference model (full fine-tuning with beta > 0) is in eval mode on purpose.
-    (r"Found \d+ module\(s\) in eval mode at the start of training", PossibleUserWarning),
-    # predict_step writes predictions.jsonl itself and returns nothing.
-    (r"predict returned None if it was on purpose", UserWarning),
-    # Deprecations inside the libraries (peft reading transformers' old name, Lightning's own pytree code).
-    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
-    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
-)
-# Log records of the same kind: (logger, message prefix).
-LIBRARY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
-    ("lightning.pytorch.utilities.rank_zero", "💡 Tip:"),  # advertises litlogger on every run
-    ("lightning.fabric.utilities.rank_zero", "💡 Tip:"),
-    # bitsandbytes on CPUs with AVX512-BF16, at import: an optional kernel package (fetched from the Hub) is missing.
-    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
-)
-
-
-class DropPrefix(logging.Filter):
-    """Drops the log records whose message starts with `prefix`."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-
-@contextlib.contextmanager
-def library_notices_hidden() -> Iterator[None]:
-    """While the `ttc` command runs, hide `LIBRARY_WARNINGS` and `LIBRARY_LOG_RECORDS`; a program that imports
-    ttc_lightning keeps every warning."""
-    filters = [(logging.getLogger(name), DropPrefix(prefix)) for name, prefix in LIBRARY_LOG_RECORDS]
-    for logger, log_filter in filters:
-        logger.addFilter(log_filter)
-    try:
-        with warnings.catch_warnings():
-            for message, category in LIBRARY_WARNINGS:
-                warnings.filterwarnings("ignore", message=message, category=category)
-            yield
-    finally:
-        for logger, log_filter in filters:
-            logger.removeFilter(log_filter)
-
-
-@contextlib.contextmanager
-def ttc_log_shown() -> Iterator[None]:
-    """While the `ttc` command runs, the `ttc` logger's INFO lines (rows read, rows dropped) go to stderr as
-    `ttc: ...`, unless the logger already has a handler."""
-    logger = logging.getLogger("ttc")
-    if logger.handlers:
-        yield
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("ttc: %(message)s"))
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def _no_validation_split(data: Any) -> bool:
@@ -231,7 +183,7 @@ def _no_validation_split(data: Any) -> bool:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `ttc` command."""
-    with library_notices_hidden(), ttc_log_shown():
+    with library_notices_hidden(), ttc_log_lines():
         run(args)
 
 
@@ -266,6 +218,14 @@ def run(args: list[str] | None) -> None:
     except SIGTERMException:
         # Lightning turns SIGTERM into a clean exit (status 0); a script or scheduler must see the run was stopped.
         sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:
+        print("ttc: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except SystemExit as e:
+        # Lightning answers Ctrl-C during a run with exit(1): the shell's convention is 128 + SIGINT.
+        if isinstance(e.__context__, KeyboardInterrupt):
+            sys.exit(128 + signal.SIGINT)
+        raise
     except Exception as e:
         # jsonargparse wraps errors raised while building the model or data module: find ours in the chain.
         cause: BaseException | None = e

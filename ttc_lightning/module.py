@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 from ttc_lightning import cpu
-from ttc_lightning.checkpoints import complete_state, trim_state, ttc_section
+from ttc_lightning.checkpoints import base_fingerprint, complete_state, run_identity, trim_state, ttc_section
 from ttc_lightning.data.base import Task
 from ttc_lightning.dynamic import nothing_left_to_learn, sample_until_informative
 from ttc_lightning.errors import TTCError, sharded_strategy_error
@@ -36,9 +36,10 @@ from ttc_lightning.grpo import (
     lr_multiplier,
     masked_mean,
 )
+from ttc_lightning.guard import StepGuard
 from ttc_lightning.levers import Levers
 from ttc_lightning.logprobs import completion_logps, frozen_logps
-from ttc_lightning.policy import LoRA, Prompt, load_policy, load_tokenizer, materialise, reference_model
+from ttc_lightning.policy import LoRA, Prompt, load_policy, load_tokenizer, materialise, prompt_limit, reference_model
 from ttc_lightning.reports import gather_records, print_per_class, write_metrics, write_predictions
 from ttc_lightning.rollout import (
     OVERLONG,
@@ -113,6 +114,10 @@ class GRPOModule(L.LightningModule):
             "cosine" decay to 0 there.
         warmup_steps: Linear warmup from 0 over this many optimizer steps.
         max_grad_norm: Clip the gradient's global norm to this (null = no clipping; the norm is logged).
+        max_skipped_steps: An optimizer step whose loss or gradient norm is NaN or infinite is skipped (weights
+            unchanged, counted in `skipped_steps`); this many in a row stop training.
+        allow_checkpoint_mismatch: Load a checkpoint trained on another base model, with another LoRA alpha or
+            dropout, or for another task, with a warning instead of refusing it (weight shapes must still match).
         reward_weights: One weight per reward function (null = all 1.0); the reward is their weighted sum.
         eval_num_samples: k: completions per prompt at validation/test/predict time.
         eval_temperature: Sampling temperature for evaluation; 0 means greedy (then k must be 1).
@@ -154,6 +159,8 @@ class GRPOModule(L.LightningModule):
         lr_scheduler: LRSchedule = "linear",
         warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
+        max_skipped_steps: int = 10,
+        allow_checkpoint_mismatch: bool = False,
         reward_weights: list[float] | None = None,
         eval_num_samples: int = 1,
         eval_temperature: float = 0.0,
@@ -173,6 +180,10 @@ class GRPOModule(L.LightningModule):
         self._tied = 0  # batches drawn in a row by steps that found no group to train on (dynamic sampling)
         self.model_path = materialise(model_name_or_path)
         self.tokenizer = load_tokenizer(self.model_path, model_name_or_path)
+        # The longest prompt the model's context leaves room for: data modules drop longer ones (`HasTokenizer`).
+        self.prompt_limit = prompt_limit(self.model_path, model_name_or_path, max_new_tokens)
+        self.fingerprint: dict[str, Any] | None = None
+        self.guard = StepGuard(max_skipped_steps)
         self.policy: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
         self.sampler: Sampler | None = None
@@ -180,6 +191,7 @@ class GRPOModule(L.LightningModule):
         # Under LoRA the checkpoint holds only the adapters; the frozen base comes from `model_name_or_path`.
         self.strict_loading = lora is None
         self._grad_norm = torch.tensor(float("nan"))
+        self._step_loss = torch.tensor(0.0)
         self.last_rollout: list[dict[str, Any]] = []
         self._eval_records: list[dict[str, Any]] = []
         self._log_path: Path | None = None
@@ -203,6 +215,7 @@ class GRPOModule(L.LightningModule):
             fuse=self.levers.fuse_lora,
         )
         self.policy, self.ref_model = policy.model, policy.reference
+        self.fingerprint = base_fingerprint(self.policy)  # of the base as loaded, before training changes it
         self.sampler = Sampler(
             self.policy,
             self.tokenizer,
@@ -352,6 +365,7 @@ class GRPOModule(L.LightningModule):
         weights: dict[str, float] = {}
         for iteration in range(hp.num_iterations):
             micro_batches = self._micro_batches(len(rollout))
+            step_loss = torch.zeros((), device=self.device)  # non-finite when any micro-batch's loss is
             for k, index in enumerate(micro_batches):
                 part = rollout.rows(index)
                 with self._sync_gradients(last=k == len(micro_batches) - 1):
@@ -377,13 +391,15 @@ class GRPOModule(L.LightningModule):
                         hp.loss_type, len(part), total_rows, tokens, total_tokens, len(micro_batches)
                     )
                     self.manual_backward(loss * scale * weight)
+                step_loss = step_loss + loss.detach()
                 stats = {**stats, "loss": loss.detach(), "entropy": masked_mean(entropy, part.completion_mask)}
                 if iteration == 0 and part.sampler_logps is not None:  # before any update: old policy = trainer
                     stats |= logprob_mismatch(logps.detach(), part.sampler_logps, part.completion_mask)
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value.detach() * tokens
                     weights[key] = weights.get(key, 0.0) + tokens
-            # 7. One optimizer step per pass; clipping happens in `on_before_optimizer_step`.
+            # 7. One optimizer step per pass; clipping and the non-finite guard are in `on_before_optimizer_step`.
+            self._step_loss = step_loss
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -409,6 +425,12 @@ class GRPOModule(L.LightningModule):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         max_norm = self.hparams.max_grad_norm or float("inf")
         self._grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+        # Under DDP the gradients (and so their norm) are all-reduced already; the loss is per rank: all must agree.
+        finite = bool(torch.isfinite(self._step_loss)) and bool(torch.isfinite(self._grad_norm))
+        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if self.guard.skip(finite, self.trainer.global_step, float(self._step_loss), float(self._grad_norm)):
+            # No gradient, no update: the optimizer leaves every weight and its state as they are.
+            optimizer.zero_grad(set_to_none=True)
 
     def _finish_step(
         self, step: int, sampled: Round, kept: tuple[Tensor, Rollout] | None, stats: dict, seconds: tuple[float, float]
@@ -419,6 +441,7 @@ class GRPOModule(L.LightningModule):
         metrics.update(
             {
                 "grad_norm": self._grad_norm,
+                "skipped_steps": float(self.guard.skipped),
                 "lr": self.lr_schedulers().get_last_lr()[0],
                 "tokens_per_second": rollout.completion_mask.sum() / sum(seconds),
                 "time/generate": seconds[0],
@@ -529,9 +552,17 @@ class GRPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep what training changed: the LoRA weights under LoRA, the policy otherwise, never the reference."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = trim_state(checkpoint["state_dict"], trainable, self.lora is not None)
-        checkpoint["ttc"] = ttc_section(self.hparams.model_name_or_path, self.lora is not None)
+        state = trim_state(checkpoint["state_dict"], trainable, self.lora is not None, checkpoint.get("global_step", 0))
+        checkpoint["state_dict"] = state
+        checkpoint["ttc"] = ttc_section(self._identity(), self.guard.skipped)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        complete_state(checkpoint, self.state_dict(), trainable, self.lora is not None)
+        identity, allow = self._identity(), self.hparams.allow_checkpoint_mismatch
+        complete_state(checkpoint, self.state_dict(), trainable, identity, allow)
+        self.guard.skipped = checkpoint["ttc"].get("skipped_steps", 0)
+
+    def _identity(self) -> dict[str, Any]:
+        # No task outside a Trainer (`ttc export`).
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        return run_identity(self.hparams.model_name_or_path, self.fingerprint, self.lora, datamodule)

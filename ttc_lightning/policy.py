@@ -62,6 +62,27 @@ def load_tokenizer(path: str, name: str) -> Any:
     return tokenizer
 
 
+def prompt_limit(path: str, name: str, max_new_tokens: int) -> int | None:
+    """The longest prompt the model's context leaves room for: `max_position_embeddings` minus `max_new_tokens`
+    (None when the config gives no length). A longer prompt would not fit its positions, and asks for memory in
+    proportion to its length."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+    context = getattr(config, "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return None
+    if context <= max_new_tokens:
+        raise TTCError(
+            f"model.max_new_tokens={max_new_tokens} leaves no room for a prompt: the context of {name!r} is {context} "
+            "tokens (max_position_embeddings)"
+        )
+    return context - max_new_tokens
+
+
 def materialise(model_name_or_path: str) -> str:
     """ "tiny" -> a temporary directory holding it, so it loads through the same path as any local model."""
     if model_name_or_path != TINY:

@@ -41,7 +41,7 @@ def check_settings(hp: Any) -> None:
         problems.append("model.beta must be >= 0")
     if hp.epsilon <= 0 or (hp.epsilon_high is not None and hp.epsilon_high <= 0):
         problems.append("model.epsilon and model.epsilon_high must be > 0")
-    for name in ("num_iterations", "micro_batch_size", "max_new_tokens", "eval_num_samples"):
+    for name in ("num_iterations", "micro_batch_size", "max_new_tokens", "eval_num_samples", "max_skipped_steps"):
         if getattr(hp, name) < 1:
             problems.append(f"model.{name} must be >= 1")
     if hp.eval_temperature < 0:

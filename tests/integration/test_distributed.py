@@ -147,17 +147,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def kill_on_exit():
-    """Kills the session of every process registered with it, should a test fail while one is running."""
-    procs: list[subprocess.Popen] = []
-    yield procs.append
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.mark.slow
 def test_ddp_ranks_split_prompts_and_agree_on_weights_and_metrics(tmp_path, kill_on_exit):
     proc = start_ttc(

@@ -19,11 +19,14 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from ttc_lightning.data.common import (
+    OWN_LIMIT,
     ResumableLoader,
+    capped_prompt_limit,
     collate_groups,
     collate_rows,
     draw_train_batch,
     filter_by_prompt_length,
+    seeded_generator,
     seeded_shuffle,
     trained_batches,
 )
@@ -58,9 +61,11 @@ class Task(Protocol):
 
 
 class HasTokenizer(Protocol):
-    """What a data module asks of the module it trains: the tokenizer that counts prompt tokens."""
+    """What a data module asks of the module it trains: the tokenizer that counts prompt tokens, and the longest
+    prompt the model takes (None: no limit)."""
 
     tokenizer: Any
+    prompt_limit: int | None
 
 
 def best_completion(record: Record) -> dict[str, Any]:
@@ -76,6 +81,13 @@ def prompt_tokenizer(dm: L.LightningDataModule, own: Any) -> Any:
         return own
     module: HasTokenizer | None = dm.trainer.lightning_module if dm.trainer is not None else None
     return None if module is None else module.tokenizer
+
+
+def prompt_length_limit(dm: L.LightningDataModule, own: int | None) -> tuple[int | None, str]:
+    """The prompt length limit for `dm` and why: its own `max_prompt_tokens`, capped by what the attached module's
+    context leaves for a prompt (`prompt_limit`)."""
+    module: HasTokenizer | None = dm.trainer.lightning_module if dm.trainer is not None else None
+    return capped_prompt_limit(own, getattr(module, "prompt_limit", None))
 
 
 def arrange_rows(rows: list[Row], seed: int, keep_pairs: bool, limit: int | None = None) -> list[Row]:
@@ -102,9 +114,11 @@ def pair_groups(rows: list[Row]) -> list[list[Row]]:
     return groups
 
 
-def drop_long_prompts(rows: list[Row], tokenizer: Any, max_prompt_tokens: int | None, name: str) -> list[Row]:
+def drop_long_prompts(
+    rows: list[Row], tokenizer: Any, max_prompt_tokens: int | None, name: str, why: str = OWN_LIMIT
+) -> list[Row]:
     """Length filter; a pair losing one row loses both, since pair-wise metrics need the two."""
-    kept = filter_by_prompt_length(rows, tokenizer, max_prompt_tokens, name)
+    kept = filter_by_prompt_length(rows, tokenizer, max_prompt_tokens, name, why)
     before = Counter(row.get("pair_id") for row in rows)
     after = Counter(row.get("pair_id") for row in kept)
     return [row for row in kept if not row.get("pair_id") or after[row["pair_id"]] == before[row["pair_id"]]]
@@ -120,7 +134,7 @@ class TaskDataModule(L.LightningDataModule):
     pairs_in_training = False
     data_path: str
     """Directory with primevul_{train,valid,test}[_paired].jsonl, a single .jsonl file (used for every split), or
-    hf://<repo_id> (a Hugging Face dataset). Defaults to the small fictional sample shipped with ttc."""
+    hf://<repo_id> (a Hugging Face dataset). Null (the default): the small fictional sample shipped with ttc."""
     train_split: str
     """Split trained on."""
     val_split: str | None
@@ -146,7 +160,7 @@ class TaskDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data_path: str = SAMPLE_DIR,
+        data_path: str | None = None,
         train_split: str = "train",
         val_split: str | None = "valid",
         test_split: str = "test",
@@ -160,6 +174,7 @@ class TaskDataModule(L.LightningDataModule):
         check_labels: bool = True,
     ) -> None:
         super().__init__()
+        data_path = SAMPLE_DIR if data_path is None else data_path
         if not data_path.startswith(HF_PREFIX) and not Path(data_path).exists():
             raise TTCError(
                 f"data_path: {data_path} does not exist; give a directory with primevul_*.jsonl files, "
@@ -217,16 +232,19 @@ class TaskDataModule(L.LightningDataModule):
     def _finish(self, rows: list[Row], split: str, *, keep_pairs: bool, limit: int | None) -> list[Row]:
         """Order and cap, then length-filter; an empty result is an error that says where it came from."""
         name = f"{self.data_path} [{split}]"
-        rows = arrange_rows(rows, self.seed, keep_pairs, limit)
-        rows = drop_long_prompts(rows, prompt_tokenizer(self, self.tokenizer), self.max_prompt_tokens, name)
         if not rows:
+            raise TTCError(f"{name}: the split has no usable records (see the lines above for what was dropped)")
+        rows = arrange_rows(rows, self.seed, keep_pairs, limit)
+        max_tokens, why = prompt_length_limit(self, self.max_prompt_tokens)
+        kept = drop_long_prompts(rows, prompt_tokenizer(self, self.tokenizer), max_tokens, name, why)
+        if not kept:
             cap = f", at most {limit} prompts" if limit is not None else ""
             raise TTCError(
-                f"{name}: no prompts left after filtering (max_prompt_tokens={self.max_prompt_tokens}{cap}); "
-                "raise the limits or check the split"
+                f"{name}: no prompts left after filtering (max_prompt_tokens={max_tokens}{cap}): all {len(rows)} "
+                f"prompts are longer ({why}); raise data.max_prompt_tokens or check the split"
             )
-        log.info("%s: %s", split, self.describe(rows))
-        return rows
+        log.info("%s: %s", split, self.describe(kept))
+        return kept
 
     def train_dataloader(self) -> DataLoader:
         # The rows were shuffled once with the seed, so every epoch has the same order and a resumed one skips ahead.
@@ -240,6 +258,7 @@ class TaskDataModule(L.LightningDataModule):
             batch_size=batch_size,
             collate_fn=collate,
             num_workers=self.num_workers,
+            generator=seeded_generator(self.seed),
             trained=partial(trained_batches, self.trainer),
         )
 
@@ -257,7 +276,11 @@ class TaskDataModule(L.LightningDataModule):
 
     def _loader(self, rows: list[Row]) -> DataLoader:
         return DataLoader(
-            rows, batch_size=self.val_batch_size, shuffle=False, collate_fn=collate_rows, num_workers=self.num_workers
+            rows,
+            batch_size=self.val_batch_size,
+            collate_fn=collate_rows,
+            num_workers=self.num_workers,
+            generator=seeded_generator(self.seed),
         )
 
     def final_prediction(self, record: Record) -> dict[str, Any]:

@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from ttc_lightning.errors import TTCError, data_error
 
 log = logging.getLogger("ttc")
+
+OWN_LIMIT = "data.max_prompt_tokens"
+MODEL_LIMIT = "the model's context minus model.max_new_tokens"
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -23,8 +27,15 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise TTCError(f"{path}: file not found" + (" (it is a directory)" if path.is_dir() else ""))
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                message = (
+                    f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode the file as UTF-8"
+                )
+                raise data_error(path, lineno, None, message) from None
             if not line.strip():
                 continue
             try:
@@ -64,21 +75,40 @@ def prompt_token_count(tokenizer: Any, prompt: str | list[dict[str, str]]) -> in
 
 
 def filter_by_prompt_length(
-    rows: list[dict[str, Any]], tokenizer: Any, max_prompt_tokens: int | None, name: str
+    rows: list[dict[str, Any]], tokenizer: Any, max_prompt_tokens: int | None, name: str, why: str = OWN_LIMIT
 ) -> list[dict[str, Any]]:
-    """Drop rows whose prompt is longer than `max_prompt_tokens`, and say how many went."""
+    """Drop rows whose prompt is longer than `max_prompt_tokens`, and say how many went (and `why` that limit)."""
     if max_prompt_tokens is None or tokenizer is None:
         return rows
     kept = [row for row in rows if prompt_token_count(tokenizer, row["prompt"]) <= max_prompt_tokens]
     if len(kept) < len(rows):
         log.info(
-            "%s: dropped %d of %d prompts longer than max_prompt_tokens=%d",
+            "%s: dropped %d of %d prompts longer than %d tokens (%s)",
             name,
             len(rows) - len(kept),
             len(rows),
             max_prompt_tokens,
+            why,
         )
     return kept
+
+
+def capped_prompt_limit(own: int | None, model_limit: int | None) -> tuple[int | None, str]:
+    """The prompt length limit to apply and where it comes from: the data module's `max_prompt_tokens`, capped by
+    what the model's context leaves for a prompt (`model_limit`; the limit when the data module sets none)."""
+    if model_limit is None or (own is not None and own <= model_limit):
+        return own, OWN_LIMIT
+    if own is not None:
+        log.warning(
+            "data.max_prompt_tokens=%d is more than the model can take: %d (%s) applies", own, model_limit, MODEL_LIMIT
+        )
+    return model_limit, MODEL_LIMIT
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A loader's own generator: without one, every new iterator of a DataLoader draws its base seed from the global
+    random state, which sampling uses, so a resumed run would sample other completions than an unbroken one."""
+    return torch.Generator().manual_seed(seed)
 
 
 class ResumableLoader(DataLoader):

@@ -267,13 +267,41 @@ def _load_hub(repo_id: str, split: str, paired: bool) -> list[PrimeVulRecord]:
     return records_from_dataset(dataset, f"{HF_PREFIX}{repo_id}[{hf_split}]")
 
 
+def _is_pair(first: PrimeVulRecord, second: PrimeVulRecord) -> bool:
+    return (first.target, second.target) == (1, 0) and first.commit_id == second.commit_id
+
+
+def out_of_step(records: Sequence[PrimeVulRecord]) -> int | None:
+    """Index of the record from which a paired file's lines are out of step by one (a line missing or added there,
+    so that pairs start on the other lines), or None when they are not."""
+    for i in range(0, len(records) - 1, 2):
+        if _is_pair(records[i], records[i + 1]):
+            continue
+        shifted = [_is_pair(records[j], records[j + 1]) for j in range(i + 1, len(records) - 1, 2)]
+        return i if shifted and 2 * sum(shifted) > len(shifted) else None
+    return None
+
+
+def out_of_step_error(records: Sequence[PrimeVulRecord], source: str | Path, start: int) -> TTCError:
+    first, second, third = (r.line for r in records[start : start + 3])
+    return TTCError(
+        f"{source}: the lines are out of step by one from line {first} on: lines {second}-{third} are a vulnerable "
+        f"function and its fix, lines {first}-{second} are not; a line is missing or extra near line {first} "
+        "(a paired file holds each pair on two adjacent lines, vulnerable first)"
+    )
+
+
 def sanity_check_labels(records: Sequence[PrimeVulRecord], source: str | Path, paired: bool) -> None:
-    """Stop on labels that look inverted: PrimeVul's unpaired splits are ~3% vulnerable; pairs are vulnerable-first."""
+    """Stop on labels that look inverted: PrimeVul's unpaired splits are ~3% vulnerable; pairs are vulnerable-first.
+    Pairs that are out of step by a line (`out_of_step`) are reported as that, not as inverted labels."""
     how = "pass labels_inverted=True to flip them, or check_labels=False to keep them as they are"
     if paired:
         # an odd trailing line is left to pair_records, which reports it
         flipped = sum((a.target, b.target) == (0, 1) for a, b in zip(records[::2], records[1::2], strict=False))
         if 2 * flipped > len(records) // 2:
+            start = out_of_step(records)
+            if start is not None:
+                raise out_of_step_error(records, source, start)
             raise TTCError(
                 f"{source}: {flipped} of {len(records) // 2} pairs list the fixed function (target 0) before the "
                 f"vulnerable one, but PrimeVul pairs are vulnerable-first, so the labels look inverted: {how}"
@@ -309,6 +337,8 @@ def load_records(
         records = _load_hub(str(path_or_hf_id)[len(HF_PREFIX) :], split, paired)
     else:
         records = read_records(source)
+    if not records:
+        raise TTCError(f"{source}: empty, it holds no records; check the file (or the dataset's split)")
     if labels_inverted:
         records = [replace(r, target=1 - r.target) for r in records]
     if check_labels:
@@ -319,6 +349,9 @@ def load_records(
 def pair_records(records: Sequence[PrimeVulRecord], source: str | Path) -> tuple[list[PrimeVulPair], list[Mispair]]:
     """Pair adjacent records (vulnerable first, same commit); those breaking that come back as mispairs."""
     if len(records) % 2:
+        start = out_of_step(records)
+        if start is not None:
+            raise out_of_step_error(records, source, start)
         raise TTCError(f"{source}: {len(records)} records, an odd number; a paired file holds pairs of adjacent lines")
     pairs, mispairs = [], []
     for first, second in zip(records[::2], records[1::2], strict=True):
@@ -381,6 +414,9 @@ def load_pairs(
     if mispairs:
         examples = "; ".join(str(m) for m in mispairs[:3])
         if 2 * len(mispairs) > len(records) // 2:  # mostly not pairs: an unpaired file, or lines out of order
+            start = out_of_step(records)
+            if start is not None:
+                raise out_of_step_error(records, source, start)
             raise TTCError(
                 f"{source}: {len(mispairs)} of {len(records) // 2} line pairs are not vulnerable/fixed pairs "
                 f"(is it an unpaired file?), e.g. {examples}"

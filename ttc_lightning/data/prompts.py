@@ -10,13 +10,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ttc_lightning.data.base import Record, best_completion, prompt_tokenizer
+from ttc_lightning.data.base import Record, best_completion, prompt_length_limit, prompt_tokenizer
 from ttc_lightning.data.common import (
     ResumableLoader,
     collate_rows,
     draw_train_batch,
     filter_by_prompt_length,
     read_jsonl,
+    seeded_generator,
     trained_batches,
 )
 from ttc_lightning.errors import TTCError, data_error
@@ -67,7 +68,7 @@ class PromptDataModule(L.LightningDataModule):
     """Prompts from JSON lines: each line has `prompt` and any other columns, which go to the reward functions."""
 
     train_path: str
-    """Training prompts (JSON lines)."""
+    """Training prompts (JSON lines). Null (the default): the demo prompts shipped with ttc."""
     val_path: str | None
     """Validation prompts (JSON lines), used by `ttc validate` and during fit; null for none."""
     test_path: str | None
@@ -83,7 +84,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_path: str = DEMO_PROMPTS,
+        train_path: str | None = None,
         val_path: str | None = None,
         test_path: str | None = None,
         batch_size: int = 4,
@@ -94,7 +95,8 @@ class PromptDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1 or val_batch_size < 1:
             raise TTCError("data.batch_size and data.val_batch_size must be >= 1")
-        self.train_path, self.val_path, self.test_path = train_path, val_path, test_path
+        self.train_path = DEMO_PROMPTS if train_path is None else train_path
+        self.val_path, self.test_path = val_path, test_path
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
         self.tokenizer: Any = None
@@ -104,16 +106,19 @@ class PromptDataModule(L.LightningDataModule):
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}[stage]
         paths = {"train": self.train_path, "val": self.val_path, "test": self.test_path}
         tokenizer = prompt_tokenizer(self, self.tokenizer)
+        max_tokens, why = prompt_length_limit(self, self.max_prompt_tokens)
         for split in wanted:
             if paths[split] is None:
                 if split != "val" or stage == "validate":
                     raise TTCError(f"data.{split}_path is not set: `ttc {stage}` needs {split} prompts")
                 continue
-            rows = filter_by_prompt_length(
-                load_prompt_rows(paths[split]), tokenizer, self.max_prompt_tokens, f"{split} ({paths[split]})"
-            )
+            rows = load_prompt_rows(paths[split])
+            rows = filter_by_prompt_length(rows, tokenizer, max_tokens, f"{split} ({paths[split]})", why)
             if not rows:
-                raise TTCError(f"{paths[split]}: no prompts left after max_prompt_tokens={self.max_prompt_tokens}")
+                raise TTCError(
+                    f"{paths[split]}: every prompt is longer than {max_tokens} tokens ({why}); raise "
+                    "data.max_prompt_tokens or use shorter prompts"
+                )
             self.splits[split] = rows
 
     def train_dataloader(self) -> DataLoader:
@@ -132,12 +137,16 @@ class PromptDataModule(L.LightningDataModule):
         return draw_train_batch(self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
-        if "val" not in self.splits:
-            return []
-        return DataLoader(self.splits["val"], batch_size=self.val_batch_size, collate_fn=collate_rows)
+        return self._loader(self.splits["val"]) if "val" in self.splits else []
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["test"], batch_size=self.val_batch_size, collate_fn=collate_rows)
+        return self._loader(self.splits["test"])
+
+    def _loader(self, rows: list[dict[str, Any]]) -> DataLoader:
+        # Its own generator: see `seeded_generator`.
+        return DataLoader(
+            rows, batch_size=self.val_batch_size, collate_fn=collate_rows, generator=seeded_generator(self.seed)
+        )
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

@@ -1,0 +1,579 @@
+"""Fault injection, end to end: bad data files, bad configs, rewards that make the loss non-finite, damaged and
+mismatched checkpoints, two runs in one directory, signals and kill -9.
+
+Every failing case asserts the exit status, the one-line `ttc: error:` message (no traceback), and that no file an
+earlier run left (checkpoints, logs) changed. Runs happen in this process on the tiny model (`run_ttc`); only
+signals and kill -9 start `ttc` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.integration.test_distributed import finish, rollout_steps, start_ttc, wait_for
+from tests.integration.test_fit import read_metrics
+from tests.unit.test_primevul import pair, v01, write
+from ttc_lightning.cli import main
+from ttc_lightning.runs import LOCK_FILE
+from ttc_lightning.tiny import save_tiny
+
+TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
+DEMO = str(REPO / "configs" / "demo.yaml")
+HERE = "tests.integration.test_faults"
+FAST = ["--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "8", "--model.num_generations", "2"]
+LORA = ["--model.lora", "{r: 4, alpha: 8}"]
+KINDS = {"lora": LORA, "full": []}
+OLD_LORA = str(REPO / "tests" / "fixtures" / "layout-0.1-lora.ckpt")
+OLD_FULL = str(REPO / "tests" / "fixtures" / "layout-0.1-full.ckpt")
+
+
+# --- rewards and callbacks that inject faults ----------------------------------------------------------------------
+
+_calls = {"n": 0}
+
+
+def huge_reward(completions: list[str], **_) -> list[float]:
+    """A finite reward whose group mean overflows float32 (3e38 + 3e38 = inf): the advantages and the loss are NaN."""
+    return [3e38 for _ in completions]
+
+
+def huge_once_reward(completions: list[str], **_) -> list[float]:
+    """`huge_reward` on the first call (step 0) only; distinct characters otherwise."""
+    _calls["n"] += 1
+    return [3e38 if _calls["n"] == 1 else float(len(set(c))) for c in completions]
+
+
+class PoisonWeights(L.Callback):
+    """Writes NaN (or inf) into a trainable weight once training reaches step `at`, as a diverging step would."""
+
+    def __init__(self, at: int = 3, value: str = "nan") -> None:
+        self.at, self.value = at, float(value)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                next(p for p in pl_module.parameters() if p.requires_grad).view(-1)[0] = self.value
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
+
+def hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` but the fit lock (it holds the pid of the last fit)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != LOCK_FILE
+    }
+
+
+def assert_kept(before: dict[str, str], root: Path) -> None:
+    """Every file that existed before is still there, byte for byte."""
+    after = hashes(root)
+    assert [name for name, digest in before.items() if after.get(name) != digest] == []
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    assert code == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("ttc: error: ")]
+    assert len(lines) == 1, err[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def checkpoint_names(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def _ttc(*args: str) -> None:
+    try:
+        main(list(args))
+    except SystemExit as e:
+        assert e.code in (0, None), f"ttc {' '.join(args)} exited {e.code}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Once per module: a LoRA (r 4, alpha 8) and a full fine-tuning run of 2 steps with a checkpoint every step, and
+    two other base models (other weights; other shapes)."""
+    root = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["ttc"])
+        for kind, extra in KINDS.items():
+            run = ["--trainer.default_root_dir", str(root / kind), "--checkpoint.every_n_train_steps", "1"]
+            _ttc("fit", "--config", TINY, *FAST, "--trainer.max_steps", "2", *run, *extra)
+    save_tiny(root / "other-weights", seed=1)
+    save_tiny(root / "other-shape", hidden_size=96)
+    return root
+
+
+@pytest.fixture
+def run(trained: Path, tmp_path: Path) -> Path:
+    """A copy of the trained LoRA run as tmp_path/run."""
+    return Path(shutil.copytree(trained / "lora", tmp_path / "run"))
+
+
+def run_args(run: Path, *extra: str) -> list[str]:
+    return ["--config", TINY, *FAST, "--trainer.default_root_dir", str(run), *extra]
+
+
+@pytest.fixture
+def val(tmp_path: Path) -> list[str]:
+    path = tmp_path / "val.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    return ["--data.val_path", str(path)]
+
+
+# --- damaged checkpoints ----------------------------------------------------------------------------------------
+
+DAMAGE = {
+    "empty": lambda data: b"",
+    "header-only": lambda data: data[:100],
+    "half": lambda data: data[: len(data) // 2],
+    "tail-cut": lambda data: data[:-100],
+    "zeros": lambda data: bytes(len(data)),
+    "text": lambda data: b"this is not a checkpoint\n",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_damaged_checkpoint_is_a_one_line_error(run_ttc, run, tmp_path, val, damage, subcommand):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(DAMAGE[damage]((run / "checkpoints" / "last.ckpt").read_bytes()))
+    before = hashes(run)
+    code, _, err = run_ttc(subcommand, *run_args(run, *LORA, *val, "--trainer.max_steps", "5"), "--ckpt_path", str(bad))
+    message = "is empty" if damage == "empty" else "cannot be read, it is truncated or corrupt"
+    assert_one_line_error(code, err, f"--ckpt_path: {bad} {message}")
+    assert_kept(before, run)
+
+
+def test_damaged_last_checkpoint_names_it_and_keeps_the_others(run_ttc, run):
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:5000])
+    before = hashes(run)
+    code, _, err = run_ttc("fit", *run_args(run, *LORA, "--trainer.max_steps", "5"), "--ckpt_path", "last")
+    assert_one_line_error(code, err, f"{last} cannot be read", "use another checkpoint of the run")
+    assert_kept(before, run)
+
+
+@pytest.mark.parametrize("what", ["missing", "directory", "foreign"])
+def test_checkpoint_path_that_is_no_ttc_checkpoint(run_ttc, run, tmp_path, val, what):
+    path = {"missing": tmp_path / "nope.ckpt", "directory": tmp_path, "foreign": tmp_path / "other.ckpt"}[what]
+    if what == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    message = {"missing": "does not exist", "directory": "(it is a directory)", "foreign": "is not a ttc checkpoint"}
+    code, _, err = run_ttc("validate", *run_args(run, *LORA, *val), "--ckpt_path", str(path))
+    assert_one_line_error(code, err, f"--ckpt_path: {path}", message[what])
+
+
+@pytest.mark.parametrize("value", ["last", "best"])
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluation_without_a_checkpoint_is_refused(run_ttc, tmp_path, val, subcommand, value):
+    test = ["--data.test_path", val[1]]
+    code, _, err = run_ttc(subcommand, *run_args(tmp_path / "empty", *val, *test), "--ckpt_path", value)
+    assert_one_line_error(code, err, f"--ckpt_path {value}:", f"leave --ckpt_path out to {subcommand} the base model")
+    assert not (tmp_path / "empty" / "logs").exists()  # nothing was scored
+
+
+def test_best_resolves_to_the_runs_best_ckpt(run_ttc, run, val):
+    best = run / "checkpoints" / "best.ckpt"
+    shutil.copy(run / "checkpoints" / "step=1.ckpt", best)
+    code, _, err = run_ttc("validate", *run_args(run, *LORA, *val), "--ckpt_path", "best")
+    assert code == 0, err
+    assert f"ttc: checkpoint {best} (step 1), from --ckpt_path best" in err
+    assert json.loads((run / "logs" / "version_1" / "metrics.json").read_text())["ckpt_path"] == str(best)
+
+
+def test_last_takes_the_newest_and_says_which(run_ttc, run, val):
+    interrupted = run / "checkpoints" / "last-interrupted.ckpt"
+    shutil.copy(run / "checkpoints" / "step=1.ckpt", interrupted)
+    os.utime(run / "checkpoints" / "last.ckpt", (1_000_000, 1_000_000))
+    code, _, err = run_ttc("validate", *run_args(run, *LORA, *val), "--ckpt_path", "last")
+    assert code == 0, err
+    assert f"ttc: checkpoint {interrupted} (step 1), from --ckpt_path last" in err
+
+
+def test_the_command_line_is_not_overridden_by_the_checkpoints_settings(run_ttc, run, val):
+    # the checkpoint was trained with eval_num_samples 1; its hyperparameters must not replace the command line's
+    sampling = ["--model.eval_num_samples", "2", "--model.eval_temperature", "0.7"]
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    code, _, err = run_ttc("validate", *run_args(run, *LORA, *val, *sampling), "--ckpt_path", ckpt)
+    assert code == 0, err
+    assert json.loads((run / "logs" / "version_1" / "metrics.json").read_text())["eval_num_samples"] == 2
+
+
+# --- checkpoints of another model, LoRA or task -------------------------------------------------------------------
+
+MISMATCH = {
+    "lora-rank": ("lora", ["--model.lora", "{r: 8, alpha: 8}"], "model.lora.r: the checkpoint's adapters were trained"),
+    "lora-targets": (
+        "lora",
+        ["--model.lora", "{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"],
+        "model.lora.target_modules:",
+    ),
+    "lora-alpha": ("lora", ["--model.lora", "{r: 4, alpha: 16}"], "was trained with model.lora alpha=8 (now 16)"),
+    "lora-into-full": ("lora", [], "the checkpoint was trained with LoRA but model.lora is null"),
+    "full-into-lora": ("full", LORA, "the checkpoint was trained without LoRA but model.lora is set"),
+    "other-weights": ("lora", [*LORA, "--model.model_name_or_path", "other-weights"], "its weights differ"),
+    "other-shape": ("full", ["--model.model_name_or_path", "other-shape"], "its architecture differs"),
+    "other-task": ("lora", [*LORA, "--data.class_path", "ttc_lightning.data.PrimeVulPatchDataModule"], "on task"),
+}
+
+
+# Every case on resuming; evaluation goes through the same check, so three of them are enough there.
+MISMATCH_CASES = [(case, "fit") for case in MISMATCH] + [
+    (case, "validate") for case in ("lora-rank", "other-weights", "other-task")
+]
+
+
+@pytest.mark.parametrize(("case", "subcommand"), MISMATCH_CASES)
+def test_checkpoint_of_another_setup_is_refused(run_ttc, trained, tmp_path, val, case, subcommand):
+    kind, settings, message = MISMATCH[case]
+    run = Path(shutil.copytree(trained / kind, tmp_path / "run"))
+    settings = [str(trained / s) if s.startswith("other-") else s for s in settings]
+    if subcommand == "validate" and case == "other-task":
+        settings += ["--data.val_split", "valid"]
+    before = hashes(run)
+    evaluate = val if subcommand == "validate" and case != "other-task" else []
+    args = run_args(run, *settings, *evaluate, "--trainer.max_steps", "5", "--ckpt_path", "last")
+    code, _, err = run_ttc(subcommand, *args)
+    assert_one_line_error(code, err, message)
+    assert_kept(before, run)
+    assert checkpoint_names(run) == ["last.ckpt", "step=1.ckpt", "step=2.ckpt"]
+
+
+def test_mismatch_can_be_allowed_explicitly(run_ttc, run):
+    allow = ["--model.lora", "{r: 4, alpha: 16}", "--model.allow_checkpoint_mismatch", "true"]
+    code, _, err = run_ttc("fit", *run_args(run, *allow, "--trainer.max_steps", "3", "--ckpt_path", "last"))
+    assert code == 0, err
+    assert "ttc: warning: --ckpt_path: the checkpoint was trained with model.lora alpha=8 (now 16)" in err
+
+
+@pytest.mark.parametrize(("ckpt", "lora"), [(OLD_LORA, LORA), (OLD_FULL, [])], ids=["lora", "full"])
+def test_checkpoint_without_fingerprint_loads_with_a_warning(run_ttc, tmp_path, val, ckpt, lora):
+    args = run_args(tmp_path / "run", "--model.beta", "0.04", *lora, *val)
+    code, _, err = run_ttc("validate", *args, "--ckpt_path", ckpt)
+    assert code == 0, err
+    assert "ttc: warning: the checkpoint records no fingerprint of its base model (tiny; written by an earlier" in err
+
+
+# --- two runs, one directory --------------------------------------------------------------------------------------
+
+
+def test_second_new_run_in_a_run_directory_is_refused(run_ttc, run):
+    before = hashes(run)
+    code, _, err = run_ttc("fit", *run_args(run, *LORA, "--trainer.max_steps", "2"))
+    assert_one_line_error(code, err, f"{run} already holds a run (3 checkpoints", "--ckpt_path last", "--overwrite")
+    assert_kept(before, run)
+    assert not (run / "logs" / "version_1").exists()
+
+
+def test_overwrite_starts_over_and_keeps_the_earlier_logs(run_ttc, run):
+    logs = hashes(run / "logs")
+    code, _, err = run_ttc("fit", *run_args(run, *LORA, "--trainer.max_steps", "1", "--overwrite"))
+    assert code == 0, err
+    assert "ttc: warning: --overwrite: deleted the 3 checkpoints of the earlier run" in err
+    assert checkpoint_names(run) == ["last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
+    assert_kept(logs, run / "logs")
+
+
+def test_overwrite_with_resume_is_refused(run_ttc, run):
+    before = hashes(run)
+    code, _, err = run_ttc("fit", *run_args(run, *LORA, "--overwrite", "--ckpt_path", "last"))
+    assert_one_line_error(code, err, "--overwrite starts the run over and --ckpt_path resumes it")
+    assert_kept(before, run)
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["new", "resume"])
+def test_a_run_directory_in_use_is_refused(run_ttc, run, resume):
+    before = hashes(run)
+    with (run / LOCK_FILE).open("a+") as held:
+        held.truncate(0)
+        held.write("31337\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a `ttc fit` running there
+        extra = ["--ckpt_path", "last"] if resume else []
+        code, _, err = run_ttc("fit", *run_args(run, *LORA, "--trainer.max_steps", "4", *extra))
+    assert_one_line_error(code, err, f"{run} is in use by another `ttc fit` (process 31337)")
+    assert_kept(before, run)
+
+
+def test_resuming_a_finished_run_says_how_to_continue(run_ttc, run):
+    before = hashes(run)
+    code, _, err = run_ttc("fit", *run_args(run, *LORA, "--trainer.max_steps", "2", "--ckpt_path", "last"))
+    assert_one_line_error(code, err, "is already at max_steps 2 (step 2); raise --trainer.max_steps to continue")
+    assert_kept(before, run)
+    assert not (run / "logs" / "version_1").exists()  # no empty log version
+
+
+def test_last_in_a_new_directory_starts_a_new_run(run_ttc, tmp_path):
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "new", "--trainer.max_steps", "1", "--ckpt_path", "last"))
+    assert code == 0, err
+    assert "ttc: --ckpt_path last: no checkpoint in" in err and "starting a new run" in err
+    assert checkpoint_names(tmp_path / "new") == ["last.ckpt"]
+
+
+def test_checkpointing_off_is_honoured_and_touches_no_checkpoint(run_ttc, run):
+    before = hashes(run)
+    code, _, err = run_ttc(
+        "fit", *run_args(run, *LORA, "--trainer.max_steps", "1", "--trainer.enable_checkpointing", "false")
+    )
+    assert code == 0, err
+    assert_kept(before, run)
+    assert checkpoint_names(run) == ["last.ckpt", "step=1.ckpt", "step=2.ckpt"]
+    assert "last checkpoint: none" in err
+
+
+def test_a_killed_saves_leftover_is_cleared_and_never_resumed(run_ttc, run):
+    partial = run / "checkpoints" / ".last.ckpt.4242.partial"
+    partial.write_bytes(b"half a checkpoint")
+    code, _, err = run_ttc("fit", *run_args(run, *LORA, "--trainer.max_steps", "3", "--ckpt_path", "last"))
+    assert code == 0, err
+    assert "ttc: checkpoint" in err and "last.ckpt (step 2), from --ckpt_path last" in err
+    assert not partial.exists()
+
+
+@pytest.mark.slow
+def test_checkpoints_directory_holds_what_the_readme_says(run_ttc, tmp_path):
+    # last.ckpt plus the newest checkpoint.save_top_k (3) periodic ones
+    args = run_args(tmp_path / "run", "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "1")
+    code, _, err = run_ttc("fit", *args)
+    assert code == 0, err
+    assert checkpoint_names(tmp_path / "run") == ["last.ckpt", "step=2.ckpt", "step=3.ckpt", "step=4.ckpt"]
+
+
+# --- non-finite loss, gradients and weights -----------------------------------------------------------------------
+
+
+def test_one_non_finite_step_is_skipped_and_training_goes_on(run_ttc, tmp_path):
+    _calls["n"] = 0
+    args = run_args(tmp_path / "run", "--trainer.max_steps", "2", "--model.rewards", f"[{HERE}.huge_once_reward]")
+    code, _, err = run_ttc("fit", *args)
+    assert code == 0, err
+    assert "ttc: warning: step 0: loss " in err and "optimizer step skipped, weights unchanged" in err
+    rows = read_metrics(tmp_path / "run")
+    assert [float(r["skipped_steps"]) for r in rows] == [1.0, 1.0]
+    assert [r["grad_norm"] != "nan" for r in rows] == [False, True]  # step 1 had a gradient and took it
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 2 and state["ttc"]["skipped_steps"] == 1
+    assert all(bool(v.isfinite().all()) for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_non_finite_steps_in_a_row_stop_and_keep_the_last_good_weights(run_ttc, run):
+    before = hashes(run)
+    settings = [*LORA, "--model.rewards", f"[{HERE}.huge_reward]", "--model.max_skipped_steps", "2"]
+    code, _, err = run_ttc("fit", *run_args(run, *settings, "--trainer.max_steps", "9", "--ckpt_path", "last"))
+    assert_one_line_error(code, err, "training stopped at step 3: 2 optimizer steps in a row had a NaN or infinite")
+    assert_kept(before, run)
+    good = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    saved = torch.load(run / "checkpoints" / "last-interrupted.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(good[k], saved[k]) for k in good)  # the skipped steps changed nothing
+
+
+@pytest.mark.parametrize(("kind", "value"), [("lora", "nan"), ("full", "inf")])
+def test_non_finite_weights_are_never_saved(run_ttc, trained, tmp_path, kind, value):
+    run = Path(shutil.copytree(trained / kind, tmp_path / "run"))
+    before = hashes(run)
+    poison = f"--trainer.callbacks+={{class_path: {HERE}.PoisonWeights, init_args: {{at: 3, value: {value}}}}}"
+    args = run_args(run, *KINDS[kind], "--trainer.max_steps", "5", "--checkpoint.every_n_train_steps", "1", poison)
+    code, _, err = run_ttc("fit", *args, "--ckpt_path", "last")
+    assert_one_line_error(
+        code, err, "not saving a checkpoint at step 3", "NaN or infinite", "previous checkpoint is kept"
+    )
+    assert_kept(before, run)
+    assert checkpoint_names(run) == ["last.ckpt", "step=1.ckpt", "step=2.ckpt"]  # no step=3, no last-interrupted
+
+
+def test_max_skipped_steps_below_one_is_refused(run_ttc, tmp_path):
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--model.max_skipped_steps", "0"))
+    assert_one_line_error(code, err, "model.max_skipped_steps must be >= 1")
+
+
+# --- bad data -------------------------------------------------------------------------------------------------------
+
+
+def bad_data(tmp_path: Path, case: str) -> tuple[list[str], str]:
+    """Data options pointing at a broken file, and the message that must name the fault."""
+    prompts = tmp_path / "prompts.jsonl"
+    primevul = tmp_path / "primevul"
+    primevul.mkdir()
+    patch = ["--data.class_path", "ttc_lightning.data.PrimeVulPatchDataModule", "--data.data_path", str(primevul)]
+    patch += ["--data.val_split", "null"]  # a directory with the train split only
+    paired = primevul / "primevul_train_paired.jsonl"
+    if case == "prompts-not-utf8":
+        prompts.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+        return ["--data.train_path", str(prompts)], f"{prompts}:2: not UTF-8 text (byte 0xe9"
+    if case == "prompts-empty":
+        prompts.write_text("")
+        return ["--data.train_path", str(prompts)], f"{prompts}: no prompts (the file is empty)"
+    if case == "prompts-cut-mid-line":
+        prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prom')
+        return ["--data.train_path", str(prompts)], f"{prompts}:3: malformed JSON"
+    if case == "prompts-all-too-long":
+        prompts.write_text(json.dumps({"prompt": "a" * 9000}) + "\n")
+        return ["--data.train_path", str(prompts)], "every prompt is longer than 8184 tokens (the model's context"
+    rows = [line for n in range(4) for line in pair(n)]
+    if case == "primevul-not-utf8":
+        write(paired, rows)
+        paired.write_bytes(paired.read_bytes() + b'{"idx": 1, "func": "\xff"}\n')
+        return patch, f"{paired}:9: not UTF-8 text"
+    if case == "primevul-empty":
+        paired.write_text("\n")
+        return patch, f"{paired}: empty, it holds no records"
+    if case == "primevul-shifted":
+        write(paired, [v01(99, 0, "int x;", "elsewhere"), *rows])
+        return patch, "the lines are out of step by one from line 1 on: lines 2-3 are a vulnerable function"
+    raise AssertionError(case)
+
+
+DATA_FAULTS = [
+    "prompts-not-utf8",
+    "prompts-empty",
+    "prompts-cut-mid-line",
+    "prompts-all-too-long",
+    "primevul-not-utf8",
+    "primevul-empty",
+    "primevul-shifted",
+]
+
+
+@pytest.mark.parametrize("case", DATA_FAULTS)
+def test_bad_data_file_is_a_one_line_error(run_ttc, tmp_path, case):
+    data, message = bad_data(tmp_path, case)
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", *data, "--trainer.max_steps", "1"))
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_long_prompts_are_dropped_by_the_models_context_with_a_count(run_ttc, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "a" * 9000}] + [{"prompt": f"p{i}"} for i in range(4)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = run_ttc(
+        "fit", *run_args(tmp_path / "run", "--data.train_path", str(prompts), "--trainer.max_steps", "1")
+    )
+    assert code == 0, err
+    # tiny's context is 8192 positions; 8 of them are for the completion
+    line = "dropped 1 of 5 prompts longer than 8184 tokens (the model's context minus model.max_new_tokens)"
+    assert err.count(line) == 1
+
+
+def test_max_prompt_tokens_beyond_the_context_is_capped_with_a_warning(run_ttc, tmp_path):
+    args = run_args(tmp_path / "run", "--data.max_prompt_tokens", "100000", "--trainer.max_steps", "1")
+    code, _, err = run_ttc("fit", *args)
+    assert code == 0, err
+    assert "ttc: warning: data.max_prompt_tokens=100000 is more than the model can take: 8184" in err
+
+
+def test_info_lines_show_once_each(run_ttc, tmp_path):
+    # a duplicated pair: PrimeVul loading drops it and says so, on stderr, once
+    data = tmp_path / "primevul"
+    data.mkdir()
+    write(data / "primevul_train_paired.jsonl", [line for n in (0, 1, 2, 1) for line in pair(n)])
+    patch = ["--data.class_path", "ttc_lightning.data.PrimeVulPatchDataModule", "--data.data_path", str(data)]
+    args = run_args(tmp_path / "run", *patch, "--data.val_split", "null", "--data.batch_size", "1")
+    code, _, err = run_ttc("fit", *args, "--trainer.max_steps", "1")
+    assert code == 0, err
+    assert err.count("dropped 1 duplicate pairs") == 1
+    assert err.count("ttc: train: 3 prompts") == 1
+
+
+@pytest.mark.parametrize("config", [DEMO, TINY], ids=["data_path", "train_path"])
+def test_null_data_path_means_the_shipped_sample(run_ttc, tmp_path, config):
+    option = "--data.data_path" if config == DEMO else "--data.train_path"
+    args = ["--config", config, *FAST, "--trainer.default_root_dir", str(tmp_path / "run"), option, "null"]
+    code, _, err = run_ttc("fit", *args, "--data.batch_size", "1", "--trainer.max_steps", "1")
+    assert code == 0, err
+
+
+# --- bad configs ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_on_cpu_trains_and_evaluates(run_ttc, tmp_path, val, precision):
+    args = run_args(tmp_path / "run", *val, "--trainer.precision", precision)
+    code, _, err = run_ttc("fit", *args, "--trainer.max_steps", "2")
+    assert code == 0, err
+    code, _, err = run_ttc("validate", *args, "--ckpt_path", "last")
+    assert code == 0, err
+
+
+def test_completion_longer_than_the_context_is_refused(run_ttc, tmp_path):
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--model.max_new_tokens", "8192"))
+    assert_one_line_error(code, err, "model.max_new_tokens=8192 leaves no room for a prompt: the context of 'tiny'")
+
+
+# --- signals and kill -9 ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_signal_saves_an_interrupt_checkpoint_and_keeps_the_others(run, tmp_path, kill_on_exit, sig, status):
+    before = hashes(run)
+    rollouts = run / "logs" / "version_1" / "rollouts.jsonl"
+    proc = start_ttc(tmp_path, *LORA, "--trainer.max_steps", "1000", "--ckpt_path", "last")
+    kill_on_exit(proc)
+    wait_for(proc, tmp_path, lambda: rollout_steps(rollouts) >= 1, "step 3")
+    proc.send_signal(sig)
+    code, out = finish(proc, tmp_path)
+    assert code == status, out[-3000:]
+    assert "Traceback" not in out
+    assert_kept(before, run)
+    assert torch.load(run / "checkpoints" / "last-interrupted.ckpt", weights_only=False)["global_step"] >= 3
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_only_whole_checkpoints_and_the_run_resumes(run_ttc, tmp_path, kill_on_exit):
+    # a checkpoint every step, so the kill is likely to land during a save
+    rollouts = tmp_path / "run" / "logs" / "version_0" / "rollouts.jsonl"
+    proc = start_ttc(tmp_path, "--trainer.max_steps", "1000", "--checkpoint.every_n_train_steps", "1")
+    kill_on_exit(proc)
+    wait_for(proc, tmp_path, lambda: rollout_steps(rollouts) >= 3, "step 3")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run = tmp_path / "run"
+    for path in (run / "checkpoints").glob("*.ckpt"):
+        torch.load(path, weights_only=False)  # each one whole
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    code, _, err = run_ttc("fit", *run_args(run, "--trainer.max_steps", str(step + 1), "--ckpt_path", "last"))
+    assert code == 0, err
+    assert not list((run / "checkpoints").glob(".*.partial"))
+
+
+# --- resuming is exact ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_primevul_run_resumed_samples_what_an_unbroken_run_samples(run_ttc, tmp_path):
+    # 12 training prompts, one a step: stopped and resumed in the middle of the epoch
+    args = ["--config", DEMO, *FAST, "--data.batch_size", "1"]
+    assert run_ttc("fit", *args, "--trainer.default_root_dir", "whole", "--trainer.max_steps", "4")[0] == 0
+    assert run_ttc("fit", *args, "--trainer.default_root_dir", "part", "--trainer.max_steps", "2")[0] == 0
+    code, _, err = run_ttc(
+        "fit", *args, "--trainer.default_root_dir", "part", "--trainer.max_steps", "4", "--ckpt_path=last"
+    )
+    assert code == 0, err
+
+    def completions(*paths: Path) -> list[str]:
+        return [json.loads(line)["completion"] for path in paths for line in path.read_text().splitlines()]
+
+    part = tmp_path / "part" / "logs"
+    resumed = completions(part / "version_0" / "rollouts.jsonl", part / "version_1" / "rollouts.jsonl")
+    assert resumed == completions(tmp_path / "whole" / "logs" / "version_0" / "rollouts.jsonl")

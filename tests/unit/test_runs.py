@@ -1,0 +1,122 @@
+"""Run directories: what `--ckpt_path last`/`best` resolve to, and a fit claiming its directory (one run, one lock)."""
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ttc_lightning.errors import TTCError
+from ttc_lightning.runs import LOCK_FILE, RunDir, check_checkpoint, claim, resolve_ckpt_path
+
+
+def write(path: Path, age: int = 0, step: int = 1) -> Path:
+    """A minimal ttc checkpoint at `path`, modified `age` seconds before the others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": step, "state_dict": {}, "ttc": {"lora": False}}, path)
+    stamp = 1_000_000 - age
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+@pytest.fixture
+def run(tmp_path) -> RunDir:
+    return RunDir(tmp_path / "run", tmp_path / "run" / "checkpoints")
+
+
+def test_last_is_the_newest_of_last_interrupted_and_hpc(run):
+    write(run.checkpoints / "last.ckpt", age=30)
+    write(run.checkpoints / "step=50.ckpt", age=0)  # periodic checkpoints are not "last"
+    write(run.root / "hpc_ckpt_1.ckpt", age=20)
+    newest = write(run.checkpoints / "last-interrupted.ckpt", age=10)
+    assert resolve_ckpt_path("last", "fit", run) == str(newest)
+    write(run.root / "hpc_ckpt_2.ckpt", age=5)
+    assert resolve_ckpt_path("last", "validate", run) == str(run.root / "hpc_ckpt_2.ckpt")
+
+
+def test_last_ignores_other_directories(run, tmp_path):
+    write(tmp_path / "other" / "checkpoints" / "last.ckpt")
+    write(run.root / "logs" / "last.ckpt")
+    assert resolve_ckpt_path("last", "fit", run) is None
+
+
+def test_last_without_checkpoint_starts_a_new_fit(run, caplog):
+    with caplog.at_level(logging.INFO, logger="ttc"):
+        assert resolve_ckpt_path("last", "fit", run) is None
+    assert "no checkpoint in" in caplog.text and "starting a new run" in caplog.text
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+@pytest.mark.parametrize("value", ["last", "best"])
+def test_evaluating_without_the_checkpoint_asked_for_is_an_error(run, subcommand, value):
+    with pytest.raises(TTCError, match=f"--ckpt_path {value}: .* holds no .*leave --ckpt_path out to {subcommand} the"):
+        resolve_ckpt_path(value, subcommand, run)
+
+
+def test_best_is_the_runs_best_ckpt(run):
+    write(run.checkpoints / "last.ckpt", age=0)
+    with pytest.raises(TTCError, match="holds no best.ckpt"):
+        resolve_ckpt_path("best", "fit", run)
+    best = write(run.checkpoints / "best.ckpt", age=10)
+    assert resolve_ckpt_path("best", "test", run) == str(best)
+
+
+def test_paths_and_none_pass_through(run):
+    assert resolve_ckpt_path(None, "fit", run) is None
+    assert resolve_ckpt_path("some/file.ckpt", "validate", run) == "some/file.ckpt"
+    assert resolve_ckpt_path("hpc", "fit", run) == "hpc"
+
+
+def test_fit_from_a_finished_checkpoint_says_how_to_continue(tmp_path):
+    path = str(write(tmp_path / "last.ckpt", step=40))
+    with pytest.raises(TTCError, match=r"already at max_steps 40 \(step 40\); raise --trainer.max_steps to continue"):
+        check_checkpoint(path, "last", "fit", max_steps=40)
+    check_checkpoint(path, "last", "fit", max_steps=41)
+    check_checkpoint(path, "last", "fit", max_steps=-1)  # no step limit
+    check_checkpoint(path, "last", "validate", max_steps=40)  # evaluation has no steps to run
+
+
+def test_a_new_run_refuses_a_directory_with_checkpoints(run):
+    last = write(run.checkpoints / "last.ckpt")
+    with pytest.raises(TTCError, match=r"already holds a run \(1 checkpoints, the newest .*last.ckpt\): resume it"):
+        claim(run, resume=False, overwrite=False)
+    assert last.is_file()
+    lock = claim(run, resume=True, overwrite=False)  # resuming it is what the directory is for
+    lock.close()
+
+
+def test_overwrite_deletes_the_earlier_runs_checkpoints_only(run):
+    write(run.checkpoints / "last.ckpt")
+    write(run.root / "hpc_ckpt_3.ckpt")
+    log = run.root / "logs" / "version_0" / "metrics.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text("step\n")
+    claim(run, resume=False, overwrite=True).close()
+    assert run.checkpoint_files() == [] and log.is_file()
+
+
+def test_overwrite_and_resume_together_are_an_error(run):
+    with pytest.raises(TTCError, match="--overwrite starts the run over and --ckpt_path resumes it"):
+        claim(run, resume=True, overwrite=True)
+
+
+def test_a_running_fit_keeps_others_out(run):
+    run.root.mkdir(parents=True)
+    with (run.root / LOCK_FILE).open("a+") as held:
+        held.truncate(0)
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process's fit
+        for resume in (False, True):
+            with pytest.raises(TTCError, match=r"is in use by another `ttc fit` \(process 4242\)"):
+                claim(run, resume=resume, overwrite=False)
+    claim(run, resume=False, overwrite=False).close()  # the lock went with its holder
+
+
+def test_claim_clears_partial_files_of_a_killed_save(run):
+    run.checkpoints.mkdir(parents=True)
+    (run.checkpoints / ".last.ckpt.99.partial").write_bytes(b"x")
+    claim(run, resume=False, overwrite=False).close()
+    assert list(run.checkpoints.iterdir()) == []

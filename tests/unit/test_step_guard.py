@@ -1,0 +1,98 @@
+"""The optimizer-step guard: non-finite loss or gradient norm -> the step is skipped, counted, and too many in a row
+stop the run; the module leaves weights and optimizer state untouched on a skipped step."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ttc_lightning.errors import TTCError
+from ttc_lightning.guard import StepGuard
+from ttc_lightning.module import GRPOModule
+
+TOY = "ttc_lightning.rewards.char_fraction_reward"
+
+
+def test_finite_steps_are_taken():
+    guard = StepGuard(limit=3)
+    assert [guard.skip(True, step, 0.5, 1.0) for step in range(4)] == [False] * 4
+    assert (guard.skipped, guard.in_a_row) == (0, 0)
+
+
+def test_a_finite_step_ends_the_run_of_skips_but_not_the_count(caplog):
+    guard = StepGuard(limit=3)
+    # skip, skip, take, skip: 3 skipped in all, never 3 in a row
+    decisions = [guard.skip(finite, step, float("nan"), 1.0) for step, finite in enumerate([False, False, True, False])]
+    assert decisions == [True, True, False, True]
+    assert (guard.skipped, guard.in_a_row) == (3, 1)
+    assert "step 3: loss nan, gradient norm 1; optimizer step skipped, weights unchanged (1 in a row" in caplog.text
+
+
+def test_limit_in_a_row_stops_with_a_clear_message():
+    guard = StepGuard(limit=2)
+    assert guard.skip(False, 7, 1.0, float("inf"))
+    with pytest.raises(TTCError, match=r"training stopped at step 8: 2 optimizer steps in a row .*loss inf"):
+        guard.skip(False, 8, float("inf"), float("nan"))
+
+
+def test_max_skipped_steps_must_be_positive():
+    with pytest.raises(TTCError, match="model.max_skipped_steps must be >= 1"):
+        GRPOModule(rewards=[TOY], max_skipped_steps=0)
+
+
+def stub_trainer(decision: bool | None = None) -> SimpleNamespace:
+    """A trainer whose strategy answers the all-reduced decision: the local one, or `decision` (another rank's)."""
+
+    def reduce_boolean_decision(local: bool, all: bool = True) -> bool:
+        return local if decision is None else (local and decision if all else local or decision)
+
+    return SimpleNamespace(global_step=5, strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision))
+
+
+def one_step(module: GRPOModule, grad: float, loss: float, other_rank: bool | None = None) -> torch.optim.AdamW:
+    """Gradients `grad` on every trainable weight, the step's loss `loss`, then the module's hook and AdamW's step."""
+    module._trainer = stub_trainer(other_rank)
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    for p in params:
+        p.grad = torch.full_like(p, grad)
+    module._step_loss = torch.tensor(loss)
+    module.on_before_optimizer_step(optimizer)
+    optimizer.step()
+    return optimizer
+
+
+@pytest.fixture(scope="module")
+def module() -> GRPOModule:
+    module = GRPOModule(rewards=[TOY], max_skipped_steps=100)
+    module.configure_model()
+    return module
+
+
+@pytest.mark.parametrize(
+    ("grad", "loss"),
+    [(float("nan"), 0.1), (float("inf"), 0.1), (0.01, float("nan")), (0.01, float("inf")), (0.01, float("-inf"))],
+    ids=["nan-grad", "inf-grad", "nan-loss", "inf-loss", "minus-inf-loss"],
+)
+def test_non_finite_step_leaves_weights_and_optimizer_state_untouched(module, grad, loss):
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    skipped = module.guard.skipped
+    optimizer = one_step(module, grad, loss)
+    after = module.policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not optimizer.state  # AdamW never saw a gradient: no moments, no step count
+    assert module.guard.skipped == skipped + 1
+
+
+def test_finite_step_changes_the_weights(module):
+    before = {k: v.clone() for k, v in module.policy.named_parameters()}
+    one_step(module, 0.01, 0.1)
+    assert any(not torch.equal(before[k], p) for k, p in module.policy.named_parameters())
+
+
+def test_a_step_another_rank_found_non_finite_is_skipped_here_too(module):
+    # Finite here, but the all-reduced decision says a rank's loss was not: every rank must skip together.
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    optimizer = one_step(module, 0.01, 0.1, other_rank=False)
+    assert not optimizer.state
+    assert all(torch.equal(before[k], v) for k, v in module.policy.state_dict().items())

@@ -1,0 +1,115 @@
+"""What the `ttc` command shows on the console: progress that suits a terminal or a log file, ttc's own lines, and
+none of the notices libraries print on every run although the user did nothing to cause them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import TextIO
+
+from lightning.fabric.utilities.warnings import PossibleUserWarning
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from ttc_lightning.callbacks import Progress, ProgressLines, StepProgressBar
+
+
+def is_terminal(stream: TextIO | None) -> bool:
+    """`stream.isatty()`, False for a stream that cannot tell."""
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
+
+
+def progress_callback(progress: Progress) -> ProgressBar:
+    """The rich bar when stdout (where it draws) and stderr are terminals; else plain lines on stderr, which a log
+    file (SLURM, CI, nohup) shows as they come instead of one bar at the end. `progress.mode` overrides the choice."""
+    terminal = is_terminal(sys.stdout) and is_terminal(sys.stderr)
+    if progress.mode == "bar" or (progress.mode == "auto" and terminal):
+        return StepProgressBar()
+    return ProgressLines(progress.every_n_steps, progress.every_n_seconds)
+
+
+# Warnings that libraries raise on every ttc run although the user did nothing to cause them: (message regex,
+# category). Each is matched exactly, so a warning about something the user set still shows.
+LIBRARY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # One optimizer step per pass is ttc's design, so "the checkpoint holds the post-step state" is what we want.
+    ("Using ModelCheckpoint with manual optimization", UserWarning),
+    # The loaders hold rows in memory and collate lists: worker processes would not make anything faster.
+    (r"The '\w+' does not have many workers which may be a bottleneck", PossibleUserWarning),
+    # ttc's loader when the data module has no validation split: an empty list, on purpose.
+    (r"Total length of `list` across ranks is zero", UserWarning),
+    # The frozen reference model (full fine-tuning with beta > 0) is in eval mode on purpose.
+    (r"Found \d+ module\(s\) in eval mode at the start of training", PossibleUserWarning),
+    # predict_step writes predictions.jsonl itself and returns nothing.
+    (r"predict returned None if it was on purpose", UserWarning),
+    # Deprecations inside the libraries (peft reading transformers' old name, Lightning's own pytree code).
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+# Log records of the same kind: (logger, message prefix).
+LIBRARY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
+    ("lightning.pytorch.utilities.rank_zero", "💡 Tip:"),  # advertises litlogger on every run
+    ("lightning.fabric.utilities.rank_zero", "💡 Tip:"),
+    # bitsandbytes on CPUs with AVX512-BF16, at import: an optional kernel package (fetched from the Hub) is missing.
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+)
+
+
+class DropPrefix(logging.Filter):
+    """Drops the log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def library_notices_hidden() -> Iterator[None]:
+    """While the `ttc` command runs, hide `LIBRARY_WARNINGS` and `LIBRARY_LOG_RECORDS`; a program that imports
+    ttc_lightning keeps every warning."""
+    filters = [(logging.getLogger(name), DropPrefix(prefix)) for name, prefix in LIBRARY_LOG_RECORDS]
+    for logger, log_filter in filters:
+        logger.addFilter(log_filter)
+    try:
+        with warnings.catch_warnings():
+            for message, category in LIBRARY_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        for logger, log_filter in filters:
+            logger.removeFilter(log_filter)
+
+
+class _LogLines(logging.Formatter):
+    """`ttc: message`, `ttc: warning: message`: the form of every line ttc prints."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"ttc: {level}{record.getMessage()}"
+
+
+@contextlib.contextmanager
+def ttc_log_lines() -> Iterator[None]:
+    """The `ttc` logger's lines (records dropped, the checkpoint resumed from, skipped steps) on stderr at INFO, one
+    line each and on rank zero only; its own handler, so Lightning's and any root handler see nothing twice."""
+    logger = logging.getLogger("ttc")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogLines())
+    handler.addFilter(lambda record: rank_zero_only.rank == 0)
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.level, logger.propagate = saved

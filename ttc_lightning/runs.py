@@ -1,0 +1,138 @@
+"""Run directories: a `trainer.default_root_dir` belongs to one training run, and `--ckpt_path last`/`best` name that
+run's checkpoints.
+
+`ttc fit` without `--ckpt_path` refuses a run directory that already holds checkpoints (resume it with
+`--ckpt_path last`, start over with `--overwrite`, or choose another directory), and a lock keeps a second `ttc fit`
+out of a directory while one runs. `last` is the newest (by modification time) of the run's `last.ckpt`,
+`last-interrupted.ckpt` and `hpc_ckpt_N.ckpt`; `best` is its `checkpoints/best.ckpt`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from ttc_lightning.checkpoints import read_checkpoint, remove_partial_files
+from ttc_lightning.errors import TTCError
+
+log = logging.getLogger("ttc")
+
+LOCK_FILE = ".ttc-fit.lock"
+# ModelCheckpoint's `last.ckpt` (with the version Lightning adds when the name is taken) and the interrupt checkpoint.
+LAST = re.compile(r"^last(-v\d+)?(-interrupted)?\.ckpt$")
+HPC = "hpc_ckpt_*.ckpt"  # Lightning's SLURM checkpoints, in the run directory itself
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory (`trainer.default_root_dir`) and the directory its checkpoints go to."""
+
+    root: Path
+    checkpoints: Path
+
+    def checkpoint_files(self) -> list[Path]:
+        """Every checkpoint the run wrote."""
+        found = sorted(self.checkpoints.glob("*.ckpt")) if self.checkpoints.is_dir() else []
+        return found + sorted(self.root.glob(HPC))
+
+    def last(self) -> Path | None:
+        """What `--ckpt_path last` means: the newest of last*.ckpt and hpc_ckpt_N.ckpt."""
+        candidates = [p for p in self.checkpoint_files() if LAST.match(p.name) or p.match(HPC)]
+        return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def resolve_ckpt_path(value: str | None, subcommand: str, run: RunDir) -> str | None:
+    """`--ckpt_path` as a file: `last` and `best` within `run`, said in the log. `last` with no checkpoint starts a
+    new run under `fit` (so a job can always pass it) and is an error for evaluation, which would otherwise score
+    the untrained base model; leave `--ckpt_path` out for that."""
+    if value not in ("last", "best"):
+        return value
+    path = run.last() if value == "last" else run.checkpoints / "best.ckpt"
+    if path is None or not path.is_file():
+        if value == "last" and subcommand == "fit":
+            log.info("--ckpt_path last: no checkpoint in %s yet, starting a new run", run.checkpoints)
+            return None
+        what = "last.ckpt or last-interrupted.ckpt" if value == "last" else "best.ckpt"
+        raise TTCError(
+            f"--ckpt_path {value}: {run.checkpoints} holds no {what}; give a checkpoint file, train first, or leave "
+            f"--ckpt_path out to {subcommand} the base model"
+        )
+    return str(path)
+
+
+def check_checkpoint(path: str, given: str, subcommand: str, max_steps: int) -> None:
+    """The checkpoint at `path` (`--ckpt_path given`) must be readable, so that a damaged file is an error now,
+    before the model is built, and under `fit` have steps left to train; says which file and step it is."""
+    if path == "hpc" or "://" in path:
+        return
+    step = read_checkpoint(path).get("global_step", 0)
+    if subcommand == "fit" and 0 < max_steps <= step:
+        raise TTCError(
+            f"--ckpt_path: {path} is already at max_steps {max_steps} (step {step}); raise --trainer.max_steps to "
+            "continue"
+        )
+    log.info("checkpoint %s (step %d)%s", path, step, f", from --ckpt_path {given}" if given != path else "")
+
+
+def claim(run: RunDir, resume: bool, overwrite: bool) -> IO[str] | None:
+    """Make `run` this fit's: lock it against a second `ttc fit` and, for a new run (`resume` false), require it to
+    hold no checkpoints, or delete them with `overwrite`. Returns the lock (held until closed); None where the file
+    system has no locks."""
+    if resume and overwrite:
+        raise TTCError("--overwrite starts the run over and --ckpt_path resumes it: give one of them")
+    lock = _lock(run.root)
+    try:
+        held = run.checkpoint_files()
+        slurm_resume = SLURMEnvironment.detect() and any(p.match(HPC) for p in held)
+        if held and not resume and not slurm_resume:  # under SLURM, Lightning resumes hpc_ckpt files by itself
+            if not overwrite:
+                newest = max(held, key=lambda p: p.stat().st_mtime)
+                raise TTCError(
+                    f"{run.root} already holds a run ({len(held)} checkpoints, the newest {newest}): resume it with "
+                    "--ckpt_path last, start it over with --overwrite (deletes its checkpoints), or choose another "
+                    "--trainer.default_root_dir"
+                )
+            for path in held:
+                path.unlink()
+            log.warning("--overwrite: deleted the %d checkpoints of the earlier run in %s", len(held), run.root)
+        remove_partial_files(run.checkpoints)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return lock
+
+
+def _lock(root: Path) -> IO[str] | None:
+    root.mkdir(parents=True, exist_ok=True)
+    lock = (root / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise TTCError(
+            f"{root} is in use by another `ttc fit` (process {holder}); wait for it to end, or choose another "
+            "--trainer.default_root_dir"
+        ) from None
+    except OSError:  # a file system without locks: go on unlocked
+        lock.close()
+        return None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def run_dir(config: Any) -> RunDir:
+    """The run directory of a parsed subcommand config (after `checkpoint.dirpath` got its default)."""
+    root = Path(config.trainer.default_root_dir)
+    return RunDir(root, Path(config.checkpoint.dirpath or root / "checkpoints"))
