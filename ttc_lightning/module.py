@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import numbers
 import time
 from functools import partial
@@ -17,14 +16,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.lr_scheduler import LambdaLR
 
 from ttc_lightning import cpu
 from ttc_lightning.checkpoints import base_fingerprint, complete_state, run_identity, trim_state, ttc_section
 from ttc_lightning.data.base import Task
 from ttc_lightning.dynamic import nothing_left_to_learn, sample_until_informative
 from ttc_lightning.errors import TTCError, sharded_strategy_error
-from ttc_lightning.evaluation import prompt_records, reward_metrics
+from ttc_lightning.evaluator import Evaluator, write_predictions
 from ttc_lightning.grpo import (
     ImportanceSamplingLevel,
     LossType,
@@ -33,97 +31,35 @@ from ttc_lightning.grpo import (
     accumulation_weight,
     grpo_loss,
     logprob_mismatch,
-    lr_multiplier,
     masked_mean,
 )
-from ttc_lightning.guard import StepGuard
 from ttc_lightning.levers import Levers
 from ttc_lightning.logprobs import completion_logps, frozen_logps
+from ttc_lightning.optimisation import StepGuard, adamw_with_schedule, total_optimizer_steps
 from ttc_lightning.policy import LoRA, Prompt, load_policy, load_tokenizer, materialise, prompt_limit, reference_model
-from ttc_lightning.reports import gather_records, print_per_class, write_metrics, write_predictions
 from ttc_lightning.rollout import (
     OVERLONG,
     OverlongBuffer,
     Rollout,
     Round,
-    add_overlong_penalty,
     as_overlong_buffer,
     repeat_columns,
     rollout_metrics,
+    scored_round,
     step_records,
     training_rollout,
     write_rollouts,
 )
 from ttc_lightning.sampler import Sampler, Samples
 from ttc_lightning.scoring import RewardErrors, RewardScorer, RewardSpec, load_rewards
-from ttc_lightning.settings import check_settings
+from ttc_lightning.settings import MODULE_DOC, check_settings
 from ttc_lightning.tiny import TINY
 
 DEFAULT_LEVERS = Levers()
 
 
 class GRPOModule(L.LightningModule):
-    """GRPO on a causal LM: sample G completions per prompt, score them, push the policy towards the better ones.
-
-    One `training_step` is one rollout followed by `num_iterations` optimizer steps on it, so `trainer.max_steps`
-    counts optimizer steps.
-
-    Args:
-        rewards: Reward functions by import path, each `fn(completions, **columns) -> list[float | None]`.
-        model_name_or_path: A Hugging Face Hub id, a local model directory, or "tiny" (a small random model
-            built locally, no network).
-        lora: LoRA settings (peft), or null for full fine-tuning.
-        load_in_4bit: Quantise the base model to 4-bit NF4 with bitsandbytes (QLoRA); needs `lora`.
-        gradient_checkpointing: Recompute activations in the backward pass: less memory, about a third more
-            compute.
-        dtype: Weights' dtype. "auto": float32 on CPU; bfloat16 on GPUs that support it; else float16 under LoRA.
-        num_generations: G: completions sampled per prompt; advantages are relative within these groups.
-        max_new_tokens: Longest completion; longer ones are cut and count in `completions/clipped_ratio`.
-        temperature: Sampling temperature, also applied to the logits when computing log-probs (as TRL does).
-        top_p: Nucleus sampling: keep the smallest token set with this much probability (1.0 = off).
-        top_k: Sample among the k most likely tokens only (0 = off).
-        beta: Weight of the KL penalty to the reference policy; 0 loads and runs no reference model.
-        epsilon: Clip range below 1 for the probability ratio (and above 1 unless `epsilon_high` is set).
-        epsilon_high: Clip range above 1 (DAPO's clip-higher, e.g. 0.28); null means `epsilon`.
-        loss_type: Aggregation: "grpo" per-sequence mean, "bnpo" per-micro-batch token mean, "dapo" token mean
-            over the whole rollout, "dr_grpo" token sum / (N * max_new_tokens).
-        scale_rewards: Divide advantages by the group's std ("group"), the batch's std ("batch") or not at all
-            ("none", Dr. GRPO).
-        importance_sampling_level: "token": a probability ratio per token; "sequence": GSPO's length-normalised
-            ratio per completion, clipped whole. GSPO clips at epsilon 3e-4, epsilon_high 4e-4 (0.2 hardly clips).
-        dynamic_sampling: DAPO's: drop the groups whose rewards all tie and sample the training stream's next
-            prompts until the step has `data.batch_size` groups whose rewards differ, or `max_sampling_rounds`
-            batches; train on those (none on any rank: no optimizer step). Logs sampling_rounds, groups_kept.
-        max_sampling_rounds: With dynamic_sampling, the most batches one step samples, the first included.
-        mask_truncated_completions: No loss on completions cut at `max_new_tokens` (DAPO's overlong filtering).
-        overlong_buffer: DAPO's soft overlong punishment `{length, penalty}`: the reward loses up to `penalty`,
-            linearly over the last `length` tokens before `max_new_tokens` (`rewards/overlong_penalty/mean`).
-        tis_cap: Truncated importance sampling: token losses weighted by min(pi_train / pi_sampler, tis_cap), for
-            when the sampler's log-probs differ from the trainer's (bf16, merged LoRA). Needs the sampler's own
-            log-probs: ttc's decoding loop keeps them, generate() does not. null = off.
-        reward_workers: Reward functions running at once, in threads (1: one after the other).
-        reward_timeout: Seconds each reward call may take (null = no limit). A late call cannot be stopped: its
-            thread runs on and its result is dropped.
-        reward_errors: A reward call that raises or runs out of time stops training ("raise") or leaves its
-            completions unscored, counted in `rewards/<fn>/errors` ("skip").
-        num_iterations: mu: optimizer steps on each rollout; above 1 the old policy's log-probs are computed.
-        micro_batch_size: Completions per forward/backward pass; gradients accumulate over the rollout.
-        learning_rate: Peak AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        lr_scheduler: After warmup: "constant", "linear" decay to 0 at `trainer.max_steps` (TRL's default) or
-            "cosine" decay to 0 there.
-        warmup_steps: Linear warmup from 0 over this many optimizer steps.
-        max_grad_norm: Clip the gradient's global norm to this (null = no clipping; the norm is logged).
-        max_skipped_steps: An optimizer step whose loss or gradient norm is NaN or infinite is skipped (weights
-            unchanged, counted in `skipped_steps`); this many in a row stop training.
-        allow_checkpoint_mismatch: Load a checkpoint trained on another base model, with another LoRA alpha or
-            dropout, or for another task, with a warning instead of refusing it (weight shapes must still match).
-        reward_weights: One weight per reward function (null = all 1.0); the reward is their weighted sum.
-        eval_num_samples: k: completions per prompt at validation/test/predict time.
-        eval_temperature: Sampling temperature for evaluation; 0 means greedy (then k must be 1).
-        log_rollouts: Append every completion with its rewards to rollouts.jsonl in the run's log directory.
-        levers: Speed levers, each exact and on by default.
-    """
+    __doc__ = MODULE_DOC  # with every option documented (`--model.help`), beside their checks
 
     def __init__(
         self,
@@ -193,7 +129,9 @@ class GRPOModule(L.LightningModule):
         self._grad_norm = torch.tensor(float("nan"))
         self._step_loss = torch.tensor(0.0)
         self.last_rollout: list[dict[str, Any]] = []
-        self._eval_records: list[dict[str, Any]] = []
+        self.evaluator = Evaluator(
+            self.generate, self.scorer, self.reward_weights, eval_num_samples, eval_temperature, max_new_tokens
+        )
         self._log_path: Path | None = None
 
     # --- set-up --------------------------------------------------------------------------------------------------
@@ -216,16 +154,8 @@ class GRPOModule(L.LightningModule):
         )
         self.policy, self.ref_model = policy.model, policy.reference
         self.fingerprint = base_fingerprint(self.policy)  # of the base as loaded, before training changes it
-        self.sampler = Sampler(
-            self.policy,
-            self.tokenizer,
-            policy.eos_token_ids,
-            self.levers,
-            lora=self.lora is not None,
-            quantized=hp.load_in_4bit,
-            top_p=hp.top_p,
-            top_k=hp.top_k,
-        )
+        lora, quantized = self.lora is not None, hp.load_in_4bit
+        self.sampler = Sampler(policy, self.levers, lora=lora, quantized=quantized, top_p=hp.top_p, top_k=hp.top_k)
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
@@ -261,14 +191,9 @@ class GRPOModule(L.LightningModule):
         self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Per-token log-probs `[n, C]` of the rollout's completions under `model` (and their entropies)."""
-        return completion_logps(
-            model,
-            rollout,
-            temperature=self.hparams.temperature,
-            prompt_once=self.levers.prompt_once,
-            checkpointed=self.hparams.gradient_checkpointing,
-            with_entropy=with_entropy,
-        )
+        hp, levers = self.hparams, self.levers
+        options = {"prompt_once": levers.prompt_once, "checkpointed": hp.gradient_checkpointing}
+        return completion_logps(model, rollout, temperature=hp.temperature, with_entropy=with_entropy, **options)
 
     def frozen_logps(self, rollout: Rollout) -> tuple[Tensor | None, Tensor | None]:
         """Old-policy log-probs (num_iterations > 1) and reference log-probs (beta > 0), micro-batched, no grad."""
@@ -344,15 +269,8 @@ class GRPOModule(L.LightningModule):
         """Steps 1-3 of `training_step` on one batch: G completions per prompt, scored."""
         hp, g = self.hparams, self.hparams.num_generations
         samples = self.generate(batch["prompt"], g, hp.temperature, hp.max_new_tokens)
-        columns = repeat_columns(batch, g)
-        scores, errors = self.scorer.score(samples.texts, columns, g)  # [N, F], [F] or None
-        reward = torch.nansum(scores * self.reward_weights, dim=1)  # [N]
-        scores, shaped = add_overlong_penalty(scores, reward, samples.completion_mask, hp.max_new_tokens, self.overlong)
-        scores, reward, shaped = scores.to(self.device), reward.to(self.device), shaped.to(self.device)
-        # Advantages come in step 4, from the groups trained on.
-        zeros = torch.zeros_like(reward)
-        rollout = Rollout(*samples[:5], scores, shaped, zeros, sampler_logps=samples.logps, reward_errors=errors)
-        return Round(batch, rollout, task_reward=reward)
+        scores, errors = self.scorer.score(samples.texts, repeat_columns(batch, g), g)  # [N, F], [F] or None
+        return scored_round(batch, samples, scores, errors, self.reward_weights, hp.max_new_tokens, self.overlong)
 
     def _optimise(self, rollout: Rollout, weight: float = 1.0) -> dict[str, Tensor]:
         """Steps 6 and 7 of `training_step`; returns token-weighted means of the loss stats over all passes, and of
@@ -461,49 +379,20 @@ class GRPOModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        schedule = partial(
-            lr_multiplier,
-            schedule=hp.lr_scheduler,
-            warmup_steps=hp.warmup_steps,
-            total_steps=self._total_optimizer_steps(),
+        total = total_optimizer_steps(
+            self.trainer.max_steps, self.trainer.estimated_stepping_batches, hp.num_iterations
         )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},
-        }
-
-    def _total_optimizer_steps(self) -> int | None:
-        trainer = self.trainer
-        if trainer.max_steps > 0:
-            return trainer.max_steps
-        batches = trainer.estimated_stepping_batches
-        return None if math.isinf(batches) else int(batches) * self.hparams.num_iterations
+        return adamw_with_schedule(params, hp.learning_rate, hp.weight_decay, hp.lr_scheduler, hp.warmup_steps, total)
 
     # --- evaluation ----------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def evaluate_batch(self, batch: dict[str, list]) -> list[dict[str, Any]]:
-        """`eval_num_samples` completions per prompt at `eval_temperature`, scored: one record per prompt."""
-        hp = self.hparams
-        k = hp.eval_num_samples
-        columns = {key: values for key, values in batch.items() if key != "prompt"}
-        repeated = {key: [v for v in values for _ in range(k)] for key, values in columns.items()}
-        samples = self.generate(batch["prompt"], k, hp.eval_temperature, hp.max_new_tokens)
-        scores, _ = self.scorer.score(samples.texts, repeated, k)  # [B*k, F]
-        reward = torch.nansum(scores * self.reward_weights, dim=1)  # [B*k]
-        lengths = samples.completion_mask.sum(1).tolist()
-        return prompt_records(
-            batch["prompt"], columns, samples.texts, lengths, scores.tolist(), reward.tolist(), self.reward_names, k
-        )
-
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self._eval_records.extend(self.evaluate_batch(batch))
+        self.evaluator.add(batch)
 
     test_step = predict_step = validation_step
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_records = []
+        self.evaluator.start()
 
     on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
 
@@ -514,32 +403,22 @@ class GRPOModule(L.LightningModule):
         self._finish_evaluation("test")
 
     def _finish_evaluation(self, stage: str) -> None:
-        records = gather_records(self._eval_records, self.trainer.world_size)
+        records = self.evaluator.gathered(self.trainer.world_size)
         if self.trainer.sanity_checking or not records:
             return
-        task: Task = self.trainer.datamodule
-        metrics: dict[str, Any] = {**reward_metrics(records, self.reward_names), **task.evaluate(records)}
+        metrics = self.evaluator.metrics(records, self.trainer.datamodule)
         scalars = {f"{stage}/{k}": float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
         self.log_dict(scalars, batch_size=len(records))
-        if self.trainer.state.fn == "fit" or self.global_rank != 0:
-            return
-        sampling = {
-            "eval_num_samples": self.hparams.eval_num_samples,
-            "eval_temperature": self.hparams.eval_temperature,
-        }
-        path = write_metrics(self._log_dir(), stage, self.trainer.ckpt_path, len(records), sampling, metrics)
-        if "per_class" in metrics:
-            print_per_class(metrics["per_class"])
-        rank_zero_info(f"ttc: wrote {path}")
+        if self.trainer.state.fn != "fit" and self.global_rank == 0:
+            path = self.evaluator.write_metrics(self._log_dir(), stage, self.trainer.ckpt_path, records, metrics)
+            rank_zero_info(f"ttc: wrote {path}")
 
     def on_predict_epoch_end(self) -> None:
         """predictions.jsonl: one line per input with its k completions, what was parsed, the final answer/patch."""
-        records = gather_records(self._eval_records, self.trainer.world_size)
-        if self.global_rank != 0:
-            return
-        task: Task = self.trainer.datamodule
-        path = write_predictions(self._log_dir(), records, task.final_prediction)
-        rank_zero_info(f"ttc: wrote {len(records)} predictions to {path}")
+        records = self.evaluator.gathered(self.trainer.world_size)
+        if self.global_rank == 0:
+            path = write_predictions(self._log_dir(), records, self.trainer.datamodule.final_prediction)
+            rank_zero_info(f"ttc: wrote {len(records)} predictions to {path}")
 
     def _log_dir(self) -> Path:
         # trainer.log_dir is a collective call under DDP: looked up once, by every rank.

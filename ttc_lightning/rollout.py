@@ -183,6 +183,27 @@ def add_overlong_penalty(
     return torch.cat([scores, penalty.unsqueeze(1)], dim=1), reward + penalty  # [N, F+1], [N]
 
 
+def scored_round(
+    batch: Batch,
+    samples: Any,
+    scores: Tensor,
+    errors: Tensor | None,
+    weights: Tensor,
+    max_new_tokens: int,
+    overlong: OverlongBuffer | None,
+) -> Round:
+    """A batch's completions (`sampler.Samples`) and their scores `[N, F]` as a round: the reward is the weighted
+    sum over functions (None scores skipped), plus the overlong penalty; advantages come later, from the groups a
+    step trains on."""
+    reward = torch.nansum(scores * weights, dim=1)  # [N]
+    scores, shaped = add_overlong_penalty(scores, reward, samples.completion_mask, max_new_tokens, overlong)
+    device = samples.completion_ids.device
+    scores, reward, shaped = scores.to(device), reward.to(device), shaped.to(device)
+    zeros = torch.zeros_like(reward)  # [N]
+    rollout = Rollout(*samples[:5], scores, shaped, zeros, sampler_logps=samples.logps, reward_errors=errors)
+    return Round(batch, rollout, task_reward=reward)
+
+
 def truncated(completion_ids: Tensor, completion_mask: Tensor, eos_token_ids: list[int]) -> Tensor:
     """`[N]` bool: the completions cut at `max_new_tokens`, whose last token is not an EOS."""
     lengths = completion_mask.sum(1)  # [N]

@@ -22,7 +22,7 @@ from ttc_lightning import cpu
 from ttc_lightning.decoding import decode, decodes_alone, fast_decode_model, fast_decoding
 from ttc_lightning.kv_cache import attention_with_lse, cache_bytes, cache_keyword, expand_cache, prefill
 from ttc_lightning.levers import Levers
-from ttc_lightning.policy import Prompt, encode_prompts
+from ttc_lightning.policy import Policy, Prompt, encode_prompts
 
 Decoder = Literal["loop", "generate+steps", "generate"]
 Merge = Literal["in place", "copy", "off"]
@@ -119,18 +119,10 @@ class Sampler:
     """Completions from a policy model: tokenisation, the sampling plan, the KV cache, the loop, the EOS masks."""
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: object,
-        eos_token_ids: list[int],
-        levers: Levers,
-        *,
-        lora: bool,
-        quantized: bool,
-        top_p: float,
-        top_k: int,
+        self, policy: Policy, levers: Levers, *, lora: bool, quantized: bool, top_p: float, top_k: int
     ) -> None:
-        self.model, self.tokenizer, self.eos_token_ids, self.levers = model, tokenizer, eos_token_ids, levers
+        self.model, self.tokenizer, self.eos_token_ids = policy.model, policy.tokenizer, policy.eos_token_ids
+        self.levers = levers
         self.lora, self.quantized, self.top_p, self.top_k = lora, quantized, top_p, top_k
         self.last_plan: SamplingPlan | None = None
 

@@ -1,4 +1,5 @@
-"""The invariants `GRPOModule`'s settings must satisfy, checked when it is built, each with how to fix it."""
+"""`GRPOModule`'s options: each documented once (`MODULE_DOC`, the class's docstring, which `--model.help` shows) and
+the invariants they must satisfy, checked when the module is built, each with how to fix it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,69 @@ from typing import Any
 
 from ttc_lightning.errors import TTCError
 from ttc_lightning.rollout import as_overlong_buffer
+
+MODULE_DOC = """GRPO on a causal LM: sample G completions per prompt, score them, push the policy towards the better
+    ones.
+
+    One `training_step` is one rollout followed by `num_iterations` optimizer steps on it, so `trainer.max_steps`
+    counts optimizer steps.
+
+    Args:
+        rewards: Reward functions by import path, each `fn(completions, **columns) -> list[float | None]`.
+        model_name_or_path: A Hugging Face Hub id, a local model directory, or "tiny" (a small random model
+            built locally, no network).
+        lora: LoRA settings (peft), or null for full fine-tuning.
+        load_in_4bit: Quantise the base model to 4-bit NF4 with bitsandbytes (QLoRA); needs `lora`.
+        gradient_checkpointing: Recompute activations in the backward pass: less memory, about a third more
+            compute.
+        dtype: Weights' dtype. "auto": float32 on CPU; bfloat16 on GPUs that support it; else float16 under LoRA.
+        num_generations: G: completions sampled per prompt; advantages are relative within these groups.
+        max_new_tokens: Longest completion; longer ones are cut and count in `completions/clipped_ratio`.
+        temperature: Sampling temperature, also applied to the logits when computing log-probs (as TRL does).
+        top_p: Nucleus sampling: keep the smallest token set with this much probability (1.0 = off).
+        top_k: Sample among the k most likely tokens only (0 = off).
+        beta: Weight of the KL penalty to the reference policy; 0 loads and runs no reference model.
+        epsilon: Clip range below 1 for the probability ratio (and above 1 unless `epsilon_high` is set).
+        epsilon_high: Clip range above 1 (DAPO's clip-higher, e.g. 0.28); null means `epsilon`.
+        loss_type: Aggregation: "grpo" per-sequence mean, "bnpo" per-micro-batch token mean, "dapo" token mean
+            over the whole rollout, "dr_grpo" token sum / (N * max_new_tokens).
+        scale_rewards: Divide advantages by the group's std ("group"), the batch's std ("batch") or not at all
+            ("none", Dr. GRPO).
+        importance_sampling_level: "token": a probability ratio per token; "sequence": GSPO's length-normalised
+            ratio per completion, clipped whole. GSPO clips at epsilon 3e-4, epsilon_high 4e-4 (0.2 hardly clips).
+        dynamic_sampling: DAPO's: drop the groups whose rewards all tie and sample the training stream's next
+            prompts until the step has `data.batch_size` groups whose rewards differ, or `max_sampling_rounds`
+            batches; train on those (none on any rank: no optimizer step). Logs sampling_rounds, groups_kept.
+        max_sampling_rounds: With dynamic_sampling, the most batches one step samples, the first included.
+        mask_truncated_completions: No loss on completions cut at `max_new_tokens` (DAPO's overlong filtering).
+        overlong_buffer: DAPO's soft overlong punishment `{length, penalty}`: the reward loses up to `penalty`,
+            linearly over the last `length` tokens before `max_new_tokens` (`rewards/overlong_penalty/mean`).
+        tis_cap: Truncated importance sampling: token losses weighted by min(pi_train / pi_sampler, tis_cap), for
+            when the sampler's log-probs differ from the trainer's (bf16, merged LoRA). Needs the sampler's own
+            log-probs: ttc's decoding loop keeps them, generate() does not. null = off.
+        reward_workers: Reward functions running at once, in threads (1: one after the other).
+        reward_timeout: Seconds each reward call may take (null = no limit). A late call cannot be stopped: its
+            thread runs on and its result is dropped.
+        reward_errors: A reward call that raises or runs out of time stops training ("raise") or leaves its
+            completions unscored, counted in `rewards/<fn>/errors` ("skip").
+        num_iterations: mu: optimizer steps on each rollout; above 1 the old policy's log-probs are computed.
+        micro_batch_size: Completions per forward/backward pass; gradients accumulate over the rollout.
+        learning_rate: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        lr_scheduler: After warmup: "constant", "linear" decay to 0 at `trainer.max_steps` (TRL's default) or
+            "cosine" decay to 0 there.
+        warmup_steps: Linear warmup from 0 over this many optimizer steps.
+        max_grad_norm: Clip the gradient's global norm to this (null = no clipping; the norm is logged).
+        max_skipped_steps: An optimizer step whose loss or gradient norm is NaN or infinite is skipped (weights
+            unchanged, counted in `skipped_steps`); this many in a row stop training.
+        allow_checkpoint_mismatch: Load a checkpoint trained on another base model, with another LoRA alpha or
+            dropout, or for another task, with a warning instead of refusing it (weight shapes must still match).
+        reward_weights: One weight per reward function (null = all 1.0); the reward is their weighted sum.
+        eval_num_samples: k: completions per prompt at validation/test/predict time.
+        eval_temperature: Sampling temperature for evaluation; 0 means greedy (then k must be 1).
+        log_rollouts: Append every completion with its rewards to rollouts.jsonl in the run's log directory.
+        levers: Speed levers, each exact and on by default.
+    """
 
 
 def check_settings(hp: Any) -> None:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.guard import StepGuard
 from ttc_lightning.module import GRPOModule
+from ttc_lightning.optimisation import StepGuard
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
 

@@ -1,0 +1,128 @@
+"""An evaluation run (validate, test, predict): k completions per prompt, scored into records, every rank's records
+gathered, the metrics; and what it leaves: `metrics.json`, `predictions.jsonl`, the per-class table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ttc_lightning.data.base import Task
+from ttc_lightning.evaluation import prompt_records, reward_metrics
+from ttc_lightning.sampler import Samples
+from ttc_lightning.scoring import RewardScorer
+
+Record = dict[str, Any]
+
+
+class Evaluator:
+    """The records of one evaluation epoch: `k` completions per prompt at `temperature`, scored (`add`); then every
+    rank's records (`gathered`), their metrics (`metrics`) and the files (`write_metrics`, `write_predictions`)."""
+
+    def __init__(
+        self,
+        generate: Callable[[list, int, float, int], Samples],
+        scorer: RewardScorer,
+        reward_weights: torch.Tensor,
+        k: int,
+        temperature: float,
+        max_new_tokens: int,
+    ) -> None:
+        self.generate, self.scorer, self.reward_weights = generate, scorer, reward_weights
+        self.k, self.temperature, self.max_new_tokens = k, temperature, max_new_tokens
+        self.records: list[Record] = []
+
+    def start(self) -> None:
+        self.records = []
+
+    @torch.no_grad()
+    def add(self, batch: dict[str, list]) -> list[Record]:
+        """Sample and score one batch: one record per prompt, kept for the epoch's metrics and returned."""
+        k = self.k
+        columns = {key: values for key, values in batch.items() if key != "prompt"}
+        repeated = {key: [v for v in values for _ in range(k)] for key, values in columns.items()}
+        samples = self.generate(batch["prompt"], k, self.temperature, self.max_new_tokens)
+        scores, _ = self.scorer.score(samples.texts, repeated, k)  # [B*k, F]
+        reward = torch.nansum(scores * self.reward_weights, dim=1)  # [B*k]
+        lengths = samples.completion_mask.sum(1).tolist()
+        records = prompt_records(
+            batch["prompt"], columns, samples.texts, lengths, scores.tolist(), reward.tolist(), self.scorer.names, k
+        )
+        self.records.extend(records)
+        return records
+
+    def gathered(self, world_size: int) -> list[Record]:
+        """Every rank's records (the metrics are not averages, so they need all the predictions)."""
+        return gather_records(self.records, world_size)
+
+    def metrics(self, records: list[Record], task: Task) -> dict[str, Any]:
+        """Reward means over every sample and the task's own metrics."""
+        return {**reward_metrics(records, self.scorer.names), **task.evaluate(records)}
+
+    def write_metrics(
+        self, log_dir: str | Path, stage: str, ckpt_path: str | None, records: list, metrics: dict
+    ) -> Path:
+        """`metrics.json`, and the per-class table on stderr when the task has one."""
+        sampling = {"eval_num_samples": self.k, "eval_temperature": self.temperature}
+        path = write_metrics(log_dir, stage, ckpt_path, len(records), sampling, metrics)
+        if "per_class" in metrics:
+            print_per_class(metrics["per_class"])
+        return path
+
+
+def gather_records(records: list[Record], world_size: int) -> list[Record]:
+    """Every rank's evaluation records (the metrics are not averages, so they need all the predictions)."""
+    if world_size == 1:
+        return records
+    gathered: list[list[Record]] = [[] for _ in range(world_size)]
+    torch.distributed.all_gather_object(gathered, records)
+    return [record for part in gathered for record in part]
+
+
+def write_metrics(
+    log_dir: str | Path,
+    stage: str,
+    ckpt_path: str | None,
+    num_prompts: int,
+    sampling: dict[str, Any],
+    metrics: dict[str, Any],
+) -> Path:
+    """`metrics.json` in `log_dir`: the stage, checkpoint, prompts, sampling settings and every metric."""
+    summary = {"stage": stage, "ckpt_path": ckpt_path, "num_prompts": num_prompts, **sampling, "metrics": metrics}
+    path = Path(log_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def write_predictions(
+    log_dir: str | Path, records: Sequence[Record], final_prediction: Callable[[Record], dict[str, Any]]
+) -> Path:
+    """`predictions.jsonl`: one line per input with its k completions, their rewards and the task's final answer."""
+    path = Path(log_dir) / "predictions.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i, record in enumerate(records):
+            line = {
+                "id": record["columns"].get("id", i),
+                "completions": record["completions"],
+                "rewards": record["rewards"],
+                **final_prediction(record),
+            }
+            f.write(json.dumps(line, default=str) + "\n")
+    return path
+
+
+def print_per_class(per_class: dict[str, dict[str, float]]) -> None:
+    """Precision, recall, F1 and support per class, on stderr."""
+    table = Table(title="per class")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in per_class.items():
+        table.add_row(name, *(f"{row[c]:.3f}" for c in ("precision", "recall", "f1")), str(int(row["support"])))
+    Console(stderr=True).print(table)

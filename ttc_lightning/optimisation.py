@@ -1,0 +1,77 @@
+"""Optimizer steps: AdamW and its LR schedule, and the guard that skips a step whose loss or gradient norm is NaN or
+infinite, so one bad rollout cannot turn the weights (and then every checkpoint) into NaN; too many skips in a row
+stop the run."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from ttc_lightning.errors import TTCError
+from ttc_lightning.grpo import LRSchedule, lr_multiplier
+
+log = logging.getLogger("ttc")
+
+
+def total_optimizer_steps(max_steps: int, stepping_batches: float, num_iterations: int) -> int | None:
+    """Where the LR schedule ends: `trainer.max_steps`, else the training batches Lightning expects times the
+    optimizer steps per batch; None when the run has no end (the schedule then stays flat after warmup)."""
+    if max_steps > 0:
+        return max_steps
+    return None if math.isinf(stepping_batches) else int(stepping_batches) * num_iterations
+
+
+def adamw_with_schedule(
+    params: Iterable[torch.nn.Parameter],
+    learning_rate: float,
+    weight_decay: float,
+    schedule: LRSchedule,
+    warmup_steps: int,
+    total_steps: int | None,
+) -> dict[str, Any]:
+    """Lightning's `configure_optimizers` answer: AdamW on `params` and the schedule (`grpo.lr_multiplier`), stepped
+    once per optimizer step."""
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    multiplier = partial(lr_multiplier, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, multiplier), "interval": "step"}}
+
+
+@dataclass
+class StepGuard:
+    """Counts skipped optimizer steps: `skipped` in the whole run (logged as `skipped_steps`), `in_a_row` since the
+    last step taken. `limit` skips in a row stop training (`model.max_skipped_steps`)."""
+
+    limit: int
+    skipped: int = 0
+    in_a_row: int = 0
+
+    def skip(self, finite: bool, step: int, loss: float, grad_norm: float) -> bool:
+        """Whether optimizer step `step` must be skipped. `finite` must be the same on every rank (under DDP, the
+        all-reduced decision): ranks that disagreed would step different weights."""
+        if finite:
+            self.in_a_row = 0
+            return False
+        self.skipped += 1
+        self.in_a_row += 1
+        what = f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
+        if self.in_a_row >= self.limit:
+            raise TTCError(
+                f"training stopped at step {step}: {self.in_a_row} optimizer steps in a row had a NaN or infinite "
+                f"loss or gradient norm ({what}), so the weights were left as they were. Check the reward functions' "
+                "values (rollouts.jsonl) and model.learning_rate; raise model.max_skipped_steps to tolerate more"
+            )
+        log.warning(
+            "step %d: %s; optimizer step skipped, weights unchanged (%d in a row, the run stops at %d)",
+            step,
+            what,
+            self.in_a_row,
+            self.limit,
+        )
+        return True
