@@ -171,30 +171,37 @@ def grpo_loss(
         delta = ref_logps - logps  # [N, T]
         kl = torch.exp(delta) - delta - 1  # [N, T], k3: unbiased, always >= 0
         per_token = per_token + beta * kl  # [N, T]
-    per_token = per_token.expand_as(mask)  # [N, T]
-
-    if loss_type == "grpo":
-        per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [N]
-        loss = per_sequence.mean()
-    elif loss_type in ("bnpo", "dapo"):
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        length = mask.size(1) if max_completion_length is None else max_completion_length
-        loss = (per_token * mask).sum() / (mask.size(0) * length)
-    else:
-        raise ValueError(f"loss_type must be 'grpo', 'bnpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
-
-    with torch.no_grad():
-        low = ((ratio < 1 - epsilon) & (adv < 0)).to(mask.dtype)  # [N, T] or [N, 1]
-        high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype)  # [N, T] or [N, 1]
-        stats = {
-            "clip_ratio/low_mean": masked_mean(low, mask),
-            "clip_ratio/high_mean": masked_mean(high, mask),
-            "clip_ratio/region_mean": masked_mean(torch.clamp(low + high, max=1), mask),
-        }
-        if beta != 0:
-            stats["kl"] = masked_mean(kl, mask)
+    loss = aggregate(per_token.expand_as(mask), mask, loss_type, max_completion_length)
+    stats = clip_stats(ratio, adv, mask, epsilon, eps_high)
+    if beta != 0:
+        stats["kl"] = masked_mean(kl.detach(), mask)
     return loss, stats
+
+
+def aggregate(per_token: Tensor, mask: Tensor, loss_type: LossType, max_completion_length: int | None) -> Tensor:
+    """The per-token losses `[N, T]` of a batch as one number: "grpo" the mean of per-sequence means, "bnpo" and
+    "dapo" the token mean, "dr_grpo" the token sum over N * `max_completion_length` (Dr. GRPO's constant)."""
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()  # mean over [N]
+    if loss_type in ("bnpo", "dapo"):
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        length = mask.size(1) if max_completion_length is None else max_completion_length
+        return (per_token * mask).sum() / (mask.size(0) * length)
+    raise ValueError(f"loss_type must be 'grpo', 'bnpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
+
+
+@torch.no_grad()
+def clip_stats(ratio: Tensor, adv: Tensor, mask: Tensor, epsilon: float, eps_high: float) -> dict[str, Tensor]:
+    """Masked token means of where the clip bit: below 1 - epsilon with a negative advantage, above 1 + eps_high with
+    a positive one, either. `ratio` `[N, T]` or `[N, 1]`, `adv` `[N, 1]`, `mask` `[N, T]`."""
+    low = ((ratio < 1 - epsilon) & (adv < 0)).to(mask.dtype)  # [N, T] or [N, 1]
+    high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype)  # [N, T] or [N, 1]
+    return {
+        "clip_ratio/low_mean": masked_mean(low, mask),
+        "clip_ratio/high_mean": masked_mean(high, mask),
+        "clip_ratio/region_mean": masked_mean(torch.clamp(low + high, max=1), mask),
+    }
 
 
 @torch.no_grad()
