@@ -17,9 +17,9 @@ from ttc_lightning.grpo import selective_log_softmax, token_entropy
 from ttc_lightning.kv_cache import cache_keyword, prefill, prefix_cache, recording_cache, select_rows
 from ttc_lightning.rollout import Rollout
 
-# Float32 logits per chunk of the output head: bounds the log-prob step's memory whatever the vocabulary (110 tokens
-# of Qwen2.5's 151,936 entries at a time; 2,048 of an 8,192-entry vocabulary).
-LOGITS_CHUNK_BYTES = 64 << 20
+# Float32 logits per chunk of the output head: bounds the log-prob step's memory whatever the vocabulary (220 tokens
+# of Qwen2.5's 151,936 entries at a time; 4,096 of an 8,192-entry vocabulary). Smaller chunks make slower matmuls.
+LOGITS_CHUNK_BYTES = 128 << 20
 # transformers' decoder layers keep a cache under gradient checkpointing when they only read it (newer versions).
 CHECKPOINTS_WITH_CACHE = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
 
@@ -170,6 +170,7 @@ class _FrozenHeadLogps(torch.autograd.Function):
                 # d log p_y / d logits = onehot(y) - p, and logits = h W^T / T
                 probs.scatter_add_(1, ids[rows].unsqueeze(1), probs.new_full((probs.size(0), 1), -1.0))  # p - onehot
                 grad[rows] = (probs.to(weight.dtype) @ weight).neg_().div_(temperature).to(grad.dtype)  # [K, E]
+            del probs  # before the next chunk's logits exist
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
