@@ -5,6 +5,7 @@ a `WandbLogger`)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
@@ -57,6 +58,42 @@ class CheckpointOnInterrupt(L.Callback):
                 rank_zero_warn(f"ttc: interrupted at step {trainer.global_step}; {e}")
                 return
             rank_zero_info(f"ttc: interrupted at step {trainer.global_step}; saved {self.path}")
+
+
+class BestCheckpoint(L.Callback):
+    """Saves `best.ckpt` beside `last.ckpt` whenever a validation during fit beats the best value so far of `metric`
+    (the task's headline, higher is better: `val/P-C`, `val/final_patch_reward`). The best value travels in the
+    checkpoints, so a resumed run only replaces `best.ckpt` with a better one. `ttc test --ckpt_path best` takes it.
+    """
+
+    def __init__(self, dirpath: str | Path, metric: str) -> None:
+        self.path = Path(dirpath) / "best.ckpt"
+        self.metric = metric
+        self.best = -math.inf
+        self._warned = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.metric)
+        if value is None or not math.isfinite(float(value)):
+            if not self._warned:  # e.g. no whole pair in the validation subset: nothing to compare
+                rank_zero_warn(f"ttc: no finite {self.metric} after validation: best.ckpt is not updated")
+                self._warned = True
+            return
+        if float(value) > self.best:
+            self.best = float(value)
+            trainer.save_checkpoint(self.path)  # every rank: saving ends in a barrier
+            rank_zero_info(
+                f"ttc: {self.metric} {self.best:.4f} at step {trainer.global_step}, the best so far: {self.path}"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("metric") == self.metric:
+            self.best = state["best"]
 
 
 class SaveConfigToWandb(SaveConfigCallback):

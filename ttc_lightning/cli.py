@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ttc_lightning import runs
 from ttc_lightning.callbacks import (
+    BestCheckpoint,
     CheckpointOnInterrupt,
     ParameterCount,
     Progress,
@@ -31,6 +32,7 @@ from ttc_lightning.callbacks import (
 )
 from ttc_lightning.checkpoints import AtomicCheckpointIO
 from ttc_lightning.console import library_notices_hidden, progress_callback, ttc_log_lines
+from ttc_lightning.data.base import Task
 from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.preflight import check_before_start
@@ -158,7 +160,10 @@ class TTCCLI(LightningCLI):
             callbacks.append(progress_callback(self._get(self.config_init, "progress", default=Progress())))
         checkpointing = config.get("enable_checkpointing") is not False
         if self.subcommand == "fit" and checkpointing:
-            callbacks.append(CheckpointOnInterrupt(self._get(self.config, "checkpoint").dirpath))
+            dirpath = self._get(self.config, "checkpoint").dirpath
+            callbacks.append(CheckpointOnInterrupt(dirpath))
+            if config.get("limit_val_batches") != 0 and isinstance(self.datamodule, Task):
+                callbacks.append(BestCheckpoint(dirpath, f"val/{self.datamodule.headline_metric}"))
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if not checkpointing:
             # The `checkpoint` section's ModelCheckpoint, which Lightning refuses beside enable_checkpointing false.

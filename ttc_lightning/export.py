@@ -33,6 +33,7 @@ import torch
 
 from ttc_lightning.errors import TTCError
 from ttc_lightning.policy import quiet_transformers
+from ttc_lightning.runs import RunDir
 from ttc_lightning.tiny import TINY
 
 BASE_DIR = "base_model"
@@ -41,8 +42,15 @@ EXPORT_MARKERS = ("config.json", "adapter_config.json")
 
 
 def load_ttc_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by `ttc fit`; `TTCError` when it is missing or not a ttc checkpoint."""
+    """Read a checkpoint written by `ttc fit` (a run directory: its newest, as `--ckpt_path last` means); `TTCError`
+    when it is missing or not a ttc checkpoint."""
     path = Path(ckpt_path)
+    if path.is_dir():
+        newest = RunDir(path, path / "checkpoints").last()
+        if newest is None:
+            raise TTCError(f"--ckpt_path: {path} is a directory without last.ckpt or last-interrupted.ckpt")
+        print(f"ttc: exporting {newest}, the newest checkpoint of {path}", file=sys.stderr)
+        path = newest
     if not path.is_file():
         raise TTCError(f"--ckpt_path: {path} does not exist")
     try:
@@ -146,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ttc export",
         description="Write a ttc checkpoint as a Hugging Face model directory (model or LoRA adapter, tokenizer).",
     )
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `ttc fit`, e.g. .../last.ckpt")
+    parser.add_argument(
+        "--ckpt_path", required=True, help="a checkpoint written by `ttc fit`, or its run directory (the newest one)"
+    )
     parser.add_argument("--output_dir", required=True, help="directory to write; must be empty or not exist")
     parser.add_argument("--merge", action="store_true", help="LoRA: merge the adapter into the base model")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous export in --output_dir")

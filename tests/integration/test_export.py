@@ -94,6 +94,11 @@ def test_full_finetune_export_gives_the_trained_logits(run_ttc, tmp_path, capsys
     torch.testing.assert_close(logits_of(model), trained, atol=1e-5, rtol=1e-5)
     assert AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
 
+    # A run directory stands for its newest checkpoint, as --ckpt_path last does.
+    code, err = run_export(capsys, "--ckpt_path", str(ckpt.parents[1]), "--output_dir", str(tmp_path / "from_run"))
+    assert code == 0 and f"ttc: exporting {ckpt}, the newest checkpoint of {ckpt.parents[1]}" in err
+    torch.testing.assert_close(logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "from_run")), trained)
+
     # A full fine-tune is already one model: --merge says so and writes the same model.
     code, err = run_export(capsys, "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "merged"), "--merge")
     assert code == 0

@@ -48,6 +48,12 @@ def test_patch_fit_validate_predict(run_ttc, tmp_path):
     assert code == 0, err
     logged = {key for row in read_metrics(tmp_path / "run") for key, value in row.items() if value}
     assert {"val/patch_reward", "val/applied_pass@1", "val/applied_pass@2", "val/exact_pass@1"} <= logged
+    # validated once, at step 2: that is the best final_patch_reward so far, kept beside last.ckpt
+    assert torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=False)["global_step"] == 2
+    assert "val/final_patch_reward" in err and "the best so far" in err
+    code, _, err = run_ttc("test", *PATCH, "--ckpt_path", "best")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "logs" / "version_1" / "metrics.json").read_text())["stage"] == "test"
 
     # evaluation needs the weights only: drop the optimizer state, as a user sharing a checkpoint might
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -55,14 +61,14 @@ def test_patch_fit_validate_predict(run_ttc, tmp_path):
     torch.save(ckpt, tmp_path / "weights.ckpt")
     code, _, err = run_ttc("validate", *PATCH, "--ckpt_path", str(tmp_path / "weights.ckpt"))
     assert code == 0, err
-    summary = json.loads((tmp_path / "run" / "logs" / "version_1" / "metrics.json").read_text())
+    summary = json.loads((tmp_path / "run" / "logs" / "version_2" / "metrics.json").read_text())
     assert summary["stage"] == "val" and summary["num_prompts"] == 3  # the sample's 3 validation pairs
     expected = {"patch_reward", "applied_pass@1", "exact_pass@2", "final_exact", "format_valid", "mean_length"}
     assert expected <= set(summary["metrics"])
 
     code, _, err = run_ttc("predict", *PATCH, "--ckpt_path", str(tmp_path / "weights.ckpt"))
     assert code == 0, err
-    lines = [json.loads(x) for x in (tmp_path / "run" / "logs" / "version_2" / "predictions.jsonl").open()]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "logs" / "version_3" / "predictions.jsonl").open()]
     assert len(lines) == 3  # the sample's 3 test pairs
     assert {"id", "completions", "patches", "final", "score"} <= set(lines[0])
     assert len(lines[0]["completions"]) == 2

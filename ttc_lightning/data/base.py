@@ -59,6 +59,11 @@ class Task(Protocol):
         """The answer written to predictions.jsonl for one record: at least `final` and `score`."""
         ...
 
+    @property
+    def headline_metric(self) -> str:
+        """The metric of `evaluate` (higher is better) that picks the best checkpoint of a run (`best.ckpt`)."""
+        ...
+
 
 class HasTokenizer(Protocol):
     """What a data module asks of the module it trains: the tokenizer that counts prompt tokens, and the longest

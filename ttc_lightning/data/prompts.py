@@ -151,6 +151,8 @@ class PromptDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
+    headline_metric = "reward"  # the weighted reward, averaged over every validation sample
+
     def evaluate(self, records: list[Record]) -> dict[str, Any]:
         """No task metrics beyond the module's reward means: any reward function goes with these prompts."""
         return {}

@@ -211,6 +211,13 @@ class PrimeVulClassificationDataModule(TaskDataModule):
         self.labels = [*top, OTHER]
         log.info("CWE labels (the train split's most frequent): %s", ", ".join(self.labels))
 
+    @property
+    def headline_metric(self) -> str:
+        """PrimeVul's pair-wise P-C on paired files (both halves of a pair right), else F1, or macro-F1 over CWEs."""
+        if self.label_mode == "cwe":
+            return "macro_f1"
+        return "P-C" if self.paired else "f1"
+
     def describe(self, rows: Sequence[Row]) -> str:
         counts = Counter(row["label"] for row in rows)
         return f"{len(rows)} prompts ({', '.join(f'{k} {v}' for k, v in counts.most_common())})"
@@ -238,6 +245,8 @@ class PrimeVulPatchDataModule(TaskDataModule):
     def read(self, split: str, training: bool) -> list[Row]:
         pairs = load_pairs(self.data_path, split, labels_inverted=self.labels_inverted, check_labels=self.check_labels)
         return [patch_row(p) for p in pairs]
+
+    headline_metric = "final_patch_reward"  # the reward of the patch a user would deploy (chosen without the fix)
 
     def evaluate(self, records: list[Record]) -> dict[str, Any]:
         """Metrics of evaluated prompts (k completions each): see `ttc_lightning.evaluation`."""
