@@ -399,6 +399,13 @@ def summarise(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     }
 
 
+def measure_machine() -> floor.Machine:
+    """`floor.measure()` in a process of its own: its 1 GiB of reads would otherwise count in the peak RSS of every
+    worker (a child process starts from its parent's peak)."""
+    command = [sys.executable, str(Path(__file__).parent / "floor.py"), "--json"]
+    return floor.Machine(**json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout))
+
+
 def floors(size: Size, spec: dict[str, Any], machine: floor.Machine) -> dict[str, float]:
     """The step's floor (its FLOPs at the matmul peak, sampling at the larger of FLOPs and reads) and its parts."""
     config = json.loads((Path(spec["model_dir"]) / "config.json").read_text())
@@ -526,7 +533,7 @@ def main() -> None:
 
     started = time.perf_counter()
     wait_for_quiet()
-    machine = floor.measure()
+    machine = measure_machine()
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "command": " ".join(["python", *sys.argv]),

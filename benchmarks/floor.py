@@ -127,5 +127,12 @@ def measure(seconds: float = 1.0) -> Machine:
 
 
 if __name__ == "__main__":
+    import dataclasses
+    import json
+    import sys
+
     m = measure()
-    print(f"float32 matmul peak {m.flops / 1e9:.0f} GFLOP/s, read bandwidth {m.bandwidth / 1e9:.1f} GB/s")
+    if "--json" in sys.argv:
+        print(json.dumps(dataclasses.asdict(m)))
+    else:
+        print(f"float32 matmul peak {m.flops / 1e9:.0f} GFLOP/s, read bandwidth {m.bandwidth / 1e9:.1f} GB/s")

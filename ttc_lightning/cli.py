@@ -98,6 +98,9 @@ class TTCCLI(LightningCLI):
                 "checkpoint.mode": "max",
                 "checkpoint.save_top_k": 3,
                 "checkpoint.filename": "{step}",
+                # The run directory belongs to one run (runs.claim), so a resumed run writes last.ckpt again rather
+                # than last-v1.ckpt beside it, as Lightning would when the checkpoint interval changed.
+                "checkpoint.enable_version_counter": False,
                 "trainer.precision": None,
                 "trainer.default_root_dir": "runs/ttc",
                 # Validation generates text: too slow to run as a sanity check before every fit.

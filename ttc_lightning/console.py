@@ -47,6 +47,11 @@ LIBRARY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"Found \d+ module\(s\) in eval mode at the start of training", PossibleUserWarning),
     # predict_step writes predictions.jsonl itself and returns nothing.
     (r"predict returned None if it was on purpose", UserWarning),
+    # A resumed run's checkpoint directory holds its earlier checkpoints: ttc's run directory belongs to one run.
+    (r"Checkpoint directory .* exists and is not empty", UserWarning),
+    # Validating, or resuming with another checkpoint interval: the checkpoint callbacks' state is their list of
+    # periodic checkpoints, nothing the run needs back.
+    (r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint", UserWarning),
     # Deprecations inside the libraries (peft reading transformers' old name, Lightning's own pytree code).
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),

@@ -3,6 +3,7 @@
 import re
 import time
 import warnings
+from pathlib import Path
 
 import yaml
 from lightning.fabric.utilities.rank_zero import LightningDeprecationWarning
@@ -40,6 +41,22 @@ def test_a_log_gets_progress_lines_and_no_library_warnings(run_ttc):
     for line in lines:
         assert re.fullmatch(rf"ttc: step \d/3 \| {fields}", line), line
     assert "━" not in out  # the rich bar draws on stdout
+
+
+def test_resuming_and_validating_a_run_show_no_library_warnings(run_ttc):
+    # Lightning warns on resume that the run's checkpoint directory is not empty (ttc's run directory is meant to be
+    # resumed), and on validate, or a resume with another checkpoint interval, that the checkpoint's callbacks
+    # differ from the trainer's (their state is the list of periodic checkpoints, nothing a run needs back).
+    assert run_ttc("fit", "--config", DEMO, *SMALL, "--trainer.max_steps", "2")[0] == 0
+    resume = ["--trainer.max_steps", "3", "--checkpoint.every_n_train_steps", "1", "--ckpt_path", "last"]
+    validate = ["--data.val_split", "valid", "--data.max_val_prompts", "1", "--ckpt_path", "last"]
+    with warnings.catch_warnings(record=True) as caught:
+        console_filters()
+        for command, args in (("fit", resume), ("validate", validate)):
+            code, _, err = run_ttc(command, "--config", DEMO, *SMALL, *args)
+            assert code == 0, err
+    assert [str(w.message) for w in caught] == []
+    assert sorted(p.name for p in Path("run/checkpoints").glob("last*")) == ["last.ckpt"]  # not last-v1.ckpt
 
 
 def test_print_config_shows_the_values_that_will_be_used(run_ttc):

@@ -29,6 +29,9 @@ from ttc_lightning.cli import main
 from ttc_lightning.runs import LOCK_FILE
 from ttc_lightning.tiny import save_tiny
 
+# Each case runs the tiny model end to end (about a second each): the fast subset leaves the suite out.
+pytestmark = pytest.mark.slow
+
 TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
 DEMO = str(REPO / "configs" / "demo.yaml")
 HERE = "tests.integration.test_faults"

@@ -282,6 +282,7 @@ OLD_FULL = str(REPO / "tests" / "fixtures" / "layout-0.1-full.ckpt")
 OLD_SETTINGS = ["--model.beta", "0.04", *FAST]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("ckpt", "lora"), [(OLD_LORA, ["--model.lora", "{r: 4, alpha: 8}"]), (OLD_FULL, [])], ids=["lora", "full"]
 )

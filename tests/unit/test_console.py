@@ -34,6 +34,8 @@ def test_library_notices_are_hidden_and_others_kept():
             ("predict returned None if it was on purpose, ignore this warning...", UserWarning),
             ("Total length of `list` across ranks is zero. Please make sure this was your intention.", UserWarning),
             ("The 'train_dataloader' does not have many workers which may be a bottleneck.", PossibleUserWarning),
+            ("Checkpoint directory /r/checkpoints exists and is not empty.", UserWarning),
+            ("Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need", UserWarning),
         )
         == []
     )
