@@ -161,7 +161,7 @@ def test_ddp_ranks_split_prompts_and_agree_on_weights_and_metrics(tmp_path, kill
     assert code == 0, out[-3000:]
     run = tmp_path / "run"
 
-    # Only rank 0 writes checkpoints: one file, not a second `last-v1.ckpt` from rank 1.
+    # One last.ckpt, written by rank 0, and no periodic checkpoint at a 50-step interval.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
