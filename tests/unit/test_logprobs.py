@@ -65,7 +65,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def peak_bytes(vocab: int) -> int:
-    # The shape: 16 rows x 256 completion tokens, frozen tied head (LoRA), forward and backward.
+    # A GRPO micro-batch: 16 rows x 256 completion tokens, frozen tied head (LoRA), forward and backward.
     torch.manual_seed(0)
     head = torch.nn.Linear(32, vocab, bias=False).requires_grad_(False)
     hidden = torch.randn(16, 256, 32, requires_grad=True)
