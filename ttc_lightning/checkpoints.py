@@ -155,6 +155,23 @@ def complete_state(
     checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}
 
 
+def start_next_epoch_afresh(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint written after its epoch ended (at the end of a fit whose max_steps fell on an epoch boundary):
+    reset the epoch loop's batch counts, in place, so that the resumed run starts the next epoch at its first batch.
+
+    Lightning (2.6) resumes a max_steps run as if in the middle of an epoch even when the checkpoint's epoch is done:
+    it keeps the finished epoch's batch counts, so the next epoch ends after one batch (the data's first) and the
+    one after starts the data over: one batch trained twice, and a different run from one never stopped."""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop or "epoch_loop.batch_progress" not in loop:
+        return
+    epochs, batches = loop["epoch_progress"]["current"], loop["epoch_loop.batch_progress"]
+    # A fit stopped by max_steps counts its epoch as completed even in the middle: the last batch tells them apart.
+    if epochs["completed"] == epochs["started"] and batches.get("is_last_batch"):
+        batches["current"] = dict.fromkeys(batches["current"], 0)
+        batches["is_last_batch"] = False
+
+
 def check_lora_shape(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> None:
     """LoRA settings that change the adapters' shapes (rank, adapted layers) cannot differ: the weights would not
     fit."""

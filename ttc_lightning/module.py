@@ -18,7 +18,14 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ttc_lightning import cpu
-from ttc_lightning.checkpoints import base_fingerprint, complete_state, run_identity, trim_state, ttc_section
+from ttc_lightning.checkpoints import (
+    base_fingerprint,
+    complete_state,
+    run_identity,
+    start_next_epoch_afresh,
+    trim_state,
+    ttc_section,
+)
 from ttc_lightning.data.base import Task
 from ttc_lightning.dynamic import nothing_left_to_learn, sample_until_informative
 from ttc_lightning.errors import TTCError, sharded_strategy_error
@@ -439,6 +446,7 @@ class GRPOModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         identity, allow = self._identity(), self.hparams.allow_checkpoint_mismatch
         complete_state(checkpoint, self.state_dict(), trainable, identity, allow)
+        start_next_epoch_afresh(checkpoint)
         self.guard.skipped = checkpoint["ttc"].get("skipped_steps", 0)
 
     def _identity(self) -> dict[str, Any]:

@@ -253,13 +253,15 @@ def prompts_per_step(*paths: Path) -> dict[int, list[str]]:
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_continues_the_epoch_instead_of_replaying_it(run_ttc, tmp_path, one_thread):
+@pytest.mark.parametrize("stop", [6, 8], ids=["mid-epoch", "epoch-end"])
+def test_resume_mid_epoch_continues_the_epoch_instead_of_replaying_it(run_ttc, tmp_path, one_thread, stop):
     args = ["fit", "--config", TINY, *FAST]
-    # 16 prompts, 4 per step, so 4 steps an epoch: stop in the middle of epoch 1 (after step 5), resume into
-    # epoch 2, and compare with a run that was never stopped. The same prompts in the same order means the epoch
-    # went on where it stopped, in the order that epoch had, and the next epoch was shuffled as it would have been.
+    # 16 prompts, 4 per step, so 4 steps an epoch: stop in the middle of epoch 1 (after step 5) or at the end of
+    # epoch 1 (after step 7: the last checkpoint is written after the epoch ended), resume to step 9, and compare
+    # with a run that was never stopped. The same prompts in the same order means the epoch went on where it
+    # stopped, in the order that epoch had, and the next epoch was shuffled as it would have been.
     assert run_ttc(*args, "--trainer.default_root_dir", "whole", "--trainer.max_steps", "10")[0] == 0
-    assert run_ttc(*args, "--trainer.default_root_dir", "run", "--trainer.max_steps", "6")[0] == 0
+    assert run_ttc(*args, "--trainer.default_root_dir", "run", "--trainer.max_steps", str(stop))[0] == 0
     code, _, err = run_ttc(*args, "--trainer.default_root_dir", "run", "--trainer.max_steps", "10", "--ckpt_path=last")
     assert code == 0, err
     logs = tmp_path / "run" / "logs"

@@ -18,6 +18,7 @@ from ttc_lightning.checkpoints import (
     read_checkpoint,
     remove_partial_files,
     run_identity,
+    start_next_epoch_afresh,
     trim_state,
 )
 from ttc_lightning.errors import TTCError
@@ -248,3 +249,37 @@ def test_shape_and_name_checks():
         check_shapes({"lora_B": torch.zeros(4, 8)}, current, {"lora_A"}, lora=True)
     with pytest.raises(TTCError, match=r"1 of this model's weights are not in the checkpoint \(first: base\)"):
         check_shapes({"lora_A": torch.zeros(4, 8)}, current, set(current), lora=False)
+
+
+def fit_loop(epoch_started: int, epoch_completed: int, batches: int, last_batch: bool) -> dict:
+    counts = {"ready": batches, "completed": batches, "started": batches, "processed": batches}
+    epochs = {"ready": epoch_started, "completed": epoch_completed, "started": epoch_started, "processed": 0}
+    return {
+        "loops": {
+            "fit_loop": {
+                "epoch_progress": {"total": dict(epochs), "current": dict(epochs)},
+                "epoch_loop.batch_progress": {
+                    "total": dict(counts),
+                    "current": dict(counts),
+                    "is_last_batch": last_batch,
+                },
+            }
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("loop", "reset"),
+    [
+        (fit_loop(1, 1, 6, True), True),  # written after epoch 0's 6th and last batch, at the end of fit
+        (fit_loop(1, 1, 2, False), False),  # max_steps in the middle of the epoch: Lightning counts it completed too
+        (fit_loop(1, 0, 6, True), False),  # written at the last batch's end, before the epoch ended: Lightning's case
+    ],
+    ids=["epoch-ended", "stopped-mid-epoch", "saved-at-batch-end"],
+)
+def test_only_a_finished_epochs_batch_counts_are_reset(loop, reset):
+    start_next_epoch_afresh(loop)
+    batches = loop["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert (batches["current"] == dict.fromkeys(batches["current"], 0)) is reset
+    assert batches["is_last_batch"] is not reset
+    assert batches["total"]["completed"] > 0  # the run's totals (logging steps) are kept
