@@ -119,7 +119,8 @@ class SharedPrefixLayer(DynamicLayer):
 
     def __init__(self, prefix: DynamicLayer, mask: Tensor, group: int, capacity: int, attention: Attention) -> None:
         super().__init__()
-        self.prompt_keys, self.prompt_values = prefix.keys, prefix.values  # [B, Hkv, P, D]
+        # Under autocast the rotary embedding leaves keys in float32 and values in bf16: one dtype for attention.
+        self.prompt_keys, self.prompt_values = prefix.keys, prefix.values.to(prefix.keys.dtype)  # [B, Hkv, P, D]
         self.mask = mask  # [B, 1, 1, P]: 0, or -inf on left padding
         self.group = group
         self.own = GrowingLayer(capacity)
@@ -135,6 +136,9 @@ class SharedPrefixLayer(DynamicLayer):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         """Attention of one new token per row, `q` `[N, Hkv, heads, D]` and `k`, `v` `[N, Hkv, 1, D]`."""
+        # Under autocast q, k and v can come in other dtypes than the prompt's cache: attend in its, answer in q's.
+        out_dtype = q.dtype
+        q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
         keys, values = self.own.update(k, v)  # [N, Hkv, t, D]
         b, hkv, _, d = self.prompt_keys.shape
         n, _, heads, _ = q.shape
@@ -146,7 +150,7 @@ class SharedPrefixLayer(DynamicLayer):
         on_own, own_lse = self.attention(q, keys, values, None, scale)  # [N, Hkv, h, D], [N, Hkv, h]
         # softmax over both parts = each part's softmax weighted by its share of the total exp-sum
         to_prompt = torch.sigmoid(prompt_lse - own_lse.unsqueeze(-1))  # [N, Hkv, h, 1]
-        return torch.lerp(on_own, on_prompt, to_prompt.to(q.dtype))  # [N, Hkv, heads, D]
+        return torch.lerp(on_own, on_prompt, to_prompt.to(on_own.dtype)).to(out_dtype)  # [N, Hkv, heads, D]
 
 
 def cache_bytes(cache: DynamicCache) -> int:

@@ -518,6 +518,18 @@ def test_mixed_precision_on_cpu_trains_and_evaluates(run_ttc, tmp_path, val, pre
     assert code == 0, err
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu", ["true", "false"], ids=["cpu-kernels", "plain"])
+def test_mixed_precision_samples_with_a_shared_prompt_cache(run_ttc, tmp_path, cpu):
+    # The demo's 1,300-1,600-token prompts and G = 8 share each prompt's keys/values while decoding (the tiny config's
+    # short prompts copy them): under autocast its keys come out float32 and its values bf16.
+    args = ["--config", DEMO, "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "1"]
+    args += ["--model.max_new_tokens", "4", "--trainer.precision", "bf16-mixed", "--model.levers.cpu", cpu]
+    code, _, err = run_ttc("fit", *args)
+    assert code == 0, err
+    assert "shared prompt cache" in err
+
+
 def test_completion_longer_than_the_context_is_refused(run_ttc, tmp_path):
     code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--model.max_new_tokens", "8192"))
     assert_one_line_error(code, err, "model.max_new_tokens=8192 leaves no room for a prompt: the context of 'tiny'")
