@@ -61,6 +61,9 @@ def classification_metrics(records: Sequence[Record], label_mode: str) -> dict[s
     labels = [int(g == VULNERABLE) for g in gold]
     voted = [int(p["final"] == VULNERABLE) for p in predictions]
     binary = binary_metrics(labels, voted)
+    # No answer counts as "benign" here, as in precision, recall and the pair-wise metrics.
+    single = fmean((answer == VULNERABLE) == (g == VULNERABLE) for answer, g in samples)
+    metrics.update(accuracy=binary["accuracy"], accuracy_single=single)
     metrics.update(precision=binary["precision"], recall=binary["recall"], f1=binary["f1"])
     if 0 < sum(labels) < len(labels):
         metrics["vd_score"] = vd_score(labels, [p["score"] for p in predictions])

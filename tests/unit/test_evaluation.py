@@ -30,7 +30,7 @@ def test_vote_and_score_of_one_prompt():
 def test_binary_classification_metrics():
     m = classification_metrics(RECORDS, "binary")
     assert m["accuracy"] == 0.5  # votes [v, b, b, v] vs gold [v, b, v, b]: 2 of 4
-    assert m["accuracy_single"] == pytest.approx(5 / 12)  # correct samples 2 + 2 + 1 + 0 of 12
+    assert m["accuracy_single"] == pytest.approx(6 / 12)  # correct samples 2 + 3 + 1 + 0 of 12 (no answer: benign)
     assert m["format_valid"] == pytest.approx(11 / 12)  # one sample has no tags
     # TP 1 (pair a), FP 1 (pair b fixed half), FN 1 (pair b vulnerable half): P = R = F1 = 1/2
     assert (m["precision"], m["recall"], m["f1"]) == (0.5, 0.5, 0.5)
@@ -39,6 +39,14 @@ def test_binary_classification_metrics():
     # the benign half of pair b scores 1.0, above every vulnerable one: at FPR 0 nothing is flagged, FNR = 1
     assert m["vd_score"] == 1.0
     assert m["mean_length"] == 10
+
+
+def test_no_answer_counts_as_benign_in_every_binary_metric():
+    records = [record(label, pair, ["no tags at all"]) for pair in "abc" for label in ("vulnerable", "benign")]
+    m = classification_metrics(records, "binary")
+    # every function called benign: the 3 benign ones are right (accuracy 3/6), every pair is "both benign"
+    assert (m["accuracy"], m["accuracy_single"], m["P-B"], m["P-C"]) == (0.5, 0.5, 1.0, 0.0)
+    assert (m["recall"], m["format_valid"]) == (0.0, 0.0)
 
 
 def test_cwe_metrics_have_a_per_class_table():
