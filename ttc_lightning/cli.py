@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from jsonargparse import ActionYesNo, Namespace, set_parsing_settings
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -213,6 +214,8 @@ def run(args: list[str] | None) -> None:
             save_config_callback=SaveConfigToWandb,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=42,
+            # The optimizer and its schedule are model options (learning_rate, lr_scheduler, ...): no --optimizer.
+            auto_configure_optimizers=False,
             trainer_defaults={"callbacks": [SummaryTable(), RunInfo(), ParameterCount()]},
             # `export` is dispatched above, outside LightningCLI, whose list of subcommands cannot show it.
             parser_kwargs={
@@ -236,13 +239,21 @@ def run(args: list[str] | None) -> None:
         raise
     except Exception as e:
         # jsonargparse wraps errors raised while building the model or data module: find ours in the chain.
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, TTCError):
-            cause = cause.__cause__ or cause.__context__
+        # Lightning's MisconfigurationException is its user-error type (an accelerator this machine lacks, ...).
+        cause = _in_chain(e, TTCError) or _in_chain(e, MisconfigurationException)
         if cause is None:
             raise
-        print(f"ttc: error: {cause}", file=sys.stderr)
+        where = "trainer: " if isinstance(cause, MisconfigurationException) else ""
+        print(f"ttc: error: {where}{cause}", file=sys.stderr)
         sys.exit(1)
+
+
+def _in_chain(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type `kind` in `error`'s chain of causes and contexts."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, kind):
+        cause = cause.__cause__ or cause.__context__
+    return cause
 
 
 if __name__ == "__main__":

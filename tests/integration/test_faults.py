@@ -530,6 +530,18 @@ def test_mixed_precision_samples_with_a_shared_prompt_cache(run_ttc, tmp_path, c
     assert "shared prompt cache" in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has the GPU asked for")
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
+def test_an_accelerator_the_machine_lacks_is_one_line(run_ttc, tmp_path, accelerator):
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--trainer.accelerator", accelerator))
+    assert_one_line_error(code, err, "trainer: ")
+
+
+def test_the_optimizer_is_set_by_model_options_only(run_ttc, tmp_path):
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--optimizer", "torch.optim.SGD"))
+    assert code == 2 and "unrecognized arguments: --optimizer" in err and "Traceback" not in err
+
+
 def test_completion_longer_than_the_context_is_refused(run_ttc, tmp_path):
     code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--model.max_new_tokens", "8192"))
     assert_one_line_error(code, err, "model.max_new_tokens=8192 leaves no room for a prompt: the context of 'tiny'")
