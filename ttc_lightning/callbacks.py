@@ -331,11 +331,12 @@ class ProgressLines(ProgressBar):
             self.check_busy()
 
     def check_busy(self) -> None:
-        """Print what the run is working on if nothing was printed for `every_n_seconds` (the watcher's tick)."""
+        """Print what the run is working on if it has been at it, with nothing printed, for `every_n_seconds` (the
+        watcher's tick). Short steps never are: the step line at the end of one says more."""
         now = self.clock()
         with self._lock:
-            quiet = now - self._last_line >= self.every_n_seconds
             busy, since = self._busy, self._busy_since
+            quiet = min(now - self._last_line, now - since) >= self.every_n_seconds
         if quiet:
             self._emit(f"ttc: working on {busy} for {format_duration(now - since)}", now)
 

@@ -332,6 +332,24 @@ def test_progress_lines_every_n_steps_or_seconds(capsys):
         ProgressLines(every_n_steps=0)
 
 
+def test_short_steps_get_step_lines_not_working_on_lines(capsys):
+    clock = FakeClock()
+    lines = ProgressLines(every_n_steps=100, every_n_seconds=2, clock=clock)
+    trainer = SimpleNamespace(global_step=0, max_steps=10, world_size=1, callback_metrics={})
+    module = SimpleNamespace(last_rollout=[])
+    lines.on_train_start(trainer, module)
+    for start in (0.0, 0.8, 1.6):  # steps of 0.8 s; the watcher ticks 0.5 s into each, 2.1 s after the last line
+        clock.now = start
+        lines.on_train_batch_start(trainer, module, {}, 0)
+        clock.now = start + 0.5
+        lines.check_busy()
+        clock.now = start + 0.8
+        trainer.global_step += 1
+        lines.on_train_batch_end(trainer, module, None, {}, 0)
+    # nothing until step 3 ends at 2.4 s, then its line: 3 steps in 2.4 s
+    assert capsys.readouterr().err == "ttc: step 3/10 | 0.80 s/step | 0 tok/s | ETA 0:00:06\n"
+
+
 def test_parameter_count_names_the_trained_share(caplog):
     policy = torch.nn.Linear(3, 2)  # 6 weights + 2 biases
     policy.bias.requires_grad_(False)
