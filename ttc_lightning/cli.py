@@ -37,7 +37,7 @@ from ttc_lightning.data.base import Task
 from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.preflight import check_before_start
-from ttc_lightning.tracking import quiet_wandb_start, wandb_defaults
+from ttc_lightning.tracking import class_path_of, quiet_wandb_start, wandb_defaults
 
 
 def auto_precision(accelerator: Any) -> str:
@@ -145,11 +145,14 @@ class TTCCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             # A fixed directory (not per logger version) so that `--ckpt_path last` finds the previous run's file.
             config.checkpoint.dirpath = f"{root}/checkpoints"
+        csv = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "logs"}}
         if trainer.logger in (None, True):
-            trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": root, "name": "logs"},
-            }
+            trainer.logger = csv
+        elif trainer.logger is not False:
+            # metrics.csv and logs/version_N/ beside W&B or another tracker: the first logger names the log directory.
+            loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+            if not any(class_path_of(entry).endswith("CSVLogger") for entry in loggers):
+                trainer.logger = [csv, *loggers]
         if _no_validation_split(config.data):
             # An empty validation loader still counts as a loop in Lightning and shifts logged steps on resume.
             trainer.limit_val_batches = 0

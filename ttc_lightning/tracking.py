@@ -124,10 +124,11 @@ def has_wandb_credentials() -> bool:
 
 def _wandb_entries(logger: Any) -> list[Any]:
     entries = logger if isinstance(logger, list) else [logger]
-    return [e for e in entries if _class_path(e).endswith("WandbLogger")]
+    return [e for e in entries if class_path_of(e).endswith("WandbLogger")]
 
 
-def _class_path(entry: Any) -> str:
+def class_path_of(entry: Any) -> str:
+    """The `class_path` of a config entry (a dict or Namespace), "" for anything else."""
     getter = getattr(entry, "get", None)
     return str(getter("class_path") or "") if callable(getter) else ""
 
@@ -166,7 +167,7 @@ def wandb_defaults(config: Any) -> None:
             data = config.get("data")
             model_path = (model.get("init_args") or {}).get("model_name_or_path") if model else None
             commit = (git_state() or {}).get("commit")
-            args["name"] = default_run_name(task_name(_class_path(data)), model_path, commit)
+            args["name"] = default_run_name(task_name(class_path_of(data)), model_path, commit)
         if args.get("save_dir") in (None, ".") and not args.get("dir"):
             args["save_dir"] = config.trainer.default_root_dir
 

@@ -142,9 +142,11 @@ def test_offline_run_logs_metrics_config_run_info_and_completions(run_ttc, tmp_p
     assert config["num_generations"] == 2  # the module's hyperparameters
     assert config["run_info"]["world_size"] == 1 and config["run_info"]["precision"] == "32-true"
 
-    # Local copies beside the W&B files: run_info.json and the same rows as the tables in rollouts.jsonl.
-    assert json.loads((run / "run_info.json").read_text()) == config["run_info"]
-    assert len((run / "rollouts.jsonl").read_text().splitlines()) == 2 * 4 * 2  # steps x prompts x G
+    # Local copies, as in a run without W&B: metrics.csv, run_info.json, the same rows as the tables in rollouts.jsonl.
+    logs = run / "logs" / "version_0"
+    assert json.loads((logs / "run_info.json").read_text()) == config["run_info"]
+    assert len((logs / "rollouts.jsonl").read_text().splitlines()) == 2 * 4 * 2  # steps x prompts x G
+    assert "reward" in (logs / "metrics.csv").read_text().splitlines()[0]
     assert "reward 0." in err
 
 
