@@ -53,7 +53,7 @@ class CheckpointOnInterrupt(L.Callback):
             return
         if trainer.state.fn == "fit" and trainer.global_step > 0:
             try:
-                trainer.save_checkpoint(self.path)
+                trainer.save_checkpoint(self.path, weights_only=False)
             except TTCError as e:  # non-finite weights: the run's earlier checkpoints stay the ones to resume from
                 rank_zero_warn(f"ttc: interrupted at step {trainer.global_step}; {e}")
                 return
@@ -83,7 +83,7 @@ class BestCheckpoint(L.Callback):
             return
         if float(value) > self.best:
             self.best = float(value)
-            trainer.save_checkpoint(self.path)  # every rank: saving ends in a barrier
+            trainer.save_checkpoint(self.path, weights_only=False)  # every rank: saving ends in a barrier
             rank_zero_info(
                 f"ttc: {self.metric} {self.best:.4f} at step {trainer.global_step}, the best so far: {self.path}"
             )

@@ -52,9 +52,13 @@ LIBRARY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # Validating, or resuming with another checkpoint interval: the checkpoint callbacks' state is their list of
     # periodic checkpoints, nothing the run needs back.
     (r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint", UserWarning),
-    # Deprecations inside the libraries (peft reading transformers' old name, Lightning's own pytree code).
+    # Evaluating a checkpoint of another run directory: its periodic-checkpoint list is not reloaded, as intended.
+    (r"The dirpath has changed from .* won't be reloaded", UserWarning),
+    # Deprecations inside the libraries (peft reading transformers' old name, Lightning's own pytree code, Lightning's
+    # all_gather on torch's old collective under DDP).
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    (r"torch\.distributed\.nn\.functional\.all_gather is deprecated", FutureWarning),
 )
 # Log records of the same kind: (logger, message prefix).
 LIBRARY_LOG_RECORDS: tuple[tuple[str, str], ...] = (

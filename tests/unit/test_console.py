@@ -35,6 +35,8 @@ def test_library_notices_are_hidden_and_others_kept():
             ("Total length of `list` across ranks is zero. Please make sure this was your intention.", UserWarning),
             ("The 'train_dataloader' does not have many workers which may be a bottleneck.", PossibleUserWarning),
             ("Checkpoint directory /r/checkpoints exists and is not empty.", UserWarning),
+            ("The dirpath has changed from 'a' to 'b', therefore ... won't be reloaded.", UserWarning),
+            ("torch.distributed.nn.functional.all_gather is deprecated, use ... instead.", FutureWarning),
             ("Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need", UserWarning),
         )
         == []
