@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.tracking import completion_table, first_last, format_duration, progress_line, run_info
+from ttc_lightning.tracking import completion_table, first_last, format_duration, plural, progress_line, run_info
 
 
 class HasRollout(Protocol):
@@ -425,7 +425,7 @@ class SummaryTable(L.Callback):
         console.print(table, facts)
         start, end = means["reward"]
         console.print(
-            f"[bold]ttc[/bold]: {len(self.history)} steps, reward {start:.3f} -> {end:.3f} "
-            f"(mean of the first and last {n}), last checkpoint: {ckpt}",
+            f"[bold]ttc[/bold]: step {trainer.global_step}, {plural(len(self.history), 'rollout')} in this run, reward "
+            f"{start:.3f} -> {end:.3f} (mean of the first and last {n}), last checkpoint: {ckpt}",
             soft_wrap=True,
         )

@@ -21,6 +21,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from ttc_lightning.checkpoints import read_checkpoint, remove_partial_files
 from ttc_lightning.errors import TTCError
+from ttc_lightning.tracking import plural
 
 log = logging.getLogger("ttc")
 
@@ -60,8 +61,9 @@ def resolve_ckpt_path(value: str | None, subcommand: str, run: RunDir) -> str | 
             log.info("--ckpt_path last: no checkpoint in %s yet, starting a new run", run.checkpoints)
             return None
         what = "last.ckpt or last-interrupted.ckpt" if value == "last" else "best.ckpt"
+        how = "train first" if value == "last" else "train with a validation split (data.val_split) first"
         raise TTCError(
-            f"--ckpt_path {value}: {run.checkpoints} holds no {what}; give a checkpoint file, train first, or leave "
+            f"--ckpt_path {value}: {run.checkpoints} holds no {what}; give a checkpoint file, {how}, or leave "
             f"--ckpt_path out to {subcommand} the base model"
         )
     return str(path)
@@ -95,13 +97,13 @@ def claim(run: RunDir, resume: bool, overwrite: bool) -> IO[str] | None:
             if not overwrite:
                 newest = max(held, key=lambda p: p.stat().st_mtime)
                 raise TTCError(
-                    f"{run.root} already holds a run ({len(held)} checkpoints, the newest {newest}): resume it with "
-                    "--ckpt_path last, start it over with --overwrite (deletes its checkpoints), or choose another "
-                    "--trainer.default_root_dir"
+                    f"{run.root} already holds a run ({plural(len(held), 'checkpoint')}, the newest {newest}): resume "
+                    "it with --ckpt_path last, start it over with --overwrite (deletes its checkpoints), or choose "
+                    "another --trainer.default_root_dir"
                 )
             for path in held:
                 path.unlink()
-            log.warning("--overwrite: deleted the %d checkpoints of the earlier run in %s", len(held), run.root)
+            log.warning("--overwrite: deleted %s of the earlier run in %s", plural(len(held), "checkpoint"), run.root)
         remove_partial_files(run.checkpoints)
     except BaseException:
         if lock is not None:

@@ -236,6 +236,11 @@ def first_last(history: Sequence[Mapping[str, float]], window: int) -> dict[str,
     }
 
 
+def plural(n: int, noun: str) -> str:
+    """1, "rollout" -> "1 rollout"; 3 -> "3 rollouts"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def format_duration(seconds: float) -> str:
     """3725.2 -> "1:02:05"."""
     minutes, secs = divmod(round(seconds), 60)

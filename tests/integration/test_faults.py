@@ -290,7 +290,7 @@ def test_overwrite_starts_over_and_keeps_the_earlier_logs(run_ttc, run):
     logs = hashes(run / "logs")
     code, _, err = run_ttc("fit", *run_args(run, *LORA, "--trainer.max_steps", "1", "--overwrite"))
     assert code == 0, err
-    assert "ttc: warning: --overwrite: deleted the 3 checkpoints of the earlier run" in err
+    assert "ttc: warning: --overwrite: deleted 3 checkpoints of the earlier run" in err
     assert checkpoint_names(run) == ["last.ckpt"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
     assert_kept(logs, run / "logs")

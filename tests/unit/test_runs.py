@@ -80,7 +80,7 @@ def test_fit_from_a_finished_checkpoint_says_how_to_continue(tmp_path):
 
 def test_a_new_run_refuses_a_directory_with_checkpoints(run):
     last = write(run.checkpoints / "last.ckpt")
-    with pytest.raises(TTCError, match=r"already holds a run \(1 checkpoints, the newest .*last.ckpt\): resume it"):
+    with pytest.raises(TTCError, match=r"already holds a run \(1 checkpoint, the newest .*last.ckpt\): resume it"):
         claim(run, resume=False, overwrite=False)
     assert last.is_file()
     lock = claim(run, resume=True, overwrite=False)  # resuming it is what the directory is for
