@@ -425,7 +425,7 @@ class SummaryTable(L.Callback):
         console.print(table, facts)
         start, end = means["reward"]
         console.print(
-            f"[bold]ttc[/bold]: step {trainer.global_step}, {plural(len(self.history), 'rollout')} in this run, reward "
-            f"{start:.3f} -> {end:.3f} (mean of the first and last {n}), last checkpoint: {ckpt}",
+            f"[bold]ttc[/bold]: {plural(len(self.history), 'rollout')} in this run (to step {trainer.global_step}), "
+            f"reward {start:.3f} -> {end:.3f} (mean of the first and last {n}), last checkpoint: {ckpt}",
             soft_wrap=True,
         )

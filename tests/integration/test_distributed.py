@@ -405,7 +405,9 @@ def test_fsdp_by_name_is_refused_with_one_line_error(run_ttc):
 
 def stub_trainer(world_size: int, saved: list) -> SimpleNamespace:
     state = SimpleNamespace(fn="fit")
-    return SimpleNamespace(state=state, global_step=3, world_size=world_size, save_checkpoint=saved.append)
+    return SimpleNamespace(
+        state=state, global_step=3, world_size=world_size, save_checkpoint=lambda path, **_: saved.append(path)
+    )
 
 
 def test_interrupt_checkpoint_is_saved_on_sigterm_under_ddp(tmp_path):

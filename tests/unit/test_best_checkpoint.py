@@ -16,7 +16,7 @@ def validate(callback: BestCheckpoint, step: int, **metrics: float) -> list[int]
         state=SimpleNamespace(fn="fit"),
         global_step=step,
         callback_metrics={k: torch.tensor(v) for k, v in metrics.items()},
-        save_checkpoint=lambda path: saved.append(step),
+        save_checkpoint=lambda path, **_: saved.append(step),
     )
     callback.on_validation_end(trainer, None)
     return saved
