@@ -5,6 +5,7 @@ a `WandbLogger`)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import threading
@@ -28,6 +29,8 @@ from rich.table import Table
 from ttc_lightning.errors import TTCError
 from ttc_lightning.tracking import completion_table, first_last, format_duration, plural, progress_line, run_info
 
+log = logging.getLogger("ttc")
+
 
 class HasRollout(Protocol):
     """What the callbacks read of the module: the last rollout's records (this rank's completions)."""
@@ -45,17 +48,23 @@ class CheckpointOnInterrupt(L.Callback):
 
     def __init__(self, dirpath: str | Path) -> None:
         self.path = Path(dirpath) / "last-interrupted.ckpt"
+        self.started_at: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started_at = trainer.global_step
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Saving ends in a barrier: under DDP only SIGTERM reaches every rank together; an error raised on one
         # rank would leave the others waiting in a collective and the run would hang instead of exiting.
         if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
             return
-        if trainer.state.fn == "fit" and trainer.global_step > 0:
+        # Only a run that trained since it started has something to keep: one that failed while restoring, or in
+        # its first step, would write a checkpoint no better than the one it resumed from (or a half-restored one).
+        if trainer.state.fn == "fit" and self.started_at is not None and trainer.global_step > self.started_at:
             try:
                 trainer.save_checkpoint(self.path, weights_only=False)
             except TTCError as e:  # non-finite weights: the run's earlier checkpoints stay the ones to resume from
-                rank_zero_warn(f"ttc: interrupted at step {trainer.global_step}; {e}")
+                log.warning("interrupted at step %d; %s", trainer.global_step, e)
                 return
             rank_zero_info(f"ttc: interrupted at step {trainer.global_step}; saved {self.path}")
 

@@ -55,10 +55,11 @@ def trim_state(state: dict[str, Any], trainable: set[str], lora: bool, step: int
     return kept
 
 
-def ttc_section(identity: dict[str, Any], skipped_steps: int) -> dict[str, Any]:
-    """The checkpoint's "ttc" section: the run's `run_identity`, the random states and the skipped-step count."""
+def ttc_section(identity: dict[str, Any], skipped_steps: int, rng: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint's "ttc" section: the run's `run_identity`, the random states (`rng`, else the current ones)
+    and the skipped-step count."""
     # Lightning does not save RNG states; sampling after a resume must continue the same random stream.
-    return {**identity, "rng": rng_states(), "skipped_steps": skipped_steps}
+    return {**identity, "rng": rng or rng_states(), "skipped_steps": skipped_steps}
 
 
 def run_identity(

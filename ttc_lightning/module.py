@@ -21,6 +21,7 @@ from ttc_lightning import cpu
 from ttc_lightning.checkpoints import (
     base_fingerprint,
     complete_state,
+    rng_states,
     run_identity,
     start_next_epoch_afresh,
     trim_state,
@@ -140,6 +141,9 @@ class GRPOModule(L.LightningModule):
             self.generate, self.scorer, self.reward_weights, eval_num_samples, eval_temperature, max_new_tokens
         )
         self._log_path: Path | None = None
+        # The random states as the step in flight began: a checkpoint written when it fails (Ctrl-C, an error) holds
+        # these, so the resumed run samples that step's completions again as an unbroken run does.
+        self._rng_at_step: dict[str, Any] | None = None
 
     # --- set-up --------------------------------------------------------------------------------------------------
 
@@ -234,6 +238,7 @@ class GRPOModule(L.LightningModule):
         g = hp.num_generations
         step = self.trainer.global_step
         started = time.perf_counter()
+        self._rng_at_step = rng_states()
 
         # 1-3. Prompts and metadata, completions, rewards: one round, or rounds until enough groups differ.
         sampled, training, sampling = self._sample_round(batch), (torch.arange(len(batch["prompt"])), 1.0), {}
@@ -253,6 +258,7 @@ class GRPOModule(L.LightningModule):
             self.trainer.should_stop |= nothing_left_to_learn(self._tied, self.trainer.num_training_batches)
         generated = time.perf_counter()
         if training is None:  # no rank has a group whose rewards differ: nothing to learn, no optimizer step
+            self._rng_at_step = None
             return self._finish_step(step, sampled, None, sampling, (generated - started, 0.0))
         groups, weight = training
 
@@ -271,6 +277,7 @@ class GRPOModule(L.LightningModule):
         # 8. Metrics, and the records kept for callbacks (e.g. a W&B completions table) and rollouts.jsonl.
         kept = (groups, rollout) if weight else None
         self._finish_step(step, sampled, kept, stats | sampling, (generated - started, trained - generated))
+        self._rng_at_step = None
 
     def _sample_round(self, batch: dict[str, list]) -> Round:
         """Steps 1-3 of `training_step` on one batch: G completions per prompt, scored."""
@@ -440,7 +447,7 @@ class GRPOModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         state = trim_state(checkpoint["state_dict"], trainable, self.lora is not None, checkpoint.get("global_step", 0))
         checkpoint["state_dict"] = state
-        checkpoint["ttc"] = ttc_section(self._identity(), self.guard.skipped)
+        checkpoint["ttc"] = ttc_section(self._identity(), self.guard.skipped, self._rng_at_step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}

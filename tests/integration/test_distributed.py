@@ -410,21 +410,38 @@ def stub_trainer(world_size: int, saved: list) -> SimpleNamespace:
     )
 
 
+def interrupted(tmp_path: Path, trainer: SimpleNamespace, exception: BaseException, started_at: int | None = 1) -> None:
+    """`CheckpointOnInterrupt` for a run that started training at `started_at` (None: it never did)."""
+    callback = CheckpointOnInterrupt(tmp_path)
+    if started_at is not None:
+        callback.on_train_start(SimpleNamespace(global_step=started_at), None)
+    callback.on_exception(trainer, None, exception)
+
+
 def test_interrupt_checkpoint_is_saved_on_sigterm_under_ddp(tmp_path):
     # Lightning raises SIGTERMException on every rank together (it broadcasts the signal), so all ranks reach
     # save_checkpoint's barrier.
     saved: list = []
-    CheckpointOnInterrupt(tmp_path).on_exception(stub_trainer(2, saved), None, SIGTERMException())
+    interrupted(tmp_path, stub_trainer(2, saved), SIGTERMException())
     assert saved == [tmp_path / "last-interrupted.ckpt"]
 
 
 def test_interrupt_checkpoint_is_saved_on_any_error_in_one_process(tmp_path):
     saved: list = []
-    CheckpointOnInterrupt(tmp_path).on_exception(stub_trainer(1, saved), None, TTCError("reward function f raised"))
+    interrupted(tmp_path, stub_trainer(1, saved), TTCError("reward function f raised"))
     assert saved == [tmp_path / "last-interrupted.ckpt"]
+
+
+@pytest.mark.parametrize("started_at", [None, 3], ids=["failed-while-restoring", "no-step-since-the-start"])
+def test_interrupt_checkpoint_is_not_saved_before_a_step_of_this_run(tmp_path, started_at):
+    # Resumed at step 3 (or failing before training started): the checkpoint resumed from is as good, and a
+    # half-restored state (an optimizer without its moments) must not become the newest checkpoint.
+    saved: list = []
+    interrupted(tmp_path, stub_trainer(1, saved), TTCError("restore failed"), started_at)
+    assert saved == []
 
 
 def test_interrupt_checkpoint_is_not_saved_when_one_rank_fails_under_ddp(tmp_path):
     saved: list = []
-    CheckpointOnInterrupt(tmp_path).on_exception(stub_trainer(2, saved), None, TTCError("reward function f raised"))
+    interrupted(tmp_path, stub_trainer(2, saved), TTCError("reward function f raised"))
     assert saved == []

@@ -58,6 +58,14 @@ def huge_once_reward(completions: list[str], **_) -> list[float]:
     return [3e38 if _calls["n"] == 1 else float(len(set(c))) for c in completions]
 
 
+def failing_a_reward(completions: list[str], **_) -> list[float]:
+    """The share of "a"; raises on its third call (step 2's rewards, after step 2 sampled) when TTC_TEST_FAIL is set."""
+    _calls["n"] += 1
+    if os.environ.get("TTC_TEST_FAIL") and _calls["n"] == 3:
+        raise RuntimeError("the reward service went away")
+    return [c.count("a") / max(len(c), 1) for c in completions]
+
+
 class PoisonWeights(L.Callback):
     """Writes NaN (or inf) into a trainable weight once training reaches step `at`, as a diverging step would."""
 
@@ -585,6 +593,30 @@ def test_kill_9_leaves_only_whole_checkpoints_and_the_run_resumes(run_ttc, tmp_p
 
 
 # --- resuming is exact ----------------------------------------------------------------------------------------------
+
+
+def test_a_run_failing_in_a_step_resumes_to_what_an_unbroken_run_samples(run_ttc, tmp_path, monkeypatch):
+    # The error comes after step 2 sampled: its checkpoint must hold the random states as step 2 began.
+    args = ["--config", DEMO, *FAST, "--model.rewards", f"[{HERE}.failing_a_reward]", "--model.reward_weights", "[1]"]
+    _calls["n"] = 0
+    assert run_ttc("fit", *args, "--trainer.default_root_dir", "whole", "--trainer.max_steps", "4")[0] == 0
+    _calls["n"] = 0
+    monkeypatch.setenv("TTC_TEST_FAIL", "1")
+    code, _, err = run_ttc("fit", *args, "--trainer.default_root_dir", "part", "--trainer.max_steps", "4")
+    assert code == 1 and "the reward service went away" in err and "interrupted at step 2; saved" in err
+    monkeypatch.delenv("TTC_TEST_FAIL")
+    code, _, err = run_ttc(
+        "fit", *args, "--trainer.default_root_dir", "part", "--trainer.max_steps", "4", "--ckpt_path=last"
+    )
+    assert code == 0, err
+    assert "last-interrupted.ckpt (step 2)" in err
+
+    def completions(*paths: Path) -> list[str]:
+        return [json.loads(line)["completion"] for path in paths for line in path.read_text().splitlines()]
+
+    part = tmp_path / "part" / "logs"
+    resumed = completions(part / "version_0" / "rollouts.jsonl", part / "version_1" / "rollouts.jsonl")
+    assert resumed == completions(tmp_path / "whole" / "logs" / "version_0" / "rollouts.jsonl")
 
 
 @pytest.mark.slow
