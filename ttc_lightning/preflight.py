@@ -257,6 +257,23 @@ def settings_problems(model: Any) -> list[str]:
     return []
 
 
+def checkpoint_problems(checkpoint: Any) -> list[str]:
+    """`checkpoint.*` settings that would lose a run: checkpoints without the optimizer and loop state cannot resume,
+    and a negative `save_top_k` other than -1 (keep all) is refused by Lightning only after the model loaded."""
+    if checkpoint is None:
+        return []
+    problems = []
+    if checkpoint.get("save_weights_only"):
+        problems.append(
+            "checkpoint.save_weights_only: true writes checkpoints that cannot resume a run (no optimizer, schedule "
+            "or data position); leave it false, and use `ttc export` for the weights alone"
+        )
+    top_k = checkpoint.get("save_top_k")
+    if isinstance(top_k, int) and top_k < -1:
+        problems.append(f"checkpoint.save_top_k must be -1 (keep all) or >= 0, got {top_k}")
+    return problems
+
+
 def check_before_start(config: Any, subcommand: str | None) -> None:
     """Every problem found in the parsed config that would otherwise show late: one `TTCError` listing them all
     ("2 problems: (1) ...; (2) ...").
@@ -275,6 +292,7 @@ def check_before_start(config: Any, subcommand: str | None) -> None:
     problems += data_problems(data, subcommand, online, cache_dir)
     problems += reward_problems(init_args(model).get("rewards") if model is not None else None)
     problems += settings_problems(model)
+    problems += checkpoint_problems(config.get("checkpoint"))
     try:
         prepare_wandb(config)
     except TTCError as e:

@@ -134,3 +134,13 @@ def test_local_paths_are_never_probed_and_every_problem_is_listed(hub_env, probe
 
 def test_the_sample_data_and_tiny_pass():
     preflight.check_before_start(config("tiny"), "test")
+
+
+def test_checkpoints_that_could_not_resume_are_refused():
+    assert preflight.checkpoint_problems(Namespace(save_weights_only=False, save_top_k=3)) == []
+    assert preflight.checkpoint_problems(Namespace(save_weights_only=False, save_top_k=-1)) == []  # keep all
+    problems = preflight.checkpoint_problems(Namespace(save_weights_only=True, save_top_k=-5))
+    assert [p.split(":")[0] for p in problems] == [
+        "checkpoint.save_weights_only",
+        "checkpoint.save_top_k must be -1 (keep all) or >= 0, got -5",
+    ]
