@@ -22,6 +22,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ttc_lightning import cpu
+from ttc_lightning.errors import TTCError
 from ttc_lightning.kv_cache import SharedPrefixLayer, cache_keyword
 
 # Decoder-only families whose layers are exactly: RMSNorm, q/k/v projections, rotary embeddings, attention over the
@@ -317,5 +318,11 @@ def draw(probs: Tensor) -> Tensor:
     first entry whose cumulative sum exceeds it has a probability above zero.
     """
     cdf = probs.double().cumsum(-1)  # [N, V]
-    u = torch.rand(probs.size(0), 1, device=probs.device).double() * cdf[:, -1:]  # [N, 1]
+    total = cdf[:, -1:]  # [N, 1]
+    if not bool(torch.isfinite(total).all()):  # NaN or inf logits: no token to draw
+        raise TTCError(
+            "sampling: the model's next-token probabilities are not finite (NaN or inf logits): its weights have "
+            "diverged (a learning rate too high?) or model.temperature is too small for the logits' range"
+        )
+    u = torch.rand(probs.size(0), 1, device=probs.device).double() * total  # [N, 1]
     return torch.searchsorted(cdf, u, right=True)  # [N, 1]

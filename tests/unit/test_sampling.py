@@ -7,6 +7,7 @@ from ttc_lightning import cpu, decoding
 from ttc_lightning import sampler as sampler_py
 from ttc_lightning.cpu import can_pack, packed_linears
 from ttc_lightning.decoding import decode_step, fast_decode_model, fast_decoding
+from ttc_lightning.errors import TTCError
 from ttc_lightning.kv_cache import GrowingLayer, SharedPrefixLayer, cache_bytes, cache_keyword, expand_cache, prefill
 from ttc_lightning.levers import Levers
 from ttc_lightning.module import GRPOModule
@@ -416,3 +417,9 @@ def test_fused_packed_projections_give_the_models_logits(monkeypatch):
         model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         check_decode_steps(model, rows=6, layers=decoding.decode_layers(model, rows=6))
         assert len(calls) == 2 + 4  # two prefills, the model's own 4 tokens; decode_step used the fused weights
+
+
+def test_probabilities_from_nan_logits_are_a_clear_error():
+    probs = torch.tensor([[0.5, 0.5], [float("nan"), float("nan")]])  # softmax of NaN logits
+    with pytest.raises(TTCError, match="probabilities are not finite"):
+        decoding.draw(probs)
