@@ -242,13 +242,18 @@ def run(args: list[str] | None) -> None:
         raise
     except Exception as e:
         # jsonargparse wraps errors raised while building the model or data module: find ours in the chain.
-        # Lightning's MisconfigurationException is its user-error type (an accelerator this machine lacks, ...).
-        cause = _in_chain(e, TTCError) or _in_chain(e, MisconfigurationException)
+        # Lightning's MisconfigurationException is its user-error type (an accelerator this machine lacks, ...); an
+        # OSError is the machine's (a read-only or full disk, a file where a directory should be); a config file
+        # that is not UTF-8 fails in the YAML reader.
+        cause = next(filter(None, (_in_chain(e, kind) for kind in USER_ERRORS)), None)
         if cause is None:
             raise
-        where = "trainer: " if isinstance(cause, MisconfigurationException) else ""
-        print(f"ttc: error: {where}{cause}", file=sys.stderr)
+        where = {MisconfigurationException: "trainer: ", UnicodeDecodeError: "a config file is not UTF-8 text: "}
+        print(f"ttc: error: {where.get(type(cause), '')}{cause}", file=sys.stderr)
         sys.exit(1)
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (TTCError, MisconfigurationException, OSError, UnicodeDecodeError)
 
 
 def _in_chain(error: BaseException, kind: type[BaseException]) -> BaseException | None:

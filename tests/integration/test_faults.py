@@ -545,6 +545,19 @@ def test_an_accelerator_the_machine_lacks_is_one_line(run_ttc, tmp_path, acceler
     assert_one_line_error(code, err, "trainer: ")
 
 
+def test_a_config_file_that_is_not_utf8_is_one_line(run_ttc, tmp_path):
+    config = tmp_path / "binary.yaml"
+    config.write_bytes(b"\xff\xfe\x00")
+    code, _, err = run_ttc("fit", "--config", str(config))
+    assert_one_line_error(code, err, "a config file is not UTF-8 text")
+
+
+def test_a_run_directory_that_is_a_file_is_one_line(run_ttc, tmp_path):
+    (tmp_path / "afile").write_text("")
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "afile"))
+    assert_one_line_error(code, err, "File exists", "afile")
+
+
 def test_the_optimizer_is_set_by_model_options_only(run_ttc, tmp_path):
     code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--optimizer", "torch.optim.SGD"))
     assert code == 2 and "unrecognized arguments: --optimizer" in err and "Traceback" not in err
