@@ -23,9 +23,12 @@ and merging needs unquantised weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +63,13 @@ def load_ttc_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
         raise TTCError(f"--ckpt_path: {path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(checkpoint, dict) or "ttc" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise TTCError(f"--ckpt_path: {path} is not a ttc checkpoint (it has no 'ttc' section)")
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise TTCError(f"--ckpt_path: {path} holds no weights (no 'state_dict'): it is damaged")
     return checkpoint
 
 
-def prepare_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
-    """The output directory, created; an error if it holds anything, unless `overwrite` and it is a previous export."""
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
+    """The output directory; an error if it holds anything, unless `overwrite` and it is a previous export."""
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise TTCError(f"--output_dir: {path} is a file")
@@ -76,10 +81,28 @@ def prepare_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
                 f"--output_dir: {path} is not empty and holds no exported model; --overwrite only replaces a "
                 "previous export"
             )
-        # Stale files from another form (an adapter beside a merged model) would change what loaders pick up.
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def replaced_when_done(path: Path) -> Iterator[Path]:
+    """A new directory beside `path` to write into; once the block succeeds it replaces `path` (a previous export
+    is removed whole: stale files of another form, an adapter beside a merged model, would change what loaders
+    pick up). If the block fails, `path` is as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if path.exists():
+        old = staging.with_name(staging.name + ".old")
+        path.rename(old)
+        staging.rename(path)
+        shutil.rmtree(old)
+    else:
+        staging.rename(path)
 
 
 def rebuild_module(checkpoint: dict[str, Any]) -> Any:
@@ -88,8 +111,10 @@ def rebuild_module(checkpoint: dict[str, Any]) -> Any:
 
     accepted = inspect.signature(GRPOModule.__init__).parameters
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
-    # Export needs neither the reference model (beta) nor the training-only memory savings.
+    # Export needs neither the reference model (beta) nor the training-only memory savings, nor the run's reward
+    # functions (whose modules need not be importable where the export runs).
     hparams.update(beta=0.0, load_in_4bit=False, gradient_checkpointing=False)
+    hparams.update(rewards=["ttc_lightning.rewards.format_reward"], reward_weights=None, overlong_buffer=None)
     module = GRPOModule(**hparams)
     module.configure_model()
     module.on_load_checkpoint(checkpoint)
@@ -118,8 +143,19 @@ def export(
 ) -> Path:
     """Write the checkpoint's policy and tokenizer to `output_dir` (see the module docstring); returns it."""
     checkpoint = load_ttc_checkpoint(ckpt_path)
-    out = prepare_output_dir(output_dir, overwrite)
+    final = check_output_dir(output_dir, overwrite)
     module = rebuild_module(checkpoint)
+    with replaced_when_done(final) as out:
+        write_export(module, checkpoint, out, final, merge)
+    if push_to_hub:
+        # Uploads the written directory; needs `hf auth login` (or HF_TOKEN) and network.
+        upload(final, push_to_hub)
+    return final
+
+
+def write_export(module: Any, checkpoint: dict[str, Any], out: Path, final: Path, merge: bool) -> None:
+    """The policy (adapter or merged model) and tokenizer of a rebuilt module, written to `out`, which becomes
+    `final` (what an adapter's base path names)."""
     policy, tokenizer = module.policy, module.tokenizer
     name, lora = checkpoint["ttc"]["model_name_or_path"], checkpoint["ttc"]["lora"]
     if merge and not lora:
@@ -130,8 +166,8 @@ def export(
     elif lora:
         if name == TINY:
             # The directory the module loaded the base from: the exact weights the adapter was trained on.
-            base = shutil.copytree(module.model_path, out / BASE_DIR)
-            reference = str(base.resolve())
+            shutil.copytree(module.model_path, out / BASE_DIR)
+            reference = str((final / BASE_DIR).resolve())
         else:
             reference = base_model_reference(name)
         for config in policy.peft_config.values():
@@ -142,11 +178,21 @@ def export(
     with quiet_transformers():  # no "Writing model shards" bar
         policy.save_pretrained(out)
         tokenizer.save_pretrained(out)
-    if push_to_hub:
-        # Uploads the same model and tokenizer objects; needs `huggingface-cli login` (or HF_TOKEN) and network.
-        policy.push_to_hub(push_to_hub)
-        tokenizer.push_to_hub(push_to_hub)
-    return out
+
+
+def upload(directory: Path, repo_id: str) -> None:
+    """`directory` to the Hub repository `repo_id` (created if needed); a failure is one line that says the export
+    itself is kept."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=str(directory), repo_id=repo_id)
+    except Exception as e:
+        raise TTCError(
+            f"--push_to_hub {repo_id}: the upload failed ({type(e).__name__}: {e}); the export is in {directory}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +215,7 @@ def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     try:
         out = export(args.ckpt_path, args.output_dir, args.merge, args.overwrite, args.push_to_hub)
-    except TTCError as e:
+    except (TTCError, OSError) as e:  # OSError: the file system's (read-only, full); nothing earlier was removed
         print(f"ttc: error: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"ttc: exported {args.ckpt_path} to {out}", file=sys.stderr)

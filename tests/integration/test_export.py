@@ -186,8 +186,9 @@ def text_file(path: Path) -> Path:
         (lambda d: d / "missing.ckpt", "missing.ckpt does not exist"),
         (lambda d: fake_checkpoint(d / "plain.ckpt", hyper_parameters={}), "plain.ckpt is not a ttc checkpoint"),
         (lambda d: text_file(d / "notes.ckpt"), "notes.ckpt is not a PyTorch checkpoint"),
+        (lambda d: torch.save({"ttc": {}, "hyper_parameters": {}}, d / "bare.ckpt") or d / "bare.ckpt", "no weights"),
     ],
-    ids=["missing", "not-ttc", "not-torch"],
+    ids=["missing", "not-ttc", "not-torch", "no-state-dict"],
 )
 def test_bad_checkpoints_are_one_line_errors(capsys, tmp_path, make, message):
     code, err = run_export(capsys, "--ckpt_path", str(make(tmp_path)), "--output_dir", str(tmp_path / "out"))
@@ -210,3 +211,30 @@ def test_output_dir_must_be_empty_unless_overwriting_an_export(capsys, tmp_path)
     code, err = run_export(capsys, "--ckpt_path", str(ckpt), "--output_dir", str(out), "--overwrite")
     assert code == 1 and "holds no exported model; --overwrite only replaces a previous export" in err
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_failed_overwrite_keeps_the_previous_export_and_rewards_need_not_import(
+    run_ttc, tmp_path, capsys, monkeypatch
+):
+    ckpt, _ = train(run_ttc, "--model.lora", "{r: 4, alpha: 8}")
+    out = tmp_path / "exported"
+    assert run_export(capsys, "--ckpt_path", str(ckpt), "--output_dir", str(out))[0] == 0
+    before = sorted(p.name for p in out.iterdir())
+    # The run's reward module is not importable where the export runs: export needs no reward.
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["hyper_parameters"]["rewards"] = ["a_module_not_here.reward"]
+    moved = tmp_path / "moved.ckpt"
+    torch.save(checkpoint, moved)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ttc_lightning.export.write_export", disk_full)
+    code, err = run_export(capsys, "--ckpt_path", str(moved), "--output_dir", str(out), "--overwrite")
+    assert code == 1 and "ttc: error: [Errno 28] No space left on device" in err
+    assert sorted(p.name for p in out.iterdir()) == before  # the previous export, whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".exported")] == []  # no staging left
+    monkeypatch.undo()
+    code, err = run_export(capsys, "--ckpt_path", str(moved), "--output_dir", str(out), "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == before
