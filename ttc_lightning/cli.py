@@ -7,9 +7,10 @@ interrupted (Ctrl-C), 143 stopped by SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
-from typing import IO, Any
+from typing import Any
 
 import lightning as L
 import torch
@@ -69,7 +70,7 @@ class TTCCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", TTCArgumentParser)
-        self.lock: IO[str] | None = None
+        self.lock: contextlib.ExitStack | None = None
         try:
             super().__init__(*args, **kwargs)
         finally:

@@ -9,6 +9,7 @@ out of a directory while one runs. `last` is the newest (by modification time) o
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -83,14 +84,18 @@ def check_checkpoint(path: str, given: str, subcommand: str, max_steps: int) -> 
     log.info("checkpoint %s (step %d)%s", path, step, f", from --ckpt_path {given}" if given != path else "")
 
 
-def claim(run: RunDir, resume: bool, overwrite: bool) -> IO[str] | None:
-    """Make `run` this fit's: lock it against a second `ttc fit` and, for a new run (`resume` false), require it to
-    hold no checkpoints, or delete them with `overwrite`. Returns the lock (held until closed); None where the file
-    system has no locks."""
+def claim(run: RunDir, resume: bool, overwrite: bool) -> contextlib.ExitStack:
+    """Make `run` this fit's: lock it against a second `ttc fit` (its checkpoint directory too, when that is
+    elsewhere) and, for a new run (`resume` false), require it to hold no checkpoints, or delete them with
+    `overwrite`. Returns the locks, held until closed (none where the file system has no locks)."""
     if resume and overwrite:
         raise TTCError("--overwrite starts the run over and --ckpt_path resumes it: give one of them")
-    lock = _lock(run.root)
+    lock = contextlib.ExitStack()
     try:
+        for directory, option in _lock_targets(run):
+            held_lock = _lock(directory, option)
+            if held_lock is not None:
+                lock.enter_context(held_lock)
         held = run.checkpoint_files()
         slurm_resume = SLURMEnvironment.detect() and any(p.match(HPC) for p in held)
         if held and not resume and not slurm_resume:  # under SLURM, Lightning resumes hpc_ckpt files by itself
@@ -106,13 +111,20 @@ def claim(run: RunDir, resume: bool, overwrite: bool) -> IO[str] | None:
             log.warning("--overwrite: deleted %s of the earlier run in %s", plural(len(held), "checkpoint"), run.root)
         remove_partial_files(run.checkpoints)
     except BaseException:
-        if lock is not None:
-            lock.close()
+        lock.close()
         raise
     return lock
 
 
-def _lock(root: Path) -> IO[str] | None:
+def _lock_targets(run: RunDir) -> list[tuple[Path, str]]:
+    """The directories a fit must hold alone, with the option that names each."""
+    targets = [(run.root, "--trainer.default_root_dir")]
+    if run.checkpoints.resolve() != (run.root / "checkpoints").resolve():
+        targets.append((run.checkpoints, "--checkpoint.dirpath"))
+    return targets
+
+
+def _lock(root: Path, option: str = "--trainer.default_root_dir") -> IO[str] | None:
     root.mkdir(parents=True, exist_ok=True)
     lock = (root / LOCK_FILE).open("a+")
     try:
@@ -122,8 +134,7 @@ def _lock(root: Path) -> IO[str] | None:
         holder = lock.read().strip() or "unknown"
         lock.close()
         raise TTCError(
-            f"{root} is in use by another `ttc fit` (process {holder}); wait for it to end, or choose another "
-            "--trainer.default_root_dir"
+            f"{root} is in use by another `ttc fit` (process {holder}); wait for it to end, or choose another {option}"
         ) from None
     except OSError:  # a file system without locks: go on unlocked
         lock.close()

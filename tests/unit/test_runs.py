@@ -120,3 +120,17 @@ def test_claim_clears_partial_files_of_a_killed_save(run):
     (run.checkpoints / ".last.ckpt.99.partial").write_bytes(b"x")
     claim(run, resume=False, overwrite=False).close()
     assert list(run.checkpoints.iterdir()) == []
+
+
+def test_runs_sharing_a_checkpoint_directory_keep_each_other_out(tmp_path):
+    shared = tmp_path / "shared-checkpoints"
+    first = claim(RunDir(tmp_path / "a", shared), resume=False, overwrite=False)
+    # another run directory, the same checkpoints: it would overwrite (or, with --overwrite, delete) the first's
+    for overwrite in (False, True):
+        with pytest.raises(TTCError, match=r"shared-checkpoints is in use by .* choose another --checkpoint.dirpath"):
+            claim(RunDir(tmp_path / "b", shared), resume=False, overwrite=overwrite)
+    with (tmp_path / "b" / LOCK_FILE).open("a+") as b_lock:
+        fcntl.flock(b_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # b's own lock was let go with the refusal
+        fcntl.flock(b_lock, fcntl.LOCK_UN)
+    first.close()
+    claim(RunDir(tmp_path / "b", shared), resume=False, overwrite=False).close()
