@@ -137,7 +137,10 @@ def load_policy(
             target_modules=lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, config)
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as e:  # peft's NoMatchingPeftModuleError among them
+            raise TTCError(f"model.lora.target_modules: {e}") from None
         if fuse:
             fuse_lora(model)
     elif reference:

@@ -112,8 +112,11 @@ def check_settings(hp: Any) -> None:
         problems.append("model.eval_temperature must be >= 0 (0 = greedy)")
     if hp.eval_temperature == 0 and hp.eval_num_samples > 1:
         problems.append("model.eval_num_samples > 1 needs model.eval_temperature > 0: greedy samples are identical")
-    if hp.learning_rate <= 0:
-        problems.append("model.learning_rate must be > 0")
+    if not 0 < hp.learning_rate < 1:
+        problems.append(f"model.learning_rate must be in (0, 1), got {hp.learning_rate} (LoRA: ~1e-5 to 1e-4)")
+    if hp.warmup_steps < 0:
+        problems.append("model.warmup_steps must be >= 0")
+    problems += lora_problems(hp.lora)
     if hp.max_sampling_rounds < 1:
         problems.append("model.max_sampling_rounds must be >= 1 (1: dynamic sampling only filters the step's batch)")
     if hp.tis_cap is not None and hp.tis_cap <= 0:
@@ -128,3 +131,18 @@ def check_settings(hp: Any) -> None:
         problems.append("model.overlong_buffer.penalty must be >= 0: it is subtracted from the reward")
     if problems:
         raise TTCError("; ".join(problems))
+
+
+def lora_problems(lora: Any) -> list[str]:
+    """What peft would reject (or train wrongly) in `model.lora`, a `LoRA` or its dict."""
+    if lora is None:
+        return []
+    get = lora.get if isinstance(lora, dict) else lambda name, default=None: getattr(lora, name, default)
+    problems = []
+    if not isinstance(get("r", 16), int) or get("r", 16) < 1:
+        problems.append(f"model.lora.r must be >= 1, got {get('r')}")
+    if not get("alpha", 32) > 0:
+        problems.append(f"model.lora.alpha must be > 0, got {get('alpha')}")
+    if not 0 <= get("dropout", 0.0) < 1:
+        problems.append(f"model.lora.dropout must be in [0, 1), got {get('dropout')}")
+    return problems

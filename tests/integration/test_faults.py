@@ -558,6 +558,12 @@ def test_a_run_directory_that_is_a_file_is_one_line(run_ttc, tmp_path):
     assert_one_line_error(code, err, "File exists", "afile")
 
 
+def test_lora_on_modules_the_model_lacks_is_one_line(run_ttc, tmp_path):
+    lora = ["--model.lora", "{r: 4, target_modules: [nonexistent_proj]}"]
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", *lora))
+    assert_one_line_error(code, err, "model.lora.target_modules: Target modules {'nonexistent_proj'} not found")
+
+
 def test_the_optimizer_is_set_by_model_options_only(run_ttc, tmp_path):
     code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--optimizer", "torch.optim.SGD"))
     assert code == 2 and "unrecognized arguments: --optimizer" in err and "Traceback" not in err

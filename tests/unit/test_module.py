@@ -57,6 +57,11 @@ def test_auto_precision(monkeypatch, accelerator, cuda, capability, expected):
         ({"tis_cap": 0.0}, r"tis_cap must be > 0 \(e.g. 2.0\), or null"),
         ({"overlong_buffer": {"length": 200}}, r"overlong_buffer.length must be in \[1, model.max_new_tokens=128\]"),
         ({"overlong_buffer": {"length": 16, "penalty": -1.0}}, "overlong_buffer.penalty must be >= 0"),
+        ({"learning_rate": 1e30}, r"learning_rate must be in \(0, 1\), got 1e\+30"),
+        ({"warmup_steps": -3}, "warmup_steps must be >= 0"),
+        ({"lora": {"r": 0}}, "lora.r must be >= 1, got 0"),
+        ({"lora": {"r": 4, "alpha": -8}}, "lora.alpha must be > 0, got -8"),
+        ({"lora": LoRA(r=4, dropout=2.0)}, r"lora.dropout must be in \[0, 1\), got 2.0"),
     ],
 )
 def test_invalid_settings_say_how_to_fix(kwargs, message):
