@@ -134,3 +134,14 @@ def test_runs_sharing_a_checkpoint_directory_keep_each_other_out(tmp_path):
         fcntl.flock(b_lock, fcntl.LOCK_UN)
     first.close()
     claim(RunDir(tmp_path / "b", shared), resume=False, overwrite=False).close()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [{"global_step": 3, "ttc": {}}, {"global_step": "3", "state_dict": {}, "ttc": {}}],
+    ids=["no-weights", "step-not-a-number"],
+)
+def test_a_checkpoint_missing_its_weights_or_step_is_damaged(tmp_path, content):
+    torch.save(content, tmp_path / "x.ckpt")
+    with pytest.raises(TTCError, match="is damaged: it has no weights"):
+        check_checkpoint(str(tmp_path / "x.ckpt"), "x.ckpt", "fit", max_steps=10)
