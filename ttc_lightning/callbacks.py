@@ -208,6 +208,9 @@ class StepProgressBar(RichProgressBar):
         self._update(self.train_progress_bar_id, trainer.global_step)
         self._update_metrics(trainer, pl_module)
         self.refresh()
+        if 0 < trainer.max_steps <= trainer.global_step:
+            # Finished: the bar ends its line before Lightning's "`Trainer.fit` stopped" and the run summary print.
+            self._stop_progress()
 
     def _add_train_task(self, trainer: L.Trainer) -> None:
         total = trainer.max_steps if trainer.max_steps > 0 else float("inf")
