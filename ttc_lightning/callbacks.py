@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from rich.console import Console
@@ -87,7 +87,7 @@ class BestCheckpoint(L.Callback):
         value = trainer.callback_metrics.get(self.metric)
         if value is None or not math.isfinite(float(value)):
             if not self._warned:  # e.g. no whole pair in the validation subset: nothing to compare
-                rank_zero_warn(f"ttc: no finite {self.metric} after validation: best.ckpt is not updated")
+                log.warning("no finite %s after validation: best.ckpt is not updated", self.metric)
                 self._warned = True
             return
         if float(value) > self.best:

@@ -37,11 +37,13 @@ def test_saved_only_when_the_metric_improves_and_the_best_survives_a_resume(tmp_
     assert validate(other, 50, **{"val/f1": 0.1}) == [50]
 
 
-def test_a_missing_or_nan_metric_saves_nothing(tmp_path):
+def test_a_missing_or_nan_metric_saves_nothing(tmp_path, caplog):
     best = BestCheckpoint(tmp_path, "val/P-C")
     assert validate(best, 10, **{"val/f1": 0.9}) == []  # e.g. no whole pair in the validation subset
     assert validate(best, 20, **{"val/P-C": float("nan")}) == []
     assert validate(best, 30, **{"val/P-C": 0.0}) == [30]
+    # said once, as one of ttc's lines
+    assert caplog.messages == ["no finite val/P-C after validation: best.ckpt is not updated"]
 
 
 def test_each_task_names_its_headline_metric():
