@@ -125,7 +125,8 @@ def complete_state(
     allow_mismatch: bool = False,
 ) -> None:
     """Check a checkpoint against this model and fill in what was not saved (frozen weights), in place, so that
-    Lightning's loading is complete; restores the random states.
+    Lightning's loading is complete; restores the random states; resets a finished epoch's batch counts
+    (`start_next_epoch_afresh`).
 
     `identity` is this run's `run_identity`; a task of None is not compared. A different base model, LoRA alpha or
     dropout, or task is refused unless `allow_mismatch` (then warned); different weight names or shapes always are.
@@ -146,6 +147,7 @@ def complete_state(
     check_shapes(checkpoint["state_dict"], current, trainable, lora)
     if "rng" in ttc:
         set_rng_states(ttc["rng"])
+    start_next_epoch_afresh(checkpoint)
     if not lora:
         # The frozen reference is never saved: it is the base model, loaded again when the model is configured.
         reference = {k: v for k, v in current.items() if k.startswith(REFERENCE_PREFIX)}

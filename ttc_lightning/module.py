@@ -3,7 +3,6 @@ pieces it calls live in their own files (policy, sampler, logprobs, rollout, grp
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import numbers
 import time
@@ -15,7 +14,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ttc_lightning import cpu
 from ttc_lightning.checkpoints import (
@@ -23,7 +21,6 @@ from ttc_lightning.checkpoints import (
     complete_state,
     rng_states,
     run_identity,
-    start_next_epoch_afresh,
     trim_state,
     ttc_section,
 )
@@ -43,7 +40,13 @@ from ttc_lightning.grpo import (
 )
 from ttc_lightning.levers import Levers
 from ttc_lightning.logprobs import completion_logps, frozen_logps
-from ttc_lightning.optimisation import StepGuard, adamw_with_schedule, total_optimizer_steps
+from ttc_lightning.optimisation import (
+    StepGuard,
+    adamw_with_schedule,
+    gradients_synced,
+    mean_over_ranks,
+    total_optimizer_steps,
+)
 from ttc_lightning.policy import LoRA, Prompt, load_policy, load_tokenizer, materialise, prompt_limit, reference_model
 from ttc_lightning.rollout import (
     OVERLONG,
@@ -141,8 +144,7 @@ class GRPOModule(L.LightningModule):
             self.generate, self.scorer, self.reward_weights, eval_num_samples, eval_temperature, max_new_tokens
         )
         self._log_path: Path | None = None
-        # The random states as the step in flight began: a checkpoint written when it fails (Ctrl-C, an error) holds
-        # these, so the resumed run samples that step's completions again as an unbroken run does.
+        # The random states as the step in flight began: an interrupt checkpoint keeps these, to sample it again.
         self._rng_at_step: dict[str, Any] | None = None
 
     # --- set-up --------------------------------------------------------------------------------------------------
@@ -292,7 +294,7 @@ class GRPOModule(L.LightningModule):
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         totals = torch.tensor([len(rollout), float(rollout.completion_mask.sum())]) * weight  # [2] rows, tokens
-        total_rows, total_tokens = self._global_mean(totals)
+        total_rows, total_tokens = mean_over_ranks(self, totals)
         sums: dict[str, Tensor] = {}
         weights: dict[str, float] = {}
         for iteration in range(hp.num_iterations):
@@ -300,7 +302,7 @@ class GRPOModule(L.LightningModule):
             step_loss = torch.zeros((), device=self.device)  # non-finite when any micro-batch's loss is
             for k, index in enumerate(micro_batches):
                 part = rollout.rows(index)
-                with self._sync_gradients(last=k == len(micro_batches) - 1):
+                with gradients_synced(self.trainer.model, last=k == len(micro_batches) - 1):
                     # 6. The loss.
                     logps, entropy = self.completion_logps(self.policy, part, with_entropy=True)  # [n, C]
                     loss, stats = grpo_loss(
@@ -338,19 +340,6 @@ class GRPOModule(L.LightningModule):
             if 0 < self.trainer.max_steps <= self.trainer.global_step:
                 break
         return {key: value / max(weights[key], 1.0) for key, value in sums.items()}
-
-    def _sync_gradients(self, last: bool) -> contextlib.AbstractContextManager[Any]:
-        """Under DDP, all-reduce the gradients once per optimizer step (the last micro-batch), not after each."""
-        if isinstance(self.trainer.model, DDP) and not last:
-            return self.trainer.model.no_sync()
-        return contextlib.nullcontext()
-
-    def _global_mean(self, values: Tensor) -> list[float]:
-        """Per-rank totals (rows, tokens) averaged over ranks: DDP averages gradients, so the losses divide by these."""
-        values = values.float().to(self.device)
-        if self.trainer.world_size > 1:
-            values = self.all_gather(values).float().mean(0)
-        return values.tolist()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Runs after the precision plugin has unscaled fp16 gradients, so the norm is the true one.
@@ -453,7 +442,6 @@ class GRPOModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         identity, allow = self._identity(), self.hparams.allow_checkpoint_mismatch
         complete_state(checkpoint, self.state_dict(), trainable, identity, allow)
-        start_next_epoch_afresh(checkpoint)
         self.guard.skipped = checkpoint["ttc"].get("skipped_steps", 0)
 
     def _identity(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ stop the run."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterable
@@ -11,7 +12,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import lightning as L
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 from ttc_lightning.errors import TTCError
@@ -75,3 +78,19 @@ class StepGuard:
             self.limit,
         )
         return True
+
+
+def gradients_synced(model: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
+    """Under DDP (`model` is the trainer's wrapped model), all-reduce the gradients once per optimizer step, at the
+    last micro-batch's backward, not after each."""
+    if isinstance(model, DDP) and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def mean_over_ranks(module: L.LightningModule, values: torch.Tensor) -> list[float]:
+    """Per-rank totals (rows, tokens) averaged over ranks: DDP averages gradients, so the losses divide by these."""
+    values = values.float().to(module.device)
+    if module.trainer.world_size > 1:
+        values = module.all_gather(values).float().mean(0)
+    return values.tolist()
