@@ -289,7 +289,8 @@ class ProgressLines(ProgressBar):
             return
         self._tokens += rollout_tokens(trainer, pl_module)
         now = self.clock()
-        if trainer.global_step - self._mark_step >= self.every_n_steps or now - self._last_line >= self.every_n_seconds:
+        # Timed from the last step line: a "working on" line in between says less than the step line it would hold back.
+        if trainer.global_step - self._mark_step >= self.every_n_steps or now - self._mark_time >= self.every_n_seconds:
             self._print_step(trainer, now)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -328,6 +328,11 @@ def test_progress_lines_every_n_steps_or_seconds(capsys):
     clock.now = 81.0
     lines.check_busy()
     assert capsys.readouterr().err == ""  # a line went out 1 s ago
+    clock.now = 82.0
+    trainer.global_step += 1
+    lines.on_train_batch_end(trainer, module, None, {}, 0)
+    # step 4 ends 37 s after step 3's line: its line goes out though "working on" went out 2 s ago
+    assert capsys.readouterr().err.startswith("ttc: step 4/10 | reward 0.250 | kl 0.02 | 37.00 s/step")
     with pytest.raises(TTCError, match="every_n_steps must be >= 1"):
         ProgressLines(every_n_steps=0)
 
