@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -210,6 +211,7 @@ def run(args: list[str] | None) -> None:
         return
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
+        check_config_files(argv)
         TTCCLI(
             GRPOModule,
             L.LightningDataModule,
@@ -252,6 +254,20 @@ def run(args: list[str] | None) -> None:
         where = {MisconfigurationException: "trainer: ", UnicodeDecodeError: "a config file is not UTF-8 text: "}
         print(f"ttc: error: {where.get(type(cause), '')}{cause}", file=sys.stderr)
         sys.exit(1)
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Each `--config FILE` must be UTF-8 text: the YAML reader's own error would not say which file it was."""
+    given = [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
+    given += [a.removeprefix("--config=") for a in argv if a.startswith("--config=")]
+    for name in given:
+        path = Path(name)
+        if not path.is_file():
+            continue  # a missing file (or a config given inline) is jsonargparse's to report
+        try:
+            path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TTCError(f"--config {name}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (TTCError, MisconfigurationException, OSError, UnicodeDecodeError)
