@@ -37,6 +37,7 @@ def test_library_notices_are_hidden_and_others_kept():
             ("Checkpoint directory /r/checkpoints exists and is not empty.", UserWarning),
             ("The dirpath has changed from 'a' to 'b', therefore ... won't be reloaded.", UserWarning),
             ("torch.distributed.nn.functional.all_gather is deprecated, use ... instead.", FutureWarning),
+            ("Could not find a config file in /b - will assume that the vocabulary was not modified.", UserWarning),
             ("Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need", UserWarning),
         )
         == []
