@@ -291,7 +291,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise unreadable(path, e) from None
     if not isinstance(checkpoint, dict) or "ttc" not in checkpoint:
         raise TTCError(f"--ckpt_path: {path} is not a ttc checkpoint (it has no 'ttc' section)")
+    check_complete(checkpoint, path)
     return checkpoint
+
+
+def check_complete(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """A ttc checkpoint must hold its weights and its step count: without them it is damaged."""
+    if not isinstance(checkpoint.get("state_dict"), dict) or not isinstance(checkpoint.get("global_step", 0), int):
+        raise TTCError(f"--ckpt_path: {path} is damaged: it has no weights (state_dict) or no step count")
 
 
 def unreadable(path: str | Path, error: BaseException) -> TTCError:

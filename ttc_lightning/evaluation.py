@@ -44,8 +44,6 @@ def classification_metrics(records: Sequence[Record], label_mode: str) -> dict[s
     gold = [normalize_label(r["columns"]["label"]) for r in records]
     samples = [(answer, g) for p, g in zip(predictions, gold, strict=True) for answer in p["answers"]]
     metrics: dict[str, Any] = {
-        "accuracy": fmean(p["final"] == g for p, g in zip(predictions, gold, strict=True)),
-        "accuracy_single": fmean(answer == g for answer, g in samples),
         "format_valid": fmean(
             split_think_answer(text) is not None and parse_answer(text) is not None
             for r in records
@@ -53,8 +51,10 @@ def classification_metrics(records: Sequence[Record], label_mode: str) -> dict[s
         ),
         "mean_length": _mean_length(records),
     }
-    if label_mode == "cwe":
+    if label_mode == "cwe":  # no answer is wrong
         table = multiclass_metrics(gold, [p["final"] for p in predictions])
+        single = fmean(answer == g for answer, g in samples)
+        metrics.update(accuracy=table["accuracy"], accuracy_single=single)
         metrics.update(macro_f1=table["macro_f1"], per_class=table["per_class"])
         return metrics
 

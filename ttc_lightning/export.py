@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ttc_lightning.checkpoints import check_complete
 from ttc_lightning.errors import TTCError
 from ttc_lightning.policy import quiet_transformers
 from ttc_lightning.runs import RunDir
@@ -63,8 +64,7 @@ def load_ttc_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
         raise TTCError(f"--ckpt_path: {path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(checkpoint, dict) or "ttc" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise TTCError(f"--ckpt_path: {path} is not a ttc checkpoint (it has no 'ttc' section)")
-    if not isinstance(checkpoint.get("state_dict"), dict):
-        raise TTCError(f"--ckpt_path: {path} holds no weights (no 'state_dict'): it is damaged")
+    check_complete(checkpoint, path)
     return checkpoint
 
 

@@ -260,7 +260,6 @@ class GRPOModule(L.LightningModule):
             self.trainer.should_stop |= nothing_left_to_learn(self._tied, self.trainer.num_training_batches)
         generated = time.perf_counter()
         if training is None:  # no rank has a group whose rewards differ: nothing to learn, no optimizer step
-            self._rng_at_step = None
             return self._finish_step(step, sampled, None, sampling, (generated - started, 0.0))
         groups, weight = training
 
@@ -279,7 +278,6 @@ class GRPOModule(L.LightningModule):
         # 8. Metrics, and the records kept for callbacks (e.g. a W&B completions table) and rollouts.jsonl.
         kept = (groups, rollout) if weight else None
         self._finish_step(step, sampled, kept, stats | sampling, (generated - started, trained - generated))
-        self._rng_at_step = None
 
     def _sample_round(self, batch: dict[str, list]) -> Round:
         """Steps 1-3 of `training_step` on one batch: G completions per prompt, scored."""
@@ -378,6 +376,7 @@ class GRPOModule(L.LightningModule):
         self.last_rollout = step_records(step, sampled, kept, self.score_names, hp.num_generations, hp.dynamic_sampling)
         if hp.log_rollouts:
             write_rollouts(self._log_dir(), self.global_rank, self.last_rollout)
+        self._rng_at_step = None  # the step is done: a checkpoint from here on takes the current states
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
