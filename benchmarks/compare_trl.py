@@ -400,10 +400,10 @@ def summarise(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     }
 
 
-def measure_machine() -> floor.Machine:
+def measure_machine(device: str) -> floor.Machine:
     """`floor.measure()` in a process of its own: its 1 GiB of reads would otherwise count in the peak RSS of every
-    worker (a child process starts from its parent's peak)."""
-    command = [sys.executable, str(Path(__file__).parent / "floor.py"), "--json"]
+    worker (a child process starts from its parent's peak). On a GPU, the GPU's bfloat16 peak and bandwidth."""
+    command = [sys.executable, str(Path(__file__).parent / "floor.py"), "--json", *(["--cuda"] * (device == "cuda"))]
     return floor.Machine(**json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout))
 
 
@@ -534,7 +534,7 @@ def main() -> None:
 
     started = time.perf_counter()
     wait_for_quiet()
-    machine = measure_machine()
+    machine = measure_machine(args.device)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "command": " ".join(["python", *sys.argv]),

@@ -5,7 +5,8 @@ The counts are of the ideal computation (each prompt once per group, logits only
 predicted, LoRA's few extra products included): a trainer that repeats work, or stores and re-reads more, is
 slower than the floor by that much.
 
-    python benchmarks/floor.py      # measure this machine's matmul peak and memory bandwidth
+    python benchmarks/floor.py          # measure this machine's float32 matmul peak and memory bandwidth
+    python benchmarks/floor.py --cuda   # the first GPU's bfloat16 matmul peak and memory bandwidth
 """
 
 from __future__ import annotations
@@ -105,23 +106,34 @@ def training_flops(
     return (forward * passes + 2 * head) + (forward + head if reference else 0.0)
 
 
-def measure(seconds: float = 1.0) -> Machine:
-    """This machine's float32 matmul peak (best of several 2048-cube products) and read bandwidth (sum of 1 GiB)."""
+def measure(seconds: float = 1.0, device: str = "cpu") -> Machine:
+    """This machine's matmul peak and read bandwidth: on CPU float32 (best of 2048-cube products, a sum over 1 GiB),
+    on a GPU bfloat16, the dtype trained in there (best of 8192-cube products, a sum over 4 GiB), timed between
+    synchronisations."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    cuda = device == "cuda"
+    n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3 if cuda else 0):  # clocks up, cuBLAS's heuristics chosen
+        torch.mm(a, b)
     times = []
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or len(times) < 3:
+        sync()
         t = time.perf_counter()
         torch.mm(a, b)
+        sync()
         times.append(time.perf_counter() - t)
-    flops = 2 * 2048**3 / min(times)
-    x = torch.ones(1 << 28)  # 1 GiB of float32
+    flops = 2 * n**3 / min(times)
+    x = torch.ones(1 << (30 if cuda else 28), device=device)  # 4 GiB or 1 GiB of float32
     reads = []
     for _ in range(5):
+        sync()
         t = time.perf_counter()
         x.sum()
+        sync()
         reads.append(time.perf_counter() - t)
     return Machine(flops, x.nbytes / statistics.median(reads))
 
@@ -131,8 +143,9 @@ if __name__ == "__main__":
     import json
     import sys
 
-    m = measure()
+    m = measure(device="cuda" if "--cuda" in sys.argv else "cpu")
     if "--json" in sys.argv:
         print(json.dumps(dataclasses.asdict(m)))
     else:
-        print(f"float32 matmul peak {m.flops / 1e9:.0f} GFLOP/s, read bandwidth {m.bandwidth / 1e9:.1f} GB/s")
+        kind = "bfloat16" if "--cuda" in sys.argv else "float32"
+        print(f"{kind} matmul peak {m.flops / 1e12:.2f} TFLOP/s, read bandwidth {m.bandwidth / 1e9:.1f} GB/s")

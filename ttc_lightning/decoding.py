@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ttc_lightning import cpu
 from ttc_lightning.errors import TTCError
-from ttc_lightning.kv_cache import SharedPrefixLayer, cache_keyword
+from ttc_lightning.kv_cache import SharedPrefixLayer, StaticCache, cache_keyword
 
 # Decoder-only families whose layers are exactly: RMSNorm, q/k/v projections, rotary embeddings, attention over the
 # cache, o projection, residual, RMSNorm, gated MLP, residual (`decode_step` below).
@@ -141,10 +141,16 @@ def decode_step(
         positions = mask.long().sum(1, keepdim=True) - 1 if mask is not None else cache.get_seq_length() + ids * 0
     # Padding matters only where some row has it; a query of one token needs no causal mask.
     keep = None if mask is None or bool(mask.all()) else mask.bool()[:, None, None, :]  # [N, 1, 1, L]
+    return _step(lm, ids, keep, positions, cache, layers if layers is not None else decode_layers(lm))
+
+
+def _step(lm: torch.nn.Module, ids: Tensor, keep: Tensor | None, positions: Tensor, cache: Any, layers: list) -> Tensor:
+    """`decode_step` with its attention mask `keep` `[N, 1, 1, L]` (True = attend; None = every position) given: no
+    host-device synchronisation, so that it can be captured as a CUDA graph over a `StaticCache`."""
     n = ids.size(0)
     hidden = lm.model.embed_tokens(ids)  # [N, 1, E]
     cos, sin = lm.model.rotary_emb(hidden, positions)  # [N, 1, D]
-    for i, layer in enumerate(layers if layers is not None else decode_layers(lm)):
+    for i, layer in enumerate(layers):
         d = layer.head_dim
         x = _norm(layer.input_norm, hidden)  # [N, 1, E]
         qk, v = layer.qk_v(x)  # [N, 1, (H+Hkv)*D], [N, 1, Hkv*D]
@@ -165,6 +171,60 @@ def decode_step(
         gate, up = layer.gate_up(x)  # [N, 1, I] each
         hidden = hidden + layer.down(layer.act(gate) * up)  # [N, 1, E]
     return lm.lm_head(_norm(lm.model.norm, hidden))  # [N, 1, V]
+
+
+class StaticStep:
+    """`decode_step` over a `StaticCache`: the same shapes and addresses at every token, replayed as one captured CUDA
+    graph on a GPU (a few launches per token instead of thousands); on CPU the same computation runs uncaptured.
+
+    `keep` `[N, 1, 1, L]` says which of the cache's positions each row attends to: its prompt's (not its left
+    padding); each step adds the position it writes. Calling it with the step's tokens `[N, 1]` gives their logits
+    `[N, V]` and moves the cache, the positions and the mask on by one token.
+    """
+
+    def __init__(
+        self, lm: torch.nn.Module, layers: list[DecodeLayer], cache: StaticCache, keep: Tensor, positions: Tensor
+    ) -> None:
+        self.lm, self.layers, self.cache, self.keep = lm, layers, cache, keep
+        self.positions = positions.clone()  # [N, 1]
+        self.tokens = torch.zeros_like(self.positions)  # [N, 1]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+        if cache.index.device.type == "cuda":
+            self.graph = self._capture()
+
+    def _advance(self) -> Tensor:
+        self.keep.index_fill_(-1, self.cache.index, True)  # [N, 1, 1, L]: the position written now
+        logits = _step(self.lm, self.tokens, self.keep, self.positions, self.cache, self.layers)[:, -1]  # [N, V]
+        self.cache.index.add_(1)
+        self.positions.add_(1)
+        return logits
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        # Autocast's cache of cast weights would be freed when its context exits, under the graph's feet.
+        autocast = torch.autocast(
+            "cuda", torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False
+        )
+        saved = self.cache.index.clone(), self.positions.clone(), self.keep.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), autocast:  # warm-up: cuBLAS handles and workspaces before the capture
+            self._advance()
+        torch.cuda.current_stream().wait_stream(stream)
+        # The warm-up wrote at the first position, which the first real step writes again before reading it.
+        for tensor, value in zip((self.cache.index, self.positions, self.keep), saved, strict=True):
+            tensor.copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), autocast:
+            self.logits = self._advance()
+        return graph
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        self.tokens.copy_(tokens)
+        if self.graph is None:
+            return self._advance()
+        self.graph.replay()
+        return self.logits
 
 
 @dataclass
@@ -250,20 +310,26 @@ class Decoded(NamedTuple):
     logps: Tensor  # [N, C] each chosen token's log-prob at the sampling temperature, over the whole vocabulary
 
 
+# The loop asks the device whether every row has ended (and whether the logits stayed finite) every this many tokens,
+# not at every token: each question waits for the GPU to finish all the work queued before it.
+CHECK_EVERY = 16
+
+
 def decode(
     model: torch.nn.Module,
     prompt_ids: Tensor,
     prompt_mask: Tensor,
-    cache: DynamicCache,
+    cache: DynamicCache | StaticCache,
     config: GenerationConfig,
     rows: int | None = None,
 ) -> Decoded:
     """generate()'s sampling loop for a Llama/Qwen2-family model, one `decode_step` per token.
 
-    `cache` holds the prompts `[N, P]` but their last token. The same logits processors as generate() for
-    `config` (a GenerationConfig) and the model's `min_new_tokens`, the same padding after EOS, and with
-    `torch.multinomial` for `draw` the same tokens for the same seed (tested); without generate()'s per-token
-    bookkeeping. `rows` fuses projections for oneDNN (`decode_layers`).
+    `cache` holds the prompts `[N, P]` but their last token: a `DynamicCache`, or a `StaticCache` of room for
+    `P - 1 + max_new_tokens` positions, whose steps run as one CUDA graph each on a GPU (`StaticStep`). The same
+    logits processors as generate() for `config` (a GenerationConfig) and the model's `min_new_tokens`, the same
+    padding after EOS, and with `torch.multinomial` for `draw` the same tokens for the same seed (tested); without
+    generate()'s per-token bookkeeping. `rows` fuses projections for oneDNN (`decode_layers`).
 
     Also returns each chosen token's log-prob as the trainer computes it: `log_softmax(logits / temperature)`
     before top-k/top-p and `min_new_tokens` (0 after EOS), to measure how far sampling and training disagree.
@@ -280,15 +346,34 @@ def decode(
         if config.top_p is not None and config.top_p < 1.0:
             warpers.append(TopPLogitsWarper(config.top_p))
     min_new_tokens = effective_config(model, config).min_new_tokens or 0
-    eos = torch.tensor(config.eos_token_id, device=prompt_ids.device).flatten()  # [E]
+    device = prompt_ids.device
+    eos = torch.tensor(config.eos_token_id, device=device).flatten()  # [E]
     n, p = prompt_ids.shape
-    mask = torch.cat([prompt_mask, prompt_mask.new_ones(n, config.max_new_tokens)], dim=1)  # [N, P+T]
+    steps = config.max_new_tokens
     positions = prompt_mask.sum(1, keepdim=True) - 1  # [N, 1]: the last prompt token's
+    if isinstance(cache, StaticCache):
+        keep = prompt_mask.new_zeros(n, 1, 1, cache.keys[0].size(2), dtype=torch.bool)  # [N, 1, 1, L]
+        keep[:, 0, 0, : p - 1] = prompt_mask[:, :-1].bool()
+        static = StaticStep(lm, layers, cache, keep, positions)
+
+        def step_logits(tokens: Tensor, step: int) -> Tensor:
+            return static(tokens)
+
+    else:
+        padded = not bool(prompt_mask.all())  # with no padding, a query of one token needs no mask
+        full = torch.cat([prompt_mask, prompt_mask.new_ones(n, steps)], dim=1).bool()[:, None, None, :]  # [N,1,1,P+T]
+
+        def step_logits(tokens: Tensor, step: int) -> Tensor:
+            keep = full[..., : p + step] if padded else None  # [N, 1, 1, P+step]
+            return _step(lm, tokens, keep, positions + step, cache, layers)[:, -1]
+
     tokens = prompt_ids[:, -1:]  # [N, 1]
-    unfinished = torch.ones(n, dtype=torch.bool, device=prompt_ids.device)  # [N]
-    new, logps = [], []
-    for step in range(config.max_new_tokens):
-        logits = decode_step(lm, tokens, mask[:, : p + step], positions + step, cache, layers)[:, -1].float()  # [N, V]
+    unfinished = torch.ones(n, dtype=torch.bool, device=device)  # [N]
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    new, logps, alive = [], [], []
+    for step in range(steps):
+        logits = step_logits(tokens, step).float()  # [N, V]
+        finite &= torch.isfinite(logits).all()
         scaled = logits / temperature if temperature != 1.0 else logits  # [N, V]: generate()'s temperature warper
         probs = scaled.softmax(-1)  # [N, V] the trained distribution
         scores = scaled  # [N, V]: what is sampled from, after generate()'s other processors
@@ -304,25 +389,35 @@ def decode(
         chosen = torch.where(unfinished[:, None], chosen, config.pad_token_id)  # [N, 1]
         new.append(chosen)
         unfinished &= ~torch.isin(chosen[:, 0], eos)
-        if not unfinished.any():
-            break
+        alive.append(unfinished.any())
+        if (step + 1) % CHECK_EVERY == 0 or step == steps - 1:
+            if not bool(finite):
+                raise TTCError(NOT_FINITE)
+            if not bool(alive[-1]):
+                break
         tokens = chosen
-    return Decoded(torch.cat([prompt_ids, *new], dim=1), torch.cat(logps, dim=1))  # [N, P+C], [N, C]
+    # generate() stops at the token that ended the last row; the loop may have gone on up to CHECK_EVERY - 1 more.
+    length = int(torch.stack(alive).int().argmin()) + 1 if not bool(alive[-1]) else len(new)
+    completion = torch.cat(new[:length], dim=1)  # [N, C]
+    return Decoded(torch.cat([prompt_ids, completion], dim=1), torch.cat(logps[:length], dim=1))  # [N, P+C], [N, C]
+
+
+NOT_FINITE = (
+    "sampling: the model's next-token probabilities are not finite (NaN or inf logits): its weights have "
+    "diverged (a learning rate too high?) or model.temperature is too small for the logits' range"
+)
 
 
 def draw(probs: Tensor) -> Tensor:
     """One token per row of `probs` `[N, V]`, each with its probability -> `[N, 1]`: by inverting the cumulative sum.
 
     `torch.multinomial` draws an exponential per vocabulary entry, ten times slower on CPU for a small model's step.
-    In float64, with a float32 uniform in [0, 1) scaled by the row's total, the draw stays below the total, and the
-    first entry whose cumulative sum exceeds it has a probability above zero.
+    In float64, with a float64 uniform in [0, 1) scaled by the row's total, the draw stays below the total, and the
+    first entry whose cumulative sum exceeds it has a probability above zero. The uniform's dtype is explicit: under
+    `bf16-true` the default dtype is bfloat16, whose 8 bits of mantissa would reach only a few hundred tokens. Rows of
+    NaN probabilities (which `decode` reports) get the last token rather than an index past the vocabulary.
     """
     cdf = probs.double().cumsum(-1)  # [N, V]
     total = cdf[:, -1:]  # [N, 1]
-    if not bool(torch.isfinite(total).all()):  # NaN or inf logits: no token to draw
-        raise TTCError(
-            "sampling: the model's next-token probabilities are not finite (NaN or inf logits): its weights have "
-            "diverged (a learning rate too high?) or model.temperature is too small for the logits' range"
-        )
-    u = torch.rand(probs.size(0), 1, device=probs.device).double() * total  # [N, 1]
-    return torch.searchsorted(cdf, u, right=True)  # [N, 1]
+    u = torch.rand(probs.size(0), 1, device=probs.device, dtype=torch.float64) * total  # [N, 1]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)  # [N, 1]

@@ -1,6 +1,7 @@
 """KV caches for sampling and for the training pass that shares a prompt: one pass per distinct prompt
 (`prefill`), its keys/values given to the rows that continue it (copied, `select_rows`, or shared by the group,
-`SharedPrefixLayer`), and a cache layer that grows without copying itself (`GrowingLayer`)."""
+`SharedPrefixLayer`), a cache layer that grows without copying itself (`GrowingLayer`), and one of a fixed shape
+for a decoding step replayed as a CUDA graph (`StaticCache`)."""
 
 from __future__ import annotations
 
@@ -151,6 +152,41 @@ class SharedPrefixLayer(DynamicLayer):
         # softmax over both parts = each part's softmax weighted by its share of the total exp-sum
         to_prompt = torch.sigmoid(prompt_lse - own_lse.unsqueeze(-1))  # [N, Hkv, h, 1]
         return torch.lerp(on_own, on_prompt, to_prompt.to(on_own.dtype)).to(out_dtype)  # [N, Hkv, heads, D]
+
+
+class StaticCache:
+    """Keys/values of N rows in buffers of a fixed length, each new token's written at the position held in `index`
+    (a one-element device tensor): every decoding step then has the same shapes and addresses, which is what a
+    captured CUDA graph replays. Positions not yet written hold zeros, which the step's attention mask leaves out.
+    """
+
+    def __init__(self, keys: list[Tensor], values: list[Tensor], index: Tensor) -> None:
+        self.keys, self.values = keys, values  # per layer [N, Hkv, L, D]
+        self.index = index  # [1] the position the next token's keys/values go to
+        self.layers = [None] * len(keys)  # no layer is a SharedPrefixLayer
+
+    @classmethod
+    def from_prefill(cls, cache: DynamicCache, group: int, length: int) -> StaticCache:
+        """The prefill cache of B prompts `[B, P]` copied to B*`group` rows, in buffers of `length` positions."""
+        keys, values = [], []
+        for layer in cache.layers:
+            # Under autocast the rotary embedding leaves keys in float32 and values in bf16: one dtype for both.
+            dtype = layer.values.dtype
+            b, h, p, d = layer.keys.shape
+            for source, buffers in ((layer.keys, keys), (layer.values, values)):
+                buffer = source.new_zeros(b * group, h, length, d, dtype=dtype)  # [N, Hkv, L, D]
+                buffer[:, :, :p] = source.repeat_interleave(group, 0)
+                buffers.append(buffer)
+        index = torch.tensor([cache.get_seq_length()], device=keys[0].device)  # [1]
+        return cls(keys, values, index)
+
+    def update(self, k: Tensor, v: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        """Write one token's keys/values `[N, Hkv, 1, D]` of layer `i` at `index`; return its whole buffers
+        `[N, Hkv, L, D]`."""
+        keys, values = self.keys[i], self.values[i]
+        keys.index_copy_(2, self.index, k.to(keys.dtype))
+        values.index_copy_(2, self.index, v.to(values.dtype))
+        return keys, values
 
 
 def cache_bytes(cache: DynamicCache) -> int:

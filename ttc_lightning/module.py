@@ -368,6 +368,10 @@ class GRPOModule(L.LightningModule):
                 **stats,
             }
         )
+        if self.device.type == "cuda":
+            metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        # Lightning all-reduces each value when it is logged (sync_dist), and NCCL reduces tensors on the GPU only.
+        metrics = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in metrics.items()}
         batch_size, shown = len(rollout) // hp.num_generations, ("reward", "kl")
         self.log_dict({k: v for k, v in metrics.items() if k not in shown}, batch_size=batch_size, sync_dist=True)
         for name in shown:

@@ -2,9 +2,11 @@
 `SamplingPlan` (which levers are on, and why the others are off); the plan for the run is logged when fit starts.
 
 The levers (`Levers`): one prompt pass per group (`kv_cache.prefill`), ttc's decoding loop (`decoding.decode`),
-the prompt's keys/values shared by its group while decoding (`kv_cache.SharedPrefixLayer`), LoRA merged while
-sampling (`merged_lora`) and, on CPU, oneDNN's packed weights and flash attention (`cpu`). Each gives the tokens the
-plain `generate()` gives.
+the prompt's keys/values shared by its group while decoding (`kv_cache.SharedPrefixLayer`), on a GPU each decoding
+step replayed as a CUDA graph over a fixed-shape cache (`kv_cache.StaticCache`, `decoding.StaticStep`), LoRA merged
+while sampling (`merged_lora`) and, on CPU, oneDNN's packed weights and flash attention (`cpu`). Each computes what
+the plain `generate()` computes: the same tokens for the same random draws, or (merged LoRA in bf16, the CUDA graph's
+kernels) the same up to rounding.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from transformers import GenerationConfig
 
 from ttc_lightning import cpu
 from ttc_lightning.decoding import decode, decodes_alone, fast_decode_model, fast_decoding
-from ttc_lightning.kv_cache import attention_with_lse, cache_bytes, cache_keyword, expand_cache, prefill
+from ttc_lightning.kv_cache import (
+    StaticCache,
+    attention_with_lse,
+    cache_bytes,
+    cache_keyword,
+    expand_cache,
+    prefill,
+)
 from ttc_lightning.levers import Levers
 from ttc_lightning.policy import Policy, Prompt, encode_prompts
 
@@ -46,6 +55,7 @@ class SamplingPlan:
     prompt_once: bool
     decoder: Decoder
     share_cache: bool
+    cuda_graph: bool
     merge_lora: Merge
     cpu_kernels: bool
     off: dict[str, str] = field(default_factory=dict)
@@ -55,6 +65,7 @@ class SamplingPlan:
             "prompt once" if self.prompt_once else None,
             {"loop": "ttc's decoding loop", "generate+steps": "generate() with ttc's decode steps"}.get(self.decoder),
             "shared prompt cache" if self.share_cache else None,
+            "CUDA graphs" if self.cuda_graph else None,
             f"LoRA merged ({self.merge_lora})" if self.merge_lora != "off" else None,
             "CPU kernels" if self.cpu_kernels else None,
         ]
@@ -99,9 +110,14 @@ def plan_sampling(
         decoder = "generate+steps"
         off["decode_loop"] = "the generation config adds logits processors that only generate() applies"
 
-    share = levers.share_cache and decoder == "loop"
+    graph = levers.cuda_graph and decoder == "loop" and device.type == "cuda" and not quantized
+    if levers.cuda_graph and device.type == "cuda" and not graph:
+        off["cuda_graph"] = "not with 4-bit weights" if quantized else "needs ttc's decoding loop"
+    share = levers.share_cache and decoder == "loop" and not graph
     if levers.share_cache and decoder != "loop":
         off.setdefault("share_cache", "needs ttc's decoding loop")
+    elif levers.share_cache and graph:
+        off["share_cache"] = "the CUDA graph's fixed-shape cache holds each row's copy of its prompt"
     elif share and use_cpu and copy_bytes is not None and not cpu.share_pays(copy_bytes):
         share = False
         off["share_cache"] = f"on CPU copying {copy_bytes / 2**20:.1f} MB per layer is faster than sharing"
@@ -112,7 +128,7 @@ def plan_sampling(
             off["merge_lora"] = "4-bit weights cannot take the adapters"
         else:
             merge = "in place" if next(model.parameters()).dtype == torch.float32 else "copy"
-    return SamplingPlan(prompt_once, decoder, share, merge, use_cpu and cpu.can_pack(model), off)
+    return SamplingPlan(prompt_once, decoder, share, graph, merge, use_cpu and cpu.can_pack(model), off)
 
 
 class Sampler:
@@ -162,7 +178,9 @@ class Sampler:
                 if plan.prompt_once and prompt_ids.size(1) > 1:
                     # Each prompt once, not once per sample; generation starts from its last token.
                     cache = prefill(model, prompt_ids[:, :-1], prompt_mask[:, :-1], prompt_ids.size(1) + max_new_tokens)
-                if cache is not None:
+                if cache is not None and plan.cuda_graph and plan.decoder == "loop":
+                    cache = StaticCache.from_prefill(cache, num_samples, prompt_ids.size(1) - 1 + max_new_tokens)
+                elif cache is not None:
                     plan = self.plan(config, cache_bytes(cache) * (num_samples - 1))
                     attention = cpu.attention_with_lse if plan.cpu_kernels else attention_with_lse
                     expand_cache(

@@ -88,3 +88,39 @@ def test_shared_prompt_pass_matches_each_row_alone_in_bf16(checkpointing):
     torch.testing.assert_close(shared, torch.cat(alone), atol=2e-2, rtol=2e-2)  # bf16 activations
     for a, b in zip(grads, alone_grads, strict=True):
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+def test_the_cuda_graph_decodes_what_the_eager_loop_decodes():
+    from ttc_lightning.kv_cache import StaticCache
+
+    model = build_tiny_model(build_tiny_tokenizer(), seed=0).cuda().eval()
+    torch.manual_seed(2)
+    ids = torch.randint(3, 250, (2, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=40)
+    config.update(eos_token_id=[2], pad_token_id=0)
+    results = []
+    for graph in (False, True):
+        with torch.no_grad():
+            cache = prefill(model, ids[:, :-1], mask[:, :-1], 52)
+            if graph:
+                cache = StaticCache.from_prefill(cache, 3, 11 + 40)
+            else:
+                expand_cache(cache, mask[:, :-1], 3, 41, share=False)
+            torch.manual_seed(5)
+            rows, rows_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+            results.append(decoding.decode(model, rows, rows_mask, cache, config))
+    eager, graphed = results
+    assert torch.equal(graphed.sequences, eager.sequences)
+    torch.testing.assert_close(graphed.logps, eager.logps, atol=1e-4, rtol=1e-4)
+
+
+def test_the_sampler_plans_cuda_graphs_on_a_gpu():
+    module = GRPOModule(rewards=[TOY], lora=LoRA(r=4), dtype="bfloat16")
+    module.configure_model()
+    module.policy.cuda()
+    samples = module.generate(["short", "a longer prompt"], num_samples=3, temperature=1.0, max_new_tokens=12)
+    plan = module.sampler.last_plan
+    assert plan.cuda_graph and not plan.share_cache and plan.decoder == "loop", plan.describe()
+    assert samples.completion_ids.shape[0] == 6

@@ -8,7 +8,15 @@ from ttc_lightning import sampler as sampler_py
 from ttc_lightning.cpu import can_pack, packed_linears
 from ttc_lightning.decoding import decode_step, fast_decode_model, fast_decoding
 from ttc_lightning.errors import TTCError
-from ttc_lightning.kv_cache import GrowingLayer, SharedPrefixLayer, cache_bytes, cache_keyword, expand_cache, prefill
+from ttc_lightning.kv_cache import (
+    GrowingLayer,
+    SharedPrefixLayer,
+    StaticCache,
+    cache_bytes,
+    cache_keyword,
+    expand_cache,
+    prefill,
+)
 from ttc_lightning.levers import Levers
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.policy import LoRA
@@ -419,7 +427,99 @@ def test_fused_packed_projections_give_the_models_logits(monkeypatch):
         assert len(calls) == 2 + 4  # two prefills, the model's own 4 tokens; decode_step used the fused weights
 
 
-def test_probabilities_from_nan_logits_are_a_clear_error():
-    probs = torch.tensor([[0.5, 0.5], [float("nan"), float("nan")]])  # softmax of NaN logits
-    with pytest.raises(TTCError, match="probabilities are not finite"):
-        decoding.draw(probs)
+
+
+def decode_both_ways(model, ids, mask, config, group=3):
+    """`decode` over a growing cache and over a fixed-shape one (what a CUDA graph replays), the same seed."""
+    rows_ids, rows_mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+    results = []
+    for static in (False, True):
+        with torch.no_grad():
+            cache = prefill(model, ids[:, :-1], mask[:, :-1], ids.size(1) + config.max_new_tokens)
+            if static:
+                cache = StaticCache.from_prefill(cache, group, ids.size(1) - 1 + config.max_new_tokens)
+            else:
+                expand_cache(cache, mask[:, :-1], group, config.max_new_tokens + 1, share=False)
+            torch.manual_seed(5)
+            results.append(decoding.decode(model, rows_ids, rows_mask, cache, config))
+    return results
+
+
+@pytest.mark.parametrize("build", [tiny_qwen, tiny_llama])
+def test_a_fixed_shape_cache_decodes_the_tokens_and_log_probs_of_a_growing_one(build):
+    model, (ids, mask) = build(), padded_prompts()  # row 1 has 5 positions of left padding
+    config = GenerationConfig(do_sample=True, max_new_tokens=10, eos_token_id=[2], pad_token_id=0, top_k=0)
+    growing, static = decode_both_ways(model, ids, mask, config)
+    assert torch.equal(static.sequences, growing.sequences)
+    torch.testing.assert_close(static.logps, growing.logps, atol=1e-5, rtol=1e-5)
+    assert static.sequences.size(1) == 12 + 10
+
+
+def test_a_fixed_shape_cache_stops_where_generate_stops():
+    model, (ids, mask) = tiny_qwen(), padded_prompts()
+    eos = int(model(input_ids=ids, attention_mask=mask).logits[0, -1].argmax())  # row 0's greedy first token
+    config = GenerationConfig(do_sample=False, max_new_tokens=40, eos_token_id=[eos], pad_token_id=0)
+    growing, static = decode_both_ways(model, ids, mask, config, group=1)
+    assert torch.equal(static.sequences, growing.sequences)
+    with torch.no_grad():
+        cache = prefill(model, ids[:, :-1], mask[:, :-1], 52)
+        expected = model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config, **{cache_keyword(model): cache}
+        )
+    assert torch.equal(growing.sequences, expected)  # checked every 16 tokens, trimmed to where the last row ended
+
+
+class SyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts the calls that make the host wait for the device: `.item()`, `bool()`, `.tolist()`, `.cpu()`."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.cpu):
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "fixed-shape"])
+def test_the_decoding_loop_waits_for_the_device_once_every_16_tokens(static):
+    model, (ids, mask) = tiny_qwen(), padded_prompts()
+    model.generation_config.min_new_tokens = 64
+    config = GenerationConfig(do_sample=True, max_new_tokens=64, eos_token_id=[2], pad_token_id=0, top_k=0)
+    with torch.no_grad():
+        cache = prefill(model, ids[:, :-1], mask[:, :-1], 80)
+        if static:
+            cache = StaticCache.from_prefill(cache, 1, 11 + 64)
+        counter = SyncCounter()
+        with counter:
+            decoded = decoding.decode(model, ids, mask, cache, config)
+    assert decoded.sequences.size(1) == 12 + 64
+    # 64 tokens: 4 checks of 2 questions (finite? any row left?), the final length, and the padding check
+    # of the growing cache's mask once per call: 8 + 1 (+ 1), not 3 per token.
+    assert counter.syncs == 4 * 2 + 1 + (0 if static else 1)
+
+
+def test_nan_logits_in_the_decoding_loop_are_a_clear_error():
+    model, (ids, mask) = tiny_qwen(), padded_prompts()
+    with torch.no_grad():
+        model.lm_head.weight[5] = float("nan")
+        cache = prefill(model, ids[:, :-1], mask[:, :-1], 20)
+        config = GenerationConfig(do_sample=True, max_new_tokens=4, eos_token_id=[2], pad_token_id=0, top_k=0)
+        with pytest.raises(TTCError, match="probabilities are not finite"):
+            decoding.decode(model, ids, mask, cache, config)
+
+
+def test_draw_in_bfloat16_default_dtype_reaches_the_whole_vocabulary():
+    # Under `--trainer.precision bf16-true` Lightning makes bfloat16 the default dtype: a uniform drawn in it has
+    # 8 bits of mantissa and reaches a few hundred of 152K equally likely tokens. The draw takes its dtype explicitly.
+    torch.manual_seed(0)
+    probs = torch.full((2_000, 151_936), 1 / 151_936)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        tokens = decoding.draw(probs)
+    finally:
+        torch.set_default_dtype(default)
+    # 2,000 draws of 151,936 equally likely tokens: about 151,936 * (1 - exp(-2000/151936)) = 1,987 distinct.
+    assert tokens.unique().numel() > 1_950
