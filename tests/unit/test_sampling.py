@@ -427,8 +427,6 @@ def test_fused_packed_projections_give_the_models_logits(monkeypatch):
         assert len(calls) == 2 + 4  # two prefills, the model's own 4 tokens; decode_step used the fused weights
 
 
-
-
 def decode_both_ways(model, ids, mask, config, group=3):
     """`decode` over a growing cache and over a fixed-shape one (what a CUDA graph replays), the same seed."""
     rows_ids, rows_mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
