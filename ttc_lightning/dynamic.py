@@ -76,7 +76,8 @@ def sample_until_informative(
     count = int(informative_groups(first.task, group_size).sum())
     drawn, exhausted = 1, False
     for _ in range(max_rounds - 1):
-        short, out = sum_over_ranks(torch.tensor([float(count < target), float(exhausted)])).tolist()
+        flags = torch.tensor([float(count < target), float(exhausted)], dtype=torch.float64)  # [2]
+        short, out = sum_over_ranks(flags).tolist()
         if short == 0 or out > 0:
             break
         batch = draw()
@@ -89,7 +90,7 @@ def sample_until_informative(
             count += int(informative_groups(rounds[-1].task, group_size).sum())
     sampled = concat_rounds(rounds, pad_id)
     kept = informative_groups(sampled.task, group_size).nonzero().squeeze(1)[:target].cpu()  # [K]
-    kept_everywhere = int(sum_over_ranks(torch.tensor([float(len(kept))]))[0])
+    kept_everywhere = int(sum_over_ranks(torch.tensor([float(len(kept))], dtype=torch.float64))[0])
     if kept_everywhere == 0:
         rank_zero_warn(
             "dynamic sampling: no group with differing rewards on any rank in a step's rounds; the step makes no "

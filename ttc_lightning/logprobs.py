@@ -66,21 +66,22 @@ def _completion_hidden(lm: torch.nn.Module, rollout: Rollout, prompt_once: bool,
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
         return hidden.last_hidden_state[:, -(c + 1) : -1]  # [n, C, E]
+    keyword = cache_keyword(lm)
     with _cache_kept(lm, checkpointed and grad):
         prompt_mask = unique[:, p : 2 * p - 1]  # [u, P-1]: all but the last prompt token, which starts the rest
         lm.model(
             input_ids=unique[:, : p - 1],
             attention_mask=prompt_mask,
             position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
-            cache=cache,
             use_cache=False,  # the model builds no cache of its own: it writes ours
+            **{keyword: cache},
         )
         hidden = lm.model(
             input_ids=input_ids[:, p - 1 :],
             attention_mask=attention_mask,
             position_ids=position_ids[:, p - 1 :],
-            cache=prefix_cache(cache, inverse),
             use_cache=False,
+            **{keyword: prefix_cache(cache, inverse)},
         ).last_hidden_state  # [n, C+1, E]
     return hidden[:, :-1]  # [n, C, E]: position t predicts completion token t
 
@@ -136,8 +137,15 @@ def _chunk_logps(hidden: Tensor, head: torch.nn.Module, ids: Tensor, temperature
     lse = torch.logsumexp(logits, dim=-1)  # [K]
     with torch.no_grad():
         probs = torch.softmax(logits, dim=-1)  # [K, V]
-        entropy = lse - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)  # [K]: H = lse - E[z]
+        entropy = lse - _expected(probs, logits)  # [K]: H = lse - E[z]
     return logits.gather(1, ids.unsqueeze(1)).squeeze(1) - lse, entropy  # [K], [K]
+
+
+def _expected(probs: Tensor, logits: Tensor) -> Tensor:
+    """`E_p[z]` of each row of `probs` and `logits` `[K, V]` -> `[K]`, in float32 without a `[K, V]` product: `bmm`
+    is one of autocast's bfloat16 ops, which would round the sum to 8 bits of mantissa."""
+    with torch.autocast(probs.device.type, enabled=False):
+        return torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)  # [K]
 
 
 class _FrozenHeadLogps(torch.autograd.Function):
@@ -164,7 +172,7 @@ class _FrozenHeadLogps(torch.autograd.Function):
             logps[rows] = logits.gather(1, ids[rows].unsqueeze(1)).squeeze(1) - lse.squeeze(1)
             probs = torch.sub(logits, lse).exp_()  # [K, V]
             # H = lse - E_p[z], without a [K, V] product
-            entropy[rows] = lse.squeeze(1) - torch.bmm(probs.unsqueeze(1), logits.unsqueeze(2)).view(-1)
+            entropy[rows] = lse.squeeze(1) - _expected(probs, logits)
             del logits
             if grad is not None:
                 # d log p_y / d logits = onehot(y) - p, and logits = h W^T / T

@@ -42,7 +42,9 @@ def _fused_forward(self: Any, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         and name in self.lora_A
         and name not in self.lora_variant
         and self.lora_B[name].bias is None
-        and x.dtype == self.lora_A[name].weight.dtype
+        and x.dtype == self.base_layer.weight.dtype
+        # peft keeps adapters in float32 over a bf16 base: one matmul needs autocast to bring them to x's dtype
+        and (x.dtype == self.lora_A[name].weight.dtype or torch.is_autocast_enabled(x.device.type))
         and (isinstance(self.lora_dropout[name], torch.nn.Identity) or not self.lora_dropout[name].training)
     )
     if not plain:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -45,6 +46,7 @@ from ttc_lightning.optimisation import (
     adamw_with_schedule,
     gradients_synced,
     mean_over_ranks,
+    rollout_totals,
     total_optimizer_steps,
 )
 from ttc_lightning.policy import LoRA, Prompt, load_policy, load_tokenizer, materialise, prompt_limit, reference_model
@@ -121,7 +123,7 @@ class GRPOModule(L.LightningModule):
         self.lora = lora if isinstance(lora, LoRA) or lora is None else LoRA(**lora)
         self.scorer = RewardScorer(load_rewards(rewards), reward_workers, reward_timeout, reward_errors)
         self.reward_names = self.scorer.names
-        self.reward_weights = torch.tensor(reward_weights or [1.0] * len(rewards))
+        self.reward_weights = torch.tensor(reward_weights or [1.0] * len(rewards), dtype=torch.float32)
         self.overlong = as_overlong_buffer(overlong_buffer)
         self.score_names = [*self.reward_names, *([OVERLONG] if self.overlong else [])]  # rollout's reward columns
         self._tied = 0  # batches drawn in a row by steps that found no group to train on (dynamic sampling)
@@ -137,8 +139,8 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
         # Under LoRA the checkpoint holds only the adapters; the frozen base comes from `model_name_or_path`.
         self.strict_loading = lora is None
-        self._grad_norm = torch.tensor(float("nan"))
-        self._step_loss = torch.tensor(0.0)
+        self._grad_norm = torch.tensor(float("nan"), dtype=torch.float32)
+        self._step_loss = torch.tensor(0.0, dtype=torch.float32)
         self.last_rollout: list[dict[str, Any]] = []
         self.evaluator = Evaluator(
             self.generate, self.scorer, self.reward_weights, eval_num_samples, eval_temperature, max_new_tokens
@@ -164,11 +166,19 @@ class GRPOModule(L.LightningModule):
             gradient_checkpointing=hp.gradient_checkpointing,
             reference=hp.beta > 0,
             fuse=self.levers.fuse_lora,
+            cuda=self._on_gpu(),
         )
         self.policy, self.ref_model = policy.model, policy.reference
         self.fingerprint = base_fingerprint(self.policy)  # of the base as loaded, before training changes it
         lora, quantized = self.lora is not None, hp.load_in_4bit
         self.sampler = Sampler(policy, self.levers, lora=lora, quantized=quantized, top_p=hp.top_p, top_k=hp.top_k)
+
+    def _on_gpu(self) -> bool:
+        """Whether the policy will run on a GPU: the trainer's accelerator, or without a trainer (export, scripts)
+        whether this machine has one."""
+        if self._trainer is None:
+            return torch.cuda.is_available()
+        return isinstance(self.trainer.accelerator, CUDAAccelerator)
 
     def setup(self, stage: str) -> None:
         strategy = self.trainer.strategy
@@ -291,8 +301,7 @@ class GRPOModule(L.LightningModule):
         the sampler/trainer log-prob mismatch over the first. `weight` 0: a pass that only joins DDP's all-reduce."""
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        totals = torch.tensor([len(rollout), float(rollout.completion_mask.sum())]) * weight  # [2] rows, tokens
-        total_rows, total_tokens = mean_over_ranks(self, totals)
+        total_rows, total_tokens = mean_over_ranks(self, rollout_totals(rollout.completion_mask, weight))
         sums: dict[str, Tensor] = {}
         weights: dict[str, float] = {}
         for iteration in range(hp.num_iterations):

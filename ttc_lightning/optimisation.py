@@ -88,9 +88,15 @@ def gradients_synced(model: Any, last: bool) -> contextlib.AbstractContextManage
     return contextlib.nullcontext()
 
 
+def rollout_totals(completion_mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """`[2]` the rollout's rows and completion tokens (times `weight`), in float64: under `bf16-true` the default
+    dtype inside a step is bfloat16, in which 3,000 tokens would count as 3,008."""
+    return torch.tensor([completion_mask.size(0), float(completion_mask.sum())], dtype=torch.float64) * weight
+
+
 def mean_over_ranks(module: L.LightningModule, values: torch.Tensor) -> list[float]:
     """Per-rank totals (rows, tokens) averaged over ranks: DDP averages gradients, so the losses divide by these."""
-    values = values.float().to(module.device)
+    values = values.double().to(module.device)
     if module.trainer.world_size > 1:
-        values = module.all_gather(values).float().mean(0)
+        values = module.all_gather(values).double().mean(0)
     return values.tolist()

@@ -93,16 +93,16 @@ def materialise(model_name_or_path: str) -> str:
         return str(save_tiny(directory))
 
 
-def weights_dtype(name: DType, lora: bool) -> torch.dtype:
-    """ "auto": float32 on CPU; bfloat16 on GPUs that support it; else float16 for a frozen LoRA base."""
+def weights_dtype(name: DType, lora: bool, cuda: bool) -> torch.dtype:
+    """ "auto": float32 on CPU (`cuda` False: the run's accelerator, not whether the machine has a GPU) and for full
+    fine-tuning, whose AdamW updates round away in half-precision weights; a frozen LoRA base in bfloat16 on GPUs of
+    compute capability 8.0 and up (where the precision chosen is bf16-mixed: `cli.auto_precision`; the bf16 that
+    `torch.cuda.is_bf16_supported()` also reports on older GPUs is emulated), else in float16."""
     if name != "auto":
         return getattr(torch, name)
-    if not torch.cuda.is_available():
+    if not cuda or not lora:
         return torch.float32
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    # fp16 master weights cannot be trained stably: only a frozen LoRA base may be stored in half precision.
-    return torch.float16 if lora else torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
 
 
 def load_policy(
@@ -116,9 +116,11 @@ def load_policy(
     gradient_checkpointing: bool,
     reference: bool,
     fuse: bool,
+    cuda: bool,
 ) -> Policy:
-    """Load the policy (and, for full fine-tuning with a KL term, a frozen reference copy) from `path`."""
-    torch_dtype = weights_dtype(dtype, lora is not None)
+    """Load the policy (and, for full fine-tuning with a KL term, a frozen reference copy) from `path`, for a run on
+    a GPU (`cuda`) or the CPU."""
+    torch_dtype = weights_dtype(dtype, lora is not None, cuda)
     model = load_causal_lm(path, name, tokenizer, torch_dtype, quantize=load_in_4bit)
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training

@@ -215,8 +215,8 @@ def nan_mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and unbiased std over the non-NaN entries (NaN when there are none, std 0 for a single one)."""
     kept = values[~torch.isnan(values)]
     if kept.numel() == 0:
-        return torch.tensor(float("nan")), torch.tensor(float("nan"))
-    return kept.mean(), kept.std() if kept.numel() > 1 else torch.tensor(0.0)
+        return values.new_full((), float("nan")), values.new_full((), float("nan"))
+    return kept.mean(), kept.std() if kept.numel() > 1 else values.new_zeros(())
 
 
 def rollout_metrics(

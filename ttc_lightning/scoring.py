@@ -166,13 +166,14 @@ class RewardScorer:
         calls = [functools.partial(reward.fn, completions, **columns) for reward in self.rewards]
         outcomes = run_calls(calls, self.workers, self.timeout)
         n = len(completions)
-        scores = torch.full((n, len(self.rewards)), float("nan"))
-        failed = torch.zeros(len(self.rewards))
+        # Explicit dtypes: under `bf16-true` the default dtype inside a step is bfloat16 (8 bits of mantissa).
+        scores = torch.full((n, len(self.rewards)), float("nan"), dtype=torch.float32)
+        failed = torch.zeros(len(self.rewards), dtype=torch.float32)
         for j, (reward, outcome) in enumerate(zip(self.rewards, outcomes, strict=True)):
             problem = self._problem(reward, outcome, completions, columns, group_size)
             if problem is None:
                 values = checked_values(reward.name, outcome.result(), n, columns, group_size)
-                scores[:, j] = torch.tensor(values)
+                scores[:, j] = torch.tensor(values, dtype=torch.float64)
             else:
                 log.warning("%s; its %d completions go unscored (model.reward_errors: skip)", problem, n)
                 failed[j] = 1

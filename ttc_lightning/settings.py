@@ -23,7 +23,9 @@ MODULE_DOC = """GRPO on a causal LM: sample G completions per prompt, score them
         load_in_4bit: Quantise the base model to 4-bit NF4 with bitsandbytes (QLoRA); needs `lora`.
         gradient_checkpointing: Recompute activations in the backward pass: less memory, about a third more
             compute.
-        dtype: Weights' dtype. "auto": float32 on CPU; bfloat16 on GPUs that support it; else float16 under LoRA.
+        dtype: Weights' dtype. "auto": float32 on CPU and for full fine-tuning (AdamW needs float32 master weights;
+            bf16-mixed computes in bf16 all the same); a frozen LoRA base in bfloat16 on GPUs of compute capability
+            8.0 and up, else float16. bfloat16/float16 need `lora`.
         num_generations: G: completions sampled per prompt; advantages are relative within these groups.
         max_new_tokens: Longest completion; longer ones are cut and count in `completions/clipped_ratio`.
         temperature: Sampling temperature, also applied to the logits when computing log-probs (as TRL does).
@@ -93,6 +95,12 @@ def check_settings(hp: Any) -> None:
         problems.append(f"model.reward_errors must be raise or skip, got {hp.reward_errors!r}")
     if hp.num_generations < 2:
         problems.append("model.num_generations must be >= 2: advantages compare completions of the same prompt")
+    if hp.dtype in ("bfloat16", "float16") and hp.lora is None:
+        problems.append(
+            f"model.dtype={hp.dtype} with full fine-tuning (no model.lora) trains {hp.dtype} weights, in which most of "
+            "AdamW's small updates round away: set model.dtype: auto (float32 weights; bf16-mixed still computes in "
+            "bf16) or train a LoRA adapter (model.lora)"
+        )
     if hp.load_in_4bit and hp.lora is None:
         problems.append("model.load_in_4bit needs model.lora: 4-bit weights cannot be trained directly (QLoRA)")
     if hp.temperature <= 0:

@@ -229,8 +229,8 @@ def first_last(history: Sequence[Mapping[str, float]], window: int) -> dict[str,
     head, tail = history[:window], history[-window:]
     return {
         key: (
-            float(nan_mean_std(torch.tensor([e.get(key, math.nan) for e in head]))[0]),
-            float(nan_mean_std(torch.tensor([e.get(key, math.nan) for e in tail]))[0]),
+            float(nan_mean_std(torch.tensor([e.get(key, math.nan) for e in head], dtype=torch.float64))[0]),
+            float(nan_mean_std(torch.tensor([e.get(key, math.nan) for e in tail], dtype=torch.float64))[0]),
         )
         for key in keys
     }

@@ -9,7 +9,7 @@ from transformers import GenerationConfig
 from tests.conftest import REPO
 from tests.integration.test_fit import read_metrics
 from ttc_lightning import decoding
-from ttc_lightning.kv_cache import attention_with_lse, expand_cache, prefill
+from ttc_lightning.kv_cache import attention_with_lse, cache_keyword, expand_cache, prefill
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.policy import LoRA, encode_prompts
 from ttc_lightning.rollout import Rollout
@@ -58,7 +58,8 @@ def test_decoding_loop_samples_what_generate_samples_on_cuda(monkeypatch):
             if ours:  # the loop, with the prompt's cache shared by its rows through the plain attention
                 results.append(decoding.decode(model, rows, rows_mask, cache, config).sequences)
             else:
-                out = model.generate(input_ids=rows, attention_mask=rows_mask, generation_config=config, cache=cache)
+                kwargs = {cache_keyword(model): cache}
+                out = model.generate(input_ids=rows, attention_mask=rows_mask, generation_config=config, **kwargs)
                 results.append(out)
     assert torch.equal(results[0], results[1])
 

@@ -83,3 +83,18 @@ def test_peak_memory_hardly_grows_with_the_vocabulary():
     # Qwen2.5's vocabulary, 18.5 times the 268 MB at 8,192 entries. Chunked, both stay near 2 x 128 MiB.
     assert large <= 1.5 * small, (small, large)
     assert large < 2 * 4096 * 151_936 * 4 / 10
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen head", "trainable head"])
+def test_entropy_under_bfloat16_autocast_is_summed_in_float32(trainable):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 4096, bias=False).requires_grad_(trainable)
+    hidden = torch.randn(2, 8, 64, requires_grad=True)
+    ids = torch.randint(0, 4096, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, entropy = token_logps(hidden, head, ids, temperature=1.0, with_entropy=True)
+        logits = head(hidden).float()  # [2, 8, V], the logits autocast gives (bf16 products, as float32)
+    logp = logits.log_softmax(-1)
+    expected = -(logp.exp() * logp).sum(-1)  # [2, 8] summed in float32
+    # Summed by a bf16 bmm the entropy of ~8 nats is off by up to ~0.03 (8 bits of mantissa); in float32 by ~1e-6.
+    torch.testing.assert_close(entropy, expected, atol=1e-4, rtol=1e-5)

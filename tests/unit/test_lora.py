@@ -76,3 +76,26 @@ def test_a_copy_computes_with_its_own_weights():
     with torch.no_grad():
         torch.testing.assert_close(clone(input_ids=ids).logits, base)  # B = 0 in the copy: no update
         assert not torch.allclose(model(input_ids=ids).logits, base)  # the original keeps its own B
+
+
+def test_float32_adapters_over_a_bfloat16_base_are_fused_under_autocast(monkeypatch):
+    # What a GPU run loads: a bf16 base, peft's float32 adapters, bf16-mixed autocast around the step.
+    peft_model = lora_model().to(torch.bfloat16)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    fused_model = copy.deepcopy(peft_model)
+    fuse_lora(fused_model)
+    calls = []
+    original = Linear.forward
+    monkeypatch.setattr(Linear, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    ids = torch.randint(3, 250, (2, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_model(input_ids=ids).logits
+        assert not calls  # every adapted layer took the fused path
+        expected = peft_model(input_ids=ids).logits
+    assert len(calls) == 14
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)  # bf16: rounding in another order
+    calls.clear()
+    fused_model(input_ids=ids)  # without autocast a bf16 input cannot meet float32 adapters in one matmul: peft's
+    assert len(calls) == 14

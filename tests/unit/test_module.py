@@ -11,7 +11,7 @@ from ttc_lightning import cpu
 from ttc_lightning.cli import auto_precision
 from ttc_lightning.errors import TTCError
 from ttc_lightning.module import GRPOModule
-from ttc_lightning.policy import LoRA, encode_prompts
+from ttc_lightning.policy import LoRA, encode_prompts, weights_dtype
 from ttc_lightning.rollout import Rollout, nan_mean_std
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
@@ -62,6 +62,7 @@ def test_auto_precision(monkeypatch, accelerator, cuda, capability, expected):
         ({"lora": {"r": 0}}, "lora.r must be >= 1, got 0"),
         ({"lora": {"r": 4, "alpha": -8}}, "lora.alpha must be > 0, got -8"),
         ({"lora": LoRA(r=4, dropout=2.0)}, r"lora.dropout must be in \[0, 1\), got 2.0"),
+        ({"dtype": "bfloat16"}, "model.dtype=bfloat16 with full fine-tuning .* set model.dtype: auto"),
     ],
 )
 def test_invalid_settings_say_how_to_fix(kwargs, message):
@@ -293,3 +294,19 @@ def test_the_samplers_log_probs_are_the_trainers():
     mask = samples.completion_mask.bool()
     torch.testing.assert_close(samples.logps[mask], logps[mask], atol=1e-4, rtol=1e-4)
     assert (samples.logps[~mask] == 0).all() and (samples.logps[mask] < 0).all()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "lora", "cuda", "capability", "expected"),
+    [
+        ("auto", True, True, (9, 0), torch.bfloat16),  # a frozen LoRA base on Hopper
+        ("auto", True, True, (7, 5), torch.float16),  # Turing: bf16 only emulated, the precision is 16-mixed
+        ("auto", True, False, (9, 0), torch.float32),  # --trainer.accelerator cpu on a GPU machine
+        ("auto", False, True, (9, 0), torch.float32),  # full fine-tuning: float32 master weights for AdamW
+        ("bfloat16", True, False, None, torch.bfloat16),  # asked for
+    ],
+)
+def test_weights_dtype(monkeypatch, dtype, lora, cuda, capability, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts there
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    assert weights_dtype(dtype, lora, cuda) == expected

@@ -301,3 +301,17 @@ def test_each_thread_parses_with_its_own_parser():
     thread.start()
     thread.join()
     assert elsewhere[0] is not here
+
+
+def test_scores_stay_float32_under_a_bfloat16_default_dtype():
+    # `--trainer.precision bf16-true` makes bfloat16 the default dtype inside a step: a score of 1,001 characters
+    # would become 1,000 and a similarity of 0.1234 would become 0.1235 (8 bits of mantissa).
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        scores, _ = scorer(length_reward).score(["x" * 1001, "y"], {}, group_size=2)
+        skipped = scorer(length_reward, errors="skip").score(["x" * 1001, "y"], {}, group_size=2)[1]
+    finally:
+        torch.set_default_dtype(default)
+    assert scores.dtype == torch.float32 and scores[0, 0].item() == 1001.0
+    assert skipped.dtype == torch.float32

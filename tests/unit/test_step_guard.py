@@ -8,7 +8,7 @@ import torch
 
 from ttc_lightning.errors import TTCError
 from ttc_lightning.module import GRPOModule
-from ttc_lightning.optimisation import StepGuard
+from ttc_lightning.optimisation import StepGuard, rollout_totals
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
 
@@ -96,3 +96,16 @@ def test_a_step_another_rank_found_non_finite_is_skipped_here_too(module):
     optimizer = one_step(module, 0.01, 0.1, other_rank=False)
     assert not optimizer.state
     assert all(torch.equal(before[k], v) for k, v in module.policy.state_dict().items())
+
+
+def test_rollout_totals_count_exactly_under_a_bfloat16_default_dtype():
+    # The DAPO loss divides by the rollout's token count; under `bf16-true` the default dtype inside a step is
+    # bfloat16, where 3,000 rounds to 3,008 (the nearest multiple of 16 above 2,048).
+    mask = torch.ones(6, 500, dtype=torch.long)  # 6 rows x 500 tokens = 3,000
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        totals = rollout_totals(mask, 1.0)
+    finally:
+        torch.set_default_dtype(default)
+    assert totals.tolist() == [6.0, 3000.0]
