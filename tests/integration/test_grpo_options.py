@@ -164,3 +164,36 @@ def test_readme_recipes_are_valid_settings():
     for recipe in recipes.values():
         GRPOModule(rewards=["ttc_lightning.rewards.char_fraction_reward"], max_new_tokens=1024, **recipe)
     assert recipes["GSPO"]["importance_sampling_level"] == "sequence" and recipes["DAPO"]["dynamic_sampling"]
+
+
+def never_scores(completions, **_):
+    return [None] * len(completions)
+
+
+def test_every_logged_metric_is_on_the_modules_device(run_ttc, tmp_path):
+    # Under DDP on GPUs Lightning all-reduces each logged value over NCCL, which reduces GPU tensors only. On CPU
+    # every tensor is on the module's device anyway, so the step's metrics are told their device is `meta`: a value
+    # built on the CPU (a reward's error count, the fallback of a reward column without scores) stays behind.
+    from unittest import mock
+
+    logged = {}
+    original = GRPOModule._finish_step
+
+    def finish(self, *args):
+        meta = mock.PropertyMock(return_value=torch.device("meta"))
+        with (
+            mock.patch.object(GRPOModule, "device", new_callable=lambda: meta),
+            mock.patch.object(GRPOModule, "log_dict", lambda _, values, **k: logged.update(values)),
+            mock.patch.object(GRPOModule, "log", lambda _, name, value, **k: logged.update({name: value})),
+        ):
+            return original(self, *args)
+
+    rewards = ["ttc_lightning.rewards.char_fraction_reward", f"{HERE}.never_scores"]
+    with mock.patch.object(GRPOModule, "_finish_step", finish):
+        code, _, err = run_ttc(
+            "fit", "--config", str(DEMO), *FAST, "--trainer.max_steps", "1", "--model.reward_errors", "skip",
+            "--model.rewards", json.dumps(rewards), "--model.reward_weights", "[1.0, 0.0]",
+        )  # fmt: skip
+    tensors = {name: value.device.type for name, value in logged.items() if isinstance(value, torch.Tensor)}
+    assert "rewards/never_scores/errors" in tensors and "rewards/never_scores/mean" in tensors, sorted(tensors)
+    assert set(tensors.values()) == {"meta"}, {k: v for k, v in tensors.items() if v != "meta"}
