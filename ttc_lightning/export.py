@@ -162,6 +162,13 @@ def write_export(module: Any, checkpoint: dict[str, Any], out: Path, final: Path
         # Already one model, which is what --merge asks for: say so and write it.
         print("ttc: note: --merge: the checkpoint is a full fine-tune, it has no adapter to merge", file=sys.stderr)
     elif merge:
+        if checkpoint["hyper_parameters"].get("load_in_4bit"):
+            # The adapter was trained against the 4-bit rounding of the base; the export rebuilds the base unquantised.
+            print(
+                "ttc: note: --merge: the run trained its adapter over 4-bit weights; it is merged into the unquantised "
+                f"base ({name}), whose outputs differ from the trained policy's by the 4-bit rounding",
+                file=sys.stderr,
+            )
         policy = policy.merge_and_unload()
     elif lora:
         if name == TINY:

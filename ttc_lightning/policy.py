@@ -126,6 +126,10 @@ def load_policy(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # peft makes every parameter left unquantised float32, the frozen embedding and output head too (Qwen2.5's
+        # tied 151,936 x 1,536: 933 MB, and autocast casts it back at every decoding step and log-prob chunk).
+        for embedding in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+            embedding.to(torch_dtype)
     if gradient_checkpointing:
         enable_checkpointing(model)
     frozen = None

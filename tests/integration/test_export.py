@@ -238,3 +238,11 @@ def test_a_failed_overwrite_keeps_the_previous_export_and_rewards_need_not_impor
     code, err = run_export(capsys, "--ckpt_path", str(moved), "--output_dir", str(out), "--overwrite")
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_merging_a_4bit_runs_adapter_says_it_goes_into_the_unquantised_base(run_ttc, tmp_path, capsys):
+    ckpt, _ = train(run_ttc, "--model.lora", "{r: 4}", "--model.load_in_4bit", "true")
+    code, err = run_export(capsys, "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "merged"), "--merge")
+    assert code == 0, err
+    assert "ttc: note: --merge: the run trained its adapter over 4-bit weights; it is merged into the" in err
+    assert (tmp_path / "merged" / "config.json").exists()

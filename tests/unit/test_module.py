@@ -310,3 +310,15 @@ def test_weights_dtype(monkeypatch, dtype, lora, cuda, capability, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts there
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     assert weights_dtype(dtype, lora, cuda) == expected
+
+
+def test_4bit_keeps_the_frozen_embedding_and_head_in_the_compute_dtype():
+    # peft's prepare_model_for_kbit_training makes every unquantised parameter float32: at Qwen2.5's vocabulary the
+    # tied embedding/head would double to 933 MB and be cast back to bf16 at every decoding step.
+    module = GRPOModule(rewards=[TOY], lora=LoRA(r=4), load_in_4bit=True, dtype="bfloat16")
+    module.configure_model()
+    base = module.policy.get_base_model()
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert base.get_output_embeddings().weight.dtype == torch.bfloat16
+    norm = base.model.norm.weight  # the small unquantised rest stays float32, as peft wants it
+    assert norm.dtype == torch.float32
