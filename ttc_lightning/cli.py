@@ -106,6 +106,8 @@ class TTCCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,
                 "trainer.precision": None,
                 "trainer.default_root_dir": "runs/ttc",
+                # A step is a whole rollout: every one is worth a metrics row (Lightning's default is every 50th).
+                "trainer.log_every_n_steps": 1,
                 # Validation generates text: too slow to run as a sanity check before every fit.
                 "trainer.num_sanity_val_steps": 0,
                 # One row for the whole policy and a FLOPs column of 0: `ParameterCount` says what matters.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import os
 import shutil
 import sys
 import tempfile
@@ -84,6 +85,16 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def umask_modes(root: Path) -> None:
+    """Give `root` and everything in it the modes the user's umask gives new files (0755/0644 under 022): the staging
+    directory comes from `mkdtemp`, which makes it 0700, so colleagues could not read the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [root, *root.rglob("*")]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def replaced_when_done(path: Path) -> Iterator[Path]:
     """A new directory beside `path` to write into; once the block succeeds it replaces `path` (a previous export
@@ -96,6 +107,7 @@ def replaced_when_done(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    umask_modes(staging)
     if path.exists():
         old = staging.with_name(staging.name + ".old")
         path.rename(old)

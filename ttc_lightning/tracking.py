@@ -73,13 +73,16 @@ def default_run_name(task: str | None, model_name_or_path: str | None, commit: s
 
 
 def package_versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None]:
-    """Installed version of each package, None when it is not installed."""
+    """Installed version of each package, None when it is not installed; torch's with its build (`2.14.1+cu130`,
+    `2.13.0+cpu`), which its package metadata leaves out."""
     versions: dict[str, str | None] = {}
     for name in packages:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    if "torch" in versions:
+        versions["torch"] = torch.__version__
     return versions
 
 

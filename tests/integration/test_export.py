@@ -1,7 +1,9 @@
 """`ttc export` on tiny-model checkpoints: the exported directory reproduces the trained policy's logits."""
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import lightning as L
@@ -246,3 +248,18 @@ def test_merging_a_4bit_runs_adapter_says_it_goes_into_the_unquantised_base(run_
     assert code == 0, err
     assert "ttc: note: --merge: the run trained its adapter over 4-bit weights; it is merged into the" in err
     assert (tmp_path / "merged" / "config.json").exists()
+
+
+def test_an_export_has_the_modes_the_umask_gives(run_ttc, tmp_path, capsys):
+    ckpt, _ = train(run_ttc, "--model.lora", "{r: 4}")
+    previous = os.umask(0o027)  # group may read, others nothing
+    try:
+        code, err = run_export(capsys, "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "exported"))
+    finally:
+        os.umask(previous)
+    assert code == 0, err
+    out = tmp_path / "exported"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750  # not mkdtemp's 0700
+    weights = out / "adapter_model.safetensors"
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o640
+    assert all(stat.S_IMODE(p.stat().st_mode) in (0o640, 0o750) for p in out.rglob("*"))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import CONFIGS, REPO
 
@@ -297,3 +298,12 @@ def test_checkpoints_of_the_first_layout_resume_and_evaluate(run_ttc, tmp_path, 
     code, _, err = run_ttc("validate", *args, "--data.val_path", str(prompts), "--ckpt_path", ckpt)
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "logs" / "version_1" / "metrics.json").read_text())["num_prompts"] == 2
+
+
+def test_a_fit_without_a_config_logs_every_step(run_ttc):
+    # Lightning logs every 50th step by default; a 3-step run would write no metrics row.
+    code, out, err = run_ttc(
+        "fit", "--model.rewards", '["ttc_lightning.rewards.char_fraction_reward"]', "--print_config"
+    )
+    assert code == 0, err
+    assert yaml.safe_load(out)["trainer"]["log_every_n_steps"] == 1

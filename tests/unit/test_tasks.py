@@ -154,7 +154,7 @@ def test_no_validation_split():
     dm = PrimeVulClassificationDataModule(val_split=None)
     dm.setup("fit")
     assert dm.val_dataloader() == []
-    with pytest.raises(TTCError, match="val_split is null"):
+    with pytest.raises(TTCError, match="data.val_split is null .* e.g. --data.val_split valid"):
         dm.setup("validate")
 
 

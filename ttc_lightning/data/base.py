@@ -225,7 +225,10 @@ class TaskDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate"):
             if self.val_split is None:
                 if stage == "validate":
-                    raise TTCError("val_split is null: there is nothing to validate on")
+                    raise TTCError(
+                        "data.val_split is null (this config trains without validation): there is nothing to validate "
+                        "on; name a split, e.g. --data.val_split valid"
+                    )
             else:
                 limit = self.max_val_prompts if stage != "validate" else None
                 rows = self.read(self.val_split, training=False)
