@@ -8,10 +8,16 @@ interrupted (Ctrl-C), 143 stopped by SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
+import importlib
+import inspect
+import re
 import signal
 import sys
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
@@ -63,6 +69,87 @@ class TTCArgumentParser(LightningArgumentParser):
             namespace = namespace.clone()
             TTCCLI.resolve_defaults(namespace)
         return super().dump(namespace, *args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """A command line that does not parse: one line and status 2, instead of the usage and jsonargparse's nested
+        report of every union subtype it tried."""
+        if not self.exit_on_error:  # jsonargparse is trying alternatives and catches this
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        options = [name for action in parser._actions for name in action.option_strings]
+        print(f"ttc: error: {one_line_error(message, options)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line_error(message: str, options: list[str]) -> str:
+    """jsonargparse's `message` about a command line, as one line naming the option, with a suggestion where one of
+    `options` (or of the named class's arguments) is close to an unknown one."""
+
+    def key_before(position: int) -> str:  # "--model.lora." from the nested 'Parser key "..."' lines before it
+        return "--" + "".join(k + "." for k in re.findall(r'Parser key "([\w.]+)"', message[:position]))
+
+    unknown = re.search(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message)
+    if unknown:
+        prefix = key_before(unknown.start())
+        return _unknown(prefix + unknown.group(2), [prefix + name for name in init_arguments(unknown.group(1))])
+    group = re.search(r"class_path '([\w.]+)':.*?Group '(\w+)' does not accept option '(\w+)'", message, re.S)
+    if group:
+        prefix = key_before(group.start()) + group.group(2) + "."
+        return _unknown(prefix + group.group(3), [prefix + f for f in group_fields(group.group(1), group.group(2))])
+    choices = re.findall(r"Expected a typing\.Literal\[(.*?)\]", message)
+    given = re.findall(r"Got value: (.*)", message) or re.findall(r"Given value: (.*)", message)
+    if choices and given:
+        allowed = dict.fromkeys(v.strip(" '\"") for c in choices for v in c.split(","))
+        key = key_before(message.index("Expected a typing.Literal")).rstrip(".")
+        return f"{key}: {given[-1].strip()!r} is not one of {', '.join(allowed)}"
+    typed = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message)
+    if typed:
+        key = key_before(typed.start()).rstrip(".")
+        return f"{key}: expected a {typed.group(1)}, got {typed.group(2).strip()!r}"
+    unrecognized = re.search(r"unrecognized arguments: (\S+)", message)
+    if unrecognized:
+        return _unknown(unrecognized.group(1).split("=")[0], options)
+    missing = re.search(r"File does not exist: '(.*?)'", message)
+    if missing:
+        return f"--config {missing.group(1)}: no such file"
+    keys = re.findall(r'Parser key "([\w.]+)"', message)
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
+    detail = next((line for line in reversed(lines) if not line.startswith(("Given value", "Expected a <class"))), "")
+    return f"--{'.'.join(keys)}: {detail}" if keys else " ".join(lines)
+
+
+def _unknown(option: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(option, known, n=1, cutoff=0.75)
+    hint = f"; did you mean {close[0]}?" if close else "; `ttc SUBCOMMAND --help` lists the options"
+    return f"unknown option {option}{hint}"
+
+
+def group_fields(class_path: str, argument: str) -> list[str]:
+    """The fields of the dataclass that the constructor argument `argument` of `class_path`'s class takes."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        hints = typing.get_type_hints(getattr(importlib.import_module(module), name).__init__)
+    except (ImportError, AttributeError, ValueError, NameError):
+        return []
+    kind = hints.get(argument)
+    candidates = [kind, *typing.get_args(kind)]
+    return next(([f.name for f in dataclasses.fields(c)] for c in candidates if dataclasses.is_dataclass(c)), [])
+
+
+def init_arguments(class_path: str) -> list[str]:
+    """The constructor arguments of the class at `class_path` (empty when it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names: list[str] = []
+    for klass in cls.__mro__:  # a subclass that passes **kwargs on takes its bases' arguments too
+        parameters = inspect.signature(klass.__init__).parameters
+        names += [p for p, v in parameters.items() if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+        if not any(v.kind == v.VAR_KEYWORD for v in parameters.values()):
+            break
+    return list(dict.fromkeys(names))
 
 
 class TTCCLI(LightningCLI):

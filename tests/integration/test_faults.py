@@ -566,7 +566,7 @@ def test_lora_on_modules_the_model_lacks_is_one_line(run_ttc, tmp_path):
 
 def test_the_optimizer_is_set_by_model_options_only(run_ttc, tmp_path):
     code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--optimizer", "torch.optim.SGD"))
-    assert code == 2 and "unrecognized arguments: --optimizer" in err and "Traceback" not in err
+    assert code == 2 and "ttc: error: unknown option --optimizer" in err and "Traceback" not in err
 
 
 def test_completion_longer_than_the_context_is_refused(run_ttc, tmp_path):
