@@ -1,8 +1,11 @@
+import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,14 @@ def probes(monkeypatch):
 
     monkeypatch.setattr(preflight, "hub_reachable", counted)
     return calls
+
+
+@contextlib.contextmanager
+def ttc_warning(caplog: pytest.LogCaptureFixture, pattern: str = "") -> Iterator[None]:
+    """The block logs a warning on ttc's logger (outside the `ttc` command it reaches pytest's `caplog`) whose message
+    matches the regular expression `pattern`."""
+    with caplog.at_level(logging.WARNING, logger="ttc"):
+        start = len(caplog.records)
+        yield
+    messages = [r.getMessage() for r in caplog.records[start:] if r.name == "ttc" and r.levelno >= logging.WARNING]
+    assert any(re.search(pattern, m) for m in messages), messages

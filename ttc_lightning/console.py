@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -45,6 +46,8 @@ LIBRARY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"Total length of `list` across ranks is zero", UserWarning),
     # The frozen reference model (full fine-tuning with beta > 0) is in eval mode on purpose.
     (r"Found \d+ module\(s\) in eval mode at the start of training", PossibleUserWarning),
+    # An RL step is a whole rollout: ttc logs every step (trainer.log_every_n_steps 1) whatever the epoch's length.
+    (r"The number of training batches \(\d+\) is smaller than the logging interval", PossibleUserWarning),
     # predict_step writes predictions.jsonl itself and returns nothing.
     (r"predict returned None if it was on purpose", UserWarning),
     # A resumed run's checkpoint directory holds its earlier checkpoints: ttc's run directory belongs to one run.
@@ -67,6 +70,19 @@ LIBRARY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
 LIBRARY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.utilities.rank_zero", "💡 Tip:"),  # advertises litlogger on every run
     ("lightning.fabric.utilities.rank_zero", "💡 Tip:"),
+    # What ttc says itself (run_info.json records the seed and the hardware; ttc names the checkpoint it resumes
+    # from and why the run stopped) or what does not concern its users (TPUs, HPUs, float32 matmuls it never runs).
+    ("lightning.fabric.utilities.seed", "Seed set to"),
+    ("lightning.pytorch.utilities.rank_zero", "GPU available:"),
+    ("lightning.pytorch.utilities.rank_zero", "TPU available:"),
+    ("lightning.pytorch.utilities.rank_zero", "HPU available:"),
+    ("lightning.pytorch.utilities.rank_zero", "Restoring states from the checkpoint path"),
+    ("lightning.pytorch.utilities.rank_zero", "Restored all states from the checkpoint"),
+    ("lightning.pytorch.utilities.rank_zero", "Loaded model weights from the checkpoint"),
+    ("lightning.pytorch.utilities.rank_zero", "`Trainer.fit` stopped:"),
+    ("lightning.pytorch.utilities.rank_zero", "You are using a CUDA device"),
+    ("lightning.pytorch.accelerators.cuda", "LOCAL_RANK:"),
+    ("lightning.pytorch.trainer.connectors.signal_connector", "Received SIGTERM"),
     # bitsandbytes on CPUs with AVX512-BF16, at import: an optional kernel package (fetched from the Hub) is missing.
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
 )
@@ -80,7 +96,7 @@ class DropPrefix(logging.Filter):
         self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
+        return not re.sub(r"^\[rank: \d+\] ", "", str(record.msg)).startswith(self.prefix)
 
 
 @contextlib.contextmanager

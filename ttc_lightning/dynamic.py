@@ -13,15 +13,17 @@ unsampled, since none of its groups could be kept.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ttc_lightning.grpo import informative_groups
 from ttc_lightning.rollout import Batch, Round, concat_rounds
+
+log = logging.getLogger("ttc")
 
 
 @dataclass(frozen=True)
@@ -92,12 +94,12 @@ def sample_until_informative(
     kept = informative_groups(sampled.task, group_size).nonzero().squeeze(1)[:target].cpu()  # [K]
     kept_everywhere = int(sum_over_ranks(torch.tensor([float(len(kept))], dtype=torch.float64))[0])
     if kept_everywhere == 0:
-        rank_zero_warn(
+        log.warning(
             "dynamic sampling: no group with differing rewards on any rank in a step's rounds; the step makes no "
             "optimizer step (groups_kept is 0 in the metrics)"
         )
     elif len(kept) < target:
-        rank_zero_warn(
+        log.warning(
             "dynamic sampling: fewer than data.batch_size groups with differing rewards after "
             f"model.max_sampling_rounds={max_rounds} rounds (or at the end of the epoch); the step trains on those "
             "it has (groups_kept in the metrics)"
@@ -111,7 +113,7 @@ def nothing_left_to_learn(tied: int, epoch_batches: float) -> bool:
     optimizer step, never reaching `trainer.max_steps`."""
     if tied < epoch_batches:
         return False
-    rank_zero_warn(
+    log.warning(
         f"dynamic sampling: no prompt in the last {tied} batches (an epoch's worth) gave completions whose rewards "
         "differ, so the run stops here: the policy scores every prompt's completions alike (it solves them all, "
         "or fails them all, or the rewards cannot tell completions apart; see rewards/<fn>/std in metrics.csv)"

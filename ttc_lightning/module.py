@@ -4,6 +4,7 @@ pieces it calls live in their own files (policy, sampler, logprobs, rollout, grp
 from __future__ import annotations
 
 import dataclasses
+import logging
 import numbers
 import time
 from functools import partial
@@ -13,7 +14,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ttc_lightning import cpu
@@ -202,7 +203,9 @@ class GRPOModule(L.LightningModule):
         plan = self.sampler.plan(self.sampler.generation_config(self.hparams.temperature, self.hparams.max_new_tokens))
         rank_zero_info(f"ttc: {plan.describe()}")
         if self.hparams.tis_cap is not None and plan.decoder != "loop":
-            rank_zero_warn("model.tis_cap has no effect: generate() keeps no log-probs of its own (see the plan)")
+            logging.getLogger("ttc").warning(
+                "model.tis_cap has no effect: generate() keeps no log-probs of its own (see the plan)"
+            )
 
     # --- rollout -------------------------------------------------------------------------------------------------
 

@@ -34,6 +34,9 @@ def test_a_log_gets_progress_lines_and_no_library_warnings(run_ttc):
     assert [str(w.message) for w in caught] == []
     assert "Tip:" not in err
     assert "ttc: train: 12 prompts" in err.splitlines()  # the `ttc` logger's INFO lines show
+    # What ttc says itself, or what does not concern a user, from Lightning: none of its lines.
+    for library_line in ("Seed set to", "GPU available:", "TPU available:", "`Trainer.fit` stopped"):
+        assert library_line not in err, err
     # stdout and stderr are not terminals here: lines on stderr, every 2 steps and at the end, and no rich bar.
     lines = [line for line in err.splitlines() if line.startswith("ttc: step ")]
     assert [line.split(" | ")[0] for line in lines] == ["ttc: step 2/3", "ttc: step 3/3"]
@@ -55,6 +58,8 @@ def test_resuming_and_validating_a_run_show_no_library_warnings(run_ttc):
         for command, args in (("fit", resume), ("validate", validate)):
             code, _, err = run_ttc(command, "--config", DEMO, *SMALL, *args)
             assert code == 0, err
+            assert "Restor" not in err and "Loaded model weights" not in err  # ttc names the checkpoint itself
+            assert "ttc: checkpoint " in err
     assert [str(w.message) for w in caught] == []
     assert sorted(p.name for p in Path("run/checkpoints").glob("last*")) == ["last.ckpt"]  # not last-v1.ckpt
 

@@ -69,7 +69,9 @@ def test_library_log_records_are_dropped_while_the_command_runs():
     tip = record("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
     with library_notices_hidden():
         assert not logger.filter(tip)
-        assert logger.filter(record("GPU available: False, used: False"))
+        assert not logger.filter(record("GPU available: False, used: False"))
+        assert not logging.getLogger("lightning.fabric.utilities.seed").filter(record("[rank: 1] Seed set to 7"))
+        assert logger.filter(record("Another notice"))
     assert logger.filter(tip)
 
 

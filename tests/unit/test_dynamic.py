@@ -4,9 +4,9 @@ import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 
-import pytest
 import torch
 
+from tests.conftest import ttc_warning
 from ttc_lightning.dynamic import DynamicSample, nothing_left_to_learn, sample_until_informative
 from ttc_lightning.rollout import Rollout, Round
 
@@ -84,44 +84,44 @@ def test_the_first_target_groups_in_stream_order_are_kept_and_the_rest_dropped()
     assert prompts_of(result) == ["i1", "i2"]  # i3 was informative too, but the step has its 2 groups
 
 
-def test_max_rounds_reached_trains_on_what_there_is():
+def test_max_rounds_reached_trains_on_what_there_is(caplog):
     # 3 rounds of ties except one group: the step trains on that one group.
     stream = Stream(["t2", "t3"], ["t4", "i4"], ["i5", "i6"])
-    with pytest.warns(UserWarning, match="fewer than data.batch_size groups"):
+    with ttc_warning(caplog, "fewer than data.batch_size groups"):
         result = run(["t0", "t1"], stream, max_rounds=3)
     assert stream.drawn == [["t2", "t3"], ["t4", "i4"]]  # max_rounds counts the first batch
     assert result.rounds == 3 and prompts_of(result) == ["i4"]
     assert result.training_groups() == (result.kept, 1.0)
 
 
-def test_no_informative_group_anywhere_means_no_optimizer_step():
+def test_no_informative_group_anywhere_means_no_optimizer_step(caplog):
     stream = Stream(["t2", "t3"])
-    with pytest.warns(UserWarning, match="no optimizer step"):
+    with ttc_warning(caplog, "no optimizer step"):
         result = run(["t0", "t1"], stream, max_rounds=2)
     assert result.kept.tolist() == [] and result.kept_everywhere == 0
     assert result.training_groups() is None
     assert result.metrics() == {"sampling_rounds": 2.0, "groups_kept": 0.0}
 
 
-def test_the_end_of_the_epoch_ends_the_rounds():
+def test_the_end_of_the_epoch_ends_the_rounds(caplog):
     stream = Stream(["t2", "i2"])  # one batch left in the epoch, and still short of 2 after it
-    with pytest.warns(UserWarning, match="fewer than data.batch_size groups"):
+    with ttc_warning(caplog, "fewer than data.batch_size groups"):
         result = run(["t0", "t1"], stream)
     assert result.rounds == 2 and prompts_of(result) == ["i2"]
 
 
-def test_max_rounds_one_only_filters_the_batch():
-    with pytest.warns(UserWarning):
+def test_max_rounds_one_only_filters_the_batch(caplog):
+    with ttc_warning(caplog):
         result = run(["t0", "i0"], Stream(["i1", "i2"]), max_rounds=1)
     assert result.rounds == 1 and prompts_of(result) == ["i0"]
 
 
-def test_ties_are_judged_on_the_task_reward_before_the_overlong_penalty():
+def test_ties_are_judged_on_the_task_reward_before_the_overlong_penalty(caplog):
     # t0's completions tie on the task (1, 1) but not after the length penalty (1 - 0.5, 1): DAPO drops the group.
     first = sample({"prompt": ["t0", "i0"]})
     shaped = first.rollout.reward - torch.tensor([0.5, 0.0, 0.0, 0.0])
     first = Round(first.batch, dataclasses.replace(first.rollout, reward=shaped), task_reward=first.rollout.reward)
-    with pytest.warns(UserWarning):
+    with ttc_warning(caplog):
         result = sample_until_informative(
             first,
             target=2,
@@ -136,9 +136,9 @@ def test_ties_are_judged_on_the_task_reward_before_the_overlong_penalty():
     assert result.sampled.rollout.reward.tolist() == shaped.tolist()  # the shaped reward is what is trained on
 
 
-def test_a_rank_that_kept_nothing_joins_the_step_with_weight_zero():
+def test_a_rank_that_kept_nothing_joins_the_step_with_weight_zero(caplog):
     # On its own this rank has only ties, but the sum says another rank kept 3 groups.
-    with pytest.warns(UserWarning, match="fewer than data.batch_size groups"):
+    with ttc_warning(caplog, "fewer than data.batch_size groups"):
         result = run(["t0", "t1"], Stream(), max_rounds=1, total=lambda t: t + 3)
     groups, weight = result.training_groups()
     assert groups.tolist() == [0] and weight == 0.0
@@ -199,25 +199,25 @@ def test_ddp_ranks_do_the_same_rounds_and_a_full_rank_draws_without_sampling():
     assert [r.kept_everywhere for r in results] == [4, 4]
 
 
-def test_ddp_ranks_stop_together_when_one_runs_out_of_prompts():
+def test_ddp_ranks_stop_together_when_one_runs_out_of_prompts(caplog):
     # Rank 1's epoch ends first: both leave after the round in which it found no batch, and neither waits alone.
     streams = [Stream(["t2", "t3"], ["t4", "t5"], ["i6", "i7"]), Stream()]
-    with pytest.warns(UserWarning):
+    with ttc_warning(caplog):
         results, reduce = run_ranks([["t0", "t1"], ["t8", "t9"]], streams)
     assert reduce.calls[0] == reduce.calls[1] == 3
     assert [len(s.drawn) for s in streams] == [1, 0]
     assert [r.training_groups() for r in results] == [None, None]  # no rank has a group that differs: no step
 
 
-def test_ddp_rank_with_only_ties_trains_with_weight_zero_while_the_other_trains():
+def test_ddp_rank_with_only_ties_trains_with_weight_zero_while_the_other_trains(caplog):
     streams = [Stream(["t2", "t3"]), Stream(["j2", "j3"])]
-    with pytest.warns(UserWarning):
+    with ttc_warning(caplog):
         results, _ = run_ranks([["t0", "t1"], ["j0", "t9"]], streams, max_rounds=2)
     assert results[0].training_groups()[1] == 0.0 and results[1].training_groups()[1] == 1.0
     assert prompts_of(results[1]) == ["j0", "j2"]
 
 
-def test_a_run_stops_when_an_epoch_of_batches_had_nothing_to_learn():
+def test_a_run_stops_when_an_epoch_of_batches_had_nothing_to_learn(caplog):
     assert not nothing_left_to_learn(7, epoch_batches=8)
-    with pytest.warns(UserWarning, match=r"no prompt in the last 8 batches \(an epoch's worth\)"):
+    with ttc_warning(caplog, r"no prompt in the last 8 batches \(an epoch's worth\)"):
         assert nothing_left_to_learn(8, epoch_batches=8)
