@@ -79,6 +79,7 @@ class BestCheckpoint(L.Callback):
         self.path = Path(dirpath) / "best.ckpt"
         self.metric = metric
         self.best = -math.inf
+        self.best_step: int | None = None
         self._warned = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -90,19 +91,24 @@ class BestCheckpoint(L.Callback):
                 log.warning("no finite %s after validation: best.ckpt is not updated", self.metric)
                 self._warned = True
             return
+        step, previous = trainer.global_step, self.best
         if float(value) > self.best:
-            self.best = float(value)
+            self.best, self.best_step = float(value), step
             trainer.save_checkpoint(self.path, weights_only=False)  # every rank: saving ends in a barrier
-            rank_zero_info(
-                f"ttc: {self.metric} {self.best:.4f} at step {trainer.global_step}, the best so far: {self.path}"
-            )
+        # Every validation gets its line, on the console and in piped logs alike.
+        if self.best_step == step and float(value) == self.best:
+            before = f", up from {previous:.4f}" if math.isfinite(previous) else ""
+            said = f"the best so far{before}: saved {self.path}"
+        else:
+            said = f"best {self.best:.4f}" + (f" at step {self.best_step}" if self.best_step is not None else "")
+        rank_zero_info(f"ttc: validation at step {step}: {self.metric} {float(value):.4f}, {said}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "best": self.best}
+        return {"metric": self.metric, "best": self.best, "best_step": self.best_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("metric") == self.metric:
-            self.best = state["best"]
+            self.best, self.best_step = state["best"], state.get("best_step")
 
 
 class SaveConfigToWandb(SaveConfigCallback):

@@ -53,3 +53,19 @@ def test_each_task_names_its_headline_metric():
     assert PrimeVulClassificationDataModule(label_mode="cwe").headline_metric == "macro_f1"
     assert PrimeVulPatchDataModule().headline_metric == "final_patch_reward"
     assert PromptDataModule().headline_metric == "reward"
+
+
+def test_every_validation_says_its_value_and_the_best_so_far(tmp_path, monkeypatch):
+    from ttc_lightning import callbacks
+
+    said = []
+    monkeypatch.setattr(callbacks, "rank_zero_info", said.append)
+    best = BestCheckpoint(tmp_path, "val/P-C")
+    validate(best, 10, **{"val/P-C": 0.25})
+    validate(best, 20, **{"val/P-C": 0.125})
+    validate(best, 30, **{"val/P-C": 0.5})
+    assert said == [
+        f"ttc: validation at step 10: val/P-C 0.2500, the best so far: saved {best.path}",
+        "ttc: validation at step 20: val/P-C 0.1250, best 0.2500 at step 10",
+        f"ttc: validation at step 30: val/P-C 0.5000, the best so far, up from 0.2500: saved {best.path}",
+    ]
