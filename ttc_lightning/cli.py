@@ -152,6 +152,14 @@ def init_arguments(class_path: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+SUBCOMMANDS = {
+    "fit": "Train the policy with GRPO (resume with --ckpt_path last).",
+    "validate": "Evaluate the policy (or a checkpoint: --ckpt_path) on the validation split.",
+    "test": "Evaluate the policy (or a checkpoint: --ckpt_path) on the test split.",
+    "predict": "Write predictions.jsonl: the policy's completions, answers or patches for the test split.",
+}
+
+
 class TTCCLI(LightningCLI):
     """LightningCLI plus `checkpoint` and `progress` sections and run-directory defaults under
     `trainer.default_root_dir`, which one fit run owns (`runs`)."""
@@ -201,6 +209,23 @@ class TTCCLI(LightningCLI):
                 "trainer.enable_model_summary": False,
             }
         )
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        """Lightning's parser, with ttc's words for each subcommand (Lightning's docstrings speak of its own API)."""
+        for name, text in SUBCOMMANDS.items():
+            subparser_kwargs.setdefault(name, {}).setdefault("description", text)
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        action = getattr(self.parser, "_subcommands_action", None)
+        for choice in getattr(action, "_choices_actions", []):
+            choice.help = SUBCOMMANDS.get(choice.dest, choice.help)
+
+    def validate(self, **kwargs: Any) -> Any:
+        """`trainer.validate`, its metrics printed by ttc (whole names, 4 decimals) instead of Lightning's table."""
+        return self.trainer.validate(**{**kwargs, "verbose": False})
+
+    def test(self, **kwargs: Any) -> Any:
+        """`trainer.test`, its metrics printed by ttc instead of Lightning's table."""
+        return self.trainer.test(**{**kwargs, "verbose": False})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -314,6 +339,7 @@ def run(args: list[str] | None) -> None:
             trainer_defaults={"callbacks": [SummaryTable(), RunInfo(), ParameterCount()]},
             # `export` is dispatched above, outside LightningCLI, whose list of subcommands cannot show it.
             parser_kwargs={
+                "prog": "ttc",
                 "description": "GRPO for code LLMs on PrimeVul. Subcommands: fit, validate, test, predict (below) and "
                 "export (at the end). `ttc SUBCOMMAND --help` lists a subcommand's options.",
                 "epilog": "export: `ttc export --ckpt_path CKPT --output_dir DIR [--merge]` writes a checkpoint as a "

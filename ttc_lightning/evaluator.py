@@ -4,9 +4,10 @@ gathered, the metrics; and what it leaves: `metrics.json`, `predictions.jsonl`, 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from rich.console import Console
@@ -126,3 +127,19 @@ def print_per_class(per_class: dict[str, dict[str, float]]) -> None:
     for name, row in per_class.items():
         table.add_row(name, *(f"{row[c]:.3f}" for c in ("precision", "recall", "f1")), str(int(row["support"])))
     Console(stderr=True).print(table)
+
+
+def print_metrics(stage: str, metrics: dict[str, float], stream: TextIO | None = None) -> None:
+    """The evaluation's metrics on `stream` (stdout): a table on a terminal; piped, one `name value` line each,
+    names whole and values to 4 decimals, so a log keeps them readable and `grep`-able."""
+    stream = stream or sys.stdout
+    if stream.isatty():
+        table = Table(title=f"ttc {stage}", title_justify="left")
+        table.add_column("metric", no_wrap=True)
+        table.add_column("value", justify="right", no_wrap=True)
+        for name, value in metrics.items():
+            table.add_row(name, f"{value:.4f}")
+        Console(file=stream).print(table)
+        return
+    width = max(map(len, metrics), default=0)
+    stream.write("".join(f"{name:<{width}}  {value:>10.4f}\n" for name, value in metrics.items()))

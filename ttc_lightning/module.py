@@ -29,7 +29,7 @@ from ttc_lightning.checkpoints import (
 from ttc_lightning.data.base import Task
 from ttc_lightning.dynamic import nothing_left_to_learn, sample_until_informative
 from ttc_lightning.errors import TTCError, sharded_strategy_error
-from ttc_lightning.evaluator import Evaluator, write_predictions
+from ttc_lightning.evaluator import Evaluator, print_metrics, write_predictions
 from ttc_lightning.grpo import (
     ImportanceSamplingLevel,
     LossType,
@@ -429,6 +429,7 @@ class GRPOModule(L.LightningModule):
         self.log_dict(scalars, batch_size=len(records))
         if self.trainer.state.fn != "fit" and self.global_rank == 0:
             path = self.evaluator.write_metrics(self._log_dir(), stage, self.trainer.ckpt_path, records, metrics)
+            print_metrics(self.trainer.state.fn, scalars)
             rank_zero_info(f"ttc: wrote {path}")
 
     def on_predict_epoch_end(self) -> None:

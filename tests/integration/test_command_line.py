@@ -27,3 +27,12 @@ def test_a_command_line_that_does_not_parse_is_one_line(run_ttc, args, expected)
     assert code == 2
     assert err.startswith("ttc: error: ") and expected in err, err
     assert err.count("\n") == 1 and not out  # no usage, no nested report of the union subtypes tried
+
+
+def test_help_describes_the_subcommands_in_ttcs_words(run_ttc):
+    code, out, _ = run_ttc("--help")
+    assert code == 0
+    text = " ".join(out.split())
+    assert text.startswith("usage: ttc ")
+    assert "fit Train the policy with GRPO" in text and "predict Write predictions.jsonl" in text
+    assert "never run on your" not in text and "model forward function" not in text  # Lightning's docstrings

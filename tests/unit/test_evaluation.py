@@ -95,3 +95,16 @@ def test_patch_metrics():
 def test_no_patch_applies():
     m = patch_prediction({**PATCH_RECORD, "completions": ["nothing"] * 2})
     assert m["final"] is None and m["score"] == -1.0
+
+
+def test_piped_metrics_keep_their_whole_names_and_four_decimals():
+    import io
+
+    from ttc_lightning.evaluator import print_metrics
+
+    stream = io.StringIO()  # not a terminal
+    print_metrics("test", {"test/rewards/char_fraction_reward/mean": 24.83333396911621, "test/f1": 0.5}, stream)
+    assert stream.getvalue().splitlines() == [
+        "test/rewards/char_fraction_reward/mean     24.8333",
+        "test/f1                                     0.5000",
+    ]
