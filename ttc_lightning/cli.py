@@ -45,7 +45,7 @@ from ttc_lightning.data.base import Task
 from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.preflight import check_before_start
-from ttc_lightning.tracking import class_path_of, quiet_wandb_start, wandb_defaults
+from ttc_lightning.tracking import class_path_of, finish_wandb, quiet_wandb_start, wandb_defaults
 
 
 def auto_precision(accelerator: Any) -> str:
@@ -312,7 +312,10 @@ def _no_validation_split(data: Any) -> bool:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `ttc` command."""
     with library_notices_hidden(), ttc_log_lines():
-        run(args)
+        try:
+            run(args)
+        finally:
+            finish_wandb()
 
 
 def run(args: list[str] | None) -> None:

@@ -13,6 +13,7 @@ import netrc
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -283,3 +284,12 @@ def progress_line(
     if eta is not None:
         parts.append(f"ETA {format_duration(eta)}")
     return " | ".join(parts)
+
+
+def finish_wandb() -> None:
+    """End the W&B run, if the command started one, while its streams are still ttc's: left to the interpreter's exit,
+    wandb prints its closing lines (the `wandb sync` command of an offline run among them) to stdout with colour
+    codes, which a piped log keeps."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
