@@ -66,11 +66,14 @@ def run_identity(
     model_name_or_path: str, fingerprint: dict[str, Any] | None, lora: Any | None, datamodule: Any | None
 ) -> dict[str, Any]:
     """What a checkpoint must agree on with the run that loads it: the base model (its name and fingerprint), the
-    LoRA settings (a dataclass; None under full fine-tuning) and the task (the data module's class and label mode;
-    None without a data module)."""
+    LoRA settings (a dataclass; None under full fine-tuning) and the task (the data module's class, label mode and
+    a hash of custom prompts; None without a data module)."""
     task = None if datamodule is None else type(datamodule).__name__
     if task is not None and getattr(datamodule, "label_mode", None):
         task += f" label_mode={datamodule.label_mode}"
+    prompts = getattr(datamodule, "prompt_identity", lambda: None)()
+    if task is not None and prompts is not None:
+        task += f" prompts={prompts}"  # data.system_prompt / data.user_template: another prompt, another task
     return {
         "model_name_or_path": model_name_or_path,
         "lora": lora is not None,

@@ -274,3 +274,49 @@ def test_pair_batches_give_ranks_whole_pairs():
 def test_pair_batches_need_paired_binary_rows_and_an_even_batch(kwargs, message):
     with pytest.raises(TTCError, match=message):
         PrimeVulClassificationDataModule(pair_batches=True, **kwargs)
+
+
+def test_prompt_options_replace_the_system_and_user_messages(tmp_path):
+    system = tmp_path / "system.txt"
+    system.write_text("Fix it. Answer in <answer> tags.")
+    module = PrimeVulPatchDataModule(
+        system_prompt=str(system), user_template="CWE: {cwe}\nIssue: {cve_desc}\n---\n{func}\n{{braces}} stay"
+    )
+    row = module.read("train", training=True)[0]
+    assert row["prompt"][0] == {"role": "system", "content": "Fix it. Answer in <answer> tags."}  # read from the file
+    user = row["prompt"][1]["content"]
+    assert (
+        user.startswith("CWE: CWE-") and "\n---\n" + row["vulnerable_func"] in user and user.endswith("{braces} stay")
+    )
+    default = PrimeVulPatchDataModule().read("train", training=True)[0]
+    assert default["prompt"] != row["prompt"] and default["vulnerable_func"] == row["vulnerable_func"]
+    classify = PrimeVulClassificationDataModule(system_prompt="Labels:\n{labels}", user_template="Code:\n{func}")
+    prompt = classify.read("train", training=True)[0]["prompt"]
+    assert (
+        prompt[0]["content"]
+        == "Labels:\n- vulnerable: the function contains a security vulnerability\n- benign: it does not"
+    )
+    assert prompt[1]["content"].startswith("Code:\n")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"user_template": "{function}"}, r"data.user_template: \{function\} is not a field of this task; it has "),
+        ({"user_template": "{func"}, r"data.user_template: .*double a brace"),
+        ({"system_prompt": "  "}, r"data.system_prompt: empty"),
+    ],
+)
+def test_bad_prompt_options_say_what_to_fix(options, message):
+    with pytest.raises(TTCError, match=message):
+        PrimeVulPatchDataModule(**options)
+
+
+def test_custom_prompts_are_part_of_the_checkpoints_task():
+    from ttc_lightning.checkpoints import run_identity
+
+    plain = run_identity("tiny", None, None, PrimeVulPatchDataModule())["task"]
+    custom = run_identity("tiny", None, None, PrimeVulPatchDataModule(system_prompt="Be brief."))["task"]
+    assert plain == "PrimeVulPatchDataModule" and custom.startswith("PrimeVulPatchDataModule prompts=")
+    again = run_identity("tiny", None, None, PrimeVulPatchDataModule(system_prompt="Be brief."))["task"]
+    assert again == custom

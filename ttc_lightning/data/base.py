@@ -8,7 +8,10 @@ a seed always gives the same rows in the same order.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import string
 from collections import Counter
 from collections.abc import Sequence
 from functools import partial
@@ -129,6 +132,37 @@ def drop_long_prompts(
     return [row for row in kept if not row.get("pair_id") or after[row["pair_id"]] == before[row["pair_id"]]]
 
 
+def prompt_text(option: str, value: str | None) -> str | None:
+    """A prompt option's text: `value` itself, or the contents of the file it names."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise TTCError(f"data.{option}: empty; null keeps the task's own")
+    path = Path(value).expanduser()
+    if "\n" not in value and len(value) < 4096 and path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TTCError(f"data.{option}: cannot read {path}: {e}") from None
+        if not text.strip():
+            raise TTCError(f"data.{option}: {path} is empty")
+        return text
+    return value
+
+
+def check_template(template: str, fields: Sequence[str]) -> None:
+    """`template` formats with `fields` alone: a brace that is not a field of the task is an error naming it."""
+    try:
+        named = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise TTCError(f"data.user_template: {e} (double a brace to write one: {{{{ or }}}})") from None
+    allowed = ", ".join("{" + f + "}" for f in fields)
+    for name in named:
+        if name not in fields:
+            shown = "{" + name + "}" if name else "{}"
+            raise TTCError(f"data.user_template: {shown} is not a field of this task; it has {allowed}")
+
+
 class TaskDataModule(L.LightningDataModule):
     """The options, `setup` and loaders the PrimeVul tasks share. A task says how to read a split (`read`), whether
     evaluation keeps pairs together (`pairs_in_evaluation`), how to summarise rows in the log (`describe`), and how
@@ -162,6 +196,17 @@ class TaskDataModule(L.LightningDataModule):
     """Flip the 0/1 labels as read (for a copy of PrimeVul that stores them inverted)."""
     check_labels: bool
     """Stop when labels look inverted (a mostly-vulnerable unpaired split, pairs listing the fix first)."""
+    system_prompt: str | None
+    """The system message instead of the task's own: the text, or the path of a file that holds it. Null: the task's
+    (`ttc fit --print_config` shows the option, the first rollout's prompt in rollouts.jsonl the message). A
+    checkpoint records a hash of both prompt options, and resuming with others is refused as another task."""
+    user_template: str | None
+    """The user message instead of the task's own: a Python format string (the text, or a file's path) with the
+    task's fields in braces (the patch task: {func}, {cwe}, {cve_desc}; classification: {func}; double a brace to
+    write one). Null: the task's."""
+
+    # The fields a user_template may name; each task's own.
+    template_fields: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -177,6 +222,8 @@ class TaskDataModule(L.LightningDataModule):
         num_workers: int = 0,
         labels_inverted: bool = False,
         check_labels: bool = True,
+        system_prompt: str | None = None,
+        user_template: str | None = None,
     ) -> None:
         super().__init__()
         data_path = SAMPLE_DIR if data_path is None else data_path
@@ -205,10 +252,22 @@ class TaskDataModule(L.LightningDataModule):
         self.max_prompt_tokens, self.max_val_prompts = max_prompt_tokens, max_val_prompts
         self.seed, self.num_workers = seed, num_workers
         self.labels_inverted, self.check_labels = labels_inverted, check_labels
+        self.system_prompt, self.user_template = system_prompt, user_template
+        self.system_text = prompt_text("system_prompt", system_prompt)
+        self.user_text = prompt_text("user_template", user_template)
+        if self.user_text is not None:
+            check_template(self.user_text, self.template_fields)
         self.tokenizer: Any = None
         self.train_rows: list[Row] = []
         self.val_rows: list[Row] = []
         self.test_rows: list[Row] = []
+
+    def prompt_identity(self) -> str | None:
+        """A short hash of the prompt options when either is set (what a checkpoint's task records), else None."""
+        if self.system_text is None and self.user_text is None:
+            return None
+        text = json.dumps([self.system_text, self.user_text])
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def read(self, split: str, training: bool) -> list[Row]:
         """The rows of `split` (`training`: it is the split trained on)."""

@@ -53,31 +53,46 @@ Copy the SEARCH lines from the function character for character, indentation inc
 one place in it. Change only what the fix needs."""
 
 
-def classification_prompt(func: str, labels: Sequence[str]) -> Messages:
-    """System message with the task, answer format and allowed labels; user message with the function."""
+def classification_prompt(
+    func: str, labels: Sequence[str], system: str | None = None, template: str | None = None
+) -> Messages:
+    """System message with the task, answer format and allowed labels; user message with the function. `system`
+    and `template` replace them (`data.system_prompt`, `data.user_template`): `{labels}` in `system` becomes the
+    list of allowed labels, `{func}` in `template` the function."""
     if tuple(labels) == BINARY_LABELS:
         task = _CLASSIFY_BINARY
         listed = "- vulnerable: the function contains a security vulnerability\n- benign: it does not"
     else:
         task = _CLASSIFY_CWE
         listed = "\n".join(f"- {describe_cwe(label)}" if label != OTHER else f"- {OTHER}" for label in labels)
-    system = _CLASSIFY_FORMAT.format(task=task, labels=listed)
-    return [{"role": "system", "content": system}, {"role": "user", "content": f"```c\n{func}\n```"}]
+    system = _CLASSIFY_FORMAT.format(task=task, labels=listed) if system is None else system.replace("{labels}", listed)
+    user = f"```c\n{func}\n```" if template is None else template.format(func=func)
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def patch_prompt(func: str, cwe: str, cve_desc: str | None) -> Messages:
-    """The weakness and the CVE description (the "issue"), then the vulnerable function."""
-    parts = [f"Weakness: {describe_cwe(cwe)}"] if cwe else []
-    if cve_desc:
-        parts.append(f"Vulnerability description:\n{cve_desc}")
-    parts.append(f"Vulnerable function:\n```c\n{func}\n```")
-    return [{"role": "system", "content": PATCH_SYSTEM}, {"role": "user", "content": "\n\n".join(parts)}]
+def patch_prompt(
+    func: str, cwe: str, cve_desc: str | None, system: str | None = None, template: str | None = None
+) -> Messages:
+    """The weakness and the CVE description (the "issue"), then the vulnerable function. `system` and `template`
+    replace the system message and the user message (`data.system_prompt`, `data.user_template`)."""
+    if template is not None:
+        user = template.format(func=func, cwe=describe_cwe(cwe) if cwe else "", cve_desc=cve_desc or "")
+    else:
+        parts = [f"Weakness: {describe_cwe(cwe)}"] if cwe else []
+        if cve_desc:
+            parts.append(f"Vulnerability description:\n{cve_desc}")
+        parts.append(f"Vulnerable function:\n```c\n{func}\n```")
+        user = "\n\n".join(parts)
+    return [
+        {"role": "system", "content": PATCH_SYSTEM if system is None else system},
+        {"role": "user", "content": user},
+    ]
 
 
-def patch_row(pair: PrimeVulPair) -> Row:
+def patch_row(pair: PrimeVulPair, system: str | None = None, template: str | None = None) -> Row:
     v = pair.vulnerable
     return {
-        "prompt": patch_prompt(v.func, v.primary_cwe, v.cve_desc),
+        "prompt": patch_prompt(v.func, v.primary_cwe, v.cve_desc, system, template),
         "id": str(v.idx),
         "cve": v.cve or "",
         "cwe": v.primary_cwe,
@@ -126,6 +141,7 @@ class PrimeVulClassificationDataModule(TaskDataModule):
     """
 
     pairs_in_evaluation = True
+    template_fields = ("func",)
     label_mode: Literal["binary", "cwe"]
     """binary: vulnerable / benign. cwe: the CWE of vulnerable functions, among the top_k of the train split + other."""
     paired: bool
@@ -193,7 +209,7 @@ class PrimeVulClassificationDataModule(TaskDataModule):
         labels = self.labels or []
         rows = [
             {
-                "prompt": classification_prompt(r.func, labels),
+                "prompt": classification_prompt(r.func, labels, self.system_text, self.user_text),
                 "id": str(r.idx),
                 "label": gold_label(r, labels),
                 "target": r.target,
@@ -239,12 +255,14 @@ class PrimeVulPatchDataModule(TaskDataModule):
     `vulnerable_func`, `fixed_func`, `file_name` (None when the release has none).
     """
 
+    template_fields = ("func", "cwe", "cve_desc")
+
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
 
     def read(self, split: str, training: bool) -> list[Row]:
         pairs = load_pairs(self.data_path, split, labels_inverted=self.labels_inverted, check_labels=self.check_labels)
-        return [patch_row(p) for p in pairs]
+        return [patch_row(p, self.system_text, self.user_text) for p in pairs]
 
     headline_metric = "final_patch_reward"  # the reward of the patch a user would deploy (chosen without the fix)
 
