@@ -326,6 +326,11 @@ def run(args: list[str] | None) -> None:
 
         export_main(argv[1:])
         return
+    if argv[:1] == ["generate"]:
+        from ttc_lightning.generate import main as generate_main
+
+        generate_main(argv[1:])
+        return
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
         check_config_files(argv)
@@ -343,10 +348,12 @@ def run(args: list[str] | None) -> None:
             # `export` is dispatched above, outside LightningCLI, whose list of subcommands cannot show it.
             parser_kwargs={
                 "prog": "ttc",
-                "description": "GRPO for code LLMs on PrimeVul. Subcommands: fit, validate, test, predict (below) and "
-                "export (at the end). `ttc SUBCOMMAND --help` lists a subcommand's options.",
+                "description": "GRPO for code LLMs on PrimeVul. Subcommands: fit, validate, test, predict (below), "
+                "export and generate (at the end). `ttc SUBCOMMAND --help` lists a subcommand's options.",
                 "epilog": "export: `ttc export --ckpt_path CKPT --output_dir DIR [--merge]` writes a checkpoint as a "
-                "Hugging Face model directory (LoRA adapter or merged model, with the tokenizer).",
+                "Hugging Face model directory (LoRA adapter or merged model, with the tokenizer). generate: `ttc "
+                "generate --ckpt_path CKPT --file FUNC.c` runs a checkpoint's policy on one function (`ttc generate "
+                "--help`).",
             },
             args=args,
         )

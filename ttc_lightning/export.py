@@ -46,15 +46,15 @@ BASE_DIR = "base_model"
 EXPORT_MARKERS = ("config.json", "adapter_config.json")
 
 
-def load_ttc_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by `ttc fit` (a run directory: its newest, as `--ckpt_path last` means); `TTCError`
-    when it is missing or not a ttc checkpoint."""
+def load_ttc_checkpoint(ckpt_path: str | Path, doing: str = "exporting") -> dict[str, Any]:
+    """Read a checkpoint written by `ttc fit` (a run directory: its newest, as `--ckpt_path last` means, which the
+    `doing` line names); `TTCError` when it is missing or not a ttc checkpoint."""
     path = Path(ckpt_path)
     if path.is_dir():
         newest = RunDir(path, path / "checkpoints").last()
         if newest is None:
             raise TTCError(f"--ckpt_path: {path} is a directory without last.ckpt or last-interrupted.ckpt")
-        print(f"ttc: exporting {newest}, the newest checkpoint of {path}", file=sys.stderr)
+        print(f"ttc: {doing} {newest}, the newest checkpoint of {path}", file=sys.stderr)
         path = newest
     if not path.is_file():
         raise TTCError(f"--ckpt_path: {path} does not exist")

@@ -36,3 +36,22 @@ def test_help_describes_the_subcommands_in_ttcs_words(run_ttc):
     assert text.startswith("usage: ttc ")
     assert "fit Train the policy with GRPO" in text and "predict Write predictions.jsonl" in text
     assert "never run on your" not in text and "model forward function" not in text  # Lightning's docstrings
+
+
+def test_generate_runs_a_checkpoint_on_a_function_from_a_file_or_stdin(run_ttc, tmp_path, monkeypatch, capsys):
+    import io
+
+    fit = ["--trainer.max_steps", "1", "--model.max_new_tokens", "8", "--trainer.default_root_dir", "run"]
+    assert run_ttc("fit", "--config", DEMO, *fit)[0] == 0
+    func = tmp_path / "func.c"
+    func.write_text("int get(char *b, int n) {\n    return b[n];\n}\n")
+    code, out, err = run_ttc("generate", "--ckpt_path", "run", "--file", str(func), "--cwe", "CWE-125")
+    assert code == 0, err
+    assert "ttc: generating with " in err and out.startswith("the completion is malformed")  # the tiny model's text
+    monkeypatch.setattr("sys.stdin", io.StringIO(func.read_text()))
+    code, out, err = run_ttc("generate", "--ckpt_path", "run", "--task", "classify", "--max_new_tokens", "4")
+    assert code == 0, err
+    code, _, err = run_ttc("generate", "--ckpt_path", "run", "--file", str(tmp_path / "missing.c"))
+    assert code == 1 and err.startswith("ttc: error: --file ") and err.count("\n") == 1
+    code, _, err = run_ttc("generate", "--ckpt_path", "run", "--file", str(func), "--user_template", "{function}")
+    assert code == 1 and "data.user_template: {function} is not a field of this task" in err
