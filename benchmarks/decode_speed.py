@@ -66,6 +66,15 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, help="a model directory to use (default: build the shape)")
     parser.add_argument("--output", type=Path, default=Path("runs/bench/decode_speed.json"))
     args = parser.parse_args()
+    for name in ("prompts", "group", "new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be >= 1 (leave it out for all 28)")
+    if args.model_dir is not None and not (args.model_dir / "config.json").is_file():
+        parser.error(f"--model-dir {args.model_dir}: no config.json there")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device")
 
     sys.path.insert(0, str(Path(__file__).parent))
     from compare_trl import sample_prompts

@@ -183,6 +183,12 @@ def write_export(module: Any, checkpoint: dict[str, Any], out: Path, final: Path
             )
         policy = policy.merge_and_unload()
     elif lora:
+        if checkpoint["hyper_parameters"].get("load_in_4bit"):
+            print(
+                "ttc: note: the run trained its adapter over 4-bit weights; load it over the same 4-bit base "
+                "(BitsAndBytesConfig nf4, double quantisation) for the outputs it was trained on",
+                file=sys.stderr,
+            )
         if name == TINY:
             # The directory the module loaded the base from: the exact weights the adapter was trained on.
             shutil.copytree(module.model_path, out / BASE_DIR)

@@ -168,6 +168,7 @@ class GRPOModule(L.LightningModule):
             reference=hp.beta > 0,
             fuse=self.levers.fuse_lora,
             cuda=self._on_gpu(),
+            autocast=self._trainer is not None and "mixed" in str(self.trainer.precision),
         )
         self.policy, self.ref_model = policy.model, policy.reference
         self.fingerprint = base_fingerprint(self.policy)  # of the base as loaded, before training changes it
@@ -182,6 +183,17 @@ class GRPOModule(L.LightningModule):
         return isinstance(self.trainer.accelerator, CUDAAccelerator)
 
     def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision) if stage == "fit" else ""
+        if precision == "16-true":
+            raise TTCError(
+                "trainer.precision 16-true stores the trained weights in float16, where AdamW's epsilon (1e-8) and "
+                "small updates underflow and the weights turn NaN: use 16-mixed (float32 weights, float16 compute)"
+            )
+        if precision == "bf16-true" and self.lora is None:
+            raise TTCError(
+                "trainer.precision bf16-true with full fine-tuning (no model.lora) trains bfloat16 weights, in which "
+                "most of AdamW's small updates round away: use bf16-mixed, or train a LoRA adapter (model.lora)"
+            )
         strategy = self.trainer.strategy
         if "FSDP" in type(strategy).__name__ or getattr(strategy, "zero_stage_3", False):
             raise sharded_strategy_error(type(strategy).__name__)

@@ -117,9 +117,10 @@ def load_policy(
     reference: bool,
     fuse: bool,
     cuda: bool,
+    autocast: bool = False,
 ) -> Policy:
     """Load the policy (and, for full fine-tuning with a KL term, a frozen reference copy) from `path`, for a run on
-    a GPU (`cuda`) or the CPU."""
+    a GPU (`cuda`) or the CPU, under a mixed precision's autocast or not."""
     torch_dtype = weights_dtype(dtype, lora is not None, cuda)
     model = load_causal_lm(path, name, tokenizer, torch_dtype, quantize=load_in_4bit)
     if load_in_4bit:
@@ -127,9 +128,11 @@ def load_policy(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         # peft makes every parameter left unquantised float32, the frozen embedding and output head too (Qwen2.5's
-        # tied 151,936 x 1,536: 933 MB, and autocast casts it back at every decoding step and log-prob chunk).
-        for embedding in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
-            embedding.to(torch_dtype)
+        # tied 151,936 x 1,536: 933 MB, and autocast casts it back at every decoding step and log-prob chunk). Under
+        # autocast they may stay in the compute dtype; without it the float32 hidden states need a float32 head.
+        if autocast:
+            for embedding in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+                embedding.to(torch_dtype)
     if gradient_checkpointing:
         enable_checkpointing(model)
     frozen = None

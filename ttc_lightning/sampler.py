@@ -59,18 +59,21 @@ class SamplingPlan:
     merge_lora: Merge
     cpu_kernels: bool
     off: dict[str, str] = field(default_factory=dict)
+    share_per_call: bool = False  # on CPU with the cache's size unknown yet: each call shares or copies by its size
 
     def describe(self) -> str:
+        decoders = {"loop": "ttc's decoding loop", "generate+steps": "generate() with ttc's decode steps"}
+        shared = f"shared prompt cache (from {cpu.SHARE_MIN_BYTES / 2**20:.0f} MB per layer; copied below)"
         on = [
             "prompt once" if self.prompt_once else None,
-            {"loop": "ttc's decoding loop", "generate+steps": "generate() with ttc's decode steps"}.get(self.decoder),
-            "shared prompt cache" if self.share_cache else None,
+            decoders.get(self.decoder, "generate()"),
+            (shared if self.share_per_call else "shared prompt cache") if self.share_cache else None,
             "CUDA graphs" if self.cuda_graph else None,
             f"LoRA merged ({self.merge_lora})" if self.merge_lora != "off" else None,
             "CPU kernels" if self.cpu_kernels else None,
         ]
         off = "; ".join(f"{name} off: {why}" for name, why in self.off.items())
-        return "sampling with " + (", ".join(x for x in on if x) or "plain generate()") + (f" ({off})" if off else "")
+        return "sampling with " + ", ".join(x for x in on if x) + (f" ({off})" if off else "")
 
 
 def plan_sampling(
@@ -128,7 +131,8 @@ def plan_sampling(
             off["merge_lora"] = "4-bit weights cannot take the adapters"
         else:
             merge = "in place" if next(model.parameters()).dtype == torch.float32 else "copy"
-    return SamplingPlan(prompt_once, decoder, share, graph, merge, use_cpu and cpu.can_pack(model), off)
+    per_call = share and use_cpu and copy_bytes is None
+    return SamplingPlan(prompt_once, decoder, share, graph, merge, use_cpu and cpu.can_pack(model), off, per_call)
 
 
 class Sampler:

@@ -95,7 +95,9 @@ def check_settings(hp: Any) -> None:
         problems.append(f"model.reward_errors must be raise or skip, got {hp.reward_errors!r}")
     if hp.num_generations < 2:
         problems.append("model.num_generations must be >= 2: advantages compare completions of the same prompt")
-    if hp.dtype in ("bfloat16", "float16") and hp.lora is None:
+    if hp.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"model.dtype must be auto, float32, bfloat16 or float16, got {hp.dtype!r}")
+    elif hp.dtype in ("bfloat16", "float16") and hp.lora is None:
         problems.append(
             f"model.dtype={hp.dtype} with full fine-tuning (no model.lora) trains {hp.dtype} weights, in which most of "
             "AdamW's small updates round away: set model.dtype: auto (float32 weights; bf16-mixed still computes in "

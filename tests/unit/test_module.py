@@ -63,6 +63,7 @@ def test_auto_precision(monkeypatch, accelerator, cuda, capability, expected):
         ({"lora": {"r": 4, "alpha": -8}}, "lora.alpha must be > 0, got -8"),
         ({"lora": LoRA(r=4, dropout=2.0)}, r"lora.dropout must be in \[0, 1\), got 2.0"),
         ({"dtype": "bfloat16"}, "model.dtype=bfloat16 with full fine-tuning .* set model.dtype: auto"),
+        ({"dtype": None}, "model.dtype must be auto, float32, bfloat16 or float16, got None"),
     ],
 )
 def test_invalid_settings_say_how_to_fix(kwargs, message):
@@ -315,10 +316,38 @@ def test_weights_dtype(monkeypatch, dtype, lora, cuda, capability, expected):
 def test_4bit_keeps_the_frozen_embedding_and_head_in_the_compute_dtype():
     # peft's prepare_model_for_kbit_training makes every unquantised parameter float32: at Qwen2.5's vocabulary the
     # tied embedding/head would double to 933 MB and be cast back to bf16 at every decoding step.
+    from types import SimpleNamespace
+
     module = GRPOModule(rewards=[TOY], lora=LoRA(r=4), load_in_4bit=True, dtype="bfloat16")
+    module._trainer = SimpleNamespace(precision="bf16-mixed", accelerator=None)  # a run under autocast
     module.configure_model()
     base = module.policy.get_base_model()
     assert base.get_input_embeddings().weight.dtype == torch.bfloat16
     assert base.get_output_embeddings().weight.dtype == torch.bfloat16
     norm = base.model.norm.weight  # the small unquantised rest stays float32, as peft wants it
     assert norm.dtype == torch.float32
+
+
+def test_4bit_without_autocast_keeps_a_float32_head_that_its_hidden_states_can_meet():
+    # --model.dtype bfloat16 under 32-true: no autocast, the norms peft keeps float32 feed the head float32 states.
+    module = GRPOModule(rewards=[TOY], lora=LoRA(r=4), load_in_4bit=True, dtype="bfloat16")
+    module.configure_model()  # no trainer: no autocast
+    assert module.policy.get_base_model().get_output_embeddings().weight.dtype == torch.float32
+    samples = module.generate(["a prompt"], num_samples=2, temperature=1.0, max_new_tokens=3)
+    assert samples.completion_ids.shape[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("precision", "lora", "message"),
+    [
+        ("16-true", LoRA(r=4), "trainer.precision 16-true stores the trained weights in float16.* use 16-mixed"),
+        ("bf16-true", None, "trainer.precision bf16-true with full fine-tuning .* use bf16-mixed"),
+    ],
+)
+def test_true_half_precisions_that_cannot_train_are_refused(precision, lora, message):
+    from types import SimpleNamespace
+
+    module = GRPOModule(rewards=[TOY], lora=lora)
+    module._trainer = SimpleNamespace(precision=precision, strategy=None, datamodule=None)
+    with pytest.raises(TTCError, match=message):
+        module.setup("fit")

@@ -521,3 +521,13 @@ def test_draw_in_bfloat16_default_dtype_reaches_the_whole_vocabulary():
         torch.set_default_dtype(default)
     # 2,000 draws of 151,936 equally likely tokens: about 151,936 * (1 - exp(-2000/151936)) = 1,987 distinct.
     assert tokens.unique().numel() > 1_950
+
+
+def test_the_runs_plan_line_says_what_each_call_decides_and_names_generate():
+    model = tiny_qwen()
+    config = GenerationConfig(do_sample=True, max_new_tokens=4, eos_token_id=2, pad_token_id=0, top_k=0)
+    # At fit start the prompts' cache size is unknown: on CPU each call shares or copies by it.
+    line = plan_sampling(model, Levers(), config, lora=False, quantized=False).describe()
+    assert "shared prompt cache (from 2 MB per layer; copied below)" in line
+    line = plan_sampling(model, Levers(decode_loop=False), config, lora=False, quantized=False).describe()
+    assert line.startswith("sampling with prompt once, generate()")
