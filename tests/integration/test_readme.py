@@ -18,7 +18,7 @@ def readme_commands() -> list[str]:
     text = (REPO / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continuation lines joined
             for part in line.split("&&"):
                 part = part.split("  #")[0].strip()
                 if part.startswith("ttc "):

@@ -305,6 +305,8 @@ def test_prompt_options_replace_the_system_and_user_messages(tmp_path):
         ({"user_template": "{function}"}, r"data.user_template: \{function\} is not a field of this task; it has "),
         ({"user_template": "{func"}, r"data.user_template: .*double a brace"),
         ({"system_prompt": "  "}, r"data.system_prompt: empty"),
+        ({"system_prompt": "prompts/system.txt"}, r"data.system_prompt: prompts/system.txt does not exist; give a"),
+        ({"user_template": "/tmp"}, r"data.user_template: /tmp is a directory"),
     ],
 )
 def test_bad_prompt_options_say_what_to_fix(options, message):

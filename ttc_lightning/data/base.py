@@ -132,6 +132,10 @@ def drop_long_prompts(
     return [row for row in kept if not row.get("pair_id") or after[row["pair_id"]] == before[row["pair_id"]]]
 
 
+# A prompt option without spaces that has one of these endings (or a "/") names a file, which must exist.
+PROMPT_SUFFIXES = (".txt", ".md", ".prompt", ".j2", ".jinja", ".tmpl")
+
+
 def prompt_text(option: str, value: str | None) -> str | None:
     """A prompt option's text: `value` itself, or the contents of the file it names."""
     if value is None:
@@ -139,6 +143,10 @@ def prompt_text(option: str, value: str | None) -> str | None:
     if not value.strip():
         raise TTCError(f"data.{option}: empty; null keeps the task's own")
     path = Path(value).expanduser()
+    looks_like_a_path = not any(c.isspace() for c in value) and ("/" in value or path.suffix in PROMPT_SUFFIXES)
+    if looks_like_a_path and not path.is_file():
+        why = "is a directory" if path.is_dir() else "does not exist"
+        raise TTCError(f"data.{option}: {value} {why}; give a file that holds the text, or the text itself")
     if "\n" not in value and len(value) < 4096 and path.is_file():
         try:
             text = path.read_text(encoding="utf-8")
@@ -197,7 +205,8 @@ class TaskDataModule(L.LightningDataModule):
     check_labels: bool
     """Stop when labels look inverted (a mostly-vulnerable unpaired split, pairs listing the fix first)."""
     system_prompt: str | None
-    """The system message instead of the task's own: the text, or the path of a file that holds it. Null: the task's
+    """The system message instead of the task's own: the text, or the path of a file that holds it (a value without
+    spaces that contains "/" or ends in .txt, .md, .prompt, .j2, .jinja or .tmpl must be one). Null: the task's
     (`ttc fit --print_config` shows the option, the first rollout's prompt in rollouts.jsonl the message). A
     checkpoint records a hash of both prompt options, and resuming with others is refused as another task."""
     user_template: str | None
