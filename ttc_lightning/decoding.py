@@ -350,23 +350,7 @@ def decode(
     eos = torch.tensor(config.eos_token_id, device=device).flatten()  # [E]
     n, p = prompt_ids.shape
     steps = config.max_new_tokens
-    positions = prompt_mask.sum(1, keepdim=True) - 1  # [N, 1]: the last prompt token's
-    if isinstance(cache, StaticCache):
-        keep = prompt_mask.new_zeros(n, 1, 1, cache.keys[0].size(2), dtype=torch.bool)  # [N, 1, 1, L]
-        keep[:, 0, 0, : p - 1] = prompt_mask[:, :-1].bool()
-        static = StaticStep(lm, layers, cache, keep, positions)
-
-        def step_logits(tokens: Tensor, step: int) -> Tensor:
-            return static(tokens)
-
-    else:
-        padded = not bool(prompt_mask.all())  # with no padding, a query of one token needs no mask
-        full = torch.cat([prompt_mask, prompt_mask.new_ones(n, steps)], dim=1).bool()[:, None, None, :]  # [N,1,1,P+T]
-
-        def step_logits(tokens: Tensor, step: int) -> Tensor:
-            keep = full[..., : p + step] if padded else None  # [N, 1, 1, P+step]
-            return _step(lm, tokens, keep, positions + step, cache, layers)[:, -1]
-
+    step_logits = _step_function(lm, layers, prompt_mask, cache, steps)
     tokens = prompt_ids[:, -1:]  # [N, 1]
     unfinished = torch.ones(n, dtype=torch.bool, device=device)  # [N]
     finite = torch.ones((), dtype=torch.bool, device=device)
@@ -400,6 +384,28 @@ def decode(
     length = int(torch.stack(alive).int().argmin()) + 1 if not bool(alive[-1]) else len(new)
     completion = torch.cat(new[:length], dim=1)  # [N, C]
     return Decoded(torch.cat([prompt_ids, completion], dim=1), torch.cat(logps[:length], dim=1))  # [N, P+C], [N, C]
+
+
+def _step_function(
+    lm: torch.nn.Module, layers: list[DecodeLayer], prompt_mask: Tensor, cache: DynamicCache | StaticCache, steps: int
+) -> Callable[[Tensor, int], Tensor]:
+    """`(tokens [N, 1], step) -> logits [N, V]` for `decode`: over a `StaticCache` a `StaticStep` (a CUDA graph on a
+    GPU), else `_step` over the growing cache with the step's slice of the padding mask."""
+    n, p = prompt_mask.shape
+    positions = prompt_mask.sum(1, keepdim=True) - 1  # [N, 1]: the last prompt token's
+    if isinstance(cache, StaticCache):
+        keep = prompt_mask.new_zeros(n, 1, 1, cache.keys[0].size(2), dtype=torch.bool)  # [N, 1, 1, L]
+        keep[:, 0, 0, : p - 1] = prompt_mask[:, :-1].bool()
+        static = StaticStep(lm, layers, cache, keep, positions)
+        return lambda tokens, step: static(tokens)
+    padded = not bool(prompt_mask.all())  # with no padding, a query of one token needs no mask
+    full = torch.cat([prompt_mask, prompt_mask.new_ones(n, steps)], dim=1).bool()[:, None, None, :]  # [N, 1, 1, P+T]
+
+    def step_logits(tokens: Tensor, step: int) -> Tensor:
+        keep = full[..., : p + step] if padded else None  # [N, 1, 1, P+step]
+        return _step(lm, tokens, keep, positions + step, cache, layers)[:, -1]
+
+    return step_logits
 
 
 NOT_FINITE = (
