@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from ttc_lightning.patch import (
+from ttc_lightning.rewards.patch import (
     Edit,
     _oracle_diff,
     exact_fix_reward,

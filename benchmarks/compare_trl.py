@@ -106,7 +106,7 @@ def letter_fraction(completions: list[str], **_: Any) -> list[float]:
 
 def build_prompts(n: int = 16, code_lines: int = 0) -> list[str]:
     """Prompts rendered with the chat template, all the same length, so every batch costs the same."""
-    from ttc_lightning.tiny import build_tiny_tokenizer
+    from ttc_lightning.model.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     body = "".join(f"  int v{j:03d} = b[{j:03d}] ^ n;\n" for j in range(code_lines))
@@ -122,7 +122,7 @@ def sample_prompts(n: int) -> list[str]:
     from ttc_lightning.data.base import SAMPLE_DIR
     from ttc_lightning.data.primevul import load_pairs
     from ttc_lightning.data.tasks import patch_row
-    from ttc_lightning.tiny import build_tiny_tokenizer
+    from ttc_lightning.model.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     texts = [
@@ -136,8 +136,8 @@ def sample_prompts(n: int) -> list[str]:
 
 def prepare(size: Size, directory: Path) -> dict[str, Any]:
     """Write the model directory and the prompts file; return the worker's spec."""
-    from ttc_lightning.policy import quiet_transformers
-    from ttc_lightning.tiny import build_tiny_tokenizer, save_qwen_shaped, save_tiny
+    from ttc_lightning.model.loading import quiet_transformers
+    from ttc_lightning.model.tiny import build_tiny_tokenizer, save_qwen_shaped, save_tiny
 
     with quiet_transformers():
         if size.qwen:

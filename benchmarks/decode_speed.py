@@ -26,10 +26,10 @@ import floor
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from ttc_lightning.decoding import decode
-from ttc_lightning.kv_cache import StaticCache, expand_cache, prefill
-from ttc_lightning.policy import encode_prompts, quiet_transformers
-from ttc_lightning.tiny import build_tiny_tokenizer, save_qwen_shaped
+from ttc_lightning.model.loading import encode_prompts, quiet_transformers
+from ttc_lightning.model.tiny import build_tiny_tokenizer, save_qwen_shaped
+from ttc_lightning.sampling.decoding import decode
+from ttc_lightning.sampling.kv_cache import StaticCache, expand_cache, prefill
 
 PATHS = ("generate", "loop, shared prompt cache", "loop, copied prompt cache", "loop, fixed-shape cache")
 

@@ -129,7 +129,7 @@ tests() {
 
 build_model() {
     needs torch transformers || exit 77
-    "$python" -c "from ttc_lightning.tiny import save_qwen_shaped; save_qwen_shaped('$work/model', '1.5b')"
+    "$python" -c "from ttc_lightning.model.tiny import save_qwen_shaped; save_qwen_shaped('$work/model', '1.5b')"
 }
 
 # 3 optimizer steps of the main job on the whole 1.5B shape; completions capped at 128 tokens to fit the budget.

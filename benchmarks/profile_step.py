@@ -121,12 +121,12 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
     import lightning as L
     import torch
 
-    import ttc_lightning.logprobs as logprobs_py
     import ttc_lightning.module as module_py
-    import ttc_lightning.sampler as sampler_py
+    import ttc_lightning.sampling.sampler as sampler_py
+    import ttc_lightning.training.logprobs as logprobs_py
     from ttc_lightning import GRPOModule, Levers, LoRA
     from ttc_lightning.data import PromptDataModule
-    from ttc_lightning.scoring import RewardScorer
+    from ttc_lightning.rewards.scoring import RewardScorer
 
     size = Size(**spec["size"])
     timers = Timers()

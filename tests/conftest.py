@@ -22,7 +22,7 @@ UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, a conne
 @pytest.fixture
 def run_ttc(capsys, monkeypatch, tmp_path):
     """Run `ttc ARGS` in-process from tmp_path; returns (exit code, stdout, stderr)."""
-    from ttc_lightning.cli import main
+    from ttc_lightning.run.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["ttc"])  # the CLI must read `args`, not pytest's own arguments
@@ -100,7 +100,7 @@ def hub_env(monkeypatch, tmp_path):
 @pytest.fixture
 def probes(monkeypatch):
     """Counts the Hub probes (each still runs)."""
-    from ttc_lightning import preflight
+    from ttc_lightning.run import preflight
 
     calls = []
     real = preflight.hub_reachable

@@ -3,13 +3,13 @@
 import importlib
 from typing import Any
 
-# Loaded on first use, so that `ttc_lightning.patch` and `ttc_lightning.rewards` import without torch and Lightning.
+# Loaded on first use, so that `ttc_lightning.rewards` imports without torch and Lightning.
 _HOMES = {
     "GRPOModule": "module",
     "Levers": "levers",
-    "LoRA": "policy",
-    "OverlongBuffer": "rollout",
-    "Rollout": "rollout",
+    "LoRA": "model.loading",
+    "OverlongBuffer": "training.rollout",
+    "Rollout": "training.rollout",
 }
 __all__ = list(_HOMES)
 

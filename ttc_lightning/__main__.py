@@ -1,3 +1,3 @@
-from ttc_lightning.cli import main
+from ttc_lightning.run.cli import main
 
 main()

@@ -18,7 +18,22 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from ttc_lightning import cpu
-from ttc_lightning.checkpoints import (
+from ttc_lightning.data.base import Task
+from ttc_lightning.errors import TTCError, sharded_strategy_error
+from ttc_lightning.evaluation.evaluator import Evaluator, print_metrics, write_predictions
+from ttc_lightning.levers import Levers
+from ttc_lightning.model.loading import (
+    LoRA,
+    Prompt,
+    load_policy,
+    load_tokenizer,
+    materialise,
+    prompt_limit,
+    reference_model,
+)
+from ttc_lightning.model.tiny import TINY
+from ttc_lightning.rewards.scoring import RewardErrors, RewardScorer, RewardSpec, load_rewards
+from ttc_lightning.run.checkpoints import (
     base_fingerprint,
     complete_state,
     rng_states,
@@ -26,11 +41,10 @@ from ttc_lightning.checkpoints import (
     trim_state,
     ttc_section,
 )
-from ttc_lightning.data.base import Task
-from ttc_lightning.dynamic import nothing_left_to_learn, sample_until_informative
-from ttc_lightning.errors import TTCError, sharded_strategy_error
-from ttc_lightning.evaluator import Evaluator, print_metrics, write_predictions
-from ttc_lightning.grpo import (
+from ttc_lightning.sampling.sampler import Sampler, Samples
+from ttc_lightning.settings import MODULE_DOC, check_settings
+from ttc_lightning.training.dynamic import nothing_left_to_learn, sample_until_informative
+from ttc_lightning.training.grpo import (
     ImportanceSamplingLevel,
     LossType,
     LRSchedule,
@@ -40,9 +54,8 @@ from ttc_lightning.grpo import (
     logprob_mismatch,
     masked_mean,
 )
-from ttc_lightning.levers import Levers
-from ttc_lightning.logprobs import completion_logps, frozen_logps
-from ttc_lightning.optimisation import (
+from ttc_lightning.training.logprobs import completion_logps, frozen_logps
+from ttc_lightning.training.optimizer import (
     StepGuard,
     adamw_with_schedule,
     gradients_synced,
@@ -50,8 +63,7 @@ from ttc_lightning.optimisation import (
     rollout_totals,
     total_optimizer_steps,
 )
-from ttc_lightning.policy import LoRA, Prompt, load_policy, load_tokenizer, materialise, prompt_limit, reference_model
-from ttc_lightning.rollout import (
+from ttc_lightning.training.rollout import (
     OVERLONG,
     OverlongBuffer,
     Rollout,
@@ -64,10 +76,6 @@ from ttc_lightning.rollout import (
     training_rollout,
     write_rollouts,
 )
-from ttc_lightning.sampler import Sampler, Samples
-from ttc_lightning.scoring import RewardErrors, RewardScorer, RewardSpec, load_rewards
-from ttc_lightning.settings import MODULE_DOC, check_settings
-from ttc_lightning.tiny import TINY
 
 DEFAULT_LEVERS = Levers()
 

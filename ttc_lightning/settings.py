@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.rollout import as_overlong_buffer
+from ttc_lightning.training.rollout import as_overlong_buffer
 
 MODULE_DOC = """GRPO on a causal LM: sample G completions per prompt, score them, push the policy towards the better
     ones.

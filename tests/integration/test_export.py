@@ -14,8 +14,8 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import REPO
-from ttc_lightning.export import base_model_card_name, base_model_reference, main
-from ttc_lightning.tiny import CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer, save_tiny
+from ttc_lightning.model.tiny import CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer, save_tiny
+from ttc_lightning.run.export import base_model_card_name, base_model_reference, main
 
 TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
 FAST = ["--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "8", "--model.num_generations", "2"]
@@ -231,7 +231,7 @@ def test_a_failed_overwrite_keeps_the_previous_export_and_rewards_need_not_impor
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("ttc_lightning.export.write_export", disk_full)
+    monkeypatch.setattr("ttc_lightning.run.export.write_export", disk_full)
     code, err = run_export(capsys, "--ckpt_path", str(moved), "--output_dir", str(out), "--overwrite")
     assert code == 1 and "ttc: error: [Errno 28] No space left on device" in err
     assert sorted(p.name for p in out.iterdir()) == before  # the previous export, whole

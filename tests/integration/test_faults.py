@@ -25,9 +25,9 @@ from tests.conftest import REPO
 from tests.integration.test_distributed import finish, rollout_steps, start_ttc, wait_for
 from tests.integration.test_fit import read_metrics
 from tests.unit.test_primevul import pair, v01, write
-from ttc_lightning.cli import main
-from ttc_lightning.runs import LOCK_FILE
-from ttc_lightning.tiny import save_tiny
+from ttc_lightning.model.tiny import save_tiny
+from ttc_lightning.run.cli import main
+from ttc_lightning.run.directory import LOCK_FILE
 
 # Each case runs the tiny model end to end (about a second each): the fast subset leaves the suite out.
 pytestmark = pytest.mark.slow

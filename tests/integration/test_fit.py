@@ -161,7 +161,7 @@ def test_reward_entries_parse_from_yaml_and_from_the_command_line(run_ttc, tmp_p
         "model:\n"
         "  init_args:\n"
         "    rewards:\n"
-        "      - ttc_lightning.patch.parses_reward\n"
+        "      - ttc_lightning.rewards.parses_reward\n"
         "      - function: ttc_lightning.rewards.command_reward\n"
         "        name: compiles\n"
         "        args: {command: 'gcc -fsyntax-only {file}', timeout: 30, exit_rewards: {0: 1.0, 1: null}}\n"
@@ -171,7 +171,7 @@ def test_reward_entries_parse_from_yaml_and_from_the_command_line(run_ttc, tmp_p
     assert code == 0, err
     expected = """
     rewards:
-    - ttc_lightning.patch.parses_reward
+    - ttc_lightning.rewards.parses_reward
     - function: ttc_lightning.rewards.command_reward
       args:
         command: gcc -fsyntax-only {file}
@@ -182,7 +182,7 @@ def test_reward_entries_parse_from_yaml_and_from_the_command_line(run_ttc, tmp_p
       name: compiles
 """
     assert expected in out
-    entries = f"[ttc_lightning.patch.parses_reward, {json.dumps(COMPILES)}]"
+    entries = f"[ttc_lightning.rewards.parses_reward, {json.dumps(COMPILES)}]"
     code, out, err = run_ttc("fit", "--config", DEMO, "--model.rewards", entries, "--print_config")
     assert code == 0, err
     entry = [

@@ -8,12 +8,12 @@ from transformers import GenerationConfig
 
 from tests.conftest import REPO
 from tests.integration.test_fit import read_metrics
-from ttc_lightning import decoding
-from ttc_lightning.kv_cache import attention_with_lse, cache_keyword, expand_cache, prefill
+from ttc_lightning.model.loading import LoRA, encode_prompts
+from ttc_lightning.model.tiny import build_tiny_model, build_tiny_tokenizer
 from ttc_lightning.module import GRPOModule
-from ttc_lightning.policy import LoRA, encode_prompts
-from ttc_lightning.rollout import Rollout
-from ttc_lightning.tiny import build_tiny_model, build_tiny_tokenizer
+from ttc_lightning.sampling import decoding
+from ttc_lightning.sampling.kv_cache import attention_with_lse, cache_keyword, expand_cache, prefill
+from ttc_lightning.training.rollout import Rollout
 
 pytestmark = pytest.mark.gpu
 
@@ -92,7 +92,7 @@ def test_shared_prompt_pass_matches_each_row_alone_in_bf16(checkpointing):
 
 
 def test_the_cuda_graph_decodes_what_the_eager_loop_decodes():
-    from ttc_lightning.kv_cache import StaticCache
+    from ttc_lightning.sampling.kv_cache import StaticCache
 
     model = build_tiny_model(build_tiny_tokenizer(), seed=0).cuda().eval()
     torch.manual_seed(2)

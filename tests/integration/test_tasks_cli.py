@@ -105,7 +105,7 @@ def test_patch_sample_config_trains_and_validates(run_ttc, tmp_path):
     if shutil.which("gcc") is None:  # the config's `compiles` reward runs gcc: leave it out
         overrides = [
             "--model.rewards",
-            "[ttc_lightning.patch.parsed_patch_reward, ttc_lightning.rewards.char_fraction_reward]",
+            "[ttc_lightning.rewards.parsed_patch_reward, ttc_lightning.rewards.char_fraction_reward]",
         ]
         overrides += ["--model.reward_weights", "[1.0, 1.0]"]
     code, _, err = run_ttc("fit", "--config", str(REPO / "configs" / "patch_sample.yaml"), *SAMPLE_RUN, *overrides)

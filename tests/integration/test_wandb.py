@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from ttc_lightning.callbacks import RunInfo, SaveConfigToWandb, SummaryTable
-from ttc_lightning.tracking import (
+from ttc_lightning.run.callbacks import RunInfo, SaveConfigToWandb, SummaryTable
+from ttc_lightning.run.tracking import (
     default_run_name,
     git_state,
     prepare_wandb,
@@ -38,7 +38,7 @@ def wandb_env(monkeypatch, tmp_path):
 @pytest.fixture
 def wired(monkeypatch):
     """`ttc` with the tracking wiring: the W&B check, the resolved config in W&B, and the default callbacks."""
-    from ttc_lightning import cli
+    from ttc_lightning.run import cli
 
     class WiredCLI(cli.TTCCLI):
         def __init__(self, *args, **kwargs):

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ttc_lightning.callbacks import BestCheckpoint
 from ttc_lightning.data import PrimeVulClassificationDataModule, PrimeVulPatchDataModule, PromptDataModule
+from ttc_lightning.run.callbacks import BestCheckpoint
 
 
 def validate(callback: BestCheckpoint, step: int, **metrics: float) -> list[int]:
@@ -56,7 +56,7 @@ def test_each_task_names_its_headline_metric():
 
 
 def test_every_validation_says_its_value_and_the_best_so_far(tmp_path, monkeypatch):
-    from ttc_lightning import callbacks
+    from ttc_lightning.run import callbacks
 
     said = []
     monkeypatch.setattr(callbacks, "rank_zero_info", said.append)

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttc_lightning.checkpoints import (
+from ttc_lightning.errors import TTCError
+from ttc_lightning.model.loading import LoRA
+from ttc_lightning.model.tiny import build_tiny_model, build_tiny_tokenizer
+from ttc_lightning.run.checkpoints import (
     AtomicCheckpointIO,
     base_fingerprint,
     check_finite,
@@ -21,9 +24,6 @@ from ttc_lightning.checkpoints import (
     start_next_epoch_afresh,
     trim_state,
 )
-from ttc_lightning.errors import TTCError
-from ttc_lightning.policy import LoRA
-from ttc_lightning.tiny import build_tiny_model, build_tiny_tokenizer
 
 # --- non-finite weights ---------------------------------------------------------------------------------------
 

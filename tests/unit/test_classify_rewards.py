@@ -1,8 +1,8 @@
 import pytest
 
-from ttc_lightning.answers import normalize_label, parse_answer
 from ttc_lightning.errors import TTCError
-from ttc_lightning.rewards import format_reward, label_reward
+from ttc_lightning.rewards.answers import normalize_label, parse_answer
+from ttc_lightning.rewards.classify import format_reward, label_reward
 
 
 def wrap(answer: str) -> str:

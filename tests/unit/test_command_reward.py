@@ -12,8 +12,8 @@ from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.data.primevul import load_pairs
 from ttc_lightning.data.tasks import patch_row
 from ttc_lightning.errors import TTCError
-from ttc_lightning.patch import make_oracle_edits
-from ttc_lightning.rewards import command_reward
+from ttc_lightning.rewards.command import command_reward
+from ttc_lightning.rewards.patch import make_oracle_edits
 
 V = "int f(int x)\n{\n  return x;\n}"
 F = "int f(int x)\n{\n  return x & 1;\n}"

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from tests.conftest import ttc_warning
-from ttc_lightning.dynamic import DynamicSample, nothing_left_to_learn, sample_until_informative
-from ttc_lightning.rollout import Rollout, Round
+from ttc_lightning.training.dynamic import DynamicSample, nothing_left_to_learn, sample_until_informative
+from ttc_lightning.training.rollout import Rollout, Round
 
 G = 2
 

@@ -1,6 +1,11 @@
 import pytest
 
-from ttc_lightning.evaluation import classification_metrics, classify_prediction, patch_metrics, patch_prediction
+from ttc_lightning.evaluation.records import (
+    classification_metrics,
+    classify_prediction,
+    patch_metrics,
+    patch_prediction,
+)
 
 
 def answer(label: str) -> str:
@@ -100,7 +105,7 @@ def test_no_patch_applies():
 def test_piped_metrics_keep_their_whole_names_and_four_decimals():
     import io
 
-    from ttc_lightning.evaluator import print_metrics
+    from ttc_lightning.evaluation.evaluator import print_metrics
 
     stream = io.StringIO()  # not a terminal
     print_metrics("test", {"test/rewards/char_fraction_reward/mean": 24.83333396911621, "test/f1": 0.5}, stream)

@@ -1,6 +1,6 @@
 """`ttc generate`'s report of one completion: reasoning, answer, and the label or the patch as a diff."""
 
-from ttc_lightning.generate import report
+from ttc_lightning.run.generate import report
 
 FUNC = "int get(char *b, int n) {\n    return b[n];\n}\n"
 

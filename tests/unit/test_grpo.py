@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ttc_lightning.grpo import (
+from ttc_lightning.training.grpo import (
     accumulation_weight,
     group_advantages,
     grpo_loss,

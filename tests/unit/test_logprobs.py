@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ttc_lightning import logprobs
-from ttc_lightning.logprobs import token_logps
+from ttc_lightning.training import logprobs
+from ttc_lightning.training.logprobs import token_logps
 
 
 def reference(hidden, head, ids, temperature):

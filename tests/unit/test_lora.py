@@ -5,8 +5,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear
 
-from ttc_lightning.lora import fuse_lora
-from ttc_lightning.tiny import build_tiny_model, build_tiny_tokenizer
+from ttc_lightning.model.lora import fuse_lora
+from ttc_lightning.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 def lora_model(alpha: int = 32, dropout: float = 0.0) -> torch.nn.Module:

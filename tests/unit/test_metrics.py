@@ -4,7 +4,7 @@ from fractions import Fraction
 
 import pytest
 
-from ttc_lightning.metrics import (
+from ttc_lightning.evaluation.metrics import (
     binary_metrics,
     majority_vote,
     multiclass_metrics,

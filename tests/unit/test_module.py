@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from ttc_lightning import cpu
-from ttc_lightning.cli import auto_precision
 from ttc_lightning.errors import TTCError
+from ttc_lightning.model.loading import LoRA, encode_prompts, weights_dtype
 from ttc_lightning.module import GRPOModule
-from ttc_lightning.policy import LoRA, encode_prompts, weights_dtype
-from ttc_lightning.rollout import Rollout, nan_mean_std
+from ttc_lightning.run.cli import auto_precision
+from ttc_lightning.training.rollout import Rollout, nan_mean_std
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from ttc_lightning.answers import split_think_answer
 from ttc_lightning.errors import TTCError
-from ttc_lightning.patch import (
+from ttc_lightning.rewards.answers import split_think_answer
+from ttc_lightning.rewards.patch import (
     Edit,
     PatchError,
     apply_edits,

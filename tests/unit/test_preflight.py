@@ -10,9 +10,9 @@ import pytest
 from jsonargparse import Namespace
 
 from tests.conftest import UNREACHABLE
-from ttc_lightning import preflight
 from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.errors import TTCError
+from ttc_lightning.run import preflight
 
 
 def test_hub_ids_paths_and_tiny(tmp_path):

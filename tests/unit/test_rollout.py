@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ttc_lightning.rollout import (
+from ttc_lightning.training.rollout import (
     OverlongBuffer,
     Rollout,
     Round,

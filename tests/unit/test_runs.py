@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.runs import LOCK_FILE, RunDir, check_checkpoint, claim, resolve_ckpt_path
+from ttc_lightning.run.directory import LOCK_FILE, RunDir, check_checkpoint, claim, resolve_ckpt_path
 
 
 def write(path: Path, age: int = 0, step: int = 1) -> Path:

@@ -3,12 +3,17 @@ import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
-from ttc_lightning import cpu, decoding
-from ttc_lightning import sampler as sampler_py
+from ttc_lightning import cpu
+from ttc_lightning.sampling import decoding
 from ttc_lightning.cpu import can_pack, packed_linears
-from ttc_lightning.decoding import decode_step, fast_decode_model, fast_decoding
 from ttc_lightning.errors import TTCError
-from ttc_lightning.kv_cache import (
+from ttc_lightning.levers import Levers
+from ttc_lightning.model.loading import LoRA
+from ttc_lightning.model.tiny import build_tiny_model, build_tiny_tokenizer
+from ttc_lightning.module import GRPOModule
+from ttc_lightning.sampling import sampler as sampler_py
+from ttc_lightning.sampling.decoding import decode_step, fast_decode_model, fast_decoding
+from ttc_lightning.sampling.kv_cache import (
     GrowingLayer,
     SharedPrefixLayer,
     StaticCache,
@@ -17,11 +22,7 @@ from ttc_lightning.kv_cache import (
     expand_cache,
     prefill,
 )
-from ttc_lightning.levers import Levers
-from ttc_lightning.module import GRPOModule
-from ttc_lightning.policy import LoRA
-from ttc_lightning.sampler import merged_lora, plan_sampling
-from ttc_lightning.tiny import build_tiny_model, build_tiny_tokenizer
+from ttc_lightning.sampling.sampler import merged_lora, plan_sampling
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from ttc_lightning import patch
 from ttc_lightning.errors import TTCError
+from ttc_lightning.rewards import patch
 from ttc_lightning.rewards import command_reward, label_reward
-from ttc_lightning.rollout import Rollout, rollout_metrics
-from ttc_lightning.scoring import Reward, RewardScorer, RewardSpec, load_rewards, run_calls
+from ttc_lightning.rewards.scoring import Reward, RewardScorer, RewardSpec, load_rewards, run_calls
+from ttc_lightning.training.rollout import Rollout, rollout_metrics
 
 COMMAND = "ttc_lightning.rewards.command_reward"
 
@@ -275,7 +275,7 @@ def test_a_function_that_never_scores_warns_once_and_an_empty_batch_every_time(c
 
 EXIT_WITH_A_STUCK_REWARD = """
 import threading
-from ttc_lightning.scoring import Reward, RewardScorer
+from ttc_lightning.rewards.scoring import Reward, RewardScorer
 
 def stuck(completions, **_):
     threading.Event().wait()  # forever

@@ -10,8 +10,8 @@ import lightning as L
 import pytest
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from ttc_lightning.cli import TTCCLI
 from ttc_lightning.module import GRPOModule
+from ttc_lightning.run.cli import TTCCLI
 
 TINY = str(Path(__file__).resolve().parents[1] / "integration" / "tiny.yaml")
 # Task 5 of a job with 2 nodes x 4 tasks: the second task on the second node.

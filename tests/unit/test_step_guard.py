@@ -8,7 +8,7 @@ import torch
 
 from ttc_lightning.errors import TTCError
 from ttc_lightning.module import GRPOModule
-from ttc_lightning.optimisation import StepGuard, rollout_totals
+from ttc_lightning.training.optimizer import StepGuard, rollout_totals
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
 

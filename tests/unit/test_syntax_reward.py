@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import REPO
 from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.errors import TTCError
-from ttc_lightning.patch import (
+from ttc_lightning.rewards.patch import (
     apply_completion,
     file_language,
     make_oracle_edits,

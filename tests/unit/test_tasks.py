@@ -315,7 +315,7 @@ def test_bad_prompt_options_say_what_to_fix(options, message):
 
 
 def test_custom_prompts_are_part_of_the_checkpoints_task():
-    from ttc_lightning.checkpoints import run_identity
+    from ttc_lightning.run.checkpoints import run_identity
 
     plain = run_identity("tiny", None, None, PrimeVulPatchDataModule())["task"]
     custom = run_identity("tiny", None, None, PrimeVulPatchDataModule(system_prompt="Be brief."))["task"]

@@ -12,7 +12,8 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from ttc_lightning.callbacks import (
+from ttc_lightning.errors import TTCError
+from ttc_lightning.run.callbacks import (
     CompletionsTable,
     ParameterCount,
     ProgressLines,
@@ -20,8 +21,7 @@ from ttc_lightning.callbacks import (
     StepProgressBar,
     SummaryTable,
 )
-from ttc_lightning.errors import TTCError
-from ttc_lightning.tracking import (
+from ttc_lightning.run.tracking import (
     WANDB_MISSING,
     WANDB_NO_LOGIN,
     completion_table,

@@ -7,12 +7,17 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from ttc_lightning.cwe import describe_cwe, is_cwe_id
 from ttc_lightning.data.base import Record, Row, TaskDataModule
 from ttc_lightning.data.common import seeded_shuffle
+from ttc_lightning.data.cwe import describe_cwe, is_cwe_id
 from ttc_lightning.data.primevul import PrimeVulPair, PrimeVulRecord, load_functions, load_pairs
 from ttc_lightning.errors import TTCError
-from ttc_lightning.evaluation import classification_metrics, classify_prediction, patch_metrics, patch_prediction
+from ttc_lightning.evaluation.records import (
+    classification_metrics,
+    classify_prediction,
+    patch_metrics,
+    patch_prediction,
+)
 
 log = logging.getLogger("ttc")
 
@@ -239,7 +244,7 @@ class PrimeVulClassificationDataModule(TaskDataModule):
         return f"{len(rows)} prompts ({', '.join(f'{k} {v}' for k, v in counts.most_common())})"
 
     def evaluate(self, records: list[Record]) -> dict[str, Any]:
-        """Metrics of evaluated prompts (k completions each): see `ttc_lightning.evaluation`."""
+        """Metrics of evaluated prompts (k completions each): see `ttc_lightning.evaluation.records`."""
         return classification_metrics(records, self.label_mode)
 
     def final_prediction(self, record: Record) -> dict[str, Any]:
@@ -249,7 +254,7 @@ class PrimeVulClassificationDataModule(TaskDataModule):
 
 class PrimeVulPatchDataModule(TaskDataModule):
     """Vulnerable functions from PrimeVul's paired files, to fix with SEARCH/REPLACE edits; the patch rewards in
-    `ttc_lightning.patch` compare them with the real fix.
+    `ttc_lightning.rewards.patch` compare them with the real fix.
 
     Row columns: `prompt`, `id` (idx of the vulnerable record), `cve` (or ""), `cwe` (first CWE id or ""),
     `vulnerable_func`, `fixed_func`, `file_name` (None when the release has none).
@@ -267,7 +272,7 @@ class PrimeVulPatchDataModule(TaskDataModule):
     headline_metric = "final_patch_reward"  # the reward of the patch a user would deploy (chosen without the fix)
 
     def evaluate(self, records: list[Record]) -> dict[str, Any]:
-        """Metrics of evaluated prompts (k completions each): see `ttc_lightning.evaluation`."""
+        """Metrics of evaluated prompts (k completions each): see `ttc_lightning.evaluation.records`."""
         return patch_metrics(records)
 
     def final_prediction(self, record: Record) -> dict[str, Any]:

@@ -133,7 +133,7 @@ class SharedPrefixLayer(DynamicLayer):
         return self.prompt_keys.size(-2) + self.own.get_seq_length()
 
     def update(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        raise RuntimeError("a shared-prefix cache is read by ttc_lightning.decoding.decode_step only")
+        raise RuntimeError("a shared-prefix cache is read by ttc_lightning.sampling.decoding.decode_step only")
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         """Attention of one new token per row, `q` `[N, Hkv, heads, D]` and `k`, `v` `[N, Hkv, 1, D]`."""

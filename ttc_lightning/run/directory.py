@@ -20,9 +20,9 @@ from typing import IO, Any
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from ttc_lightning.checkpoints import read_checkpoint, remove_partial_files
 from ttc_lightning.errors import TTCError
-from ttc_lightning.tracking import plural
+from ttc_lightning.run.checkpoints import read_checkpoint, remove_partial_files
+from ttc_lightning.run.tracking import plural
 
 log = logging.getLogger("ttc")
 

@@ -24,10 +24,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ttc_lightning.data.primevul import HF_PREFIX
 from ttc_lightning.errors import TTCError
-from ttc_lightning.scoring import load_reward
+from ttc_lightning.model.tiny import TINY
+from ttc_lightning.rewards.scoring import load_reward
+from ttc_lightning.run.tracking import prepare_wandb
 from ttc_lightning.settings import check_settings
-from ttc_lightning.tiny import TINY
-from ttc_lightning.tracking import prepare_wandb
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 PROBE_TIMEOUT_S = 3.0

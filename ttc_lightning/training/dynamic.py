@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ttc_lightning.grpo import informative_groups
-from ttc_lightning.rollout import Batch, Round, concat_rounds
+from ttc_lightning.training.grpo import informative_groups
+from ttc_lightning.training.rollout import Batch, Round, concat_rounds
 
 log = logging.getLogger("ttc")
 

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.tracking import completion_table, first_last, format_duration, plural, progress_line, run_info
+from ttc_lightning.run.tracking import completion_table, first_last, format_duration, plural, progress_line, run_info
 
 log = logging.getLogger("ttc")
 

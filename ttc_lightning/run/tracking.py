@@ -24,7 +24,7 @@ import lightning as L
 import torch
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.rollout import nan_mean_std
+from ttc_lightning.training.rollout import nan_mean_std
 
 PACKAGES = ("torch", "lightning", "transformers", "peft", "bitsandbytes", "wandb", "ttc-lightning")
 OFFLINE_MODES = ("offline", "dryrun", "disabled")

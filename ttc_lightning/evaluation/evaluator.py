@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ttc_lightning.data.base import Task
-from ttc_lightning.evaluation import prompt_records, reward_metrics
-from ttc_lightning.sampler import Samples
-from ttc_lightning.scoring import RewardScorer
+from ttc_lightning.evaluation.records import prompt_records, reward_metrics
+from ttc_lightning.rewards.scoring import RewardScorer
+from ttc_lightning.sampling.sampler import Samples
 
 Record = dict[str, Any]
 

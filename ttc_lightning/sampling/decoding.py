@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ttc_lightning import cpu
 from ttc_lightning.errors import TTCError
-from ttc_lightning.kv_cache import SharedPrefixLayer, StaticCache, cache_keyword
+from ttc_lightning.sampling.kv_cache import SharedPrefixLayer, StaticCache, cache_keyword
 
 # Decoder-only families whose layers are exactly: RMSNorm, q/k/v projections, rotary embeddings, attention over the
 # cache, o projection, residual, RMSNorm, gated MLP, residual (`decode_step` below).

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from ttc_lightning.answers import parse_answer, split_think_answer
 from ttc_lightning.data.base import check_template, prompt_text
 from ttc_lightning.data.tasks import BINARY_LABELS, classification_prompt, patch_prompt
 from ttc_lightning.errors import TTCError
-from ttc_lightning.patch import apply_completion
+from ttc_lightning.rewards.answers import parse_answer, split_think_answer
+from ttc_lightning.rewards.patch import apply_completion
 
 TASKS = {"PrimeVulPatchDataModule": "patch", "PrimeVulClassificationDataModule": "classify"}
 
@@ -67,7 +67,7 @@ def report(task: str, func: str, completion: str) -> str:
 
 
 def generate(args: argparse.Namespace) -> str:
-    from ttc_lightning.export import load_ttc_checkpoint, rebuild_module
+    from ttc_lightning.run.export import load_ttc_checkpoint, rebuild_module
 
     func = sys.stdin.read() if args.file == "-" else _read(args.file)
     if not func.strip():

@@ -13,7 +13,7 @@ Edits are line-based. A text is a list of lines split on `\\n` only (C sources m
 newline is not part of any line: `apply_edits` keeps the source's final-newline state, whatever the edits do.
 SEARCH lines must equal the function's lines exactly, indentation and trailing whitespace included (as in SWE-RL).
 
-Completions are split into reasoning and answer by `ttc_lightning.answers.split_think_answer`.
+Completions are split into reasoning and answer by `ttc_lightning.rewards.answers.split_think_answer`.
 
 The syntax check parses functions with tree-sitter's C and C++ grammars (https://tree-sitter.github.io), whose
 error recovery marks what it cannot parse with ERROR nodes and what it had to assume with MISSING nodes.
@@ -31,8 +31,8 @@ import tree_sitter
 import tree_sitter_c
 import tree_sitter_cpp
 
-from ttc_lightning.answers import split_think_answer
 from ttc_lightning.errors import TTCError
+from ttc_lightning.rewards.answers import split_think_answer
 
 SEARCH_MARKER = "<<<<<<< SEARCH"
 DIVIDER = "======="

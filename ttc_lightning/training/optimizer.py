@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.grpo import LRSchedule, lr_multiplier
+from ttc_lightning.training.grpo import LRSchedule, lr_multiplier
 
 log = logging.getLogger("ttc")
 

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from statistics import fmean
 from typing import Any
 
-from ttc_lightning.answers import normalize_label, parse_answer, split_think_answer
-from ttc_lightning.metrics import (
+from ttc_lightning.evaluation.metrics import (
     binary_metrics,
     majority_vote,
     multiclass_metrics,
@@ -20,7 +19,8 @@ from ttc_lightning.metrics import (
     pass_at_k,
     vd_score,
 )
-from ttc_lightning.patch import score_patch
+from ttc_lightning.rewards.answers import normalize_label, parse_answer, split_think_answer
+from ttc_lightning.rewards.patch import score_patch
 
 Record = dict[str, Any]
 VULNERABLE = "vulnerable"

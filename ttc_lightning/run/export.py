@@ -35,11 +35,11 @@ from typing import Any
 
 import torch
 
-from ttc_lightning.checkpoints import check_complete
 from ttc_lightning.errors import TTCError
-from ttc_lightning.policy import quiet_transformers
-from ttc_lightning.runs import RunDir
-from ttc_lightning.tiny import TINY
+from ttc_lightning.model.loading import quiet_transformers
+from ttc_lightning.model.tiny import TINY
+from ttc_lightning.run.checkpoints import check_complete
+from ttc_lightning.run.directory import RunDir
 
 BASE_DIR = "base_model"
 # Files that mark a directory as a previous export, so `--overwrite` never empties an unrelated directory.

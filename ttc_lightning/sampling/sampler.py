@@ -21,8 +21,10 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from ttc_lightning import cpu
-from ttc_lightning.decoding import decode, decodes_alone, fast_decode_model, fast_decoding
-from ttc_lightning.kv_cache import (
+from ttc_lightning.levers import Levers
+from ttc_lightning.model.loading import Policy, Prompt, encode_prompts
+from ttc_lightning.sampling.decoding import decode, decodes_alone, fast_decode_model, fast_decoding
+from ttc_lightning.sampling.kv_cache import (
     StaticCache,
     attention_with_lse,
     cache_bytes,
@@ -30,8 +32,6 @@ from ttc_lightning.kv_cache import (
     expand_cache,
     prefill,
 )
-from ttc_lightning.levers import Levers
-from ttc_lightning.policy import Policy, Prompt, encode_prompts
 
 Decoder = Literal["loop", "generate+steps", "generate"]
 Merge = Literal["in place", "copy", "off"]

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from ttc_lightning import cpu
 from ttc_lightning.errors import TTCError
-from ttc_lightning.lora import fuse_lora
-from ttc_lightning.tiny import TINY, save_tiny
+from ttc_lightning.model.lora import fuse_lora
+from ttc_lightning.model.tiny import TINY, save_tiny
 
 Prompt = str | list[dict[str, str]]
 DType = Literal["auto", "float32", "bfloat16", "float16"]

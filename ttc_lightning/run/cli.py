@@ -29,8 +29,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from ttc_lightning import runs
-from ttc_lightning.callbacks import (
+from ttc_lightning.data.base import Task
+from ttc_lightning.errors import TTCError, sharded_strategy_error
+from ttc_lightning.module import GRPOModule
+from ttc_lightning.run import directory as runs
+from ttc_lightning.run.callbacks import (
     BestCheckpoint,
     CheckpointOnInterrupt,
     ParameterCount,
@@ -39,13 +42,10 @@ from ttc_lightning.callbacks import (
     SaveConfigToWandb,
     SummaryTable,
 )
-from ttc_lightning.checkpoints import AtomicCheckpointIO
-from ttc_lightning.console import library_notices_hidden, progress_callback, ttc_log_lines
-from ttc_lightning.data.base import Task
-from ttc_lightning.errors import TTCError, sharded_strategy_error
-from ttc_lightning.module import GRPOModule
-from ttc_lightning.preflight import check_before_start
-from ttc_lightning.tracking import class_path_of, finish_wandb, quiet_wandb_start, wandb_defaults
+from ttc_lightning.run.checkpoints import AtomicCheckpointIO
+from ttc_lightning.run.console import library_notices_hidden, progress_callback, ttc_log_lines
+from ttc_lightning.run.preflight import check_before_start
+from ttc_lightning.run.tracking import class_path_of, finish_wandb, quiet_wandb_start, wandb_defaults
 
 
 def auto_precision(accelerator: Any) -> str:
@@ -322,12 +322,12 @@ def run(args: list[str] | None) -> None:
     """`ttc ARGS`: export, or a LightningCLI subcommand; a `TTCError` ends it with one line and status 1."""
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["export"]:
-        from ttc_lightning.export import main as export_main
+        from ttc_lightning.run.export import main as export_main
 
         export_main(argv[1:])
         return
     if argv[:1] == ["generate"]:
-        from ttc_lightning.generate import main as generate_main
+        from ttc_lightning.run.generate import main as generate_main
 
         generate_main(argv[1:])
         return

@@ -15,7 +15,7 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from ttc_lightning.callbacks import Progress, ProgressLines, StepProgressBar
+from ttc_lightning.run.callbacks import Progress, ProgressLines, StepProgressBar
 
 
 def is_terminal(stream: TextIO | None) -> bool:

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ttc_lightning.grpo import ScaleRewards, group_advantages, overlong_penalty
+from ttc_lightning.training.grpo import ScaleRewards, group_advantages, overlong_penalty
 
 OVERLONG = "overlong_penalty"  # its column among the reward functions': rewards/overlong_penalty/mean
 

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ttc_lightning.decoding import fast_decode_model
-from ttc_lightning.grpo import selective_log_softmax, token_entropy
-from ttc_lightning.kv_cache import cache_keyword, prefill, prefix_cache, recording_cache, select_rows
-from ttc_lightning.rollout import Rollout
+from ttc_lightning.sampling.decoding import fast_decode_model
+from ttc_lightning.sampling.kv_cache import cache_keyword, prefill, prefix_cache, recording_cache, select_rows
+from ttc_lightning.training.grpo import selective_log_softmax, token_entropy
+from ttc_lightning.training.rollout import Rollout
 
 # Float32 logits per chunk of the output head: bounds the log-prob step's memory whatever the vocabulary (220 tokens
 # of Qwen2.5's 151,936 entries at a time; 4,096 of an 8,192-entry vocabulary). Smaller chunks make slower matmuls.
