@@ -4,13 +4,13 @@ from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaCon
 from transformers.cache_utils import DynamicLayer
 
 from ttc_lightning import cpu
-from ttc_lightning.sampling import decoding
 from ttc_lightning.cpu import can_pack, packed_linears
 from ttc_lightning.errors import TTCError
 from ttc_lightning.levers import Levers
 from ttc_lightning.model.loading import LoRA
 from ttc_lightning.model.tiny import build_tiny_model, build_tiny_tokenizer
 from ttc_lightning.module import GRPOModule
+from ttc_lightning.sampling import decoding
 from ttc_lightning.sampling import sampler as sampler_py
 from ttc_lightning.sampling.decoding import decode_step, fast_decode_model, fast_decoding
 from ttc_lightning.sampling.kv_cache import (

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.rewards import patch
-from ttc_lightning.rewards import command_reward, label_reward
+from ttc_lightning.rewards import command_reward, label_reward, patch
 from ttc_lightning.rewards.scoring import Reward, RewardScorer, RewardSpec, load_rewards, run_calls
 from ttc_lightning.training.rollout import Rollout, rollout_metrics
 
