@@ -7,27 +7,30 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Levers:
-    """Speed levers. Each computes what the plain path computes (tested against it) and is on by default; turn one
-    off to measure what it gives or to rule it out. Which ones apply to a run is logged when fit starts."""
+    """Speed levers, each on by default; turn one off to measure what it gives or to rule it out. None changes what is
+    sampled from or trained (tested against the plain path: the same log-probs for the same tokens, the same greedy
+    tokens, the same gradients up to rounding). Which ones apply to a run is logged when it starts."""
 
+    fast_sampler: bool = True
+    """Sample with ttc's backend (its own decoding loop; each prompt's keys/values computed once for its group) for
+    Llama/Qwen2-family models with transformers releases it was tested with; off, or for any other model:
+    `generate()`. The same distribution, not the same tokens for one seed (another way of drawing them)."""
     prompt_once: bool = True
-    """One pass per distinct prompt, not one per completion: before sampling (its KV cache goes to the group's G
-    rows) and in the training log-probs (the group's completions attend to its keys/values)."""
+    """In the training log-probs, one pass per distinct prompt, not one per completion: the group's completions
+    attend to its keys/values (Llama/Qwen2-family models, tested transformers releases)."""
     share_cache: bool = True
-    """While decoding, a group's rows read one copy of their prompt's keys/values instead of G copies (ttc's decoding
-    loop only; on CPU from 2 MB of keys/values per layer, below which copying is faster). Not on a GPU, where the
-    decoding step runs as a CUDA graph (`cuda_graph`) over copied keys/values instead."""
+    """While decoding (fast_sampler), a group's rows read one copy of their prompt's keys/values instead of G copies
+    (on CPU from 2 MB of keys/values per layer, below which copying is faster). Not on a GPU, where the decoding step
+    runs as a CUDA graph (`cuda_graph`) over copied keys/values instead."""
     merge_lora: bool = True
-    """Sample with the LoRA update merged into the weights (one matmul per layer, not three): in place for float32
-    weights, into a temporary copy for bfloat16/float16 (so the trained weights never drift); not with 4-bit."""
-    decode_loop: bool = True
-    """ttc's own decoding loop for Llama/Qwen2-family models instead of `generate()`: the same tokens for the same
-    random draws, with far less per-token Python."""
+    """Sample (fast_sampler) with the LoRA update merged into the weights (one matmul per layer, not three): in place
+    for float32 weights (restored within about one unit in the last place per merge, not bit for bit), into a
+    temporary copy for bfloat16/float16 (the weights never change); not with 4-bit."""
     cuda_graph: bool = True
-    """On a GPU: ttc's decoding loop over a fixed-shape KV cache, each token's step (every layer and the output head)
-    replayed as one captured CUDA graph rather than thousands of kernel launches. Not with 4-bit weights."""
+    """On a GPU (fast_sampler): a fixed-shape KV cache, each token's step (every layer and the output head) replayed as
+    one captured CUDA graph rather than thousands of kernel launches. Not with 4-bit weights."""
     fuse_lora: bool = True
     """In training, LoRA's update inside the base layer's matmul (one `addmm`) instead of peft's three tensors."""
     cpu: bool = True
-    """On CPU only: oneDNN's packed float32 matmuls and CPU flash attention for sampling, and glibc keeping freed
-    memory for the next step (all in ttc_lightning/cpu.py). No effect on other devices."""
+    """On CPU only: oneDNN's packed float32 matmuls and CPU flash attention for sampling (fast_sampler), and glibc
+    keeping freed memory for the next step (all in ttc_lightning/cpu.py). No effect on other devices."""

@@ -41,6 +41,7 @@ from ttc_lightning.run.checkpoints import (
     trim_state,
     ttc_section,
 )
+from ttc_lightning.sampling.fast import transformers_refusal
 from ttc_lightning.sampling.sampler import Sampler, Samples
 from ttc_lightning.settings import MODULE_DOC, check_settings
 from ttc_lightning.training.dynamic import nothing_left_to_learn, sample_until_informative
@@ -129,6 +130,8 @@ class GRPOModule(L.LightningModule):
         self.save_hyperparameters()
         check_settings(self.hparams)
         self.levers = levers if isinstance(levers, Levers) else Levers(**levers)
+        # The training pass that shares a prompt reaches into transformers' cache layers: tested releases only.
+        self.prompt_once = self.levers.prompt_once and transformers_refusal() is None
         self.lora = lora if isinstance(lora, LoRA) or lora is None else LoRA(**lora)
         self.scorer = RewardScorer(load_rewards(rewards), reward_workers, reward_timeout, reward_errors)
         self.reward_names = self.scorer.names
@@ -148,8 +151,6 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
         # Under LoRA the checkpoint holds only the adapters; the frozen base comes from `model_name_or_path`.
         self.strict_loading = lora is None
-        self._grad_norm = torch.tensor(float("nan"), dtype=torch.float32)
-        self._step_loss = torch.tensor(0.0, dtype=torch.float32)
         self.last_rollout: list[dict[str, Any]] = []
         self.evaluator = Evaluator(
             self.generate, self.scorer, self.reward_weights, eval_num_samples, eval_temperature, max_new_tokens
@@ -220,12 +221,17 @@ class GRPOModule(L.LightningModule):
             torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
         if cpu.enabled(self.levers.cpu, self.device):
             cpu.keep_freed_memory()
-        plan = self.sampler.plan(self.sampler.generation_config(self.hparams.temperature, self.hparams.max_new_tokens))
-        rank_zero_info(f"ttc: {plan.describe()}")
-        if self.hparams.tis_cap is not None and plan.decoder != "loop":
+        rank_zero_info(f"ttc: {self.sampler.describe()}; {self._training_passes()}")
+        if self.hparams.tis_cap is not None and not self.sampler.backend.keeps_logps:
             logging.getLogger("ttc").warning(
-                "model.tis_cap has no effect: generate() keeps no log-probs of its own (see the plan)"
+                "model.tis_cap has no effect: generate() keeps no log-probs of its own (see the sampling line)"
             )
+
+    def _training_passes(self) -> str:
+        if self.prompt_once:
+            return "training log-probs with one pass per prompt"
+        why = "the lever is off" if not self.levers.prompt_once else transformers_refusal()
+        return f"training log-probs with one pass per completion ({why})"
 
     # --- rollout -------------------------------------------------------------------------------------------------
 
@@ -237,8 +243,8 @@ class GRPOModule(L.LightningModule):
         self, model: torch.nn.Module, rollout: Rollout, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Per-token log-probs `[n, C]` of the rollout's completions under `model` (and their entropies)."""
-        hp, levers = self.hparams, self.levers
-        options = {"prompt_once": levers.prompt_once, "checkpointed": hp.gradient_checkpointing}
+        hp = self.hparams
+        options = {"prompt_once": self.prompt_once, "checkpointed": hp.gradient_checkpointing}
         return completion_logps(model, rollout, temperature=hp.temperature, with_entropy=with_entropy, **options)
 
     def frozen_logps(self, rollout: Rollout) -> tuple[Tensor | None, Tensor | None]:
@@ -271,7 +277,6 @@ class GRPOModule(L.LightningModule):
         """
         hp = self.hparams
         g = hp.num_generations
-        step = self.trainer.global_step
         started = time.perf_counter()
         self._rng_at_step = rng_states()
 
@@ -293,7 +298,7 @@ class GRPOModule(L.LightningModule):
             self.trainer.should_stop |= nothing_left_to_learn(self._tied, self.trainer.num_training_batches)
         generated = time.perf_counter()
         if training is None:  # no rank has a group whose rewards differ: nothing to learn, no optimizer step
-            return self._finish_step(step, sampled, None, sampling, (generated - started, 0.0))
+            return self._finish_step(sampled, None, sampling, (generated - started, 0.0))
         groups, weight = training
 
         # 4. Advantages of the groups trained on; with mask_truncated_completions, their loss mask.
@@ -310,7 +315,7 @@ class GRPOModule(L.LightningModule):
 
         # 8. Metrics, and the records kept for callbacks (e.g. a W&B completions table) and rollouts.jsonl.
         kept = (groups, rollout) if weight else None
-        self._finish_step(step, sampled, kept, stats | sampling, (generated - started, trained - generated))
+        self._finish_step(sampled, kept, stats | sampling, (generated - started, trained - generated))
 
     def _sample_round(self, batch: dict[str, list]) -> Round:
         """Steps 1-3 of `training_step` on one batch: G completions per prompt, scored."""
@@ -362,36 +367,48 @@ class GRPOModule(L.LightningModule):
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value.detach() * tokens
                     weights[key] = weights.get(key, 0.0) + tokens
-            # 7. One optimizer step per pass; clipping and the non-finite guard are in `on_before_optimizer_step`.
-            self._step_loss = step_loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # 7. One optimizer step per pass, with clipping and the non-finite guard.
+            grad_norm = self._step_optimizer(optimizer, step_loss)
             scheduler.step()
             if 0 < self.trainer.max_steps <= self.trainer.global_step:
                 break
-        return {key: value / max(weights[key], 1.0) for key, value in sums.items()}
+        return {key: value / max(weights[key], 1.0) for key, value in sums.items()} | {"grad_norm": grad_norm}
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Runs after the precision plugin has unscaled fp16 gradients, so the norm is the true one.
+    def _step_optimizer(self, optimizer: Any, loss: Tensor) -> Tensor:
+        """Step 7's end: clip the accumulated gradients, take the optimizer step unless the loss or the gradient norm
+        is not finite on some rank (`StepGuard`: then no weight or optimizer state changes); the gradient norm."""
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        max_norm = self.hparams.max_grad_norm or float("inf")
-        self._grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+        # Under 16-mixed the gradients are still multiplied by the loss scale, which the optimizer step divides out.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        max_norm = (self.hparams.max_grad_norm or float("inf")) * scale
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach() / scale
         # Under DDP the gradients (and so their norm) are all-reduced already; the loss is per rank: all must agree.
-        finite = bool(torch.isfinite(self._step_loss)) and bool(torch.isfinite(self._grad_norm))
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if self.guard.skip(finite, self.trainer.global_step, float(self._step_loss), float(self._grad_norm)):
-            # No gradient, no update: the optimizer leaves every weight and its state as they are.
-            optimizer.zero_grad(set_to_none=True)
+        if self.guard.skip(finite, self.trainer.global_step, float(loss), float(grad_norm)):
+            if scaler is None:  # AdamW leaves a weight without a gradient, and its state, as they are
+                optimizer.zero_grad(set_to_none=True)
+            else:  # the scaler skips a step whose gradients overflow, as it does for any overflow
+                for p in params:
+                    p.grad.fill_(float("nan"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
     def _finish_step(
-        self, step: int, sampled: Round, kept: tuple[Tensor, Rollout] | None, stats: dict, seconds: tuple[float, float]
+        self, sampled: Round, kept: tuple[Tensor, Rollout] | None, stats: dict, seconds: tuple[float, float]
     ) -> None:
-        """Step 8: the metrics of every completion sampled, and their records (`kept`: the groups trained on)."""
-        hp, rollout = self.hparams, sampled.rollout
-        metrics = rollout_metrics(rollout, hp.num_generations, self.sampler.eos_token_ids, self.score_names)
+        """Step 8: the metrics of every completion sampled, and their records (`kept`: the groups trained on), both
+        labelled with the optimizer steps taken so far (a step that took none repeats the last one)."""
+        hp, rollout, step = self.hparams, sampled.rollout, self.trainer.global_step
+        metrics = rollout_metrics(
+            rollout, hp.num_generations, self.sampler.eos_token_ids, self.score_names, sampled.reward_errors
+        )
         metrics.update(
             {
-                "grad_norm": self._grad_norm,
+                "step": float(step),  # metrics.csv's step column, as in rollouts.jsonl (Lightning's counts batches)
+                "grad_norm": float("nan"),  # without an optimizer step, no gradient
                 "skipped_steps": float(self.guard.skipped),
                 "lr": self.lr_schedulers().get_last_lr()[0],
                 "tokens_per_second": rollout.completion_mask.sum() / sum(seconds),

@@ -19,7 +19,8 @@ def sample(batch: dict[str, list]) -> Round:
     reward = torch.tensor([r for p in batch["prompt"] for r in ((1.0, 1.0) if p.startswith("t") else (1.0, 0.0))])
     ones = torch.ones(n, 1, dtype=torch.long)
     texts = [f"{p}/{i}" for p in batch["prompt"] for i in range(G)]
-    return Round(dict(batch), Rollout(ones, ones, ones, ones, texts, reward.unsqueeze(1), reward, torch.zeros(n)))
+    rollout = Rollout(ones, ones, ones, ones, texts, reward.unsqueeze(1), reward, torch.zeros(n))
+    return Round(dict(batch), rollout, task=reward)
 
 
 class Stream:
@@ -120,7 +121,7 @@ def test_ties_are_judged_on_the_task_reward_before_the_overlong_penalty(caplog):
     # t0's completions tie on the task (1, 1) but not after the length penalty (1 - 0.5, 1): DAPO drops the group.
     first = sample({"prompt": ["t0", "i0"]})
     shaped = first.rollout.reward - torch.tensor([0.5, 0.0, 0.0, 0.0])
-    first = Round(first.batch, dataclasses.replace(first.rollout, reward=shaped), task_reward=first.rollout.reward)
+    first = Round(first.batch, dataclasses.replace(first.rollout, reward=shaped), task=first.rollout.reward)
     with ttc_warning(caplog):
         result = sample_until_informative(
             first,

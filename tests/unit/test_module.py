@@ -265,12 +265,14 @@ def test_generate_encodes_each_prompt_once_and_samples_as_if_it_did_not():
     hook = module.policy.get_base_model().register_forward_pre_hook(
         lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
     )
-    _, _, ids, mask, texts, _ = module.generate(prompts, num_samples=3, temperature=0.0, max_new_tokens=6)
+    samples = module.generate(prompts, num_samples=3, temperature=0.0, max_new_tokens=6)
+    ids, mask, texts = samples.completion_ids, samples.completion_mask, samples.texts
     hook.remove()
     assert calls[0][0] == 2  # the prompts' pass: 2 rows, not 6
     assert all(shape[0] == 6 and shape[1] == 1 for shape in calls[1:])  # then one token per row per step
     for j, prompt in enumerate(prompts):
-        _, _, alone_ids, alone_mask, alone_texts, _ = module.generate([prompt], 1, temperature=0.0, max_new_tokens=6)
+        alone = module.generate([prompt], 1, temperature=0.0, max_new_tokens=6)
+        alone_ids, alone_mask, alone_texts = alone.completion_ids, alone.completion_mask, alone.texts
         width = alone_ids.size(1)
         for row in range(3 * j, 3 * j + 3):
             assert texts[row] == alone_texts[0]
@@ -289,7 +291,7 @@ def test_the_samplers_log_probs_are_the_trainers():
     samples = module.generate(["a prompt", "another, longer prompt"], 3, temperature=0.7, max_new_tokens=8)
     assert samples.logps is not None and samples.logps.shape == samples.completion_ids.shape
     n = len(samples.texts)
-    rollout = Rollout(*samples[:5], torch.zeros(n, 1), torch.zeros(n), torch.zeros(n))
+    rollout = Rollout.from_samples(samples, torch.zeros(n, 1), torch.zeros(n))
     with torch.no_grad():
         logps, _ = module.completion_logps(module.policy, rollout)
     mask = samples.completion_mask.bool()

@@ -62,10 +62,15 @@ def test_concat_rollouts_without_sampler_logps_in_one_part_has_none():
     assert concat_rollouts([one, two], PAD).sampler_logps is None
 
 
+def scored(batch: dict[str, list], rollout: Rollout) -> Round:
+    """A round whose task reward is its reward (no overlong penalty)."""
+    return Round(batch, rollout, rollout.reward)
+
+
 def test_rounds_join_and_select_groups_in_order():
     # G = 2: round one has prompts a, b; round two has c. Groups 2 and 0 are picked, in that order.
-    one = Round({"prompt": ["a", "b"], "id": [1, 2]}, rollout([[5]] * 4, [[7], [8], [9], [10, 11]], [1, 2, 3, 4]))
-    two = Round({"prompt": ["c"], "id": [3]}, rollout([[6, 6]] * 2, [[12], [13]], [5, 6]))
+    one = scored({"prompt": ["a", "b"], "id": [1, 2]}, rollout([[5]] * 4, [[7], [8], [9], [10, 11]], [1, 2, 3, 4]))
+    two = scored({"prompt": ["c"], "id": [3]}, rollout([[6, 6]] * 2, [[12], [13]], [5, 6]))
     joined = concat_rounds([one, two], PAD)
     assert joined.batch == {"prompt": ["a", "b", "c"], "id": [1, 2, 3]}
     picked = select_groups(joined, torch.tensor([2, 0]), group_size=2)
@@ -77,7 +82,7 @@ def test_rounds_join_and_select_groups_in_order():
 def test_training_rollout_advantages_of_the_kept_groups_and_truncation_mask():
     # G = 2. Group 0 rewards [1, 0]; group 1 rewards [3, 3]. Only group 0 is trained on: its advantages are
     # (1 - 0.5) / (std 0.70711 + 1e-4) = 0.70701 and the opposite. Its second completion has no EOS (cut).
-    sampled = Round({"prompt": ["a", "b"]}, rollout([[5]] * 4, [[7, EOS], [8, 9], [EOS], [EOS]], [1, 0, 3, 3]))
+    sampled = scored({"prompt": ["a", "b"]}, rollout([[5]] * 4, [[7, EOS], [8, 9], [EOS], [EOS]], [1, 0, 3, 3]))
     kept = training_rollout(sampled, torch.tensor([0]), 2, "group", truncated_by=None)
     torch.testing.assert_close(kept.advantages, torch.tensor([0.70701, -0.70701]), atol=1e-5, rtol=0)
     assert kept.completion_mask.tolist() == [[1, 1], [1, 1]]
@@ -107,7 +112,7 @@ def test_overlong_penalty_is_one_more_reward_column():
 
 @pytest.mark.parametrize("flag", [True, False])
 def test_step_records_cover_every_sampled_completion(flag):
-    sampled = Round({"prompt": ["a", "b"], "id": ["x", "y"]}, rollout([[5]] * 4, [[7], [8], [9], [10]], [1, 0, 3, 3]))
+    sampled = scored({"prompt": ["a", "b"], "id": ["x", "y"]}, rollout([[5]] * 4, [[7], [8], [9], [10]], [1, 0, 3, 3]))
     kept = training_rollout(sampled, torch.tensor([0]), 2, "none", truncated_by=None)  # advantages 0.5, -0.5
     records = step_records(4, sampled, (torch.tensor([0]), kept), ["r"], 2, flag)
     assert [r["advantage"] for r in records] == [0.5, -0.5, 0.0, 0.0]

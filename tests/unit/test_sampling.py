@@ -1,3 +1,8 @@
+"""Sampling: the two backends (plain `generate()`, ttc's own) sample from the same distribution, the backend is chosen
+whole for a run and says why, and the pieces of ttc's backend (caches, decoding loop, merged LoRA, CPU kernels)."""
+
+import dataclasses
+
 import pytest
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -7,12 +12,13 @@ from ttc_lightning import cpu
 from ttc_lightning.cpu import can_pack, packed_linears
 from ttc_lightning.errors import TTCError
 from ttc_lightning.levers import Levers
-from ttc_lightning.model.loading import LoRA
+from ttc_lightning.model.loading import LoRA, Policy
 from ttc_lightning.model.tiny import build_tiny_model, build_tiny_tokenizer
 from ttc_lightning.module import GRPOModule
-from ttc_lightning.sampling import decoding
-from ttc_lightning.sampling import sampler as sampler_py
-from ttc_lightning.sampling.decoding import decode_step, fast_decode_model, fast_decoding
+from ttc_lightning.sampling import decoding, fast
+from ttc_lightning.sampling.decoding import decode_step
+from ttc_lightning.sampling.fast import FastBackend, merged_lora, refusal, transformers_refusal
+from ttc_lightning.sampling.hf import GenerateBackend
 from ttc_lightning.sampling.kv_cache import (
     GrowingLayer,
     SharedPrefixLayer,
@@ -22,9 +28,10 @@ from ttc_lightning.sampling.kv_cache import (
     expand_cache,
     prefill,
 )
-from ttc_lightning.sampling.sampler import merged_lora, plan_sampling
+from ttc_lightning.sampling.sampler import Sampler
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
+PROMPTS = ["a", "a prompt", "another, much longer prompt"]  # "a" is one token: nothing before it to cache
 
 
 def test_growing_layer_returns_what_concatenation_would():
@@ -88,32 +95,179 @@ def test_merged_lora_unmerges_when_sampling_fails():
     assert not any(getattr(m, "merged", False) for m in module.policy.modules())
 
 
-@pytest.mark.parametrize(("dtype", "merges"), [("auto", True), ("bfloat16", False)])
-def test_generate_merges_float32_adapters_in_place_only(monkeypatch, dtype, merges):
-    module = lora_module(dtype)
-    calls = []
-    monkeypatch.setattr(
-        type(module.policy), "merge_adapter", lambda self, *a, **k: calls.append("merge"), raising=False
-    )
-    monkeypatch.setattr(
-        type(module.policy), "unmerge_adapter", lambda self, *a, **k: calls.append("unmerge"), raising=False
-    )
-    module.generate(["a prompt"], num_samples=2, temperature=1.0, max_new_tokens=3)
-    assert calls == (["merge", "unmerge"] if merges else [])
+# The backends and ttc's levers, each configuration against plain generate(): `edit` adjusts ttc's backend the way a
+# run on other hardware would (a fixed-shape cache is what a GPU's CUDA graph replays; on CPU the same step runs
+# uncaptured), so every path is exercised here.
+CONFIGURATIONS = {
+    "generate": (Levers(fast_sampler=False), {}),
+    "ttc copied cache": (Levers(share_cache=False, merge_lora=False, cpu=False), {}),
+    "ttc shared cache": (Levers(merge_lora=False, cpu=False), {}),
+    "ttc fixed-shape cache": (Levers(merge_lora=False, cpu=False), {"cuda_graph": True, "share_cache": False}),
+    "ttc merged in place": (Levers(cpu=False), {}),
+    "ttc merged copy": (Levers(cpu=False), {"merge_lora": "copy"}),
+    "ttc CPU kernels": (Levers(), {}),
+}
 
 
-def test_a_model_that_asks_for_its_own_cache_samples_without_the_shared_prompt_pass():
+def lora_sampler(levers: Levers, edit: dict) -> Sampler:
+    """The tiny policy with LoRA adapters that change its outputs, and a sampler over it."""
+    module = GRPOModule(rewards=[TOY], lora=LoRA(r=4), levers=levers, top_k=20, top_p=0.9)
+    module.configure_model()
+    torch.manual_seed(0)
+    for name, param in module.policy.named_parameters():
+        if "lora_B" in name:  # peft starts B at 0: the adapters would change nothing
+            torch.nn.init.normal_(param, std=0.5)
+    sampler = module.sampler
+    if edit:
+        sampler.backend = dataclasses.replace(sampler.backend, **edit)
+    return sampler
+
+
+def plain_greedy(sampler: Sampler, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """generate() on each prompt alone, unmerged adapters, no cache of ttc's: the reference."""
+    config = sampler.generation_config(0.0, max_new_tokens)
+    rows = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = sampler.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            out = sampler.model.generate(input_ids=ids, generation_config=config)[0, ids.size(1) :].tolist()
+            rows.append(out[: next((i + 1 for i, t in enumerate(out) if t in sampler.eos_token_ids), len(out))])
+    return rows
+
+
+def forward_logps(sampler: Sampler, samples, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature) of each sampled token under a plain forward of prompt + completion."""
+    ids = torch.cat([samples.prompt_ids, samples.completion_ids], 1)  # [N, P+C]
+    mask = torch.cat([samples.prompt_mask, samples.completion_mask], 1)  # [N, P+C]
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    p = samples.prompt_ids.size(1)
+    with torch.no_grad():
+        logits = sampler.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, p - 1 : -1]
+    logps = (logits.float() / temperature).log_softmax(-1)  # [N, C, V]
+    return logps.gather(2, samples.completion_ids.unsqueeze(2)).squeeze(2), logits  # [N, C], [N, C, V]
+
+
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_every_backend_samples_the_policys_distribution(name):
+    levers, edit = CONFIGURATIONS[name]
+    sampler = lora_sampler(levers, edit)
+    assert sampler.backend.name == ("generate()" if name == "generate" else "ttc")
+    # Greedy: each prompt's rows are the tokens plain generate() gives that prompt alone.
+    greedy = sampler.sample(PROMPTS, num_samples=2, temperature=0.0, max_new_tokens=10)
+    expected = plain_greedy(sampler, PROMPTS, 10)
+    for row in range(6):
+        length = int(greedy.completion_mask[row].sum())
+        assert greedy.completion_ids[row, :length].tolist() == expected[row // 2], (name, row)
+    # Sampled at temperature 0.7, top-k 20, top-p 0.9: every token is one the policy's nucleus allows, and the log-prob
+    # the sampler kept for it is the trained distribution's (the policy's own forward, unmerged adapters).
+    torch.manual_seed(1)
+    sampled = sampler.sample(PROMPTS, num_samples=4, temperature=0.7, max_new_tokens=12)
+    mask = sampled.completion_mask.bool()
+    expected_logps, logits = forward_logps(sampler, sampled, 0.7)
+    top20 = logits.topk(20, dim=-1).indices  # [N, C, 20]
+    assert (top20 == sampled.completion_ids.unsqueeze(2)).any(2)[mask].all()
+    if sampler.backend.keeps_logps:
+        tolerance = 0.05 if name == "ttc merged copy" else 1e-4  # copy: float32 here, merged in another order
+        torch.testing.assert_close(sampled.logps[mask], expected_logps[mask], atol=tolerance, rtol=tolerance)
+        assert (sampled.logps[~mask] == 0).all()
+    else:
+        assert sampled.logps is None
+    assert len({tuple(r) for r in sampled.completion_ids.tolist()}) > 1  # it did sample
+
+
+def test_a_run_uses_ttcs_backend_only_where_it_was_tested_and_says_why_not():
+    config = GenerationConfig(do_sample=True, max_new_tokens=4, eos_token_id=2, pad_token_id=0, top_k=0)
+    model = tiny_qwen()
+    assert refusal(model, Levers(), config) is None
+    assert refusal(model, Levers(fast_sampler=False), config) == "model.levers.fast_sampler is off"
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert "gpt2 is not a Llama/Qwen2-family model" in refusal(gpt2, Levers(), config)
+    model.generation_config.cache_implementation = "static"
+    assert "asks for a static cache" in refusal(model, Levers(), config)
+    model.generation_config.cache_implementation = None
+    model.generation_config.no_repeat_ngram_size = 2  # a processor only generate() applies
+    assert "logits processors that only generate() applies" in refusal(model, Levers(), config)
+    # The transformers releases it was tested with, and no other.
+    assert transformers_refusal("5.17.0") is None and transformers_refusal("5.25.0.dev0") is None
+    assert "transformers 5.40.0 is outside the releases it was tested with" in transformers_refusal("5.40.0")
+    assert transformers_refusal("5.16.1") is not None
+
+
+def test_a_newer_transformers_samples_and_trains_through_the_plain_paths(monkeypatch):
+    monkeypatch.setattr(fast.transformers, "__version__", "5.40.0")
     module = GRPOModule(rewards=[TOY])
     module.configure_model()
-    module.policy.generation_config.cache_implementation = "static"  # generate() would refuse a cache of ours
-    calls = []
-    module.policy.register_forward_pre_hook(
-        lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    assert isinstance(module.sampler.backend, GenerateBackend) and not module.prompt_once
+    line = module.sampler.describe()
+    assert line == (
+        "sampling with generate() (ttc's backend off: transformers 5.40.0 is outside the releases it was tested with "
+        "(5.17 to below 5.26))"
     )
+    assert "one pass per completion (transformers 5.40.0" in module._training_passes()
+    samples = module.generate(["a prompt"], num_samples=2, temperature=1.0, max_new_tokens=4)
+    assert samples.logps is None and samples.completion_ids.size(0) == 2
+
+
+def test_the_runs_sampling_line_names_the_backend_and_its_levers():
+    module = GRPOModule(rewards=[TOY], lora=LoRA(r=4))
+    module.configure_model()
+    # On CPU the prompts' cache size decides each call: shared from 2 MB per layer, copied below.
+    assert module.sampler.describe() == (
+        "sampling with ttc's decoding loop, shared prompt cache (from 2 MB per layer; copied below), "
+        "LoRA merged (in place)" + (", CPU kernels" if can_pack(module.policy) else "")
+    )
+    backend = FastBackend.for_model(module.policy, Levers(), lora=True, quantized=True)
+    assert backend.merge_lora == "off" and backend.off == {"merge_lora": "4-bit weights cannot take the adapters"}
+    assert FastBackend.for_model(lora_module("bfloat16").policy, Levers(), lora=True, quantized=False).merge_lora == (
+        "copy"
+    )
+
+
+def test_small_prompt_caches_are_copied_not_shared_on_cpu(monkeypatch):
+    model = tiny_qwen()
+    tokenizer = build_tiny_tokenizer()
+    sampler = Sampler(Policy(model, None, tokenizer, [2]), Levers(), lora=False, quantized=False, top_p=1.0, top_k=0)
+    shared = []
+    original = expand_cache
+    monkeypatch.setattr(
+        "ttc_lightning.sampling.fast.expand_cache", lambda *a, **k: shared.append(a[4]) or original(*a, **k)
+    )
+    sampler.sample(["a prompt"], num_samples=3, temperature=1.0, max_new_tokens=3)
+    assert shared == [False]  # 2 x 16 x 4 bytes per position and layer: far below 2 MB
+    monkeypatch.setattr(cpu, "SHARE_MIN_BYTES", 1)
+    sampler.sample(["a prompt"], num_samples=3, temperature=1.0, max_new_tokens=3)
+    assert shared == [False, True]
+    sampler.backend = dataclasses.replace(sampler.backend, share_by_size=False)  # off CPU: shared whatever the size
+    monkeypatch.setattr(cpu, "SHARE_MIN_BYTES", 1 << 40)
+    sampler.sample(["a prompt"], num_samples=3, temperature=1.0, max_new_tokens=3)
+    assert shared == [False, True, True]
+
+
+def test_a_model_that_asks_for_its_own_cache_samples_through_generate():
+    module = GRPOModule(rewards=[TOY])
+    module.configure_model()
+    module.policy.generation_config.cache_implementation = "static"
+    module.sampler = Sampler(
+        Policy(module.policy, None, module.tokenizer, module.sampler.eos_token_ids),
+        Levers(),
+        lora=False,
+        quantized=False,
+        top_p=1.0,
+        top_k=0,
+    )
+    assert isinstance(module.sampler.backend, GenerateBackend)
     samples = module.generate(["a prompt", "another one"], num_samples=2, temperature=1.0, max_new_tokens=3)
-    ids, texts = samples.completion_ids, samples.texts
-    assert len(texts) == 4 and ids.size(0) == 4
-    assert calls[0][0] == 4  # every row ran its whole prompt
+    assert len(samples.texts) == 4 and samples.completion_ids.size(0) == 4
+
+
+def test_sampling_ignores_the_models_own_repetition_penalty():
+    module = GRPOModule(rewards=[TOY])
+    module.configure_model()
+    prompts = ["a prompt", "another one"]
+    expected = module.generate(prompts, num_samples=1, temperature=0.0, max_new_tokens=12).completion_ids
+    module.policy.generation_config.repetition_penalty = 100.0  # as a model's shipped generation config might say
+    got = module.generate(prompts, num_samples=1, temperature=0.0, max_new_tokens=12).completion_ids
+    assert torch.equal(got, expected)
 
 
 needs_onednn = pytest.mark.skipif(not can_pack(torch.nn.Linear(2, 2)), reason="this torch build has no oneDNN ops")
@@ -184,22 +338,6 @@ def test_decode_step_gives_the_logits_of_the_models_own_forward(build):
     check_decode_steps(build(), rows=3)
 
 
-def sample(model, prompt_ids, prompt_mask, group, fast, share=False, do_sample=True, seed=3, max_new_tokens=6):
-    config = GenerationConfig(
-        do_sample=do_sample, max_new_tokens=max_new_tokens, eos_token_id=2, pad_token_id=0, top_k=0, top_p=1.0
-    )
-    with torch.no_grad(), fast_decoding(model, fast):
-        cache = prefill(model, prompt_ids[:, :-1], prompt_mask[:, :-1], prompt_ids.size(1) + max_new_tokens)
-        expand_cache(cache, prompt_mask[:, :-1], group, max_new_tokens + 1, share=share)
-        torch.manual_seed(seed)
-        return model.generate(
-            input_ids=prompt_ids.repeat_interleave(group, 0),
-            attention_mask=prompt_mask.repeat_interleave(group, 0),
-            generation_config=config,
-            **{cache_keyword(model): cache},
-        )
-
-
 def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(2)
     ids = torch.randint(3, 250, (2, 12))
@@ -208,26 +346,9 @@ def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-@pytest.mark.parametrize("do_sample", [False, True])
-def test_fast_decoding_samples_what_generate_samples(monkeypatch, do_sample):
-    model, (ids, mask) = tiny_llama(), padded_prompts()
-    calls = []
-    monkeypatch.setattr(decoding, "decode_step", lambda *a: calls.append(1) or decode_step(*a))
-    expected = sample(model, ids, mask, group=3, fast=False, do_sample=do_sample)
-    assert not calls
-    got = sample(model, ids, mask, group=3, fast=True, do_sample=do_sample)
-    assert torch.equal(got, expected)
-    assert len(calls) == 6  # every new token, the first one included
-    assert "forward" not in vars(model)
-
-
-def test_prompts_shared_by_their_rows_sample_what_copies_would(monkeypatch):
+def test_prompts_shared_by_their_rows_give_the_logits_copies_would():
     model, (ids, mask) = tiny_qwen(), padded_prompts()
-    for do_sample in (False, True):
-        expected = sample(model, ids, mask, group=4, fast=True, share=False, do_sample=do_sample)
-        got = sample(model, ids, mask, group=4, fast=True, share=True, do_sample=do_sample)
-        assert torch.equal(got, expected)
-    # The logits themselves, token after token, padding included (a padded prompt position must get no weight).
+    # The logits, token after token, padding included (a padded prompt position must get no weight).
     with torch.no_grad():
         copied, shared = prefill(model, ids, mask), prefill(model, ids, mask)
         expand_cache(copied, mask, group=4, capacity=8, share=False)
@@ -249,123 +370,41 @@ def test_prompts_shared_by_their_rows_sample_what_copies_would(monkeypatch):
     cache = prefill(model, ids[:, :-1], one_token[:, :-1])  # the cache covers all but the last token
     expand_cache(cache, one_token[:, :-1], group=4, capacity=8, share=True)
     assert not isinstance(cache.layers[0], SharedPrefixLayer)
+    assert cache_bytes(copied) == 8 * 2 * 15 * 16 * 4 * 2  # rows x heads x positions x head size x 4 bytes x (k, v)
 
 
-def test_small_prompt_caches_are_copied_not_shared_on_cpu():
-    model, (ids, mask) = tiny_qwen(), padded_prompts()
-    cache = prefill(model, ids, mask)
-    copies = cache_bytes(cache) * 3  # 2 prompts x 2 heads x 12 positions x 16 values x 2 (k, v) x 4 bytes x 3 copies
-    assert copies == 2 * 2 * 12 * 16 * 2 * 4 * 3 < cpu.SHARE_MIN_BYTES
-    config = GenerationConfig(do_sample=True, max_new_tokens=4, eos_token_id=2, pad_token_id=0, top_k=0)
-    plan = plan_sampling(model, Levers(), config, lora=False, quantized=False, copy_bytes=copies)
-    assert plan.decoder == "loop" and not plan.share_cache and "copying" in plan.off["share_cache"]
-    assert plan_sampling(model, Levers(), config, lora=False, quantized=False, copy_bytes=4 << 20).share_cache
-    # Off the CPU tricks, the threshold measured on CPU does not apply: the plain path shares whenever it can.
-    plan = plan_sampling(model, Levers(cpu=False), config, lora=False, quantized=False, copy_bytes=copies)
-    assert plan.share_cache
-
-
-def test_fast_decoding_leaves_other_models_and_calls_alone():
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    assert fast_decode_model(gpt2) is None
-    with fast_decoding(gpt2):
-        assert "forward" not in vars(gpt2)
-    model = tiny_qwen()
-    with fast_decoding(model):
-        ids = torch.randint(3, 250, (2, 5))
-        out = model(input_ids=ids)  # a whole sequence with gradients: the model's own forward
-        assert out.logits.shape == (2, 5, model.config.vocab_size) and out.logits.requires_grad
-
-
-def test_generate_samples_the_policy_not_the_models_repetition_penalty():
-    module = GRPOModule(rewards=[TOY])
-    module.configure_model()
-    prompts = ["a prompt", "another one"]
-    expected = module.generate(prompts, num_samples=1, temperature=0.0, max_new_tokens=12)[2]
-    module.policy.generation_config.repetition_penalty = 100.0  # as a model's shipped generation config might say
-    got = module.generate(prompts, num_samples=1, temperature=0.0, max_new_tokens=12)[2]
-    assert torch.equal(got, expected)
-
-
-@pytest.mark.parametrize(
-    "settings",
-    [
-        {"do_sample": False},
-        {"do_sample": True, "top_k": 0, "top_p": 1.0},
-        {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9},
-    ],
-)
-def test_decode_samples_what_generate_samples(monkeypatch, settings):
-    monkeypatch.setattr(decoding, "draw", lambda probs: torch.multinomial(probs, 1))  # generate()'s draw
+def test_decode_honours_the_models_min_new_tokens_and_stops_as_generate_does():
     model, (ids, mask) = tiny_llama(), padded_prompts()
     model.generation_config.min_new_tokens = 3  # honoured from the model's generation config, as generate() does
     assert decoding.decodes_alone(model)
-    config = GenerationConfig(max_new_tokens=12, eos_token_id=[2, 7], pad_token_id=0, **settings)
-    rows_ids, rows_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)  # [6, 12]
-    results = []
-    for ours in (False, True):
-        with torch.no_grad():
-            cache = prefill(model, ids[:, :-1], mask[:, :-1], 24)
-            expand_cache(cache, mask[:, :-1], 3, 13, share=False)
-            torch.manual_seed(5)
-            if ours:
-                results.append(decoding.decode(model, rows_ids, rows_mask, cache, config).sequences)
-            else:
-                kwargs = {cache_keyword(model): cache}
-                results.append(
-                    model.generate(input_ids=rows_ids, attention_mask=rows_mask, generation_config=config, **kwargs)
-                )
-    expected, got = results
-    assert torch.equal(got, expected)
-    assert got.size(1) > ids.size(1) + 3
-
-
-def test_decode_stops_when_every_row_has_ended_and_pads_after_eos():
-    model, (ids, mask) = tiny_qwen(), padded_prompts()
     eos = int(model(input_ids=ids, attention_mask=mask).logits[0, -1].argmax())  # row 0's greedy first token
-    config = GenerationConfig(do_sample=False, max_new_tokens=10, eos_token_id=[eos], pad_token_id=0)
+    config = GenerationConfig(do_sample=False, max_new_tokens=10, eos_token_id=[eos, 7], pad_token_id=0)
     with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, 12:]
         cache = prefill(model, ids[:, :-1], mask[:, :-1], 22)
-        got = decoding.decode(model, ids, mask, cache, config).sequences
-        cache = prefill(model, ids[:, :-1], mask[:, :-1], 22)
-        expected = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=config, **{cache_keyword(model): cache}
-        )
+        got = decoding.decode(model, ids, mask, cache, config).completion_ids
     assert torch.equal(got, expected)
-    assert got[0, 12] == eos and (got[0, 13:] == 0).all()
+    assert got[0, :3].ne(eos).all()  # not before the third token
     everything_ends = GenerationConfig(
         do_sample=False, max_new_tokens=10, eos_token_id=list(range(300)), pad_token_id=0
     )
+    model.generation_config.min_new_tokens = None
     with torch.no_grad():
         cache = prefill(model, ids[:, :-1], mask[:, :-1], 22)
         decoded = decoding.decode(model, ids, mask, cache, everything_ends)
-        assert decoded.sequences.size(1) == 13  # one token, then no more steps
+    assert decoded.completion_ids.size(1) == 1  # one token, then no more steps
 
 
-def test_models_whose_generation_config_adds_processors_sample_through_generate():
-    model = tiny_qwen()
-    assert decoding.decodes_alone(model)
-    model.generation_config.no_repeat_ngram_size = 2
-    assert not decoding.decodes_alone(model)
-    model.generation_config.no_repeat_ngram_size = None
-    model.generation_config.repetition_penalty = 1.05
-    assert not decoding.decodes_alone(model)
-
-
-def test_the_models_own_sampling_settings_do_not_stop_the_decoding_loop():
+def test_the_models_own_sampling_settings_do_not_stop_ttcs_backend():
     # Qwen2.5-Instruct ships temperature 0.7, top-k 20, top-p 0.8 and a repetition penalty of 1.1; ttc sets each of
-    # them itself, so generate() would not use the model's either, and the loop samples exactly as generate() would.
+    # them itself, so generate() would not use the model's either.
     model = tiny_qwen()
     model.generation_config.update(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.1)
     assert not decoding.decodes_alone(model)  # generate() without ttc's settings would apply the penalty
     config = GenerationConfig(
         do_sample=True, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=4, eos_token_id=2
     )
-    assert decoding.decodes_alone(model, config)
-    plan = plan_sampling(model, Levers(), config, lora=False, quantized=False)
-    assert plan.decoder == "loop" and "decode_loop" not in plan.off
-    model.generation_config.no_repeat_ngram_size = 2  # a processor ttc does not set: generate() applies it
-    assert plan_sampling(model, Levers(), config, lora=False, quantized=False).decoder == "generate+steps"
+    assert decoding.decodes_alone(model, config) and refusal(model, Levers(), config) is None
 
 
 def test_bfloat16_adapters_sample_from_a_merged_copy_and_the_weights_stay_bit_for_bit():
@@ -381,23 +420,43 @@ def test_bfloat16_adapters_sample_from_a_merged_copy_and_the_weights_stay_bit_fo
     torch.testing.assert_close(merged, expected, atol=0.1, rtol=0.05)  # one bf16 rounding of W + BA vs three products
     assert torch.equal(after, expected)
     assert all(torch.equal(before[n], w) for n, w in base_weights(module).items())  # no drift, however many merges
-    plan = plan_sampling(module.policy, Levers(), GenerationConfig(max_new_tokens=2), lora=True, quantized=False)
-    assert plan.merge_lora == "copy"
-    assert plan_sampling(module.policy, Levers(), GenerationConfig(), lora=True, quantized=True).merge_lora == "off"
 
 
-def test_sampling_with_merged_adapters_gives_the_unmerged_policys_tokens(monkeypatch):
-    import contextlib
+def decode_both_ways(model, ids, mask, config, group=3):
+    """`decode` over a growing cache and over a fixed-shape one (what a CUDA graph replays), the same seed."""
+    rows_ids, rows_mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
+    results = []
+    for static in (False, True):
+        with torch.no_grad():
+            cache = prefill(model, ids[:, :-1], mask[:, :-1], ids.size(1) + config.max_new_tokens)
+            if static:
+                cache = StaticCache.from_prefill(cache, group, ids.size(1) - 1 + config.max_new_tokens)
+            else:
+                expand_cache(cache, mask[:, :-1], group, config.max_new_tokens + 1, share=False)
+            torch.manual_seed(5)
+            results.append(decoding.decode(model, rows_ids, rows_mask, cache, config))
+    return results
 
-    module = lora_module()
-    prompts = ["a prompt", "another, longer prompt"]
-    merged = module.generate(prompts, num_samples=2, temperature=0.0, max_new_tokens=10)[2]
-    monkeypatch.setattr(sampler_py, "merged_lora", lambda model, how: contextlib.nullcontext())
-    unmerged = module.generate(prompts, num_samples=2, temperature=0.0, max_new_tokens=10)[2]
-    assert torch.equal(merged, unmerged)
-    with torch.no_grad(), module.policy.disable_adapter():  # and the adapters do change what is sampled
-        base = module.generate(prompts, num_samples=2, temperature=0.0, max_new_tokens=10)[2]
-    assert not torch.equal(base, merged)
+
+@pytest.mark.parametrize("build", [tiny_qwen, tiny_llama])
+def test_a_fixed_shape_cache_decodes_the_tokens_and_log_probs_of_a_growing_one(build):
+    model, (ids, mask) = build(), padded_prompts()  # row 1 has 5 positions of left padding
+    config = GenerationConfig(do_sample=True, max_new_tokens=10, eos_token_id=[2], pad_token_id=0, top_k=0)
+    growing, static = decode_both_ways(model, ids, mask, config)
+    assert torch.equal(static.completion_ids, growing.completion_ids)  # the same draws: the same tokens
+    torch.testing.assert_close(static.logps, growing.logps, atol=1e-5, rtol=1e-5)
+    assert static.completion_ids.size(1) == 10
+
+
+def test_a_fixed_shape_cache_stops_where_generate_stops():
+    model, (ids, mask) = tiny_qwen(), padded_prompts()
+    eos = int(model(input_ids=ids, attention_mask=mask).logits[0, -1].argmax())  # row 0's greedy first token
+    config = GenerationConfig(do_sample=False, max_new_tokens=40, eos_token_id=[eos], pad_token_id=0)
+    growing, static = decode_both_ways(model, ids, mask, config, group=1)
+    assert torch.equal(static.completion_ids, growing.completion_ids)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, 12:]
+    assert torch.equal(growing.completion_ids, expected)  # checked every 16 tokens, trimmed to where the last row ended
 
 
 def test_draw_picks_each_token_with_its_probability(monkeypatch):
@@ -428,46 +487,6 @@ def test_fused_packed_projections_give_the_models_logits(monkeypatch):
         assert len(calls) == 2 + 4  # two prefills, the model's own 4 tokens; decode_step used the fused weights
 
 
-def decode_both_ways(model, ids, mask, config, group=3):
-    """`decode` over a growing cache and over a fixed-shape one (what a CUDA graph replays), the same seed."""
-    rows_ids, rows_mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
-    results = []
-    for static in (False, True):
-        with torch.no_grad():
-            cache = prefill(model, ids[:, :-1], mask[:, :-1], ids.size(1) + config.max_new_tokens)
-            if static:
-                cache = StaticCache.from_prefill(cache, group, ids.size(1) - 1 + config.max_new_tokens)
-            else:
-                expand_cache(cache, mask[:, :-1], group, config.max_new_tokens + 1, share=False)
-            torch.manual_seed(5)
-            results.append(decoding.decode(model, rows_ids, rows_mask, cache, config))
-    return results
-
-
-@pytest.mark.parametrize("build", [tiny_qwen, tiny_llama])
-def test_a_fixed_shape_cache_decodes_the_tokens_and_log_probs_of_a_growing_one(build):
-    model, (ids, mask) = build(), padded_prompts()  # row 1 has 5 positions of left padding
-    config = GenerationConfig(do_sample=True, max_new_tokens=10, eos_token_id=[2], pad_token_id=0, top_k=0)
-    growing, static = decode_both_ways(model, ids, mask, config)
-    assert torch.equal(static.sequences, growing.sequences)
-    torch.testing.assert_close(static.logps, growing.logps, atol=1e-5, rtol=1e-5)
-    assert static.sequences.size(1) == 12 + 10
-
-
-def test_a_fixed_shape_cache_stops_where_generate_stops():
-    model, (ids, mask) = tiny_qwen(), padded_prompts()
-    eos = int(model(input_ids=ids, attention_mask=mask).logits[0, -1].argmax())  # row 0's greedy first token
-    config = GenerationConfig(do_sample=False, max_new_tokens=40, eos_token_id=[eos], pad_token_id=0)
-    growing, static = decode_both_ways(model, ids, mask, config, group=1)
-    assert torch.equal(static.sequences, growing.sequences)
-    with torch.no_grad():
-        cache = prefill(model, ids[:, :-1], mask[:, :-1], 52)
-        expected = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=config, **{cache_keyword(model): cache}
-        )
-    assert torch.equal(growing.sequences, expected)  # checked every 16 tokens, trimmed to where the last row ended
-
-
 class SyncCounter(torch.overrides.TorchFunctionMode):
     """Counts the calls that make the host wait for the device: `.item()`, `bool()`, `.tolist()`, `.cpu()`."""
 
@@ -493,7 +512,7 @@ def test_the_decoding_loop_waits_for_the_device_once_every_16_tokens(static):
         counter = SyncCounter()
         with counter:
             decoded = decoding.decode(model, ids, mask, cache, config)
-    assert decoded.sequences.size(1) == 12 + 64
+    assert decoded.completion_ids.size(1) == 64
     # 64 tokens: 4 checks of 2 questions (finite? any row left?), the final length, and the padding check
     # of the growing cache's mask once per call: 8 + 1 (+ 1), not 3 per token.
     assert counter.syncs == 4 * 2 + 1 + (0 if static else 1)
@@ -522,13 +541,3 @@ def test_draw_in_bfloat16_default_dtype_reaches_the_whole_vocabulary():
         torch.set_default_dtype(default)
     # 2,000 draws of 151,936 equally likely tokens: about 151,936 * (1 - exp(-2000/151936)) = 1,987 distinct.
     assert tokens.unique().numel() > 1_950
-
-
-def test_the_runs_plan_line_says_what_each_call_decides_and_names_generate():
-    model = tiny_qwen()
-    config = GenerationConfig(do_sample=True, max_new_tokens=4, eos_token_id=2, pad_token_id=0, top_k=0)
-    # At fit start the prompts' cache size is unknown: on CPU each call shares or copies by it.
-    line = plan_sampling(model, Levers(), config, lora=False, quantized=False).describe()
-    assert "shared prompt cache (from 2 MB per layer; copied below)" in line
-    line = plan_sampling(model, Levers(decode_loop=False), config, lora=False, quantized=False).describe()
-    assert line.startswith("sampling with prompt once, generate()")

@@ -118,8 +118,7 @@ def test_reward_errors_metric_is_logged_only_when_errors_are_counted():
         advantages=torch.zeros(2),
     )
     assert not any(key.endswith("/errors") for key in rollout_metrics(rollout, 2, [1], ["a", "b"]))
-    rollout.reward_errors = torch.tensor([0.0, 1.0])
-    metrics = rollout_metrics(rollout, 2, [1], ["a", "b"])
+    metrics = rollout_metrics(rollout, 2, [1], ["a", "b"], reward_errors=torch.tensor([0.0, 1.0]))
     assert (metrics["rewards/a/errors"].item(), metrics["rewards/b/errors"].item()) == (0.0, 1.0)
 
 

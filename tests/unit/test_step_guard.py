@@ -40,26 +40,45 @@ def test_max_skipped_steps_must_be_positive():
         GRPOModule(rewards=[TOY], max_skipped_steps=0)
 
 
-def stub_trainer(decision: bool | None = None) -> SimpleNamespace:
+def stub_trainer(decision: bool | None = None, scaler: torch.amp.GradScaler | None = None) -> SimpleNamespace:
     """A trainer whose strategy answers the all-reduced decision: the local one, or `decision` (another rank's)."""
 
     def reduce_boolean_decision(local: bool, all: bool = True) -> bool:
         return local if decision is None else (local and decision if all else local or decision)
 
-    return SimpleNamespace(global_step=5, strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision))
+    strategy = SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision)
+    return SimpleNamespace(global_step=5, strategy=strategy, precision_plugin=SimpleNamespace(scaler=scaler))
 
 
-def one_step(module: GRPOModule, grad: float, loss: float, other_rank: bool | None = None) -> torch.optim.AdamW:
-    """Gradients `grad` on every trainable weight, the step's loss `loss`, then the module's hook and AdamW's step."""
-    module._trainer = stub_trainer(other_rank)
+class ScaledAdamW:
+    """AdamW stepped as Lightning's 16-mixed precision steps it: through the gradient scaler."""
+
+    def __init__(self, params: list, scaler: torch.amp.GradScaler) -> None:
+        self.optimizer, self.scaler = torch.optim.AdamW(params, lr=0.1), scaler
+        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
+
+    def step(self) -> None:
+        self.scaler.step(self.optimizer)  # unscales, and skips the step when a gradient is not finite
+        self.scaler.update()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def one_step(
+    module: GRPOModule, grad: float, loss: float, other_rank: bool | None = None, scale: float | None = None
+) -> tuple[torch.optim.AdamW, torch.Tensor]:
+    """Gradients `grad` on every trainable weight (times the loss scale under a scaler), the step's loss `loss`, then
+    the module's optimizer step: the optimizer and the gradient norm it returned."""
+    scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
+    if scaler is not None:
+        scaler.scale(torch.ones(()))  # as the backward pass did: the scaler's state starts there
+    module._trainer = stub_trainer(other_rank, scaler)
     params = [p for p in module.policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=0.1)
+    optimizer = torch.optim.AdamW(params, lr=0.1) if scaler is None else ScaledAdamW(params, scaler)
     for p in params:
-        p.grad = torch.full_like(p, grad)
-    module._step_loss = torch.tensor(loss)
-    module.on_before_optimizer_step(optimizer)
-    optimizer.step()
-    return optimizer
+        p.grad = torch.full_like(p, grad * (scale or 1.0))
+    return optimizer, module._step_optimizer(optimizer, torch.tensor(loss))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +96,7 @@ def module() -> GRPOModule:
 def test_non_finite_step_leaves_weights_and_optimizer_state_untouched(module, grad, loss):
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     skipped = module.guard.skipped
-    optimizer = one_step(module, grad, loss)
+    optimizer, _ = one_step(module, grad, loss)
     after = module.policy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not optimizer.state  # AdamW never saw a gradient: no moments, no step count
@@ -93,9 +112,29 @@ def test_finite_step_changes_the_weights(module):
 def test_a_step_another_rank_found_non_finite_is_skipped_here_too(module):
     # Finite here, but the all-reduced decision says a rank's loss was not: every rank must skip together.
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
-    optimizer = one_step(module, 0.01, 0.1, other_rank=False)
+    optimizer, _ = one_step(module, 0.01, 0.1, other_rank=False)
     assert not optimizer.state
     assert all(torch.equal(before[k], v) for k, v in module.policy.state_dict().items())
+
+
+@pytest.mark.parametrize("grad", [float("nan"), 0.01])
+def test_under_a_loss_scale_the_norm_is_the_true_one_and_a_skipped_step_changes_nothing(grad):
+    # Under 16-mixed the gradients reach the optimizer step multiplied by the loss scale (1024 here): the norm is
+    # reported and clipped unscaled, and a skipped step leaves the weights and AdamW's state alone.
+    module = GRPOModule(rewards=[TOY], max_skipped_steps=100, max_grad_norm=1e9)
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    optimizer, norm = one_step(module, grad, 0.1, scale=1024.0)
+    if grad != grad:  # NaN
+        assert all(torch.equal(before[k], v) for k, v in module.policy.state_dict().items())
+        assert not any(s.get("step", 0) for s in optimizer.state.values()) and module.guard.skipped == 1
+        return
+    trainable = sum(p.numel() for p in module.policy.parameters() if p.requires_grad)
+    # every gradient entry is 0.01 once unscaled: the norm is 0.01 * sqrt(entries)
+    torch.testing.assert_close(norm, torch.tensor(0.01 * trainable**0.5), rtol=1e-4, atol=0)
+    assert module.guard.skipped == 0 and any(
+        not torch.equal(before[k], v) for k, v in module.policy.state_dict().items()
+    )
 
 
 def test_rollout_totals_count_exactly_under_a_bfloat16_default_dtype():

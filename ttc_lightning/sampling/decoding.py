@@ -1,29 +1,26 @@
-"""ttc's own decoding loop for Llama/Qwen2-family models: the model's layers with the fewest calls per token, the
-same logits processors as `generate()`, and the same tokens for the same random draws (tested).
+"""ttc's own decoding loop for Llama/Qwen2-family models: the model's layers with the fewest calls per token and
+the same logits processors as `generate()` (the sampling backend in `fast.py` drives it).
 
 A Hugging Face forward spends more time in Python (argument handling, mask building, output recording) than a
 small model spends computing a token; `decode_step` does the same layers directly. `decode` is the sampling loop
-around it; `fast_decoding` routes `generate()`'s own one-token steps through it for the cases `decode` leaves to
-`generate()`.
+around it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from ttc_lightning import cpu
 from ttc_lightning.errors import TTCError
-from ttc_lightning.sampling.kv_cache import SharedPrefixLayer, StaticCache, cache_keyword
+from ttc_lightning.sampling.kv_cache import SharedPrefixLayer, StaticCache
 
 # Decoder-only families whose layers are exactly: RMSNorm, q/k/v projections, rotary embeddings, attention over the
 # cache, o projection, residual, RMSNorm, gated MLP, residual (`decode_step` below).
@@ -73,55 +70,6 @@ def decodes_alone(model: torch.nn.Module, config: GenerationConfig | None = None
     merged = effective_config(model, config)
     extra = {k: v for k, v in merged.to_diff_dict().items() if k not in DECODE_HONOURS and v}
     return not extra and merged.repetition_penalty in (None, 1.0)
-
-
-@contextlib.contextmanager
-def fast_decoding(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Route the one-token steps of `generate()` through `decode_step` instead of the model's own forward.
-
-    Everything else (the prompt pass, calls with gradients, models of other families, inputs it does not handle)
-    takes the model's own forward.
-    """
-    lm = fast_decode_model(model) if enabled else None
-    if lm is None:
-        yield
-        return
-    own = lm.__dict__.get("forward")
-    plain = lm.forward
-    keyword = cache_keyword(lm)
-
-    @functools.wraps(plain)  # the same signature: callers look up its cache keyword
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-        handled = (
-            not args
-            and not torch.is_grad_enabled()
-            and ids is not None
-            and ids.size(1) == 1
-            and kwargs.get("inputs_embeds") is None
-            and isinstance(cache, DynamicCache)  # static and sliding-window caches keep positions of their own
-            and all(isinstance(layer, DynamicLayer) for layer in cache.layers)
-            and cache.get_seq_length() > 0
-            and (mask is None or (isinstance(mask, Tensor) and mask.dim() == 2))
-            and (mask is None or mask.size(1) == cache.get_seq_length() + 1)
-            and not any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states", "labels"))
-        )
-        if not handled:
-            return plain(*args, **kwargs)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        logits = decode_step(lm, ids, mask, kwargs.get("position_ids"), cache)
-        return CausalLMOutputWithPast(logits=logits, **{keyword: cache})
-
-    lm.forward = forward
-    try:
-        yield
-    finally:
-        if own is None:
-            del lm.forward
-        else:
-            lm.forward = own
 
 
 def decode_step(
@@ -306,8 +254,8 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 class Decoded(NamedTuple):
-    sequences: Tensor  # [N, P+C] the prompts and their completions, padded after EOS
-    logps: Tensor  # [N, C] each chosen token's log-prob at the sampling temperature, over the whole vocabulary
+    completion_ids: Tensor  # [N, C] the completions, padded after EOS
+    logps: Tensor | None  # [N, C] each chosen token's log-prob at the sampling temperature, over the whole vocabulary
 
 
 # The loop asks the device whether every row has ended (and whether the logits stayed finite) every this many tokens,
@@ -328,8 +276,8 @@ def decode(
     `cache` holds the prompts `[N, P]` but their last token: a `DynamicCache`, or a `StaticCache` of room for
     `P - 1 + max_new_tokens` positions, whose steps run as one CUDA graph each on a GPU (`StaticStep`). The same
     logits processors as generate() for `config` (a GenerationConfig) and the model's `min_new_tokens`, the same
-    padding after EOS, and with `torch.multinomial` for `draw` the same tokens for the same seed (tested); without
-    generate()'s per-token bookkeeping. `rows` fuses projections for oneDNN (`decode_layers`).
+    padding after EOS; tokens drawn by `draw` (the distribution `torch.multinomial` samples, other tokens for the
+    same seed); without generate()'s per-token bookkeeping. `rows` fuses projections for oneDNN (`decode_layers`).
 
     Also returns each chosen token's log-prob as the trainer computes it: `log_softmax(logits / temperature)`
     before top-k/top-p and `min_new_tokens` (0 after EOS), to measure how far sampling and training disagree.
@@ -383,7 +331,7 @@ def decode(
     # generate() stops at the token that ended the last row; the loop may have gone on up to CHECK_EVERY - 1 more.
     length = int(torch.stack(alive).int().argmin()) + 1 if not bool(alive[-1]) else len(new)
     completion = torch.cat(new[:length], dim=1)  # [N, C]
-    return Decoded(torch.cat([prompt_ids, completion], dim=1), torch.cat(logps[:length], dim=1))  # [N, P+C], [N, C]
+    return Decoded(completion, torch.cat(logps[:length], dim=1))  # [N, C], [N, C]
 
 
 def _step_function(

@@ -10,12 +10,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ttc_lightning.training.grpo import ScaleRewards, group_advantages, overlong_penalty
+
+if TYPE_CHECKING:
+    from ttc_lightning.sampling.sampler import Samples
 
 OVERLONG = "overlong_penalty"  # its column among the reward functions': rewards/overlong_penalty/mean
 
@@ -45,8 +48,23 @@ class Rollout:
     advantages: Tensor  # [N]
     old_logps: Tensor | None = None  # [N, C] only when num_iterations > 1
     ref_logps: Tensor | None = None  # [N, C] only when beta > 0
-    sampler_logps: Tensor | None = None  # [N, C] the sampler's own, when it kept them (ttc's decoding loop)
-    reward_errors: Tensor | None = None  # [F] failed reward calls, under model.reward_errors: skip
+    sampler_logps: Tensor | None = None  # [N, C] the sampler's own, when it kept them (ttc's sampling backend)
+
+    @classmethod
+    def from_samples(cls, samples: Samples, rewards: Tensor, reward: Tensor) -> Rollout:
+        """Sampled completions with their scores `[N, F]` and reward `[N]`; advantages (zero) come later, from the
+        groups a step trains on."""
+        return cls(
+            prompt_ids=samples.prompt_ids,
+            prompt_mask=samples.prompt_mask,
+            completion_ids=samples.completion_ids,
+            completion_mask=samples.completion_mask,
+            completions=samples.texts,
+            rewards=rewards,
+            reward=reward,
+            advantages=torch.zeros_like(reward),
+            sampler_logps=samples.logps,
+        )
 
     def __len__(self) -> int:
         return self.completion_ids.size(0)
@@ -69,7 +87,6 @@ class Rollout:
             old_logps=None if self.old_logps is None else self.old_logps[index, :last],
             ref_logps=None if self.ref_logps is None else self.ref_logps[index, :last],
             sampler_logps=None if self.sampler_logps is None else self.sampler_logps[index, :last],
-            reward_errors=self.reward_errors,
         )
 
 
@@ -99,7 +116,6 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
         old_logps=optional("old_logps"),
         ref_logps=optional("ref_logps"),
         sampler_logps=optional("sampler_logps"),
-        reward_errors=_total([p.reward_errors for p in parts]),
     )
 
 
@@ -112,20 +128,18 @@ def _total(counts: list[Tensor | None]) -> Tensor | None:
 Batch = dict[str, list]
 
 
-class Round(NamedTuple):
+@dataclass(frozen=True)
+class Round:
     """Prompts and their completions: `batch` holds one value per prompt in each column (`prompt` included),
     `rollout` each prompt's G completions, scored, in contiguous rows."""
 
     batch: Batch
     rollout: Rollout
-    task_reward: Tensor | None = None
-    """`[N]` the reward functions' weighted sum before the overlong penalty (None: the rollout's reward)."""
-
-    @property
-    def task(self) -> Tensor:
-        """`[N]` what dynamic sampling compares: the task's reward, not the length shaping (DAPO filters on
-        accuracy, verl's `filter_groups.metric: acc`)."""
-        return self.rollout.reward if self.task_reward is None else self.task_reward
+    task: Tensor
+    """`[N]` what dynamic sampling compares: the reward functions' weighted sum before the overlong penalty, the
+    task's reward, not the length shaping (DAPO filters on accuracy, verl's `filter_groups.metric: acc`)."""
+    reward_errors: Tensor | None = None
+    """`[F]` the reward calls that failed, per function, under model.reward_errors: skip (None: none counted)."""
 
 
 def group_rows(groups: Tensor, group_size: int) -> Tensor:
@@ -138,14 +152,15 @@ def select_groups(round_: Round, groups: Tensor, group_size: int) -> Round:
     """The round restricted to `groups` `[K]` (K >= 1), in that order."""
     batch = {key: [values[i] for i in groups.tolist()] for key, values in round_.batch.items()}
     rows = group_rows(groups.to(round_.rollout.reward.device), group_size)  # [K*G]
-    return Round(batch, round_.rollout.rows(rows), round_.task[rows])
+    return Round(batch, round_.rollout.rows(rows), round_.task[rows], round_.reward_errors)
 
 
 def concat_rounds(rounds: Sequence[Round], pad_id: int) -> Round:
     """One round of all `rounds`' prompts and completions, in order."""
     batch = {key: [value for r in rounds for value in r.batch[key]] for key in rounds[0].batch}
     task = torch.cat([r.task for r in rounds])  # [N]
-    return Round(batch, concat_rollouts([r.rollout for r in rounds], pad_id), task)
+    errors = _total([r.reward_errors for r in rounds])  # [F] or None
+    return Round(batch, concat_rollouts([r.rollout for r in rounds], pad_id), task, errors)
 
 
 def training_rollout(
@@ -185,23 +200,21 @@ def add_overlong_penalty(
 
 def scored_round(
     batch: Batch,
-    samples: Any,
+    samples: Samples,
     scores: Tensor,
     errors: Tensor | None,
     weights: Tensor,
     max_new_tokens: int,
     overlong: OverlongBuffer | None,
 ) -> Round:
-    """A batch's completions (`sampler.Samples`) and their scores `[N, F]` as a round: the reward is the weighted
-    sum over functions (None scores skipped), plus the overlong penalty; advantages come later, from the groups a
-    step trains on."""
+    """A batch's completions and their scores `[N, F]` (`errors` `[F]`: failed calls) as a round: the reward is the
+    weighted sum over functions (None scores skipped), plus the overlong penalty; advantages come later, from the
+    groups a step trains on."""
     reward = torch.nansum(scores * weights, dim=1)  # [N]
     scores, shaped = add_overlong_penalty(scores, reward, samples.completion_mask, max_new_tokens, overlong)
     device = samples.completion_ids.device
     scores, reward, shaped = scores.to(device), reward.to(device), shaped.to(device)
-    zeros = torch.zeros_like(reward)  # [N]
-    rollout = Rollout(*samples[:5], scores, shaped, zeros, sampler_logps=samples.logps, reward_errors=errors)
-    return Round(batch, rollout, task_reward=reward)
+    return Round(batch, Rollout.from_samples(samples, scores, shaped), task=reward, reward_errors=errors)
 
 
 def truncated(completion_ids: Tensor, completion_mask: Tensor, eos_token_ids: list[int]) -> Tensor:
@@ -220,9 +233,14 @@ def nan_mean_std(values: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def rollout_metrics(
-    rollout: Rollout, group_size: int, eos_token_ids: list[int], reward_names: Sequence[str]
+    rollout: Rollout,
+    group_size: int,
+    eos_token_ids: list[int],
+    reward_names: Sequence[str],
+    reward_errors: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The rollout's step metrics (TRL's names): rewards per function, group spread, completion lengths."""
+    """The rollout's step metrics (TRL's names): rewards per function, their failed calls `reward_errors` `[F]`,
+    group spread, completion lengths."""
     grouped = rollout.reward.view(-1, group_size)  # [B, G]
     group_std = grouped.std(dim=1)  # [B]
     lengths = rollout.completion_mask.sum(1)  # [N]
@@ -236,8 +254,8 @@ def rollout_metrics(
     }
     for j, name in enumerate(reward_names):
         metrics[f"rewards/{name}/mean"], metrics[f"rewards/{name}/std"] = nan_mean_std(rollout.rewards[:, j])
-        if rollout.reward_errors is not None and j < len(rollout.reward_errors):  # the overlong column has none
-            metrics[f"rewards/{name}/errors"] = rollout.reward_errors[j]
+        if reward_errors is not None and j < len(reward_errors):  # the overlong column has none
+            metrics[f"rewards/{name}/errors"] = reward_errors[j]
     return metrics
 
 
