@@ -11,7 +11,7 @@ how much each phase raised the process's peak resident memory over the whole run
 
 What-ifs turn levers off through their own switches (`ttc_lightning.levers.Levers`): `--without prefill`
 (`prompt_once`: every completion runs its whole prompt, in sampling and in training, and sampling uses HF's own KV
-cache), `merge` (`merge_lora`: sampling with unmerged LoRA layers), `decode` (`decode_loop`: `generate()` with the
+cache), `merge` (`merge_lora`: sampling with unmerged LoRA layers), `decode` (`fast_sampler`: `generate()` with the
 model's own forward), `share` (`share_cache`: each prompt's cache copied to its rows), `fuse` (`fuse_lora`: peft's
 LoRA forward), `cpu` (`cpu`: default float32 matmuls instead of oneDNN's packed ones, copied instead of shared prompt
 caches' CPU attention kernel, glibc's default of handing freed memory back to the OS); `--lora-dropout` changes the
@@ -54,7 +54,7 @@ from compare_trl import (
 LEVERS = {
     "prefill": "prompt_once",
     "merge": "merge_lora",
-    "decode": "decode_loop",
+    "decode": "fast_sampler",
     "share": "share_cache",
     "fuse": "fuse_lora",
     "cpu": "cpu",

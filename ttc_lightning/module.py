@@ -48,7 +48,6 @@ from ttc_lightning.training.dynamic import nothing_left_to_learn, sample_until_i
 from ttc_lightning.training.grpo import (
     ImportanceSamplingLevel,
     LossType,
-    LRSchedule,
     ScaleRewards,
     accumulation_weight,
     grpo_loss,
@@ -57,6 +56,7 @@ from ttc_lightning.training.grpo import (
 )
 from ttc_lightning.training.logprobs import completion_logps, frozen_logps
 from ttc_lightning.training.optimizer import (
+    LRSchedule,
     StepGuard,
     adamw_with_schedule,
     gradients_synced,

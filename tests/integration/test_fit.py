@@ -59,7 +59,8 @@ def test_demo_fit_writes_checkpoint_metrics_and_rollouts(run_ttc, tmp_path):
     assert set(STEP_METRICS + ["kl"]) <= set(rows[0])
     rollouts = [json.loads(line) for line in (run / "logs" / "version_0" / "rollouts.jsonl").read_text().splitlines()]
     assert len(rollouts) == 3 * 4 * 2  # steps x prompts x G
-    assert [r["step"] for r in rollouts[::8]] == [0, 1, 2]
+    # Each step's rows are labelled with the optimizer steps taken once it is done, in both files.
+    assert [r["step"] for r in rollouts[::8]] == [int(r["step"]) for r in rows] == [1, 2, 3]
     assert {"step", "prompt", "completion", "rewards", "reward", "advantage"} <= set(rollouts[0])
     assert "reward 0." in err  # the end-of-run summary line
 
@@ -75,7 +76,7 @@ def test_resume_from_last_continues_at_the_same_step(run_ttc, tmp_path):
     assert code == 0, err
     second = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert second["global_step"] == 4
-    assert [int(r["step"]) for r in read_metrics(tmp_path / "run", version=1)] == [2, 3]  # resumed, not restarted
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "run", version=1)] == [3, 4]  # resumed, not restarted
     assert second["lr_schedulers"][0]["last_epoch"] == 4  # the schedule continued too
 
 
@@ -292,7 +293,7 @@ def test_checkpoints_of_the_first_layout_resume_and_evaluate(run_ttc, tmp_path, 
     code, _, err = run_ttc("fit", *args, "--trainer.max_steps", "3", "--ckpt_path", ckpt)
     assert code == 0, err
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
-    assert [int(r["step"]) for r in read_metrics(tmp_path / "run")] == [2]  # resumed at step 2, not restarted
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "run")] == [3]  # resumed at step 2, not restarted
     prompts = tmp_path / "val.jsonl"
     prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
     code, _, err = run_ttc("validate", *args, "--data.val_path", str(prompts), "--ckpt_path", ckpt)

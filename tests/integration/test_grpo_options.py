@@ -96,7 +96,7 @@ def test_dynamic_sampling_with_every_new_option_trains_only_on_groups_that_diffe
 
 
 def test_under_generate_there_is_no_mismatch_to_log_and_tis_has_no_effect(run_ttc, tmp_path):
-    args = ["--model.levers", "{decode_loop: false}", "--model.tis_cap", "2.0", "--trainer.max_steps", "2"]
+    args = ["--model.levers", "{fast_sampler: false}", "--model.tis_cap", "2.0", "--trainer.max_steps", "2"]
     code, _, err = run_ttc("fit", "--config", DEMO, "--trainer.default_root_dir", "run", *args, *FAST)
     assert code == 0, err
     assert "ttc: warning: model.tis_cap has no effect: generate" in err

@@ -9,10 +9,7 @@ from ttc_lightning.training.grpo import (
     grpo_loss,
     informative_groups,
     logprob_mismatch,
-    lr_multiplier,
     overlong_penalty,
-    selective_log_softmax,
-    token_entropy,
 )
 
 REWARDS = torch.tensor([1.0, 0.0, 2.0, 2.0])  # two groups of G=2: [1, 0] and [2, 2]
@@ -133,69 +130,6 @@ def test_accumulated_micro_batches_equal_full_batch(loss_type):
 
 def test_bnpo_averages_micro_batch_losses():
     assert accumulation_weight("bnpo", 4, 6, 10, 20.0, 2) == 0.5
-
-
-def test_selective_log_softmax_matches_log_softmax():
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(3, 4, 7, generator=gen)
-    index = torch.randint(0, 7, (3, 4), generator=gen)
-    expected = torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(selective_log_softmax(logits, index), expected)
-
-
-def test_token_entropy_of_uniform_is_log_vocab():
-    # uniform over 8 tokens: entropy = ln 8 = 2.07944
-    torch.testing.assert_close(token_entropy(torch.zeros(2, 3, 8)), torch.full((2, 3), math.log(8)))
-
-
-def test_lr_multiplier_cosine():
-    # warmup 2, total 6: 0, 1/2, then cosine over 4 steps: 1, cos(pi/4) curve..., 0 at 6
-    assert lr_multiplier(0, "cosine", 2, 6) == 0.0
-    assert lr_multiplier(1, "cosine", 2, 6) == 0.5
-    assert lr_multiplier(2, "cosine", 2, 6) == 1.0
-    assert lr_multiplier(4, "cosine", 2, 6) == pytest.approx(0.5)  # progress 2/4: 0.5 * (1 + cos(pi/2))
-    assert lr_multiplier(6, "cosine", 2, 6) == pytest.approx(0.0)
-    assert lr_multiplier(100, "cosine", 2, None) == 1.0
-
-
-def test_lr_multiplier_cosine_stays_at_zero_after_total_steps():
-    # progress 1/4: 0.5 * (1 + cos(pi/4)) = 0.5 * 1.70711 = 0.85355
-    assert lr_multiplier(3, "cosine", 2, 6) == pytest.approx(0.853553, abs=1e-6)
-    # step 8: progress 6/4 would give transformers' 0.5 * (1 + cos(1.5 pi)) = 0.5, rising again; held at 0
-    assert lr_multiplier(8, "cosine", 2, 6) == 0.0
-
-
-def test_lr_multiplier_linear():
-    # warmup 2, total 6: 0, 1/2, then (6 - step) / (6 - 2)
-    assert lr_multiplier(0, "linear", 2, 6) == 0.0
-    assert lr_multiplier(1, "linear", 2, 6) == 0.5
-    assert lr_multiplier(2, "linear", 2, 6) == 1.0
-    assert lr_multiplier(3, "linear", 2, 6) == pytest.approx(0.75)  # 3 / 4
-    assert lr_multiplier(5, "linear", 2, 6) == pytest.approx(0.25)  # 1 / 4
-    assert lr_multiplier(6, "linear", 2, 6) == 0.0
-    assert lr_multiplier(9, "linear", 2, 6) == 0.0
-
-
-def test_lr_multiplier_constant():
-    assert lr_multiplier(1, "constant", 2, 6) == 0.5  # still warms up
-    assert [lr_multiplier(step, "constant", 2, 6) for step in (2, 4, 6, 50)] == [1.0, 1.0, 1.0, 1.0]
-
-
-@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
-def test_lr_multiplier_unknown_total_is_flat_after_warmup(schedule):
-    assert lr_multiplier(3, schedule, 4, None) == 0.75  # warmup 3 / 4
-    assert lr_multiplier(4, schedule, 4, None) == 1.0
-    assert lr_multiplier(10_000, schedule, 4, None) == 1.0
-
-
-def test_lr_multiplier_without_warmup_starts_at_one():
-    assert lr_multiplier(0, "linear", 0, 4) == 1.0
-    assert lr_multiplier(1, "linear", 0, 4) == 0.75  # (4 - 1) / 4
-
-
-def test_lr_multiplier_rejects_unknown_schedule():
-    with pytest.raises(ValueError, match="schedule must be"):
-        lr_multiplier(0, "step", 2, 6)
 
 
 def test_informative_groups():

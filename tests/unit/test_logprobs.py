@@ -1,5 +1,6 @@
 """Chunked log-probs through the output head: the values and gradients of the plain computation, in bounded memory."""
 
+import math
 import weakref
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ttc_lightning.training import logprobs
-from ttc_lightning.training.logprobs import token_logps
+from ttc_lightning.training.logprobs import selective_log_softmax, token_entropy, token_logps
 
 
 def reference(hidden, head, ids, temperature):
@@ -98,3 +99,16 @@ def test_entropy_under_bfloat16_autocast_is_summed_in_float32(trainable):
     expected = -(logp.exp() * logp).sum(-1)  # [2, 8] summed in float32
     # Summed by a bf16 bmm the entropy of ~8 nats is off by up to ~0.03 (8 bits of mantissa); in float32 by ~1e-6.
     torch.testing.assert_close(entropy, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_selective_log_softmax_matches_log_softmax():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 7, generator=gen)
+    index = torch.randint(0, 7, (3, 4), generator=gen)
+    expected = torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(selective_log_softmax(logits, index), expected)
+
+
+def test_token_entropy_of_uniform_is_log_vocab():
+    # uniform over 8 tokens: entropy = ln 8 = 2.07944
+    torch.testing.assert_close(token_entropy(torch.zeros(2, 3, 8)), torch.full((2, 3), math.log(8)))

@@ -1,5 +1,5 @@
-"""GRPO maths as pure functions: group-relative advantages, per-token log-probs, the clipped surrogate loss, and
-the DAPO, GSPO and truncated-importance-sampling refinements of it.
+"""GRPO maths as pure functions: group-relative advantages, the clipped surrogate loss with its KL penalty, and the
+DAPO, GSPO and truncated-importance-sampling refinements of it.
 
 Shapes: N completions (B prompts x G generations, each prompt's G completions contiguous), T completion tokens,
 V vocabulary entries.
@@ -7,7 +7,6 @@ V vocabulary entries.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -16,7 +15,6 @@ from torch import Tensor
 ScaleRewards = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
-LRSchedule = Literal["constant", "linear", "cosine"]
 
 STD_EPS = 1e-4  # TRL's constant: keeps a near-constant group from blowing advantages up
 
@@ -75,29 +73,6 @@ def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer_length: int, p
         raise ValueError(f"penalty_factor must be >= 0, got {penalty_factor}")
     excess = (lengths.float() - (max_new_tokens - buffer_length)).clamp(min=0, max=buffer_length)  # [N]
     return -excess / buffer_length * penalty_factor  # [N]
-
-
-def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
-    """`log_softmax(logits).gather(index)` without a full `[N, T, V]` float32 log-softmax.
-
-    One row at a time in float32: the chosen token's logit minus the row's logsumexp.
-    """
-    rows = []
-    for row_logits, row_index in zip(logits, index, strict=True):  # [T, V], [T]
-        row_logits = row_logits.float()  # [T, V]
-        chosen = row_logits.gather(-1, row_index.unsqueeze(-1)).squeeze(-1)  # [T]
-        rows.append(chosen - torch.logsumexp(row_logits, dim=-1))  # [T]
-    return torch.stack(rows)  # [N, T]
-
-
-@torch.no_grad()
-def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy of each position's next-token distribution, one row at a time in float32."""
-    rows = []
-    for row_logits in logits:  # [T, V]
-        logp = torch.log_softmax(row_logits.float(), dim=-1)  # [T, V]
-        rows.append(-(logp.exp() * logp).sum(-1))  # [T]
-    return torch.stack(rows)  # [N, T]
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -232,23 +207,3 @@ def accumulation_weight(
     if loss_type == "dapo":
         return tokens / max(total_tokens, 1.0)
     return 1.0 / num_micro_batches
-
-
-def lr_multiplier(step: int, schedule: LRSchedule, warmup_steps: int, total_steps: int | None) -> float:
-    """LR multiplier: linear warmup from 0 over `warmup_steps`, then `schedule` until `total_steps`.
-
-    `"constant"`: 1 (transformers' `get_constant_schedule_with_warmup`); `"linear"`: down to 0 at `total_steps`
-    (`get_linear_schedule_with_warmup`); `"cosine"`: half a cosine down to 0 at `total_steps`
-    (`get_cosine_schedule_with_warmup`, except that it stays at 0 afterwards instead of rising again). With
-    `total_steps=None` (unknown) every schedule is 1 after the warmup.
-    """
-    if schedule not in ("constant", "linear", "cosine"):
-        raise ValueError(f"schedule must be 'constant', 'linear' or 'cosine', got {schedule!r}")
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    if total_steps is None or schedule == "constant":
-        return 1.0
-    progress = min((step - warmup_steps) / max(1, total_steps - warmup_steps), 1.0)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))

@@ -14,7 +14,6 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ttc_lightning.sampling.decoding import fast_decode_model
 from ttc_lightning.sampling.kv_cache import cache_keyword, prefill, prefix_cache, recording_cache, select_rows
-from ttc_lightning.training.grpo import selective_log_softmax, token_entropy
 from ttc_lightning.training.rollout import Rollout
 
 # Float32 logits per chunk of the output head: bounds the log-prob step's memory whatever the vocabulary (220 tokens
@@ -238,3 +237,26 @@ def frozen_logps(
             with reference() as model:
                 ref.append(torch.nn.functional.pad(logps_of(model, part)[0], (0, pad)))  # [n, C]
     return (torch.cat(old) if old else None), (torch.cat(ref) if ref else None)
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
+    """`log_softmax(logits).gather(index)` without a full `[N, T, V]` float32 log-softmax.
+
+    One row at a time in float32: the chosen token's logit minus the row's logsumexp.
+    """
+    rows = []
+    for row_logits, row_index in zip(logits, index, strict=True):  # [T, V], [T]
+        row_logits = row_logits.float()  # [T, V]
+        chosen = row_logits.gather(-1, row_index.unsqueeze(-1)).squeeze(-1)  # [T]
+        rows.append(chosen - torch.logsumexp(row_logits, dim=-1))  # [T]
+    return torch.stack(rows)  # [N, T]
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of each position's next-token distribution, one row at a time in float32."""
+    rows = []
+    for row_logits in logits:  # [T, V]
+        logp = torch.log_softmax(row_logits.float(), dim=-1)  # [T, V]
+        rows.append(-(logp.exp() * logp).sum(-1))  # [T]
+    return torch.stack(rows)  # [N, T]

@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -18,9 +18,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.training.grpo import LRSchedule, lr_multiplier
 
 log = logging.getLogger("ttc")
+
+LRSchedule = Literal["constant", "linear", "cosine"]
 
 
 def total_optimizer_steps(max_steps: int, stepping_batches: float, num_iterations: int) -> int | None:
@@ -39,7 +40,7 @@ def adamw_with_schedule(
     warmup_steps: int,
     total_steps: int | None,
 ) -> dict[str, Any]:
-    """Lightning's `configure_optimizers` answer: AdamW on `params` and the schedule (`grpo.lr_multiplier`), stepped
+    """Lightning's `configure_optimizers` answer: AdamW on `params` and the schedule (`lr_multiplier`), stepped
     once per optimizer step."""
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     multiplier = partial(lr_multiplier, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps)
@@ -100,3 +101,23 @@ def mean_over_ranks(module: L.LightningModule, values: torch.Tensor) -> list[flo
     if module.trainer.world_size > 1:
         values = module.all_gather(values).double().mean(0)
     return values.tolist()
+
+
+def lr_multiplier(step: int, schedule: LRSchedule, warmup_steps: int, total_steps: int | None) -> float:
+    """LR multiplier: linear warmup from 0 over `warmup_steps`, then `schedule` until `total_steps`.
+
+    `"constant"`: 1 (transformers' `get_constant_schedule_with_warmup`); `"linear"`: down to 0 at `total_steps`
+    (`get_linear_schedule_with_warmup`); `"cosine"`: half a cosine down to 0 at `total_steps`
+    (`get_cosine_schedule_with_warmup`, except that it stays at 0 afterwards instead of rising again). With
+    `total_steps=None` (unknown) every schedule is 1 after the warmup.
+    """
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"schedule must be 'constant', 'linear' or 'cosine', got {schedule!r}")
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if total_steps is None or schedule == "constant":
+        return 1.0
+    progress = min((step - warmup_steps) / max(1, total_steps - warmup_steps), 1.0)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))

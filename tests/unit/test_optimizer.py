@@ -1,5 +1,5 @@
-"""The optimizer-step guard: non-finite loss or gradient norm -> the step is skipped, counted, and too many in a row
-stop the run; the module leaves weights and optimizer state untouched on a skipped step."""
+"""The optimizer step: the LR schedule, clipping, and the guard (a non-finite loss or gradient norm -> the step is
+skipped and counted, weights and optimizer state untouched; too many in a row stop the run)."""
 
 from types import SimpleNamespace
 
@@ -8,7 +8,7 @@ import torch
 
 from ttc_lightning.errors import TTCError
 from ttc_lightning.module import GRPOModule
-from ttc_lightning.training.optimizer import StepGuard, rollout_totals
+from ttc_lightning.training.optimizer import StepGuard, lr_multiplier, rollout_totals
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
 
@@ -148,3 +148,53 @@ def test_rollout_totals_count_exactly_under_a_bfloat16_default_dtype():
     finally:
         torch.set_default_dtype(default)
     assert totals.tolist() == [6.0, 3000.0]
+
+
+def test_lr_multiplier_cosine():
+    # warmup 2, total 6: 0, 1/2, then cosine over 4 steps: 1, cos(pi/4) curve..., 0 at 6
+    assert lr_multiplier(0, "cosine", 2, 6) == 0.0
+    assert lr_multiplier(1, "cosine", 2, 6) == 0.5
+    assert lr_multiplier(2, "cosine", 2, 6) == 1.0
+    assert lr_multiplier(4, "cosine", 2, 6) == pytest.approx(0.5)  # progress 2/4: 0.5 * (1 + cos(pi/2))
+    assert lr_multiplier(6, "cosine", 2, 6) == pytest.approx(0.0)
+    assert lr_multiplier(100, "cosine", 2, None) == 1.0
+
+
+def test_lr_multiplier_cosine_stays_at_zero_after_total_steps():
+    # progress 1/4: 0.5 * (1 + cos(pi/4)) = 0.5 * 1.70711 = 0.85355
+    assert lr_multiplier(3, "cosine", 2, 6) == pytest.approx(0.853553, abs=1e-6)
+    # step 8: progress 6/4 would give transformers' 0.5 * (1 + cos(1.5 pi)) = 0.5, rising again; held at 0
+    assert lr_multiplier(8, "cosine", 2, 6) == 0.0
+
+
+def test_lr_multiplier_linear():
+    # warmup 2, total 6: 0, 1/2, then (6 - step) / (6 - 2)
+    assert lr_multiplier(0, "linear", 2, 6) == 0.0
+    assert lr_multiplier(1, "linear", 2, 6) == 0.5
+    assert lr_multiplier(2, "linear", 2, 6) == 1.0
+    assert lr_multiplier(3, "linear", 2, 6) == pytest.approx(0.75)  # 3 / 4
+    assert lr_multiplier(5, "linear", 2, 6) == pytest.approx(0.25)  # 1 / 4
+    assert lr_multiplier(6, "linear", 2, 6) == 0.0
+    assert lr_multiplier(9, "linear", 2, 6) == 0.0
+
+
+def test_lr_multiplier_constant():
+    assert lr_multiplier(1, "constant", 2, 6) == 0.5  # still warms up
+    assert [lr_multiplier(step, "constant", 2, 6) for step in (2, 4, 6, 50)] == [1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_multiplier_unknown_total_is_flat_after_warmup(schedule):
+    assert lr_multiplier(3, schedule, 4, None) == 0.75  # warmup 3 / 4
+    assert lr_multiplier(4, schedule, 4, None) == 1.0
+    assert lr_multiplier(10_000, schedule, 4, None) == 1.0
+
+
+def test_lr_multiplier_without_warmup_starts_at_one():
+    assert lr_multiplier(0, "linear", 0, 4) == 1.0
+    assert lr_multiplier(1, "linear", 0, 4) == 0.75  # (4 - 1) / 4
+
+
+def test_lr_multiplier_rejects_unknown_schedule():
+    with pytest.raises(ValueError, match="schedule must be"):
+        lr_multiplier(0, "step", 2, 6)
