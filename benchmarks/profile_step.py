@@ -158,9 +158,9 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
         **SAMPLING,
     )
     module.generate = timers.wrap("rollout", module.generate)
-    module.frozen_logps = timers.wrap("frozen_logps", module.frozen_logps)
+    module.old_and_reference_logps = timers.wrap("frozen_logps", module.old_and_reference_logps)
     # The training passes only: the frozen ones (no grad) are inside frozen_logps.
-    module.completion_logps = timers.wrap_training("logps", module.completion_logps)
+    module.rollout_logps = timers.wrap_training("logps", module.rollout_logps)
     logprobs_py.token_logps = timers.wrap_training("head", logprobs_py.token_logps)
     module.manual_backward = timers.wrap("backward", module.manual_backward)
     records: list[dict[str, float]] = []

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ttc_lightning.errors import TTCError
+from ttc_lightning.data.base import Task
+from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.training.rollout import as_overlong_buffer
 
 MODULE_DOC = """GRPO on a causal LM: sample G completions per prompt, score them, push the policy towards the better
@@ -156,3 +157,27 @@ def lora_problems(lora: Any) -> list[str]:
     if not 0 <= get("dropout", 0.0) < 1:
         problems.append(f"model.lora.dropout must be in [0, 1), got {get('dropout')}")
     return problems
+
+
+def check_trainer(trainer: Any, stage: str, lora: bool) -> None:
+    """What the module refuses of the trainer it runs under, each with what to use instead."""
+    precision = str(trainer.precision) if stage == "fit" else ""
+    if precision == "16-true":
+        raise TTCError(
+            "trainer.precision 16-true stores the trained weights in float16, where AdamW's epsilon (1e-8) and "
+            "small updates underflow and the weights turn NaN: use 16-mixed (float32 weights, float16 compute)"
+        )
+    if precision == "bf16-true" and not lora:
+        raise TTCError(
+            "trainer.precision bf16-true with full fine-tuning (no model.lora) trains bfloat16 weights, in which "
+            "most of AdamW's small updates round away: use bf16-mixed, or train a LoRA adapter (model.lora)"
+        )
+    strategy = trainer.strategy
+    if "FSDP" in type(strategy).__name__ or getattr(strategy, "zero_stage_3", False):
+        raise sharded_strategy_error(type(strategy).__name__)
+    datamodule = trainer.datamodule
+    if datamodule is not None and not isinstance(datamodule, Task):
+        raise TTCError(
+            f"data: {type(datamodule).__name__} lacks evaluate(records), final_prediction(record) or "
+            "next_train_batch(); subclass ttc_lightning.data.TaskDataModule or add the three methods"
+        )

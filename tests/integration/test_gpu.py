@@ -81,10 +81,10 @@ def test_shared_prompt_pass_matches_each_row_alone_in_bf16(checkpointing):
     zeros = torch.zeros(6, device="cuda")
     rollout = Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, [""] * 6, zeros[:, None], zeros, zeros)
     trainable = [p for p in module.policy.parameters() if p.requires_grad]
-    shared, _ = module.completion_logps(module.policy, rollout)
+    shared, _ = module.rollout_logps(module.policy, rollout)
     grads = torch.autograd.grad(shared.sum(), trainable)
     rows = [rollout.rows(torch.tensor([i], device="cuda")) for i in range(6)]
-    alone = [module.completion_logps(module.policy, row)[0] for row in rows]
+    alone = [module.rollout_logps(module.policy, row)[0] for row in rows]
     alone_grads = torch.autograd.grad(sum(a.sum() for a in alone), trainable)
     torch.testing.assert_close(shared, torch.cat(alone), atol=2e-2, rtol=2e-2)  # bf16 activations
     for a, b in zip(grads, alone_grads, strict=True):

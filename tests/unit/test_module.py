@@ -236,7 +236,7 @@ def test_shared_prompt_pass_matches_each_row_alone(lora, checkpointing):
     )
     # Counts recomputations too, which module hooks do not see.
     _decoder(module).layers[0].mlp.act_fn = Counted(_decoder(module).layers[0].mlp.act_fn, layer_calls)
-    shared, _ = module.completion_logps(module.policy, rollout)
+    shared, _ = module.rollout_logps(module.policy, rollout)
     # One pass over the 2 distinct prompts without their last token, one over the 6 completions (+ that token).
     p = rollout.prompt_ids.size(1)
     assert calls == [torch.Size([2, p - 1]), torch.Size([6, 7])]
@@ -246,7 +246,7 @@ def test_shared_prompt_pass_matches_each_row_alone(lora, checkpointing):
     assert len(layer_calls) == (4 if checkpointing else 2)
     alone, grads_alone = [], None
     for i in range(6):  # a single row has nothing to share and no padding at all
-        logps, _ = module.completion_logps(module.policy, rollout.rows(torch.tensor([i])))
+        logps, _ = module.rollout_logps(module.policy, rollout.rows(torch.tensor([i])))
         alone.append(logps[0])
         grads = torch.autograd.grad(logps.sum(), trainable)
         grads_alone = grads if grads_alone is None else [a + b for a, b in zip(grads_alone, grads, strict=True)]
@@ -293,7 +293,7 @@ def test_the_samplers_log_probs_are_the_trainers():
     n = len(samples.texts)
     rollout = Rollout.from_samples(samples, torch.zeros(n, 1), torch.zeros(n))
     with torch.no_grad():
-        logps, _ = module.completion_logps(module.policy, rollout)
+        logps, _ = module.rollout_logps(module.policy, rollout)
     mask = samples.completion_mask.bool()
     torch.testing.assert_close(samples.logps[mask], logps[mask], atol=1e-4, rtol=1e-4)
     assert (samples.logps[~mask] == 0).all() and (samples.logps[mask] < 0).all()

@@ -8,7 +8,7 @@ import torch
 
 from ttc_lightning.errors import TTCError
 from ttc_lightning.module import GRPOModule
-from ttc_lightning.training.optimizer import StepGuard, lr_multiplier, rollout_totals
+from ttc_lightning.training.optimizer import StepGuard, clip_and_step, lr_multiplier, rollout_totals
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
 
@@ -73,12 +73,12 @@ def one_step(
     scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
     if scaler is not None:
         scaler.scale(torch.ones(()))  # as the backward pass did: the scaler's state starts there
-    module._trainer = stub_trainer(other_rank, scaler)
+    trainer = stub_trainer(other_rank, scaler)
     params = [p for p in module.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.1) if scaler is None else ScaledAdamW(params, scaler)
     for p in params:
         p.grad = torch.full_like(p, grad * (scale or 1.0))
-    return optimizer, module._step_optimizer(optimizer, torch.tensor(loss))
+    return optimizer, clip_and_step(optimizer, torch.tensor(loss), module.hparams.max_grad_norm, trainer, module.guard)
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,15 @@ gathered, the metrics; and what it leaves: `metrics.json`, `predictions.jsonl`, 
 from __future__ import annotations
 
 import json
+import numbers
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from rich.console import Console
 from rich.table import Table
 
@@ -64,6 +67,27 @@ class Evaluator:
     def metrics(self, records: list[Record], task: Task) -> dict[str, Any]:
         """Reward means over every sample and the task's own metrics."""
         return {**reward_metrics(records, self.scorer.names), **task.evaluate(records)}
+
+    def finish(self, stage: str, trainer: L.Trainer, log_dir: Path) -> dict[str, float]:
+        """The epoch's metrics as `stage/name` scalars for every rank to log (none in the sanity check or without
+        records); outside fit, rank 0 also writes `metrics.json` and prints them."""
+        records = self.gathered(trainer.world_size)
+        if trainer.sanity_checking or not records:
+            return {}
+        metrics = self.metrics(records, trainer.datamodule)
+        scalars = {f"{stage}/{k}": float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)}
+        if trainer.state.fn != "fit" and trainer.global_rank == 0:
+            path = self.write_metrics(log_dir, stage, trainer.ckpt_path, records, metrics)
+            print_metrics(trainer.state.fn, scalars)
+            rank_zero_info(f"ttc: wrote {path}")
+        return scalars
+
+    def finish_predictions(self, trainer: L.Trainer, log_dir: Path) -> None:
+        """Rank 0 writes every rank's records to `predictions.jsonl`."""
+        records = self.gathered(trainer.world_size)
+        if trainer.global_rank == 0:
+            path = write_predictions(log_dir, records, trainer.datamodule.final_prediction)
+            rank_zero_info(f"ttc: wrote {len(records)} predictions to {path}")
 
     def write_metrics(
         self, log_dir: str | Path, stage: str, ckpt_path: str | None, records: list, metrics: dict

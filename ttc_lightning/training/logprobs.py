@@ -13,6 +13,7 @@ from torch import Tensor
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ttc_lightning.sampling.decoding import fast_decode_model
+from ttc_lightning.sampling.fast import transformers_refusal
 from ttc_lightning.sampling.kv_cache import cache_keyword, prefill, prefix_cache, recording_cache, select_rows
 from ttc_lightning.training.rollout import Rollout
 
@@ -21,6 +22,16 @@ from ttc_lightning.training.rollout import Rollout
 LOGITS_CHUNK_BYTES = 128 << 20
 # transformers' decoder layers keep a cache under gradient checkpointing when they only read it (newer versions).
 CHECKPOINTS_WITH_CACHE = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+
+
+def training_passes(prompt_once: bool, lever: bool) -> str:
+    """The run's line on the training passes: one per distinct prompt (`prompt_once`), or one per completion and why
+    (the lever `model.levers.prompt_once` off, or a transformers release ttc's cache layers were not tested with)."""
+    if prompt_once:
+        return "training log-probs with one pass per prompt"
+    return (
+        f"training log-probs with one pass per completion ({transformers_refusal() if lever else 'the lever is off'})"
+    )
 
 
 def completion_logps(

@@ -81,6 +81,47 @@ class StepGuard:
         return True
 
 
+class TokenWeightedMeans:
+    """Means of a step's loss stats over its micro-batches, each weighted by its completion tokens."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, float] = {}
+
+    def add(self, stats: dict[str, torch.Tensor], tokens: int) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach() * tokens
+            self.tokens[key] = self.tokens.get(key, 0.0) + tokens
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {key: value / max(self.tokens[key], 1.0) for key, value in self.sums.items()}
+
+
+def clip_and_step(
+    optimizer: Any, loss: torch.Tensor, max_grad_norm: float | None, trainer: L.Trainer, guard: StepGuard
+) -> torch.Tensor:
+    """Clip the accumulated gradients and take the optimizer step, unless the loss or the gradient norm is not finite
+    on some rank (`guard`: then no weight and no optimizer state changes). Returns the gradient norm."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    # Under 16-mixed the gradients are still multiplied by the loss scale, which the optimizer step divides out.
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    scale = float(scaler.get_scale()) if scaler is not None else 1.0
+    max_norm = (max_grad_norm or float("inf")) * scale
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach() / scale
+    # Under DDP the gradients (and so their norm) are all-reduced already; the loss is per rank: all must agree.
+    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+    if guard.skip(finite, trainer.global_step, float(loss), float(grad_norm)):
+        if scaler is None:  # AdamW leaves a weight without a gradient, and its state, as they are
+            optimizer.zero_grad(set_to_none=True)
+        else:  # the scaler skips a step whose gradients overflow, as it does for any overflow
+            for p in params:
+                p.grad.fill_(float("nan"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def gradients_synced(model: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
     """Under DDP (`model` is the trainer's wrapped model), all-reduce the gradients once per optimizer step, at the
     last micro-batch's backward, not after each."""

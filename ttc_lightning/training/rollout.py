@@ -259,6 +259,28 @@ def rollout_metrics(
     return metrics
 
 
+def step_metrics(
+    sampled: Round,
+    group_size: int,
+    eos_token_ids: list[int],
+    reward_names: Sequence[str],
+    step: int,
+    seconds: tuple[float, float],
+) -> dict[str, Tensor | float]:
+    """A training step's metrics of every completion it sampled, labelled `step` (metrics.csv's step column, as in
+    rollouts.jsonl); `grad_norm` NaN until an optimizer step's stats replace it; `seconds` sampling and training."""
+    rollout = sampled.rollout
+    metrics: dict[str, Tensor | float] = {
+        **rollout_metrics(rollout, group_size, eos_token_ids, reward_names, sampled.reward_errors),
+        "step": float(step),
+        "grad_norm": float("nan"),
+        "tokens_per_second": rollout.completion_mask.sum() / sum(seconds),
+        "time/generate": seconds[0],
+        "time/train": seconds[1],
+    }
+    return metrics
+
+
 def rollout_records(
     step: int,
     prompts: list,
