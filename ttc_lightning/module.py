@@ -137,7 +137,6 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
         # Under LoRA the checkpoint holds only the adapters; the frozen base comes from `model_name_or_path`.
         self.strict_loading = lora is None
-        self.last_rollout: list[dict[str, Any]] = []
         self.evaluator = Evaluator(
             self.generate, self.scorer, self.reward_weights, eval_num_samples, eval_temperature, max_new_tokens
         )
@@ -217,7 +216,7 @@ class GRPOModule(L.LightningModule):
 
     # --- training ------------------------------------------------------------------------------------------------
 
-    def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
+    def training_step(self, batch: dict[str, list], batch_idx: int) -> dict[str, list[dict[str, Any]]]:
         """One rollout and `num_iterations` optimizer steps on it.
 
         1. Take the batch: B prompts and their metadata columns.
@@ -230,7 +229,8 @@ class GRPOModule(L.LightningModule):
         6. The loss of each micro-batch: policy log-probs, clipped surrogate + KL, scaled for accumulation.
         7. num_iterations passes over the rollout: accumulate the micro-batches' gradients, clip, step the
            optimizer and the LR schedule.
-        8. Log the step's metrics (of every completion sampled) and the rollout's records.
+        8. Log the step's metrics (of every completion sampled) and the rollout's records, which the step returns
+           for callbacks (`on_train_batch_end`'s outputs: {"rollout": this rank's records}).
         """
         hp, g, started = self.hparams, self.hparams.num_generations, time.perf_counter()
         self._rng_at_step = checkpoints.rng_states()
@@ -268,9 +268,9 @@ class GRPOModule(L.LightningModule):
         stats = self._optimise(rollout, weight)
         trained = time.perf_counter()
 
-        # 8. Metrics, and the records kept for callbacks (e.g. a W&B completions table) and rollouts.jsonl.
+        # 8. Metrics, and the records for rollouts.jsonl and callbacks (e.g. a W&B completions table).
         kept = (groups, rollout) if weight else None
-        self._finish_step(sampled, kept, stats | sampling, (generated - started, trained - generated))
+        return self._finish_step(sampled, kept, stats | sampling, (generated - started, trained - generated))
 
     def _sample_round(self, batch: dict[str, list]) -> Round:
         """Steps 1-3 of `training_step` on one batch: G completions per prompt, scored."""
@@ -323,7 +323,7 @@ class GRPOModule(L.LightningModule):
 
     def _finish_step(
         self, sampled: Round, kept: tuple[Tensor, Rollout] | None, stats: dict, seconds: tuple[float, float]
-    ) -> None:
+    ) -> dict[str, list[dict[str, Any]]]:
         """Step 8: the metrics of every completion sampled, and their records (`kept`: the groups trained on), both
         labelled with the optimizer steps taken so far (a step that took none repeats the last one)."""
         hp, rollout, step = self.hparams, sampled.rollout, self.trainer.global_step
@@ -337,10 +337,11 @@ class GRPOModule(L.LightningModule):
         batch_size = len(rollout) // hp.num_generations
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name in ("reward", "kl"), batch_size=batch_size, sync_dist=True)
-        self.last_rollout = step_records(step, sampled, kept, self.score_names, hp.num_generations, hp.dynamic_sampling)
+        records = step_records(step, sampled, kept, self.score_names, hp.num_generations, hp.dynamic_sampling)
         if hp.log_rollouts:
-            write_rollouts(self._log_dir, self.global_rank, self.last_rollout)
+            write_rollouts(self._log_dir, self.global_rank, records)
         self._rng_at_step = None  # the step is done: a checkpoint from here on takes the current states
+        return {"rollout": records}
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -26,7 +26,7 @@ from tests.conftest import REPO
 from tests.integration.test_fit import read_metrics
 from tests.integration.test_grpo_options import assert_trained_groups_differ, tied_prompts
 from ttc_lightning.errors import TTCError
-from ttc_lightning.run.callbacks import CheckpointOnInterrupt
+from ttc_lightning.run.checkpoints import CheckpointOnInterrupt
 from ttc_lightning.training.grpo import group_advantages
 
 TINY = str(REPO / "tests" / "integration" / "tiny.yaml")

@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from ttc_lightning.run.callbacks import RunInfo, SaveConfigToWandb, SummaryTable
-from ttc_lightning.run.tracking import (
-    default_run_name,
-    git_state,
-    prepare_wandb,
-)
+from ttc_lightning.run.progress import SummaryTable
+from ttc_lightning.run.tracking import RunInfo, SaveConfigToWandb, default_run_name, git_state, prepare_wandb
 
 TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
 WANDB_YAML = str(REPO / "configs" / "wandb.yaml")

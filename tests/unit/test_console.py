@@ -7,8 +7,8 @@ import warnings
 import pytest
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 
-from ttc_lightning.run.callbacks import Progress, ProgressLines, StepProgressBar
-from ttc_lightning.run.console import library_notices_hidden, progress_callback
+from ttc_lightning.run.console import library_notices_hidden
+from ttc_lightning.run.progress import Progress, ProgressLines, StepProgressBar, progress_callback
 
 EVAL_MODE = (
     "Found 33 module(s) in eval mode at the start of training. This may lead to unexpected behavior during training. "

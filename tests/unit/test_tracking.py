@@ -13,26 +13,26 @@ from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.run.callbacks import (
-    CompletionsTable,
+from ttc_lightning.run.progress import (
     ParameterCount,
     ProgressLines,
-    RunInfo,
     StepProgressBar,
     SummaryTable,
+    eta_seconds,
+    first_last,
+    format_duration,
+    progress_line,
 )
 from ttc_lightning.run.tracking import (
     WANDB_MISSING,
     WANDB_NO_LOGIN,
+    CompletionsTable,
+    RunInfo,
     completion_table,
     default_run_name,
-    eta_seconds,
-    first_last,
-    format_duration,
     git_state,
     has_wandb_credentials,
     prepare_wandb,
-    progress_line,
     quiet_wandb_start,
     task_name,
 )
@@ -233,8 +233,8 @@ def test_completions_table_logs_every_n_steps_and_only_to_wandb(tmp_path):
     wandb, csv = RecordingWandbLogger(), CSVLogger(tmp_path)
     callback = CompletionsTable(every_n_steps=2)
     for step in range(5):  # rollouts 0..4: tables at 0, 2 and 4
-        module = SimpleNamespace(last_rollout=[{**r, "step": step} for r in RECORDS])
-        callback.on_train_batch_end(SimpleNamespace(loggers=[csv, wandb], global_step=step + 1), module, None, {}, 0)
+        outputs = {"rollout": [{**r, "step": step} for r in RECORDS]}  # what training_step returns
+        callback.on_train_batch_end(SimpleNamespace(loggers=[csv, wandb], global_step=step + 1), None, outputs, {}, 0)
     assert [(key, step) for key, _, _, step in wandb.tables] == [
         ("completions", 1),
         ("completions", 3),
@@ -298,7 +298,7 @@ def test_progress_lines_every_n_steps_or_seconds(capsys):
     clock = FakeClock()
     lines = ProgressLines(every_n_steps=2, every_n_seconds=30, clock=clock)
     trainer = SimpleNamespace(global_step=0, max_steps=10, world_size=2, callback_metrics={})
-    module = SimpleNamespace(last_rollout=[{}] * 8)  # 8 completions on this rank
+    module, outputs = None, {"rollout": [{}] * 8}  # 8 completions on this rank
     lines.on_train_start(trainer, module)
 
     def step(at: float, **metrics: float) -> list[str]:
@@ -306,7 +306,7 @@ def test_progress_lines_every_n_steps_or_seconds(capsys):
         clock.now = at
         trainer.global_step += 1
         trainer.callback_metrics = {"completions/mean_length": torch.tensor(6.0), **metrics}
-        lines.on_train_batch_end(trainer, module, None, {}, 0)
+        lines.on_train_batch_end(trainer, module, outputs, {}, 0)
         return capsys.readouterr().err.splitlines()
 
     assert step(4.0, reward=torch.tensor(0.1)) == []  # 1 step, 4 s: not yet
@@ -330,7 +330,7 @@ def test_progress_lines_every_n_steps_or_seconds(capsys):
     assert capsys.readouterr().err == ""  # a line went out 1 s ago
     clock.now = 82.0
     trainer.global_step += 1
-    lines.on_train_batch_end(trainer, module, None, {}, 0)
+    lines.on_train_batch_end(trainer, module, outputs, {}, 0)
     # step 4 ends 37 s after step 3's line: its line goes out though "working on" went out 2 s ago
     assert capsys.readouterr().err.startswith("ttc: step 4/10 | reward 0.250 | kl 0.02 | 37.00 s/step")
     with pytest.raises(TTCError, match="every_n_steps must be >= 1"):
@@ -341,7 +341,7 @@ def test_short_steps_get_step_lines_not_working_on_lines(capsys):
     clock = FakeClock()
     lines = ProgressLines(every_n_steps=100, every_n_seconds=2, clock=clock)
     trainer = SimpleNamespace(global_step=0, max_steps=10, world_size=1, callback_metrics={})
-    module = SimpleNamespace(last_rollout=[])
+    module, outputs = None, {"rollout": []}
     lines.on_train_start(trainer, module)
     for start in (0.0, 0.8, 1.6):  # steps of 0.8 s; the watcher ticks 0.5 s into each, 2.1 s after the last line
         clock.now = start
@@ -350,7 +350,7 @@ def test_short_steps_get_step_lines_not_working_on_lines(capsys):
         lines.check_busy()
         clock.now = start + 0.8
         trainer.global_step += 1
-        lines.on_train_batch_end(trainer, module, None, {}, 0)
+        lines.on_train_batch_end(trainer, module, outputs, {}, 0)
     # nothing until step 3 ends at 2.4 s, then its line: 3 steps in 2.4 s
     assert capsys.readouterr().err == "ttc: step 3/10 | 0.80 s/step | 0 tok/s | ETA 0:00:06\n"
 
@@ -381,7 +381,7 @@ def test_summary_table_reports_rewards_tokens_and_checkpoint(capsys):
     trainer = SimpleNamespace(
         world_size=2, global_step=3, checkpoint_callback=SimpleNamespace(last_model_path="ckpts/last.ckpt")
     )
-    module = SimpleNamespace(last_rollout=[{}] * 8)  # 8 completions on this rank
+    module, outputs = None, {"rollout": [{}] * 8}  # 8 completions on this rank
     summary.setup(trainer, module, "fit")
     for reward, fraction, length in [(0.1, 0.2, 10.0), (0.2, 0.4, 12.0), (0.5, 0.6, 20.0)]:
         trainer.callback_metrics = {
@@ -391,7 +391,7 @@ def test_summary_table_reports_rewards_tokens_and_checkpoint(capsys):
             "completions/mean_length": torch.tensor(length),
             "loss": torch.tensor(0.5),
         }
-        summary.on_train_batch_end(trainer, module, None, {}, 0)
+        summary.on_train_batch_end(trainer, module, outputs, {}, 0)
     summary.on_fit_end(trainer, module)
     err = capsys.readouterr().err
     # reward: first 2 (0.1 + 0.2) / 2 = 0.150, last 2 (0.2 + 0.5) / 2 = 0.350; fraction: 0.300 -> 0.500

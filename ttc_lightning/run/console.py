@@ -12,10 +12,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from lightning.fabric.utilities.warnings import PossibleUserWarning
-from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-from ttc_lightning.run.callbacks import Progress, ProgressLines, StepProgressBar
 
 
 def is_terminal(stream: TextIO | None) -> bool:
@@ -24,15 +21,6 @@ def is_terminal(stream: TextIO | None) -> bool:
         return stream is not None and stream.isatty()
     except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
         return False
-
-
-def progress_callback(progress: Progress) -> ProgressBar:
-    """The rich bar when stdout (where it draws) and stderr are terminals; else plain lines on stderr, which a log
-    file (SLURM, CI, nohup) shows as they come instead of one bar at the end. `progress.mode` overrides the choice."""
-    terminal = is_terminal(sys.stdout) and is_terminal(sys.stderr)
-    if progress.mode == "bar" or (progress.mode == "auto" and terminal):
-        return StepProgressBar()
-    return ProgressLines(progress.every_n_steps, progress.every_n_seconds)
 
 
 # Warnings that libraries raise on every ttc run although the user did nothing to cause them: (message regex,

@@ -22,7 +22,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from ttc_lightning.errors import TTCError
 from ttc_lightning.run.checkpoints import read_checkpoint, remove_partial_files
-from ttc_lightning.run.tracking import plural
+from ttc_lightning.run.progress import plural
 
 log = logging.getLogger("ttc")
 

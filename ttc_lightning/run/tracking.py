@@ -8,7 +8,7 @@ ones do nothing without a `WandbLogger`.
 
 from __future__ import annotations
 
-import math
+import json
 import netrc
 import os
 import platform
@@ -22,9 +22,10 @@ from urllib.parse import urlsplit
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.training.rollout import nan_mean_std
 
 PACKAGES = ("torch", "lightning", "transformers", "peft", "bitsandbytes", "wandb", "ttc-lightning")
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
@@ -202,7 +203,7 @@ def _prompt_text(prompt: str | list[dict[str, str]]) -> str:
 
 
 def completion_table(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """`GRPOModule.last_rollout` rows -> table columns and rows, one reward column per function."""
+    """A step's rollout records (`rollouts.jsonl`'s rows) -> table columns and rows, one reward column per function."""
     if not records:
         return [], []
     functions = list(records[0]["rewards"])
@@ -227,63 +228,7 @@ def completion_table(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], l
     return columns, rows
 
 
-def first_last(history: Sequence[Mapping[str, float]], window: int) -> dict[str, tuple[float, float]]:
-    """Mean of each metric over the first and over the last `window` entries of `history` (NaNs skipped)."""
-    keys = list(dict.fromkeys(key for entry in history for key in entry))
-    head, tail = history[:window], history[-window:]
-    return {
-        key: (
-            float(nan_mean_std(torch.tensor([e.get(key, math.nan) for e in head], dtype=torch.float64))[0]),
-            float(nan_mean_std(torch.tensor([e.get(key, math.nan) for e in tail], dtype=torch.float64))[0]),
-        )
-        for key in keys
-    }
-
-
-def plural(n: int, noun: str) -> str:
-    """1, "rollout" -> "1 rollout"; 3 -> "3 rollouts"."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def format_duration(seconds: float) -> str:
-    """3725.2 -> "1:02:05"."""
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
 # --- progress lines ------------------------------------------------------------------------------------------
-
-
-def eta_seconds(step: int, max_steps: int | None, seconds_per_step: float) -> float | None:
-    """Seconds left at `seconds_per_step` for the steps from `step` to `max_steps` (None without a step limit)."""
-    if not max_steps or max_steps <= 0:
-        return None
-    return max(max_steps - step, 0) * seconds_per_step
-
-
-def progress_line(
-    step: int,
-    max_steps: int | None,
-    seconds_per_step: float,
-    tokens_per_second: float,
-    reward: float | None = None,
-    kl: float | None = None,
-) -> str:
-    """`step 12/40 | reward 0.412 | kl 0.0031 | 2.41 s/step | 312 tok/s | ETA 0:01:07`, the parts that are known.
-
-    `tokens_per_second`: completion tokens generated (all ranks) per wall-clock second.
-    """
-    parts = [f"step {step}/{max_steps}" if max_steps and max_steps > 0 else f"step {step}"]
-    if reward is not None:
-        parts.append(f"reward {reward:.3f}")
-    if kl is not None:
-        parts.append(f"kl {kl:.3g}")
-    parts += [f"{seconds_per_step:.2f} s/step", f"{tokens_per_second:.0f} tok/s"]
-    eta = eta_seconds(step, max_steps, seconds_per_step)
-    if eta is not None:
-        parts.append(f"ETA {format_duration(eta)}")
-    return " | ".join(parts)
 
 
 def finish_wandb() -> None:
@@ -293,3 +238,53 @@ def finish_wandb() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+
+
+class SaveConfigToWandb(SaveConfigCallback):
+    """Saves config.yaml as Lightning does, and also puts the resolved config in the W&B run's config."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not loggers:
+            return
+        config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
+        for logger in loggers:
+            logger.experiment.config.update({"config": config}, allow_val_change=True)
+
+
+class RunInfo(L.Callback):
+    """Writes `run_info.json` to the run directory and adds it to every logger's hyperparameters (rank zero)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        log_dir = trainer.log_dir or trainer.default_root_dir  # every rank: log_dir is a collective call
+        if not trainer.is_global_zero:
+            return
+        info = run_info(trainer)
+        path = Path(log_dir) / "run_info.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"run_info": info})
+
+
+class CompletionsTable(L.Callback):
+    """Every `every_n_steps` rollouts, logs its prompts, completions, rewards and advantages as a W&B table.
+
+    Reads the step's outputs (this rank's completions); does nothing unless a logger is a `WandbLogger`.
+    The same rows are in `rollouts.jsonl` whatever the logger.
+    """
+
+    def __init__(self, every_n_steps: int = 10, key: str = "completions") -> None:
+        if every_n_steps < 1:
+            raise TTCError(f"CompletionsTable.every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.key = key
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        records = outputs.get("rollout", []) if isinstance(outputs, Mapping) else []
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not records or not loggers or records[0]["step"] % self.every_n_steps:
+            return
+        columns, rows = completion_table(records)
+        for logger in loggers:
+            logger.log_table(key=self.key, columns=columns, data=rows, step=trainer.global_step)

@@ -1,164 +1,28 @@
-"""Every callback ttc adds to a run: the interrupt checkpoint, the progress bar or progress lines, the parameter
-count, the end-of-run summary, the run metadata, and the W&B config and completions table (which do nothing without
-a `WandbLogger`)."""
+"""Progress on the console: a bar on a terminal, one line per interval in a log file (`progress_callback` picks), the
+parameter count when fit starts and the end-of-run summary table."""
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
-from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from rich.console import Console
 from rich.table import Table
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.run.tracking import completion_table, first_last, format_duration, plural, progress_line, run_info
-
-log = logging.getLogger("ttc")
-
-
-class HasRollout(Protocol):
-    """What the callbacks read of the module: the last rollout's records (this rank's completions)."""
-
-    last_rollout: list[dict[str, Any]]
-
-
-class CheckpointOnInterrupt(L.Callback):
-    """Saves `last-interrupted.ckpt` when fit stops on an exception (Ctrl-C, SIGTERM, a crash).
-
-    The name starts with "last", so `--ckpt_path last` considers it alongside `last.ckpt` and takes the newer.
-    Unlike Lightning's OnExceptionCheckpoint it does not make a plain `ttc fit` resume by itself. Under DDP it
-    saves on SIGTERM only (see `on_exception`).
-    """
-
-    def __init__(self, dirpath: str | Path) -> None:
-        self.path = Path(dirpath) / "last-interrupted.ckpt"
-        self.started_at: int | None = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started_at = trainer.global_step
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # Saving ends in a barrier: under DDP only SIGTERM reaches every rank together; an error raised on one
-        # rank would leave the others waiting in a collective and the run would hang instead of exiting.
-        if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
-            return
-        # Only a run that trained since it started has something to keep: one that failed while restoring, or in
-        # its first step, would write a checkpoint no better than the one it resumed from (or a half-restored one).
-        if trainer.state.fn == "fit" and self.started_at is not None and trainer.global_step > self.started_at:
-            try:
-                trainer.save_checkpoint(self.path, weights_only=False)
-            except TTCError as e:  # non-finite weights: the run's earlier checkpoints stay the ones to resume from
-                log.warning("interrupted at step %d; %s", trainer.global_step, e)
-                return
-            rank_zero_info(f"ttc: interrupted at step {trainer.global_step}; saved {self.path}")
-
-
-class BestCheckpoint(L.Callback):
-    """Saves `best.ckpt` beside `last.ckpt` whenever a validation during fit beats the best value so far of `metric`
-    (the task's headline, higher is better: `val/P-C`, `val/final_patch_reward`). The best value travels in the
-    checkpoints, so a resumed run only replaces `best.ckpt` with a better one. `ttc test --ckpt_path best` takes it.
-    """
-
-    def __init__(self, dirpath: str | Path, metric: str) -> None:
-        self.path = Path(dirpath) / "best.ckpt"
-        self.metric = metric
-        self.best = -math.inf
-        self.best_step: int | None = None
-        self._warned = False
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        value = trainer.callback_metrics.get(self.metric)
-        if value is None or not math.isfinite(float(value)):
-            if not self._warned:  # e.g. no whole pair in the validation subset: nothing to compare
-                log.warning("no finite %s after validation: best.ckpt is not updated", self.metric)
-                self._warned = True
-            return
-        step, previous = trainer.global_step, self.best
-        if float(value) > self.best:
-            self.best, self.best_step = float(value), step
-            trainer.save_checkpoint(self.path, weights_only=False)  # every rank: saving ends in a barrier
-        # Every validation gets its line, on the console and in piped logs alike.
-        if self.best_step == step and float(value) == self.best:
-            before = f", up from {previous:.4f}" if math.isfinite(previous) else ""
-            said = f"the best so far{before}: saved {self.path}"
-        else:
-            said = f"best {self.best:.4f}" + (f" at step {self.best_step}" if self.best_step is not None else "")
-        rank_zero_info(f"ttc: validation at step {step}: {self.metric} {float(value):.4f}, {said}")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "best": self.best, "best_step": self.best_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("metric") == self.metric:
-            self.best, self.best_step = state["best"], state.get("best_step")
-
-
-class SaveConfigToWandb(SaveConfigCallback):
-    """Saves config.yaml as Lightning does, and also puts the resolved config in the W&B run's config."""
-
-    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if not loggers:
-            return
-        config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
-        for logger in loggers:
-            logger.experiment.config.update({"config": config}, allow_val_change=True)
-
-
-class RunInfo(L.Callback):
-    """Writes `run_info.json` to the run directory and adds it to every logger's hyperparameters (rank zero)."""
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        log_dir = trainer.log_dir or trainer.default_root_dir  # every rank: log_dir is a collective call
-        if not trainer.is_global_zero:
-            return
-        info = run_info(trainer)
-        path = Path(log_dir) / "run_info.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"run_info": info})
-
-
-class CompletionsTable(L.Callback):
-    """Every `every_n_steps` rollouts, logs its prompts, completions, rewards and advantages as a W&B table.
-
-    Reads `pl_module.last_rollout` (this rank's completions); does nothing unless a logger is a `WandbLogger`.
-    The same rows are in `rollouts.jsonl` whatever the logger.
-    """
-
-    def __init__(self, every_n_steps: int = 10, key: str = "completions") -> None:
-        if every_n_steps < 1:
-            raise TTCError(f"CompletionsTable.every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
-        self.key = key
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        records = cast(HasRollout, pl_module).last_rollout
-        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if not records or not loggers or records[0]["step"] % self.every_n_steps:
-            return
-        columns, rows = completion_table(records)
-        for logger in loggers:
-            logger.log_table(key=self.key, columns=columns, data=rows, step=trainer.global_step)
+from ttc_lightning.run.console import is_terminal
+from ttc_lightning.training.rollout import nan_mean_std
 
 
 @dataclass
@@ -175,13 +39,15 @@ class Progress:
     that, a line says what the run is working on."""
 
 
-def rollout_tokens(trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-    """Completion tokens the last rollout generated on all ranks (0 before the first)."""
+def rollout_tokens(trainer: L.Trainer, outputs: Any) -> float:
+    """Completion tokens the step's rollout generated on all ranks, from its metrics and `outputs` (what
+    `training_step` returned: its rollout's records on this rank)."""
     mean_length = trainer.callback_metrics.get("completions/mean_length")
     if mean_length is None:
         return 0.0
     # The logged length is the mean over all ranks; each rank generated as many completions as this one.
-    return float(mean_length) * len(cast(HasRollout, pl_module).last_rollout) * trainer.world_size
+    records = outputs.get("rollout", []) if isinstance(outputs, Mapping) else []
+    return float(mean_length) * len(records) * trainer.world_size
 
 
 def optional_metric(trainer: L.Trainer, name: str) -> float | None:
@@ -290,10 +156,10 @@ class ProgressLines(ProgressBar):
         step = trainer.global_step + 1
         self._set_busy(f"step {step}/{trainer.max_steps}" if trainer.max_steps > 0 else f"step {step}")
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
         if not self.is_enabled:
             return
-        self._tokens += rollout_tokens(trainer, pl_module)
+        self._tokens += rollout_tokens(trainer, outputs)
         now = self.clock()
         # Timed from the last step line: a "working on" line in between says less than the step line it would hold back.
         if trainer.global_step - self._mark_step >= self.every_n_steps or now - self._mark_time >= self.every_n_seconds:
@@ -406,7 +272,7 @@ class SummaryTable(L.Callback):
         if stage == "fit":  # before the model loads, so the wall time includes it
             self.history, self.tokens, self.started = [], 0.0, time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
         metrics = trainer.callback_metrics
         if "reward" not in metrics:
             return
@@ -417,7 +283,7 @@ class SummaryTable(L.Callback):
                 if key == "reward" or (key.startswith("rewards/") and key.endswith("/mean"))
             }
         )
-        self.tokens += rollout_tokens(trainer, pl_module)
+        self.tokens += rollout_tokens(trainer, outputs)
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -448,3 +314,68 @@ class SummaryTable(L.Callback):
             f"reward {start:.3f} -> {end:.3f} (mean of the first and last {n}), last checkpoint: {ckpt}",
             soft_wrap=True,
         )
+
+
+def first_last(history: Sequence[Mapping[str, float]], window: int) -> dict[str, tuple[float, float]]:
+    """Mean of each metric over the first and over the last `window` entries of `history` (NaNs skipped)."""
+    keys = list(dict.fromkeys(key for entry in history for key in entry))
+    head, tail = history[:window], history[-window:]
+    return {
+        key: (
+            float(nan_mean_std(torch.tensor([e.get(key, math.nan) for e in head], dtype=torch.float64))[0]),
+            float(nan_mean_std(torch.tensor([e.get(key, math.nan) for e in tail], dtype=torch.float64))[0]),
+        )
+        for key in keys
+    }
+
+
+def plural(n: int, noun: str) -> str:
+    """1, "rollout" -> "1 rollout"; 3 -> "3 rollouts"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def format_duration(seconds: float) -> str:
+    """3725.2 -> "1:02:05"."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def eta_seconds(step: int, max_steps: int | None, seconds_per_step: float) -> float | None:
+    """Seconds left at `seconds_per_step` for the steps from `step` to `max_steps` (None without a step limit)."""
+    if not max_steps or max_steps <= 0:
+        return None
+    return max(max_steps - step, 0) * seconds_per_step
+
+
+def progress_line(
+    step: int,
+    max_steps: int | None,
+    seconds_per_step: float,
+    tokens_per_second: float,
+    reward: float | None = None,
+    kl: float | None = None,
+) -> str:
+    """`step 12/40 | reward 0.412 | kl 0.0031 | 2.41 s/step | 312 tok/s | ETA 0:01:07`, the parts that are known.
+
+    `tokens_per_second`: completion tokens generated (all ranks) per wall-clock second.
+    """
+    parts = [f"step {step}/{max_steps}" if max_steps and max_steps > 0 else f"step {step}"]
+    if reward is not None:
+        parts.append(f"reward {reward:.3f}")
+    if kl is not None:
+        parts.append(f"kl {kl:.3g}")
+    parts += [f"{seconds_per_step:.2f} s/step", f"{tokens_per_second:.0f} tok/s"]
+    eta = eta_seconds(step, max_steps, seconds_per_step)
+    if eta is not None:
+        parts.append(f"ETA {format_duration(eta)}")
+    return " | ".join(parts)
+
+
+def progress_callback(progress: Progress) -> ProgressBar:
+    """The rich bar when stdout (where it draws) and stderr are terminals; else plain lines on stderr, which a log
+    file (SLURM, CI, nohup) shows as they come instead of one bar at the end. `progress.mode` overrides the choice."""
+    terminal = is_terminal(sys.stdout) and is_terminal(sys.stderr)
+    if progress.mode == "bar" or (progress.mode == "auto" and terminal):
+        return StepProgressBar()
+    return ProgressLines(progress.every_n_steps, progress.every_n_seconds)
