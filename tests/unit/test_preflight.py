@@ -9,7 +9,7 @@ import time
 import pytest
 from jsonargparse import Namespace
 
-from tests.conftest import UNREACHABLE
+from tests.helpers import UNREACHABLE
 from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.errors import TTCError
 from ttc_lightning.run import preflight

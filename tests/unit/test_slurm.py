@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 FIT = REPO / "slurm" / "fit.sbatch"
 VALIDATE = REPO / "slurm" / "validate.sbatch"
 BUILD = REPO / "containers" / "build.sh"
