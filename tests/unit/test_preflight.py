@@ -132,8 +132,14 @@ def test_local_paths_are_never_probed_and_every_problem_is_listed(hub_env, probe
     assert probes == []
 
 
-def test_the_sample_data_and_tiny_pass():
-    preflight.check_before_start(config("tiny"), "test")
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
+def test_the_sample_data_and_tiny_pass(probes, tmp_path, subcommand):
+    checked = config("tiny")
+    # no network and an empty cache: the tiny model and the sample's splits need neither
+    assert preflight.model_problems("tiny", online=False, cache_dir=tmp_path) == []
+    assert preflight.data_problems(checked.data, subcommand, online=False, cache_dir=tmp_path) == []
+    preflight.check_before_start(checked, subcommand)  # no TTCError
+    assert probes == []  # nothing comes from the Hub: no probe
 
 
 def test_checkpoints_that_could_not_resume_are_refused():
