@@ -98,9 +98,11 @@ def test_uncached_model_and_data_without_network_are_one_error(hub_env, probes):
 
 def test_a_cached_model_passes_offline_without_a_probe(hub_env, probes, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TTCError, match=r"^model.model_name_or_path: org/coder is not in the Hugging Face cache"):
+        preflight.check_before_start(config("org/coder"), "fit")  # not cached yet: the one problem
     for filename in ("config.json", "tokenizer_config.json"):
         cache_file(hub_env / "hub", "models", "org/coder", filename)
-    preflight.check_before_start(config("org/coder"), "fit")
+    preflight.check_before_start(config("org/coder"), "fit")  # cached: no TTCError
     assert probes == []  # offline was asked for: nothing to probe
 
 
