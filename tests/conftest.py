@@ -1,22 +1,16 @@
-import contextlib
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+pytest.register_assert_rewrite("tests.helpers")  # its asserting helpers report as a test's own asserts do
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-REAL_PRIMEVUL = REPO.parent / "shared" / "data" / "primevul-real"
-UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, a connection is refused at once
+from tests.helpers import UNREACHABLE  # noqa: E402
 
 
 @pytest.fixture
@@ -111,14 +105,3 @@ def probes(monkeypatch):
 
     monkeypatch.setattr(preflight, "hub_reachable", counted)
     return calls
-
-
-@contextlib.contextmanager
-def ttc_warning(caplog: pytest.LogCaptureFixture, pattern: str = "") -> Iterator[None]:
-    """The block logs a warning on ttc's logger (outside the `ttc` command it reaches pytest's `caplog`) whose message
-    matches the regular expression `pattern`."""
-    with caplog.at_level(logging.WARNING, logger="ttc"):
-        start = len(caplog.records)
-        yield
-    messages = [r.getMessage() for r in caplog.records[start:] if r.name == "ttc" and r.levelno >= logging.WARNING]
-    assert any(re.search(pattern, m) for m in messages), messages

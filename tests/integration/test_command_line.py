@@ -2,9 +2,7 @@
 
 import pytest
 
-from tests.conftest import REPO
-
-DEMO = str(REPO / "configs" / "demo.yaml")
+from tests.helpers import DEMO
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,8 @@ from pathlib import Path
 import yaml
 from lightning.fabric.utilities.rank_zero import LightningDeprecationWarning
 
-from tests.conftest import CONFIGS, UNREACHABLE
+from tests.helpers import DEMO, UNREACHABLE
 
-DEMO = str(next(c for c in CONFIGS if c.name == "demo.yaml"))
 SMALL = ["--model.max_new_tokens", "8", "--model.num_generations", "2", "--trainer.default_root_dir", "run"]
 NUMBER = r"\d+\.\d+"
 

@@ -7,11 +7,7 @@ its second process itself. The others run `ttc` in this process.
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -22,19 +18,28 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tests.conftest import REPO
-from tests.integration.test_fit import read_metrics
-from tests.integration.test_grpo_options import assert_trained_groups_differ, tied_prompts
+from tests.helpers import (
+    DEMO_PROMPTS,
+    FAST,
+    HELPERS,
+    TINY,
+    B,
+    G,
+    assert_trained_groups_differ,
+    finish,
+    process_env,
+    read_metrics,
+    read_rollouts,
+    rollout_steps,
+    start_ttc,
+    tied_prompts,
+    wait_for,
+)
 from ttc_lightning.errors import TTCError
 from ttc_lightning.run.checkpoints import CheckpointOnInterrupt
 from ttc_lightning.training.grpo import group_advantages
 
-TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
-DEMO_PROMPTS = REPO / "ttc_lightning" / "assets" / "demo_prompts.jsonl"
 HERE = "tests.integration.test_distributed"
-OPTIONS = "tests.integration.test_grpo_options"
-B, G = 4, 2  # prompts per step per rank (tiny.yaml's data.batch_size), completions per prompt
-FAST = ["--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "8", "--model.num_generations", str(G)]
 JOB_ID = "4242"
 SLURM_JOB = {
     "SLURM_JOB_ID": JOB_ID,
@@ -47,14 +52,6 @@ SLURM_JOB = {
     "SLURM_LOCALID": "0",
     "SLURM_NODEID": "0",
 }
-
-
-def distinct_chars_reward(completions: list[str], **_) -> list[float]:
-    """Differs between completions of a prompt, so advantages, gradients and the ranks' mean rewards differ.
-
-    Distinct characters, not length: at 8 new tokens the tiny model's completions often all have the same length.
-    """
-    return [float(len(set(c))) for c in completions]
 
 
 def first_char_on_rank_zero(completions: list[str], **_) -> list[float]:
@@ -79,68 +76,9 @@ class CPUFSDPStrategy(FSDPStrategy):
     """FSDP that Lightning lets run on CPU: its GPU-only check matches the exact type `FSDPStrategy`."""
 
 
-def process_env(**extra: str) -> dict[str, str]:
-    """This environment without a surrounding SLURM job's variables (they would make Lightning skip its launcher).
-
-    One thread per process: the tiny model gains nothing from more, and on a busy machine two threads per process
-    make each step many times slower.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
-
-
-def start_ttc(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`ttc fit` on the tiny config in tmp_path (run directory `run`), output to tmp_path/ttc.log."""
-    command = [sys.executable, "-m", "ttc_lightning", "fit", "--config", TINY, "--trainer.default_root_dir", "run"]
-    with (tmp_path / "ttc.log").open("w") as log:
-        # A session of its own, so that cleanup can stop DDP's second process with the first.
-        return subprocess.Popen(
-            [*command, *FAST, *args],
-            cwd=tmp_path,
-            env=env or process_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = 300) -> tuple[int, str]:
-    """Wait for `proc` (killing its session if it hangs) -> (exit code, output)."""
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail(f"ttc did not finish in {timeout} s:\n{(tmp_path / 'ttc.log').read_text()[-3000:]}")
-    return proc.returncode, (tmp_path / "ttc.log").read_text()
-
-
-def wait_for(
-    proc: subprocess.Popen, tmp_path: Path, ready: Callable[[], bool], what: str, timeout: float = 300
-) -> None:
-    """Poll until `ready()`; fail with the output if ttc exits or the wait exceeds `timeout` (a hang guard)."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            output = (tmp_path / "ttc.log").read_text()[-3000:]
-            pytest.fail(f"ttc stopped (exit {proc.poll()}) before {what}:\n{output}")
-        time.sleep(0.1)
-
-
-def rollout_steps(path: Path) -> int:
-    """Completed steps in a rollouts file (B*G rows each; a partly written last line is ignored)."""
-    return len(path.read_text().splitlines()) // (B * G) if path.exists() else 0
-
-
-def read_rollouts(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.fixture
 def one_thread():
-    """One intra-op thread for runs in this process too (see `process_env`)."""
+    """One intra-op thread for runs in this process too (see `process_env` in tests/helpers.py)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -152,7 +90,7 @@ def test_ddp_ranks_split_prompts_and_agree_on_weights_and_metrics(tmp_path, kill
     proc = start_ttc(
         tmp_path,
         *("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2"),
-        *("--model.rewards", f"[{HERE}.distinct_chars_reward]", f"--trainer.callbacks+={HERE}.SaveTrainable"),
+        *("--model.rewards", f"[{HELPERS}.distinct_chars_reward]", f"--trainer.callbacks+={HERE}.SaveTrainable"),
         # several micro-batches per step: gradients are all-reduced once, after the last one
         *("--model.micro_batch_size", "3"),
     )
@@ -298,7 +236,7 @@ def test_ddp_resume_mid_epoch_continues_each_ranks_share(tmp_path, kill_on_exit)
 def test_resume_with_dynamic_sampling_draws_the_prompts_of_an_unbroken_run(run_ttc, tmp_path, one_thread):
     # 32 prompts, half of them always tied, 4 a batch: a step draws more batches for the groups it dropped. Stop
     # after step 3, resume to step 8, and compare every prompt sampled (trained on or not) with an unbroken run.
-    dynamic = ["--model.dynamic_sampling", "true", "--model.rewards", f"[{OPTIONS}.tie_or_first_char]"]
+    dynamic = ["--model.dynamic_sampling", "true", "--model.rewards", f"[{HELPERS}.tie_or_first_char]"]
     args = ["fit", "--config", TINY, *FAST, *dynamic, "--data.train_path", str(tied_prompts(tmp_path))]
     assert run_ttc(*args, "--trainer.default_root_dir", "whole", "--trainer.max_steps", "8")[0] == 0
     assert run_ttc(*args, "--trainer.default_root_dir", "run", "--trainer.max_steps", "3")[0] == 0

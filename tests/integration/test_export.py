@@ -13,18 +13,11 @@ from huggingface_hub import ModelCard
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import REPO
+from tests.helpers import FAST, HELPERS, TINY
 from ttc_lightning.model.tiny import CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer, save_tiny
 from ttc_lightning.run.export import base_model_card_name, base_model_reference, main
 
-TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
-FAST = ["--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "8", "--model.num_generations", "2"]
 INPUT_IDS = torch.arange(1, 17).unsqueeze(0)  # [1, 16] arbitrary fixed tokens
-
-
-def distinct_chars_reward(completions, **_):
-    """Differs between almost any two random completions, so every step moves the policy."""
-    return [float(len(set(c))) for c in completions]
 
 
 class RecordLogits(L.Callback):
@@ -52,7 +45,7 @@ def train(run_ttc, *args: str) -> tuple[Path, torch.Tensor]:
         "--trainer.default_root_dir",
         "run",
         "--model.rewards",
-        "[tests.integration.test_export.distinct_chars_reward]",
+        f"[{HELPERS}.distinct_chars_reward]",
         "--trainer.callbacks+=tests.integration.test_export.RecordLogits",
         *FAST,
         *args,

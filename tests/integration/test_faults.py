@@ -21,10 +21,21 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.integration.test_distributed import finish, rollout_steps, start_ttc, wait_for
-from tests.integration.test_fit import read_metrics
-from tests.unit.test_primevul import pair, v01, write
+from tests.helpers import (
+    DEMO,
+    FAST,
+    OLD_FULL,
+    OLD_LORA,
+    TINY,
+    finish,
+    pair,
+    read_metrics,
+    rollout_steps,
+    start_ttc,
+    v01,
+    wait_for,
+    write,
+)
 from ttc_lightning.model.tiny import save_tiny
 from ttc_lightning.run.cli import main
 from ttc_lightning.run.directory import LOCK_FILE
@@ -32,14 +43,9 @@ from ttc_lightning.run.directory import LOCK_FILE
 # Each case runs the tiny model end to end (about a second each): the fast subset leaves the suite out.
 pytestmark = pytest.mark.slow
 
-TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
-DEMO = str(REPO / "configs" / "demo.yaml")
 HERE = "tests.integration.test_faults"
-FAST = ["--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "8", "--model.num_generations", "2"]
 LORA = ["--model.lora", "{r: 4, alpha: 8}"]
 KINDS = {"lora": LORA, "full": []}
-OLD_LORA = str(REPO / "tests" / "fixtures" / "layout-0.1-lora.ckpt")
-OLD_FULL = str(REPO / "tests" / "fixtures" / "layout-0.1-full.ckpt")
 
 
 # --- rewards and callbacks that inject faults ----------------------------------------------------------------------

@@ -1,16 +1,13 @@
 """`ttc fit` end to end on the tiny model, in-process, on CPU."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import CONFIGS, REPO
+from tests.helpers import CONFIGS, FAST, OLD_FULL, OLD_LORA, TINY, read_metrics
 
-DEMO = str(REPO / "tests" / "integration" / "tiny.yaml")
-FAST = ["--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "8", "--model.num_generations", "2"]
 STEP_METRICS = [
     "reward",
     "reward_std",
@@ -32,17 +29,11 @@ STEP_METRICS = [
 ]
 
 
-def read_metrics(run_dir: Path, version: int = 0) -> list[dict[str, str]]:
-    lines = (run_dir / "logs" / f"version_{version}" / "metrics.csv").read_text().splitlines()
-    header = lines[0].split(",")
-    return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]
-
-
 def test_demo_fit_writes_checkpoint_metrics_and_rollouts(run_ttc, tmp_path):
     code, _, err = run_ttc(
         "fit",
         "--config",
-        DEMO,
+        TINY,
         "--trainer.max_steps",
         "3",
         "--trainer.default_root_dir",
@@ -68,7 +59,7 @@ def test_demo_fit_writes_checkpoint_metrics_and_rollouts(run_ttc, tmp_path):
 @pytest.mark.slow
 def test_resume_from_last_continues_at_the_same_step(run_ttc, tmp_path):
     # full fine-tuning with a KL term: the frozen reference is not in the checkpoint and must not be needed
-    args = ["fit", "--config", DEMO, "--trainer.default_root_dir", "run", "--model.beta", "0.04", *FAST]
+    args = ["fit", "--config", TINY, "--trainer.default_root_dir", "run", "--model.beta", "0.04", *FAST]
     assert run_ttc(*args, "--trainer.max_steps", "2")[0] == 0
     first = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["global_step"] == 2
@@ -85,7 +76,7 @@ def test_lora_checkpoint_holds_only_adapters(run_ttc, tmp_path):
     code, _, err = run_ttc(
         "fit",
         "--config",
-        DEMO,
+        TINY,
         "--trainer.max_steps",
         "1",
         "--trainer.default_root_dir",
@@ -106,7 +97,7 @@ def test_qlora_4bit_trains_on_cpu(run_ttc, tmp_path):
     code, _, err = run_ttc(
         "fit",
         "--config",
-        DEMO,
+        TINY,
         "--trainer.max_steps",
         "2",
         "--trainer.default_root_dir",
@@ -129,7 +120,7 @@ def test_gradient_checkpointing_with_lora_trains(run_ttc, tmp_path):
     code, _, err = run_ttc(
         "fit",
         "--config",
-        DEMO,
+        TINY,
         "--trainer.max_steps",
         "2",
         "--trainer.default_root_dir",
@@ -147,7 +138,7 @@ def test_gradient_checkpointing_with_lora_trains(run_ttc, tmp_path):
 
 
 def test_bad_reward_path_is_a_one_line_error(run_ttc):
-    code, _, err = run_ttc("fit", "--config", DEMO, "--model.rewards", "[ttc_lightning.rewards.missing]")
+    code, _, err = run_ttc("fit", "--config", TINY, "--model.rewards", "[ttc_lightning.rewards.missing]")
     assert code == 1
     assert "ttc: error: model.rewards[0]: cannot import 'ttc_lightning.rewards.missing'" in err
     assert "Traceback" not in err
@@ -168,7 +159,7 @@ def test_reward_entries_parse_from_yaml_and_from_the_command_line(run_ttc, tmp_p
         "        args: {command: 'gcc -fsyntax-only {file}', timeout: 30, exit_rewards: {0: 1.0, 1: null}}\n"
         "    reward_weights: [1.0, 0.5]\n"
     )
-    code, out, err = run_ttc("fit", "--config", DEMO, "--config", str(config), "--print_config")
+    code, out, err = run_ttc("fit", "--config", TINY, "--config", str(config), "--print_config")
     assert code == 0, err
     expected = """
     rewards:
@@ -184,7 +175,7 @@ def test_reward_entries_parse_from_yaml_and_from_the_command_line(run_ttc, tmp_p
 """
     assert expected in out
     entries = f"[ttc_lightning.rewards.parses_reward, {json.dumps(COMPILES)}]"
-    code, out, err = run_ttc("fit", "--config", DEMO, "--model.rewards", entries, "--print_config")
+    code, out, err = run_ttc("fit", "--config", TINY, "--model.rewards", entries, "--print_config")
     assert code == 0, err
     entry = [
         "    - function: ttc_lightning.rewards.command_reward",
@@ -197,11 +188,11 @@ def test_reward_entries_parse_from_yaml_and_from_the_command_line(run_ttc, tmp_p
 
 def test_bad_reward_entry_is_a_one_line_error(run_ttc):
     entries = f"[ttc_lightning.rewards.format_reward, {json.dumps({**COMPILES, 'args': {'comand': 'gcc'}})}]"
-    code, _, err = run_ttc("fit", "--config", DEMO, "--model.rewards", entries, *FAST)
+    code, _, err = run_ttc("fit", "--config", TINY, "--model.rewards", entries, *FAST)
     assert code == 1
     assert "ttc: error: model.rewards[1].args: ttc_lightning.rewards.command_reward has no parameter 'comand'" in err
     assert "Traceback" not in err
-    code, _, err = run_ttc("fit", "--config", DEMO, "--model.rewards", '[{"function": "a.b", "weight": 1}]', *FAST)
+    code, _, err = run_ttc("fit", "--config", TINY, "--model.rewards", '[{"function": "a.b", "weight": 1}]', *FAST)
     assert code == 1
     assert "ttc: error: model.rewards[0]: unknown key 'weight'" in err
 
@@ -209,7 +200,7 @@ def test_bad_reward_entry_is_a_one_line_error(run_ttc):
 def test_malformed_prompt_file_names_file_and_line(run_ttc, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
-    code, _, err = run_ttc("fit", "--config", DEMO, "--data.train_path", str(prompts), *FAST)
+    code, _, err = run_ttc("fit", "--config", TINY, "--data.train_path", str(prompts), *FAST)
     assert code == 1
     assert f"{prompts}:2: prompt: expected a string or a list of chat messages" in err
     assert "Traceback" not in err
@@ -219,7 +210,7 @@ def test_failing_reward_stops_with_function_and_prompt(run_ttc, tmp_path):
     code, _, err = run_ttc(
         "fit",
         "--config",
-        DEMO,
+        TINY,
         "--model.rewards",
         "[tests.integration.test_fit.broken_reward]",
         "--trainer.default_root_dir",
@@ -234,7 +225,7 @@ def test_skipped_reward_errors_are_counted_and_training_goes_on(run_ttc, tmp_pat
     rewards = "[tests.integration.test_fit.broken_reward, ttc_lightning.rewards.char_fraction_reward]"
     args = ["--model.rewards", rewards, "--model.reward_errors", "skip", "--model.reward_workers", "2"]
     code, _, err = run_ttc(
-        "fit", "--config", DEMO, *args, "--trainer.max_steps", "2", "--trainer.default_root_dir", "run", *FAST
+        "fit", "--config", TINY, *args, "--trainer.max_steps", "2", "--trainer.default_root_dir", "run", *FAST
     )
     assert code == 0, err
     assert err.count("ttc: warning: reward function broken_reward raised ZeroDivisionError") == 2  # once a step
@@ -277,11 +268,7 @@ def test_help_shows_documented_fields(run_ttc):
     assert "Train on whole pairs" in out
 
 
-# Checkpoints written by ttc 0.1's first layout (one `module.py`), 2 steps of tests/integration/tiny.yaml with
-# beta 0.04, 8 new tokens, G = 2: with LoRA r 4, alpha 8 (adapters only), and full fine-tuning.
-OLD_LORA = str(REPO / "tests" / "fixtures" / "layout-0.1-lora.ckpt")
-OLD_FULL = str(REPO / "tests" / "fixtures" / "layout-0.1-full.ckpt")
-OLD_SETTINGS = ["--model.beta", "0.04", *FAST]
+OLD_SETTINGS = ["--model.beta", "0.04", *FAST]  # those the checkpoints of the first layout (OLD_LORA, OLD_FULL) had
 
 
 @pytest.mark.slow
@@ -289,7 +276,7 @@ OLD_SETTINGS = ["--model.beta", "0.04", *FAST]
     ("ckpt", "lora"), [(OLD_LORA, ["--model.lora", "{r: 4, alpha: 8}"]), (OLD_FULL, [])], ids=["lora", "full"]
 )
 def test_checkpoints_of_the_first_layout_resume_and_evaluate(run_ttc, tmp_path, ckpt, lora):
-    args = ["--config", DEMO, "--trainer.default_root_dir", "run", *OLD_SETTINGS, *lora]
+    args = ["--config", TINY, "--trainer.default_root_dir", "run", *OLD_SETTINGS, *lora]
     code, _, err = run_ttc("fit", *args, "--trainer.max_steps", "3", "--ckpt_path", ckpt)
     assert code == 0, err
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3

@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from tests.conftest import REPO
-from tests.integration.test_fit import read_metrics
+from tests.helpers import TINY, read_metrics
 from ttc_lightning.model.loading import LoRA, encode_prompts
 from ttc_lightning.model.tiny import build_tiny_model, build_tiny_tokenizer
 from ttc_lightning.module import GRPOModule
@@ -17,7 +16,6 @@ from ttc_lightning.training.rollout import Rollout
 
 pytestmark = pytest.mark.gpu
 
-TINY_YAML = str(REPO / "tests" / "integration" / "tiny.yaml")
 GPU = ["--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false"]
 FAST = ["--model.max_new_tokens", "8", "--model.num_generations", "4", "--trainer.max_steps", "2"]
 TOY = "ttc_lightning.rewards.char_fraction_reward"
@@ -32,7 +30,7 @@ TOY = "ttc_lightning.rewards.char_fraction_reward"
     ids=["bf16 checkpointing lora", "4-bit lora kl"],
 )
 def test_fit_on_the_gpu(run_ttc, tmp_path, options):
-    code, _, err = run_ttc("fit", "--config", TINY_YAML, "--trainer.default_root_dir", "run", *GPU, *FAST, *options)
+    code, _, err = run_ttc("fit", "--config", TINY, "--trainer.default_root_dir", "run", *GPU, *FAST, *options)
     assert code == 0, err
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == 2

@@ -3,75 +3,28 @@ truncated importance sampling, the sampler/trainer mismatch metrics and the LR s
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO
-from tests.integration.test_fit import DEMO, FAST, read_metrics
+from tests.helpers import (
+    FAST,
+    HELPERS,
+    REPO,
+    TINY,
+    assert_trained_groups_differ,
+    read_metrics,
+    read_rollouts,
+    tied_prompts,
+)
 from ttc_lightning.module import GRPOModule
 
-DEMO_PROMPTS = REPO / "ttc_lightning" / "assets" / "demo_prompts.jsonl"
 HERE = "tests.integration.test_grpo_options"
 
 
-def tied_prompts(directory: Path) -> Path:
-    """The 16 demo prompts twice: as they are (`tie: false`) and as a second prompt (`tie: true`) whose completions
-    the rewards below always score the same, so its groups teach nothing. 32 prompts, tie and not alternating."""
-    rows = []
-    for line in DEMO_PROMPTS.read_text().splitlines():
-        row = json.loads(line)
-        tied = {**row, "prompt": [{"role": "user", "content": "Say nothing. " + row["prompt"][0]["content"]}]}
-        rows += [{**row, "tie": False}, {**tied, "tie": True}]
-    path = directory / "tied_prompts.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def tie_or_first_char(completions: list[str], tie: list[bool], **_) -> list[float]:
-    """0.5 for a `tie` prompt's completions; else the first character's code, which almost any two differ in."""
-    return [0.5 if t else (float(ord(text[0])) if text else 0.0) for text, t in zip(completions, tie, strict=True)]
-
-
-def tie_or_char_fraction(completions: list[str], tie: list[bool], **_) -> list[float]:
-    """0 for a `tie` prompt's completions; else the share of "a" characters (learnable, as the demo's reward)."""
-    return [
-        0.0 if t else (text.count("a") / len(text) if text else 0.0) for text, t in zip(completions, tie, strict=True)
-    ]
-
-
-def read_rollouts(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def groups_by_step(records: list[dict]) -> dict[int, dict[int, list[dict]]]:
-    """step -> prompt_index -> that group's records."""
-    steps: dict[int, dict[int, list[dict]]] = {}
-    for r in records:
-        steps.setdefault(r["step"], {}).setdefault(r["prompt_index"], []).append(r)
-    return steps
-
-
-def assert_trained_groups_differ(records: list[dict], g: int, ties_marked: bool = True) -> int:
-    """Every group a step trained on has task rewards (before the overlong penalty) that differ and, with
-    `ties_marked` (the rewards above), is no tie prompt's; returns how many groups were dropped."""
-    dropped = 0
-    for step, groups in groups_by_step(records).items():
-        for group in groups.values():
-            assert len(group) == g and len({r["trained"] for r in group}) == 1, (step, group)
-            rewards = [r["reward"] - r["rewards"].get("overlong_penalty", 0.0) for r in group]  # before the penalty
-            if group[0]["trained"]:
-                assert max(rewards) != min(rewards), (step, rewards)
-                assert not ties_marked or "Say nothing." not in json.dumps(group[0]["prompt"]), step
-            else:
-                dropped += 1
-    return dropped
-
-
 def test_dynamic_sampling_with_every_new_option_trains_only_on_groups_that_differ(run_ttc, tmp_path):
-    args = ["--data.train_path", str(tied_prompts(tmp_path)), "--model.rewards", f"[{HERE}.tie_or_first_char]"]
+    args = ["--data.train_path", str(tied_prompts(tmp_path)), "--model.rewards", f"[{HELPERS}.tie_or_first_char]"]
     options = [
         *("--model.dynamic_sampling", "true", "--model.max_sampling_rounds", "3"),
         *("--model.overlong_buffer", "{length: 4, penalty: 0.5}", "--model.mask_truncated_completions", "true"),
@@ -79,7 +32,7 @@ def test_dynamic_sampling_with_every_new_option_trains_only_on_groups_that_diffe
         *("--model.tis_cap", "2.0", "--model.num_iterations", "2"),
     ]
     run = ["--trainer.default_root_dir", "run", "--trainer.max_steps", "4", *FAST]
-    code, _, err = run_ttc("fit", "--config", DEMO, *run, *args, *options)
+    code, _, err = run_ttc("fit", "--config", TINY, *run, *args, *options)
     assert code == 0, err
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == 2  # num_iterations 2: two optimizer steps per rollout
@@ -97,7 +50,7 @@ def test_dynamic_sampling_with_every_new_option_trains_only_on_groups_that_diffe
 
 def test_under_generate_there_is_no_mismatch_to_log_and_tis_has_no_effect(run_ttc, tmp_path):
     args = ["--model.levers", "{fast_sampler: false}", "--model.tis_cap", "2.0", "--trainer.max_steps", "2"]
-    code, _, err = run_ttc("fit", "--config", DEMO, "--trainer.default_root_dir", "run", *args, *FAST)
+    code, _, err = run_ttc("fit", "--config", TINY, "--trainer.default_root_dir", "run", *args, *FAST)
     assert code == 0, err
     assert "ttc: warning: model.tis_cap has no effect: generate" in err
     rows = read_metrics(tmp_path / "run")
@@ -107,9 +60,9 @@ def test_under_generate_there_is_no_mismatch_to_log_and_tis_has_no_effect(run_tt
 def test_a_run_whose_prompts_all_tie_stops_after_an_epoch_of_batches(run_ttc, tmp_path):
     prompts = tmp_path / "all_tied.jsonl"
     prompts.write_text(tied_prompts(tmp_path).read_text().replace('"tie": false', '"tie": true'))
-    args = ["--data.train_path", str(prompts), "--model.rewards", f"[{HERE}.tie_or_first_char]"]
+    args = ["--data.train_path", str(prompts), "--model.rewards", f"[{HELPERS}.tie_or_first_char]"]
     run = ["--trainer.default_root_dir", "run", "--model.dynamic_sampling", "true", *FAST]
-    code, _, err = run_ttc("fit", "--config", DEMO, *run, *args)  # tiny.yaml's max_steps is 40
+    code, _, err = run_ttc("fit", "--config", TINY, *run, *args)  # tiny.yaml's max_steps is 40
     assert code == 0, err
     assert "ttc: warning: dynamic sampling: no prompt in the last 8 batches (an epoch's worth)" in err
     rows = read_metrics(tmp_path / "run")
@@ -129,13 +82,13 @@ def test_a_run_whose_prompts_all_tie_stops_after_an_epoch_of_batches(run_ttc, tm
 )
 def test_lr_scheduler_option(run_ttc, tmp_path, schedule, expected):
     args = ["--model.lr_scheduler", schedule, "--model.warmup_steps", "2", "--trainer.max_steps", "5"]
-    code, _, err = run_ttc("fit", "--config", DEMO, "--trainer.default_root_dir", "run", *args, *FAST)
+    code, _, err = run_ttc("fit", "--config", TINY, "--trainer.default_root_dir", "run", *args, *FAST)
     assert code == 0, err
     assert [float(r["lr"]) for r in read_metrics(tmp_path / "run")] == pytest.approx([0.003 * m for m in expected])
 
 
 def test_unknown_lr_scheduler_is_a_one_line_error(run_ttc):
-    code, _, err = run_ttc("fit", "--config", DEMO, "--model.lr_scheduler", "exponential")
+    code, _, err = run_ttc("fit", "--config", TINY, "--model.lr_scheduler", "exponential")
     assert code != 0 and "lr_scheduler" in err and "Traceback" not in err
 
 
@@ -191,7 +144,7 @@ def test_every_logged_metric_is_on_the_modules_device(run_ttc, tmp_path):
     rewards = ["ttc_lightning.rewards.char_fraction_reward", f"{HERE}.never_scores"]
     with mock.patch.object(GRPOModule, "_finish_step", finish):
         code, _, err = run_ttc(
-            "fit", "--config", str(DEMO), *FAST, "--trainer.max_steps", "1", "--model.reward_errors", "skip",
+            "fit", "--config", str(TINY), *FAST, "--trainer.max_steps", "1", "--model.reward_errors", "skip",
             "--model.rewards", json.dumps(rewards), "--model.reward_weights", "[1.0, 0.0]",
         )  # fmt: skip
     tensors = {name: value.device.type for name, value in logged.items() if isinstance(value, torch.Tensor)}

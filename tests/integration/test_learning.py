@@ -2,11 +2,17 @@
 
 import pytest
 
-from tests.conftest import REPO
-from tests.integration.test_fit import read_metrics
-from tests.integration.test_grpo_options import assert_trained_groups_differ, read_rollouts, tied_prompts
+from tests.helpers import TINY, assert_trained_groups_differ, read_metrics, read_rollouts, tied_prompts
 
-OPTIONS = "tests.integration.test_grpo_options"
+HERE = "tests.integration.test_learning"
+
+
+def tie_or_char_fraction(completions: list[str], tie: list[bool], **_) -> list[float]:
+    """0 for a `tie` prompt's completions (`tied_prompts`); else the share of "a" characters (learnable, as the demo's
+    reward)."""
+    return [
+        0.0 if t else (text.count("a") / len(text) if text else 0.0) for text, t in zip(completions, tie, strict=True)
+    ]
 
 
 @pytest.mark.slow
@@ -14,7 +20,7 @@ def test_reward_rises_on_a_learnable_toy_task(run_ttc, tmp_path):
     code, _, err = run_ttc(
         "fit",
         "--config",
-        str(REPO / "tests" / "integration" / "tiny.yaml"),
+        TINY,
         "--seed_everything",
         "0",
         "--trainer.max_steps",
@@ -41,10 +47,10 @@ def test_dynamic_sampling_trains_on_no_tied_group_and_the_reward_rises(run_ttc, 
     code, _, err = run_ttc(
         "fit",
         "--config",
-        str(REPO / "tests" / "integration" / "tiny.yaml"),
+        TINY,
         *("--seed_everything", "0", "--trainer.max_steps", str(steps), "--trainer.default_root_dir", "run"),
         *("--trainer.enable_progress_bar", "false", "--data.train_path", str(tied_prompts(tmp_path))),
-        *("--model.rewards", f"[{OPTIONS}.tie_or_char_fraction]", "--model.dynamic_sampling", "true"),
+        *("--model.rewards", f"[{HERE}.tie_or_char_fraction]", "--model.dynamic_sampling", "true"),
         *("--model.learning_rate", "0.01", "--model.lr_scheduler", "constant"),
     )
     assert code == 0, err

@@ -6,8 +6,7 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.integration.test_fit import read_metrics
+from tests.helpers import REPO, read_metrics
 from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.data.tasks import PrimeVulClassificationDataModule
 

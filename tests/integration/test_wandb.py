@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import FAST, REPO, TINY
 from ttc_lightning.run.progress import SummaryTable
 from ttc_lightning.run.tracking import RunInfo, SaveConfigToWandb, default_run_name, git_state, prepare_wandb
 
-TINY = str(REPO / "tests" / "integration" / "tiny.yaml")
 WANDB_YAML = str(REPO / "configs" / "wandb.yaml")
-FAST = ["--trainer.enable_progress_bar", "false", "--model.max_new_tokens", "8", "--model.num_generations", "2"]
 
 
 @pytest.fixture

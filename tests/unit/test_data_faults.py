@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.test_primevul import pair, v01, write
+from tests.helpers import pair, v01, write
 from ttc_lightning.data import PrimeVulPatchDataModule, PromptDataModule
 from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.data.common import read_jsonl

@@ -1,16 +1,30 @@
 """Dynamic sampling's rounds with a fake sampler: when they stop, what they keep, and how DDP ranks agree."""
 
+import contextlib
 import dataclasses
+import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 
+import pytest
 import torch
 
-from tests.conftest import ttc_warning
 from ttc_lightning.training.dynamic import DynamicSample, nothing_left_to_learn, sample_until_informative
 from ttc_lightning.training.rollout import Rollout, Round
 
 G = 2
+
+
+@contextlib.contextmanager
+def ttc_warning(caplog: pytest.LogCaptureFixture, pattern: str = "") -> Iterator[None]:
+    """The block logs a warning on ttc's logger (outside the `ttc` command it reaches pytest's `caplog`) whose message
+    matches the regular expression `pattern`."""
+    with caplog.at_level(logging.WARNING, logger="ttc"):
+        start = len(caplog.records)
+        yield
+    messages = [r.getMessage() for r in caplog.records[start:] if r.name == "ttc" and r.levelno >= logging.WARNING]
+    assert any(re.search(pattern, m) for m in messages), messages
 
 
 def sample(batch: dict[str, list]) -> Round:

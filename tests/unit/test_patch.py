@@ -1,9 +1,9 @@
 import json
 import random
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import REAL_PRIMEVUL, block
 from ttc_lightning.errors import TTCError
 from ttc_lightning.rewards.answers import split_think_answer
 from ttc_lightning.rewards.patch import (
@@ -17,8 +17,6 @@ from ttc_lightning.rewards.patch import (
     patch_reward,
     score_patch,
 )
-
-REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "primevul-real"
 
 FUNC = "\n".join(
     [
@@ -35,16 +33,12 @@ FUNC = "\n".join(
 LINES = FUNC.split("\n")
 
 
-def block(search: str, replace: str) -> str:
-    return f"<<<<<<< SEARCH\n{search}=======\n{replace}>>>>>>> REPLACE"
-
-
 def completion(answer: str) -> str:
     return f"<think>\nclamp the value\n</think>\n<answer>\n{answer}\n</answer>"
 
 
 def real_pairs() -> list[tuple[str, str]]:
-    files = sorted(REAL.glob("*.jsonl")) if REAL.is_dir() else []
+    files = sorted(REAL_PRIMEVUL.glob("*.jsonl")) if REAL_PRIMEVUL.is_dir() else []
     if not files:
         pytest.skip("the PrimeVul sample is not beside the repository")
     pairs = []

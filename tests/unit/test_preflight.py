@@ -9,7 +9,7 @@ import time
 import pytest
 from jsonargparse import Namespace
 
-from tests.conftest import UNREACHABLE
+from tests.helpers import UNREACHABLE
 from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.errors import TTCError
 from ttc_lightning.run import preflight
@@ -98,9 +98,11 @@ def test_uncached_model_and_data_without_network_are_one_error(hub_env, probes):
 
 def test_a_cached_model_passes_offline_without_a_probe(hub_env, probes, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TTCError, match=r"^model.model_name_or_path: org/coder is not in the Hugging Face cache"):
+        preflight.check_before_start(config("org/coder"), "fit")  # not cached yet: the one problem
     for filename in ("config.json", "tokenizer_config.json"):
         cache_file(hub_env / "hub", "models", "org/coder", filename)
-    preflight.check_before_start(config("org/coder"), "fit")
+    preflight.check_before_start(config("org/coder"), "fit")  # cached: no TTCError
     assert probes == []  # offline was asked for: nothing to probe
 
 
@@ -132,8 +134,14 @@ def test_local_paths_are_never_probed_and_every_problem_is_listed(hub_env, probe
     assert probes == []
 
 
-def test_the_sample_data_and_tiny_pass():
-    preflight.check_before_start(config("tiny"), "test")
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
+def test_the_sample_data_and_tiny_pass(probes, tmp_path, subcommand):
+    checked = config("tiny")
+    # no network and an empty cache: the tiny model and the sample's splits need neither
+    assert preflight.model_problems("tiny", online=False, cache_dir=tmp_path) == []
+    assert preflight.data_problems(checked.data, subcommand, online=False, cache_dir=tmp_path) == []
+    preflight.check_before_start(checked, subcommand)  # no TTCError
+    assert probes == []  # nothing comes from the Hub: no probe
 
 
 def test_checkpoints_that_could_not_resume_are_refused():

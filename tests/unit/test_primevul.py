@@ -13,6 +13,7 @@ import datasets
 import pytest
 
 import ttc_lightning
+from tests.helpers import REAL_PRIMEVUL, REPO, pair, v01, write
 from ttc_lightning.data.primevul import (
     PrimeVulRecord,
     dedup_pairs,
@@ -30,50 +31,11 @@ from ttc_lightning.data.primevul import (
 )
 from ttc_lightning.errors import TTCError
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLE = Path(ttc_lightning.__file__).parent / "assets" / "primevul_sample"
-REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "primevul-real"
 V01_FIELDS = [
     "idx", "project", "commit_id", "project_url", "commit_url", "commit_message", "target", "func", "func_hash",
     "file_name", "file_hash", "cwe", "cve", "cve_desc", "nvd_url",
 ]  # fmt: skip
-
-
-def v01(idx: int, target: int, func: str, commit: str = "c0ffee", **changes) -> dict:
-    """A v0.1 line with the release's 15 fields."""
-    row = {
-        "idx": idx,
-        "project": "proj",
-        "commit_id": commit,
-        "project_url": "https://git.example.org/proj",
-        "commit_url": f"https://git.example.org/proj/commit/{commit}",
-        "commit_message": "fix it",
-        "target": target,
-        "func": func,
-        "func_hash": func_hash(func),
-        "file_name": "a.c",
-        "file_hash": 7,
-        "cwe": ["CWE-787"],
-        "cve": "CVE-0000-0001",
-        "cve_desc": "a bug",
-        "nvd_url": "https://nvd.nist.gov/vuln/detail/CVE-0000-0001",
-    }
-    row.update(changes)
-    return row
-
-
-def pair(n: int, commit: str | None = None) -> list[dict]:
-    """Vulnerable then fixed line of pair `n` (idx 10n+1, 10n+2)."""
-    commit = commit or f"commit{n}"
-    return [
-        v01(10 * n + 1, 1, f"int f{n}(char *p) {{ p[9] = 0; }}", commit),
-        v01(10 * n + 2, 0, f"int f{n}(char *p) {{ if (p) p[9] = 0; }}", commit),
-    ]
-
-
-def write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_func_hash_is_md5_of_the_function_without_whitespace():
@@ -340,9 +302,9 @@ def test_sample_script_rewrites_the_shipped_files_exactly(tmp_path, monkeypatch)
 
 
 def real_sample() -> Path:
-    if not REAL.is_dir():
+    if not REAL_PRIMEVUL.is_dir():
         pytest.skip("the real PrimeVul sample is not present beside the repository")
-    return REAL
+    return REAL_PRIMEVUL
 
 
 def test_real_paired_samples_load_as_pairs():

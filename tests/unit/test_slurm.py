@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 FIT = REPO / "slurm" / "fit.sbatch"
 VALIDATE = REPO / "slurm" / "validate.sbatch"
 BUILD = REPO / "containers" / "build.sh"
@@ -100,7 +101,8 @@ def sbatch_lines(script: Path) -> list[str]:
 
 @pytest.mark.parametrize("script", [FIT, VALIDATE, BUILD], ids=lambda p: p.name)
 def test_scripts_parse(script):
-    subprocess.run(["bash", "-n", str(script)], check=True)
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (0, "")
 
 
 @pytest.mark.parametrize("script", [FIT, VALIDATE, BUILD], ids=lambda p: p.name)

@@ -3,17 +3,16 @@
 import os
 import signal
 import sys
-from pathlib import Path
 from unittest import mock
 
 import lightning as L
 import pytest
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from tests.helpers import TINY
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.run.cli import TTCCLI
 
-TINY = str(Path(__file__).resolve().parents[1] / "integration" / "tiny.yaml")
 # Task 5 of a job with 2 nodes x 4 tasks: the second task on the second node.
 SRUN = {
     "SLURM_JOB_ID": "4242",

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REAL_PRIMEVUL, block
 from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.errors import TTCError
 from ttc_lightning.rewards.patch import (
@@ -19,15 +19,10 @@ from ttc_lightning.rewards.patch import (
     source_language,
 )
 
-REAL_PRIMEVUL = REPO.parent / "shared" / "data" / "primevul-real"
 SAMPLE = Path(SAMPLE_DIR)
 
 V = "int f(int x)\n{\n  return x;\n}"
 F = "int f(int x)\n{\n  return x & 1;\n}"
-
-
-def block(search: str, replace: str) -> str:
-    return f"<<<<<<< SEARCH\n{search}=======\n{replace}>>>>>>> REPLACE"
 
 
 def completion(answer: str) -> str:

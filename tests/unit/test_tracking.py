@@ -122,13 +122,17 @@ def test_prepare_wandb_refuses_to_start_without_login(no_wandb_login):
 
 
 @pytest.mark.parametrize("how", ["offline", "mode", "env", "key"])
-def test_prepare_wandb_accepts_offline_runs_and_api_keys(no_wandb_login, monkeypatch, how):
+def test_prepare_wandb_accepts_offline_runs_and_api_keys(no_wandb_login, monkeypatch, tmp_path, how):
+    monkeypatch.chdir(tmp_path)  # not a git repository: no commit in the name
     logger = wandb_logger(offline=how == "offline", mode="offline" if how == "mode" else None)
     if how == "env":
         monkeypatch.setenv("WANDB_MODE", "disabled")
     if how == "key":
         monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
-    prepare_wandb(cli_config(logger))
+    config = cli_config(logger)
+    prepare_wandb(config)  # no TTCError: this run needs no login
+    args = config.trainer.logger.init_args  # accepted: the logger got its run name and the run directory
+    assert (args.name, args.save_dir) == ("patch-Coder-1B", "runs/x")
 
 
 def test_prepare_wandb_names_the_run_and_puts_it_in_the_run_directory(no_wandb_login, monkeypatch, tmp_path):
