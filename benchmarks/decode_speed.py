@@ -35,17 +35,17 @@ PATHS = ("generate", "loop, shared prompt cache", "loop, copied prompt cache", "
 
 
 def sample(path: str, model: Any, ids: torch.Tensor, mask: torch.Tensor, group: int, config: GenerationConfig) -> Any:
-    """The completions `[N, P+T]` of B prompts `[B, P]` x `group` through `path`."""
+    """The completions `[N, T]` of B prompts `[B, P]` x `group` through `path`."""
     rows_ids, rows_mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)  # [N, P]
     if path == "generate":
-        return model.generate(input_ids=rows_ids, attention_mask=rows_mask, generation_config=config)
+        return model.generate(input_ids=rows_ids, attention_mask=rows_mask, generation_config=config)[:, ids.size(1) :]
     steps = config.max_new_tokens
     cache = prefill(model, ids[:, :-1], mask[:, :-1], ids.size(1) + steps)
     if path == "loop, fixed-shape cache":
         cache = StaticCache.from_prefill(cache, group, ids.size(1) - 1 + steps)
     else:
         expand_cache(cache, mask[:, :-1], group, steps + 1, share=path == "loop, shared prompt cache")
-    return decode(model, rows_ids, rows_mask, cache, config).sequences
+    return decode(model, rows_ids, rows_mask, cache, config).completion_ids
 
 
 def timed(fn: Any, sync: Any) -> tuple[float, Any]:
@@ -105,7 +105,7 @@ def main() -> None:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             seconds, out = timed(lambda path=path: sample(path, model, ids, mask, args.group, sampled), sync)
-            generated = out.size(1) - ids.size(1)
+            generated = out.size(1)
             results[path] = {
                 "seconds": seconds,
                 "tokens_per_s": rows * generated / seconds,

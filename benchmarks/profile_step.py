@@ -9,15 +9,14 @@ wall-clock timers. The phases run one after another, so they add up to the step;
 total is the median of the steps that had the CPUs to themselves (see `compare_trl.stamp`). The last column is
 how much each phase raised the process's peak resident memory over the whole run.
 
-What-ifs turn levers off through their own switches (`ttc_lightning.levers.Levers`): `--without prefill`
-(`prompt_once`: every completion runs its whole prompt, in sampling and in training, and sampling uses HF's own KV
-cache), `merge` (`merge_lora`: sampling with unmerged LoRA layers), `decode` (`fast_sampler`: `generate()` with the
-model's own forward), `share` (`share_cache`: each prompt's cache copied to its rows), `fuse` (`fuse_lora`: peft's
-LoRA forward), `cpu` (`cpu`: default float32 matmuls instead of oneDNN's packed ones, copied instead of shared prompt
-caches' CPU attention kernel, glibc's default of handing freed memory back to the OS); `--lora-dropout` changes the
-adapters' dropout (peft applies it to a copy of the input of every adapted layer). `--torch-profile` runs one more
-step under torch.profiler and prints its top operators (that step is left out of the table; the profiler inflates
-the peak memory reported).
+What-ifs turn levers off through their own switches (`ttc_lightning.levers.Levers`): `--without prefill` (`prompt_once`:
+in the training passes every completion runs its whole prompt), `merge` (`merge_lora`: sampling with unmerged LoRA
+layers), `decode` (`fast_sampler`: sampling through `generate()`, the plain backend), `share` (`share_cache`: each
+prompt's cache copied to its rows), `fuse` (`fuse_lora`: peft's LoRA forward), `cpu` (`cpu`: default float32 matmuls
+instead of oneDNN's packed ones, copied instead of shared prompt caches' CPU attention kernel, glibc's default of
+handing freed memory back to the OS); `--lora-dropout` changes the adapters' dropout (peft applies it to a copy of the
+input of every adapted layer). `--torch-profile` runs one more step under torch.profiler and prints its top operators
+(that step is left out of the table; the profiler inflates the peak memory reported).
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ LEVERS = {
 }
 PHASES = {
     "prompt_sample": "one pass per distinct prompt before sampling (prefill)",
-    "generate": "the sampling loop with the KV cache (ttc's decode, or policy.generate())",
+    "generate": "the sampling loop with the KV cache (ttc's decode, or generate() in the plain backend)",
     "rollout_other": "tokenise prompts, merge/unmerge LoRA, EOS masks, decode completions",
     "score": "reward functions",
     "frozen_logps": "old/reference log-probs (num_iterations > 1 or beta > 0), no grad",
@@ -122,11 +121,12 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
     import torch
 
     import ttc_lightning.module as module_py
-    import ttc_lightning.sampling.sampler as sampler_py
+    import ttc_lightning.sampling.fast as fast_py
     import ttc_lightning.training.logprobs as logprobs_py
     from ttc_lightning import GRPOModule, Levers, LoRA
     from ttc_lightning.data import PromptDataModule
     from ttc_lightning.rewards.scoring import RewardScorer
+    from ttc_lightning.sampling.hf import GenerateBackend
 
     size = Size(**spec["size"])
     timers = Timers()
@@ -135,8 +135,9 @@ def profile(spec: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict[s
     for owner, name, attr in (
         (RewardScorer, "score", "score"),
         (module_py, "loss", "grpo_loss"),
-        (sampler_py, "prompt_sample", "prefill"),
-        (sampler_py, "generate", "decode"),
+        (fast_py, "prompt_sample", "prefill"),
+        (fast_py, "generate", "decode"),
+        (GenerateBackend, "generate", "sample"),
     ):
         setattr(owner, attr, timers.wrap(name, getattr(owner, attr)))
     # The what-ifs are the levers' own switches.

@@ -7,11 +7,12 @@ import torch
 from transformers import GenerationConfig
 
 from tests.helpers import TINY, read_metrics
+from ttc_lightning.levers import Levers
 from ttc_lightning.model.loading import LoRA, encode_prompts
 from ttc_lightning.model.tiny import build_tiny_model, build_tiny_tokenizer
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.sampling import decoding
-from ttc_lightning.sampling.kv_cache import attention_with_lse, cache_keyword, expand_cache, prefill
+from ttc_lightning.sampling.kv_cache import expand_cache, prefill
 from ttc_lightning.training.rollout import Rollout
 
 pytestmark = pytest.mark.gpu
@@ -37,29 +38,36 @@ def test_fit_on_the_gpu(run_ttc, tmp_path, options):
     assert all(float(r["grad_norm"]) > 0 and float(r["loss"]) == float(r["loss"]) for r in rows)  # finite, learning
 
 
-def test_decoding_loop_samples_what_generate_samples_on_cuda(monkeypatch):
-    monkeypatch.setattr(decoding, "draw", lambda probs: torch.multinomial(probs, 1))  # generate()'s draw
-    model = build_tiny_model(build_tiny_tokenizer(), seed=0).cuda().eval()
-    torch.manual_seed(2)
-    ids = torch.randint(3, 250, (2, 12), device="cuda")
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    config = GenerationConfig(do_sample=True, top_k=20, top_p=0.8, temperature=0.7, max_new_tokens=10)
-    config.update(eos_token_id=[2], pad_token_id=0)
-    results = []
-    for ours in (False, True):
-        with torch.no_grad():
-            cache = prefill(model, ids[:, :-1], mask[:, :-1], 24)
-            expand_cache(cache, mask[:, :-1], 3, 11, share=ours, attention=attention_with_lse)
-            torch.manual_seed(5)
-            rows, rows_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
-            if ours:  # the loop, with the prompt's cache shared by its rows through the plain attention
-                results.append(decoding.decode(model, rows, rows_mask, cache, config).sequences)
-            else:
-                kwargs = {cache_keyword(model): cache}
-                out = model.generate(input_ids=rows, attention_mask=rows_mask, generation_config=config, **kwargs)
-                results.append(out)
-    assert torch.equal(results[0], results[1])
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager loop", "CUDA graph"])
+def test_ttcs_backend_samples_the_policys_distribution_on_cuda(cuda_graph):
+    # Greedy: the tokens plain generate() gives; sampled: each token's kept log-prob is the policy's own (bf16).
+    levers = Levers(cuda_graph=cuda_graph)
+    module = GRPOModule(
+        rewards=[TOY], lora=LoRA(r=4), dtype="bfloat16", temperature=0.7, top_k=20, top_p=0.9, levers=levers
+    )
+    module.configure_model()
+    module.policy.cuda()
+    for name, param in module.policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    assert module.sampler.backend.plan().cuda_graph == cuda_graph
+    prompts = ["short", "a longer prompt"]
+    greedy = module.generate(prompts, num_samples=2, temperature=0.0, max_new_tokens=10)
+    config = module.sampler.generation_config(0.0, 10)
+    with torch.no_grad():
+        for j, prompt in enumerate(prompts):
+            ids = module.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].cuda()
+            expected = module.policy.generate(input_ids=ids, generation_config=config)[0, ids.size(1) :]
+            for row in (2 * j, 2 * j + 1):
+                n = int(greedy.completion_mask[row].sum())
+                assert greedy.completion_ids[row, :n].tolist() == expected[:n].tolist()
+    sampled = module.generate(prompts, num_samples=4, temperature=0.7, max_new_tokens=12)
+    n = len(sampled.texts)
+    rollout = Rollout.from_samples(sampled, torch.zeros(n, 1, device="cuda"), torch.zeros(n, device="cuda"))
+    with torch.no_grad():
+        logps, _ = module.rollout_logps(module.policy, rollout)
+    mask = sampled.completion_mask.bool()
+    torch.testing.assert_close(sampled.logps[mask], logps[mask], atol=5e-2, rtol=5e-2)  # bf16 activations
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
@@ -111,15 +119,15 @@ def test_the_cuda_graph_decodes_what_the_eager_loop_decodes():
             rows, rows_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
             results.append(decoding.decode(model, rows, rows_mask, cache, config))
     eager, graphed = results
-    assert torch.equal(graphed.sequences, eager.sequences)
+    assert torch.equal(graphed.completion_ids, eager.completion_ids)
     torch.testing.assert_close(graphed.logps, eager.logps, atol=1e-4, rtol=1e-4)
 
 
-def test_the_sampler_plans_cuda_graphs_on_a_gpu():
+def test_the_sampler_uses_cuda_graphs_on_a_gpu():
     module = GRPOModule(rewards=[TOY], lora=LoRA(r=4), dtype="bfloat16")
     module.configure_model()
-    module.policy.cuda()
+    module.policy.cuda()  # as Lightning moves it, after the sampler was built
+    plan = module.sampler.backend.plan()
+    assert plan.cuda_graph and not plan.share_cache and not plan.cpu_kernels, module.sampler.describe()
     samples = module.generate(["short", "a longer prompt"], num_samples=3, temperature=1.0, max_new_tokens=12)
-    plan = module.sampler.last_plan
-    assert plan.cuda_graph and not plan.share_cache and plan.decoder == "loop", plan.describe()
     assert samples.completion_ids.shape[0] == 6

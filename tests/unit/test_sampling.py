@@ -17,7 +17,7 @@ from ttc_lightning.model.tiny import build_tiny_model, build_tiny_tokenizer
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.sampling import decoding, fast
 from ttc_lightning.sampling.decoding import decode_step
-from ttc_lightning.sampling.fast import FastBackend, merged_lora, refusal, transformers_refusal
+from ttc_lightning.sampling.fast import merged_lora, plan_for, refusal, transformers_refusal
 from ttc_lightning.sampling.hf import GenerateBackend
 from ttc_lightning.sampling.kv_cache import (
     GrowingLayer,
@@ -120,7 +120,8 @@ def lora_sampler(levers: Levers, edit: dict) -> Sampler:
             torch.nn.init.normal_(param, std=0.5)
     sampler = module.sampler
     if edit:
-        sampler.backend = dataclasses.replace(sampler.backend, **edit)
+        plan = sampler.backend.plan()
+        sampler.backend.plan = lambda: dataclasses.replace(plan, **edit)
     return sampler
 
 
@@ -217,11 +218,12 @@ def test_the_runs_sampling_line_names_the_backend_and_its_levers():
         "sampling with ttc's decoding loop, shared prompt cache (from 2 MB per layer; copied below), "
         "LoRA merged (in place)" + (", CPU kernels" if can_pack(module.policy) else "")
     )
-    backend = FastBackend.for_model(module.policy, Levers(), lora=True, quantized=True)
-    assert backend.merge_lora == "off" and backend.off == {"merge_lora": "4-bit weights cannot take the adapters"}
-    assert FastBackend.for_model(lora_module("bfloat16").policy, Levers(), lora=True, quantized=False).merge_lora == (
-        "copy"
-    )
+    plan = plan_for(module.policy, Levers(), lora=True, quantized=True)
+    assert plan.merge_lora == "off" and plan.off == {"merge_lora": "4-bit weights cannot take the adapters"}
+    # The levers follow the model as it is when it samples: the module builds the sampler before Lightning moves
+    # the model to the run's device (and dtype).
+    module.policy.to(torch.bfloat16)
+    assert module.sampler.backend.plan().merge_lora == "copy" and not module.sampler.backend.plan().cpu_kernels
 
 
 def test_small_prompt_caches_are_copied_not_shared_on_cpu(monkeypatch):
@@ -238,7 +240,8 @@ def test_small_prompt_caches_are_copied_not_shared_on_cpu(monkeypatch):
     monkeypatch.setattr(cpu, "SHARE_MIN_BYTES", 1)
     sampler.sample(["a prompt"], num_samples=3, temperature=1.0, max_new_tokens=3)
     assert shared == [False, True]
-    sampler.backend = dataclasses.replace(sampler.backend, share_by_size=False)  # off CPU: shared whatever the size
+    plan = sampler.backend.plan()
+    sampler.backend.plan = lambda: dataclasses.replace(plan, share_by_size=False)  # off CPU: shared whatever the size
     monkeypatch.setattr(cpu, "SHARE_MIN_BYTES", 1 << 40)
     sampler.sample(["a prompt"], num_samples=3, temperature=1.0, max_new_tokens=3)
     assert shared == [False, True, True]

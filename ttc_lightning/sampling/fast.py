@@ -59,38 +59,16 @@ def refusal(model: torch.nn.Module, levers: Levers, config: GenerationConfig) ->
 
 
 @dataclass(frozen=True)
-class FastBackend:
-    """ttc's backend for one run's model, with the levers that apply to it; `off` says why each lever that is switched
-    on does not."""
+class FastPlan:
+    """The levers ttc's backend uses for a model where it is now (its device decides some); `off` says why each lever
+    that is switched on does not apply."""
 
-    model: torch.nn.Module
     share_cache: bool
     cuda_graph: bool
     merge_lora: str  # "in place", "copy" or "off"
     cpu_kernels: bool
     share_by_size: bool  # on CPU: each call shares the prompt cache or copies it, by its size (`cpu.share_pays`)
     off: dict[str, str] = field(default_factory=dict)
-
-    name = "ttc"
-    keeps_logps = True
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module, levers: Levers, *, lora: bool, quantized: bool) -> FastBackend:
-        off: dict[str, str] = {}
-        device = next(model.parameters()).device
-        graph = levers.cuda_graph and device.type == "cuda" and not quantized
-        if levers.cuda_graph and device.type == "cuda" and quantized:
-            off["cuda_graph"] = "not with 4-bit weights"
-        share = levers.share_cache and not graph
-        if levers.share_cache and graph:
-            off["share_cache"] = "the CUDA graph's fixed-shape cache holds each row's copy of its prompt"
-        merge = "off"
-        if levers.merge_lora and lora and quantized:
-            off["merge_lora"] = "4-bit weights cannot take the adapters"
-        elif levers.merge_lora and lora:
-            merge = "in place" if next(model.parameters()).dtype == torch.float32 else "copy"
-        use_cpu = cpu.enabled(levers.cpu, device)
-        return cls(model, share, graph, merge, use_cpu and cpu.can_pack(model), share and use_cpu, off)
 
     def describe(self) -> str:
         shared = f"shared prompt cache (from {cpu.SHARE_MIN_BYTES / 2**20:.0f} MB per layer; copied below)"
@@ -104,34 +82,69 @@ class FastBackend:
         off = "; ".join(f"{name} off: {why}" for name, why in self.off.items())
         return ", ".join(x for x in on if x) + (f" ({off})" if off else "")
 
+
+def plan_for(model: torch.nn.Module, levers: Levers, *, lora: bool, quantized: bool) -> FastPlan:
+    """The levers that apply to `model` on the device it is on."""
+    off: dict[str, str] = {}
+    device = next(model.parameters()).device
+    graph = levers.cuda_graph and device.type == "cuda" and not quantized
+    if levers.cuda_graph and device.type == "cuda" and quantized:
+        off["cuda_graph"] = "not with 4-bit weights"
+    share = levers.share_cache and not graph
+    if levers.share_cache and graph:
+        off["share_cache"] = "the CUDA graph's fixed-shape cache holds each row's copy of its prompt"
+    merge = "off"
+    if levers.merge_lora and lora and quantized:
+        off["merge_lora"] = "4-bit weights cannot take the adapters"
+    elif levers.merge_lora and lora:
+        merge = "in place" if next(model.parameters()).dtype == torch.float32 else "copy"
+    use_cpu = cpu.enabled(levers.cpu, device)
+    return FastPlan(share, graph, merge, use_cpu and cpu.can_pack(model), share and use_cpu, off)
+
+
+class FastBackend:
+    """ttc's backend for one run's model. Its levers follow the model's device (`plan`): the module builds the sampler
+    before Lightning moves the model to the run's device."""
+
+    name = "ttc"
+    keeps_logps = True
+
+    def __init__(self, model: torch.nn.Module, levers: Levers, *, lora: bool, quantized: bool) -> None:
+        self.model, self.levers, self.lora, self.quantized = model, levers, lora, quantized
+
+    def plan(self) -> FastPlan:
+        return plan_for(self.model, self.levers, lora=self.lora, quantized=self.quantized)
+
+    def describe(self) -> str:
+        return self.plan().describe()
+
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int, config: GenerationConfig) -> Decoded:
         """Completions of B prompts `[B, P]`, `num_samples` rows each -> `[N, C]` ids and their log-probs."""
+        plan = self.plan()
         if prompt_ids.size(1) == 1:  # the prompt pass covers all but the last token: give it a padded position
             prompt_ids = torch.nn.functional.pad(prompt_ids, (1, 0), value=config.pad_token_id)  # [B, 2]
             prompt_mask = torch.nn.functional.pad(prompt_mask, (1, 0), value=0)  # [B, 2]
         b, p = prompt_ids.shape
         steps = config.max_new_tokens
         rows = b * num_samples
-        with merged_lora(self.model, self.merge_lora), self._packed(rows):
+        packed = cpu.packed_linears(self.model, rows) if plan.cpu_kernels else contextlib.nullcontext()
+        with merged_lora(self.model, plan.merge_lora), packed:
             cache = prefill(self.model, prompt_ids[:, :-1], prompt_mask[:, :-1], p + steps)
             if cache is None:
                 raise TTCError(
                     f"sampling: {self.model.config.model_type} kept no KV cache over the prompts; "
                     "set model.levers.fast_sampler false"
                 )
-            if self.cuda_graph:
+            if plan.cuda_graph:
                 cache = StaticCache.from_prefill(cache, num_samples, p - 1 + steps)
             else:
                 copies = cache_bytes(cache) * (num_samples - 1)  # what copying would add, per layer
-                share = self.share_cache and (not self.share_by_size or cpu.share_pays(copies))
-                attention = cpu.attention_with_lse if self.cpu_kernels else attention_with_lse
+                share = plan.share_cache and (not plan.share_by_size or cpu.share_pays(copies))
+                attention = cpu.attention_with_lse if plan.cpu_kernels else attention_with_lse
                 expand_cache(cache, prompt_mask[:, :-1], num_samples, steps + 1, share, attention)
             ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [N, P]
             mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
-            return decode(self.model, ids, mask, cache, config, rows=rows if self.cpu_kernels else None)
-
-    def _packed(self, rows: int) -> contextlib.AbstractContextManager[None]:
-        return cpu.packed_linears(self.model, rows) if self.cpu_kernels else contextlib.nullcontext()
+            return decode(self.model, ids, mask, cache, config, rows=rows if plan.cpu_kernels else None)
 
 
 @contextlib.contextmanager

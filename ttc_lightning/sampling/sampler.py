@@ -56,7 +56,7 @@ class Sampler:
         self.backend: Backend = (
             GenerateBackend(self.model)
             if self.refusal
-            else FastBackend.for_model(self.model, levers, lora=lora, quantized=quantized)
+            else FastBackend(self.model, levers, lora=lora, quantized=quantized)
         )
 
     def describe(self) -> str:
