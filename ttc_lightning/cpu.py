@@ -52,14 +52,6 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(mallopt(M_MMAP_THRESHOLD, 32 << 20))
 
 
-def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
-    """bitsandbytes repacks 4-bit weights for CPU inference the first time a layer runs in eval mode (sampling),
-    and that layout then fails in the training backward pass: keep the trainable layout."""
-    for layer in model.modules():
-        if hasattr(layer, "support_avx512bf16_for_cpu"):
-            layer.support_avx512bf16_for_cpu = False
-
-
 def can_pack(model: torch.nn.Module) -> bool:
     """Whether `packed_linears` applies: a float32 model on CPU, with this torch build's oneDNN linear ops."""
     ops = torch.ops.mkldnn

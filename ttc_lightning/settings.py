@@ -72,7 +72,7 @@ MODULE_DOC = """GRPO on a causal LM: sample G completions per prompt, score them
         eval_num_samples: k: completions per prompt at validation/test/predict time.
         eval_temperature: Sampling temperature for evaluation; 0 means greedy (then k must be 1).
         log_rollouts: Append every completion with its rewards to rollouts.jsonl in the run's log directory.
-        levers: Speed levers, each exact and on by default.
+        levers: Speed levers, each on by default; none changes what is sampled from or trained (`model.levers`).
     """
 
 

@@ -14,7 +14,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ttc_lightning import cpu
 from ttc_lightning.errors import TTCError
 from ttc_lightning.model.lora import fuse_lora
 from ttc_lightning.model.tiny import TINY, save_tiny
@@ -185,7 +184,7 @@ def load_causal_lm(path: str, name: str, tokenizer: Any, dtype: torch.dtype, qua
         raise TTCError(f"model.model_name_or_path: cannot load {name!r}: {e}") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if quantize:
-        cpu.keep_4bit_layout_trainable(model)
+        keep_4bit_layout_trainable(model)
     return model
 
 
@@ -231,3 +230,11 @@ def quiet_transformers() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def keep_4bit_layout_trainable(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks 4-bit weights for CPU inference the first time a layer runs in eval mode (sampling),
+    and that layout then fails in the training backward pass: keep the trainable layout."""
+    for layer in model.modules():
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False

@@ -47,8 +47,8 @@ def completion_logps(
     temperature `temperature` (as sampled, and as TRL does).
 
     With `prompt_once`, rows with the same prompt (a group's completions) share one pass over it: the prompt's keys
-    and values are computed once, with gradients, and each row's completion attends to them. Exact (tested against
-    each row alone, values and gradients), and it skips (G-1)/G of the prompt positions. Under gradient
+    and values are computed once, with gradients, and each row's completion attends to them. The values and gradients
+    of each row alone up to summation order (tested), and it skips (G-1)/G of the prompt positions. Under gradient
     checkpointing (`checkpointed`) the caches are written so that recomputing a layer gives the same result.
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
