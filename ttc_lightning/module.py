@@ -1,5 +1,5 @@
 """`GRPOModule`: the Lightning hooks of GRPO training and evaluation. `training_step` reads top to bottom; the
-pieces it calls live in their own files (policy, sampler, logprobs, rollout, grpo, checkpoints, evaluation)."""
+pieces it calls live in the rooms beside it (model/, sampling/, training/, rewards/, evaluation/, run/)."""
 
 from __future__ import annotations
 
@@ -143,8 +143,6 @@ class GRPOModule(L.LightningModule):
         # The random states as the step in flight began: an interrupt checkpoint keeps these, to sample it again.
         self._rng_at_step: dict[str, Any] | None = None
 
-    # --- set-up --------------------------------------------------------------------------------------------------
-
     def configure_model(self) -> None:
         """Load the policy (and, for full fine-tuning with beta > 0, a frozen reference copy) once."""
         if self.policy is not None:
@@ -189,8 +187,6 @@ class GRPOModule(L.LightningModule):
                 "model.tis_cap has no effect: generate() keeps no log-probs of its own (see the sampling line)"
             )
 
-    # --- rollout -------------------------------------------------------------------------------------------------
-
     def generate(self, prompts: list[Prompt], num_samples: int, temperature: float, max_new_tokens: int) -> Samples:
         """`num_samples` completions per prompt, rows grouped by prompt; temperature 0 is greedy."""
         return self.sampler.sample(prompts, num_samples, temperature, max_new_tokens)
@@ -200,8 +196,8 @@ class GRPOModule(L.LightningModule):
     ) -> tuple[Tensor, Tensor | None]:
         """Per-token log-probs `[n, C]` of the rollout's completions under `model` (and their entropies)."""
         hp = self.hparams
-        options = {"prompt_once": self.prompt_once, "checkpointed": hp.gradient_checkpointing}
-        return completion_logps(model, rollout, temperature=hp.temperature, with_entropy=with_entropy, **options)
+        options = dict(prompt_once=self.prompt_once, checkpointed=hp.gradient_checkpointing, with_entropy=with_entropy)
+        return completion_logps(model, rollout, temperature=hp.temperature, **options)
 
     def old_and_reference_logps(self, rollout: Rollout) -> tuple[Tensor | None, Tensor | None]:
         """Old-policy log-probs (num_iterations > 1) and reference log-probs (beta > 0), micro-batched, no grad."""
@@ -210,8 +206,7 @@ class GRPOModule(L.LightningModule):
         return frozen_logps(self.rollout_logps, rollout, self._micro_batches(len(rollout)), old, reference)
 
     def _micro_batches(self, n: int) -> list[Tensor]:
-        # In order, so a group's rows share micro-batches and their prompt pass (`rollout_logps`); the order
-        # does not change the step, which sums the gradients of all micro-batches.
+        # In order, so a group's rows share a micro-batch and its prompt pass; the step sums all their gradients.
         return list(torch.arange(n, device=self.device).split(self.hparams.micro_batch_size))
 
     # --- training ------------------------------------------------------------------------------------------------
@@ -364,15 +359,11 @@ class GRPOModule(L.LightningModule):
     on_test_epoch_start = on_predict_epoch_start = on_validation_epoch_start
 
     def on_validation_epoch_end(self) -> None:
-        self._finish_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_evaluation("test")
-
-    def _finish_evaluation(self, stage: str) -> None:
-        scalars = self.evaluator.finish(stage, self.trainer, self._log_dir)
+        scalars = self.evaluator.finish("test" if self.trainer.testing else "val", self.trainer, self._log_dir)
         if scalars:  # in metrics.csv at the optimizer step, as the training rows (Lightning's step counts batches)
             self.log_dict({**scalars, "step": float(self.trainer.global_step)})
+
+    on_test_epoch_end = on_validation_epoch_end
 
     def on_predict_epoch_end(self) -> None:
         """predictions.jsonl: one line per input with its k completions, what was parsed, the final answer/patch."""
