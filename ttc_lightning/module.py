@@ -180,11 +180,10 @@ class GRPOModule(L.LightningModule):
             torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
         if cpu.enabled(self.levers.cpu, self.device):
             cpu.keep_freed_memory()
-        passes = training_passes(self.prompt_once, self.levers.prompt_once)
-        rank_zero_info(f"ttc: {self.sampler.describe()}; {passes}")
+        rank_zero_info(f"ttc: {training_passes(self.prompt_once, self.levers.prompt_once)}")
         if self.hparams.tis_cap is not None and not self.sampler.backend.keeps_logps:
             logging.getLogger("ttc").warning(
-                "model.tis_cap has no effect: generate() keeps no log-probs of its own (see the sampling line)"
+                "model.tis_cap has no effect: sampling through generate(), which keeps no log-probs of its own"
             )
 
     def generate(self, prompts: list[Prompt], num_samples: int, temperature: float, max_new_tokens: int) -> Samples:

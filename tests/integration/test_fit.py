@@ -43,6 +43,9 @@ def test_demo_fit_writes_checkpoint_metrics_and_rollouts(run_ttc, tmp_path):
         *FAST,
     )
     assert code == 0, err
+    # The run names the sampling backend that ran, with its levers, once, and how the training passes go.
+    assert err.count("ttc: sampling with ttc's decoding loop, shared prompt cache") == 1
+    assert "ttc: training log-probs with one pass per prompt" in err
     run = tmp_path / "run"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     rows = read_metrics(run)

@@ -52,7 +52,8 @@ def test_under_generate_there_is_no_mismatch_to_log_and_tis_has_no_effect(run_tt
     args = ["--model.levers", "{fast_sampler: false}", "--model.tis_cap", "2.0", "--trainer.max_steps", "2"]
     code, _, err = run_ttc("fit", "--config", TINY, "--trainer.default_root_dir", "run", *args, *FAST)
     assert code == 0, err
-    assert "ttc: warning: model.tis_cap has no effect: generate" in err
+    assert "ttc: warning: model.tis_cap has no effect: sampling through generate()" in err
+    assert "ttc: sampling with generate() (ttc's backend off: model.levers.fast_sampler is off)" in err
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == 2 and "loss" in rows[0] and not any(key.startswith("mismatch/") for key in rows[0])
 

@@ -1,6 +1,6 @@
 """Sampling completions from the policy through one backend, chosen whole for the run: ttc's own (`fast.py`) for the
 models and transformers releases it knows, else `generate()` (`hf.py`). Which one runs, with which levers, is
-logged when a run starts (`Sampler.describe`); nothing inside a call switches to the other."""
+logged when it first samples (`Sampler.describe`); nothing inside a call switches to the other."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from transformers import GenerationConfig
 
@@ -58,6 +59,7 @@ class Sampler:
             if self.refusal
             else FastBackend(self.model, levers, lora=lora, quantized=quantized)
         )
+        self.announced = False  # the run's first call logs the backend that samples (on the run's device by then)
 
     def describe(self) -> str:
         """The line a run logs: the backend that samples, its levers, and why ttc's backend does not run if not."""
@@ -82,6 +84,9 @@ class Sampler:
     @torch.no_grad()
     def sample(self, prompts: Sequence[Prompt], num_samples: int, temperature: float, max_new_tokens: int) -> Samples:
         """`num_samples` completions per prompt, rows grouped by prompt. Stops when every row has an EOS token."""
+        if not self.announced:
+            rank_zero_info(f"ttc: {self.describe()}")
+            self.announced = True
         config = self.generation_config(temperature, max_new_tokens)
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, next(self.model.parameters()).device)
         # Eval mode: no dropout while sampling, and HF keeps the KV cache on even with gradient checkpointing.
