@@ -3,12 +3,15 @@ the invariants they must satisfy, checked when the module is built, each with ho
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from ttc_lightning.data.base import Task
 from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.training.rollout import as_overlong_buffer
+
+log = logging.getLogger("ttc")
 
 MODULE_DOC = """GRPO on a causal LM: sample G completions per prompt, score them, push the policy towards the better
     ones.
@@ -171,6 +174,11 @@ def check_trainer(trainer: Any, stage: str, lora: bool) -> None:
         raise TTCError(
             "trainer.precision bf16-true with full fine-tuning (no model.lora) trains bfloat16 weights, in which "
             "most of AdamW's small updates round away: use bf16-mixed, or train a LoRA adapter (model.lora)"
+        )
+    if stage == "fit" and trainer.max_steps == -1 and trainer.max_epochs == 1000:  # Lightning's default length
+        log.warning(
+            "trainer.max_steps is not set: the run goes on for 1000 epochs (Lightning's default), and the LR schedule "
+            "decays over all of them; set trainer.max_steps (optimizer steps) to say how long it trains"
         )
     strategy = trainer.strategy
     if "FSDP" in type(strategy).__name__ or getattr(strategy, "zero_stage_3", False):

@@ -107,7 +107,7 @@ def test_ddp_ranks_split_prompts_and_agree_on_weights_and_metrics(tmp_path, kill
     ranks = [read_rollouts(logs / "rollouts.jsonl"), read_rollouts(logs / "rollouts.rank1.jsonl")]
     assert [len(rows) for rows in ranks] == [2 * B * G, 2 * B * G]  # 2 steps x 4 prompts x G each
     seen: Counter[str] = Counter()
-    for step in (0, 1):
+    for step in (1, 2):  # labelled with the optimizer steps taken once each is done
         per_rank = [[r for r in rows if r["step"] == step] for rows in ranks]
         prompt_sets = []
         for rows in per_rank:
@@ -126,7 +126,7 @@ def test_ddp_ranks_split_prompts_and_agree_on_weights_and_metrics(tmp_path, kill
 
     # The logged reward is the mean over both ranks' completions, not rank 0's alone.
     metrics = {int(row["step"]): float(row["reward"]) for row in read_metrics(run)}
-    assert sorted(metrics) == [0, 1]
+    assert sorted(metrics) == [1, 2]
     rank0_differs = False
     for step, logged in metrics.items():
         rewards = [[r["reward"] for r in rows if r["step"] == step] for rows in ranks]
@@ -162,12 +162,15 @@ def test_sigterm_saves_interrupted_checkpoint_and_resume_continues_there(tmp_pat
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last-interrupted.ckpt"], out[-3000:]
     k = torch.load(checkpoints / "last-interrupted.ckpt", weights_only=False)["global_step"]
     assert 2 <= k < 16
-    assert [int(r["step"]) for r in read_metrics(tmp_path / "run")] == list(range(k))
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "run")] == list(range(1, k + 1))
 
     args = ["--trainer.default_root_dir", "run", "--ckpt_path", "last", "--trainer.max_steps", str(k + 2), *data, *FAST]
     code, _, err = run_ttc("fit", "--config", TINY, *args)
     assert code == 0, err
-    assert [int(r["step"]) for r in read_metrics(tmp_path / "run", version=1)] == [k, k + 1]  # resumed, not restarted
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "run", version=1)] == [
+        k + 1,
+        k + 2,
+    ]  # resumed, not restarted
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == k + 2
 
 
@@ -177,7 +180,7 @@ def test_resume_from_the_end_of_an_epoch_logs_the_steps_it_trains(run_ttc, tmp_p
     code, _, err = run_ttc(*args, "--trainer.max_steps", "6", "--ckpt_path", "last")
     assert code == 0, err
     trained = sorted({r["step"] for r in read_rollouts(tmp_path / "run" / "logs" / "version_1" / "rollouts.jsonl")})
-    assert trained == [4, 5]
+    assert trained == [5, 6]
     assert [int(r["step"]) for r in read_metrics(tmp_path / "run", version=1)] == trained
 
 
@@ -270,15 +273,17 @@ def test_ddp_with_dynamic_sampling_ranks_agree_on_rounds_and_steps(tmp_path, kil
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
     logs = run / "logs" / "version_0"
     ranks = [read_rollouts(logs / "rollouts.jsonl"), read_rollouts(logs / "rollouts.rank1.jsonl")]
-    assert [sorted({r["step"] for r in rows}) for rows in ranks] == [[0, 1, 2, 3]] * 2
+    assert [sorted({r["step"] for r in rows}) for rows in ranks] == [[1, 2, 3, 4]] * 2
     assert_trained_groups_differ(ranks[0], g=G, ties_marked=False)
-    assert {r["step"] for r in ranks[0] if r["trained"]} == {0, 1, 2, 3} and not any(r["trained"] for r in ranks[1])
+    assert {r["step"] for r in ranks[0] if r["trained"]} == {1, 2, 3, 4} and not any(r["trained"] for r in ranks[1])
     rows = read_metrics(run)
     assert len(rows) == 4
     # Logged as the mean over ranks: a whole number only if both ranks did the same number of rounds.
     assert all(float(r["sampling_rounds"]).is_integer() for r in rows)
     assert any(float(r["sampling_rounds"]) > 1 for r in rows)
-    for step, row in enumerate(rows):  # rank 1, never full, sampled every round; rank 0 only while it was short
+    for step, row in enumerate(
+        rows, start=1
+    ):  # rank 1, never full, sampled every round; rank 0 only while it was short
         counts = [sum(r["step"] == step for r in records) for records in ranks]
         assert counts[1] == float(row["sampling_rounds"]) * B * G and counts[0] <= counts[1], (step, counts)
     weights = [torch.load(run / f"trainable.rank{k}.pt") for k in (0, 1)]

@@ -58,7 +58,7 @@ def test_dynamic_sampling_trains_on_no_tied_group_and_the_reward_rises(run_ttc, 
     assert len(rows) == steps
     records = read_rollouts(tmp_path / "run" / "logs" / "version_0" / "rollouts.jsonl")
     assert assert_trained_groups_differ(records, g=8) > 0
-    assert {int(r["step"]) for r in records if r["trained"]} == set(range(steps))  # every step trained
+    assert {int(r["step"]) for r in records if r["trained"]} == set(range(1, steps + 1))  # every step trained
     assert max(float(row["sampling_rounds"]) for row in rows) > 1
     assert sum(float(row["frac_reward_zero_std"]) for row in rows) / steps > 0.25  # before filtering: many ties
     # The mean reward of every completion sampled (the ties' 0 included) rises.

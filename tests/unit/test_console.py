@@ -51,6 +51,13 @@ def test_library_notices_are_hidden_and_others_kept():
     assert emitted(*kept) == [message for message, _ in kept]
 
 
+def test_lightnings_unset_length_warning_gives_way_to_ttcs_line():
+    message = (
+        "`max_epochs` was not set. Setting it to 1000 epochs. To train without an epoch limit, set `max_epochs=-1`."
+    )
+    assert emitted((message, PossibleUserWarning)) == []  # `check_trainer` says it as a ttc line
+
+
 def test_notices_are_hidden_only_while_the_command_runs():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -71,6 +78,8 @@ def test_library_log_records_are_dropped_while_the_command_runs():
         assert not logger.filter(tip)
         assert not logger.filter(record("GPU available: False, used: False"))
         assert not logging.getLogger("lightning.fabric.utilities.seed").filter(record("[rank: 1] Seed set to 7"))
+        assert not logger.filter(record("Loading `train_dataloader` to estimate number of stepping batches."))
+        assert not logger.filter(record("\nDetected KeyboardInterrupt, attempting graceful shutdown ..."))
         assert logger.filter(record("Another notice"))
     assert logger.filter(tip)
 

@@ -1,4 +1,5 @@
 import io
+import logging
 import math
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from ttc_lightning.errors import TTCError
 from ttc_lightning.model.loading import LoRA, encode_prompts, weights_dtype
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.run.cli import auto_precision
+from ttc_lightning.settings import check_trainer
 from ttc_lightning.training.rollout import Rollout, nan_mean_std
 
 TOY = "ttc_lightning.rewards.char_fraction_reward"
@@ -353,3 +355,13 @@ def test_true_half_precisions_that_cannot_train_are_refused(precision, lora, mes
     module._trainer = SimpleNamespace(precision=precision, strategy=None, datamodule=None)
     with pytest.raises(TTCError, match=message):
         module.setup("fit")
+
+
+@pytest.mark.parametrize(("max_steps", "max_epochs", "warned"), [(-1, 1000, True), (5, 1000, False), (-1, 3, False)])
+def test_a_fit_of_lightnings_default_length_says_to_set_max_steps(caplog, max_steps, max_epochs, warned):
+    trainer = SimpleNamespace(
+        precision="32-true", max_steps=max_steps, max_epochs=max_epochs, strategy=SimpleNamespace(), datamodule=None
+    )
+    with caplog.at_level(logging.WARNING, logger="ttc"):
+        check_trainer(trainer, "fit", lora=False)
+    assert ("trainer.max_steps is not set: the run goes on for 1000 epochs" in caplog.text) == warned

@@ -48,6 +48,8 @@ LIBRARY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # `ttc export` of an adapter on `tiny`: the base it names is written beside it, in a directory that takes its final
     # name once the export is complete; ttc never trains the embeddings, so the vocabulary is unchanged indeed.
     (r"Could not find a config file in .* - will assume that the vocabulary was not modified", UserWarning),
+    # A fit without trainer.max_steps: ttc says so itself, in its own words and without a source path (`check_trainer`).
+    (r"`max_epochs` was not set\. Setting it to 1000 epochs", PossibleUserWarning),
     # Deprecations inside the libraries (peft reading transformers' old name, Lightning's own pytree code, Lightning's
     # all_gather on torch's old collective under DDP).
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
@@ -71,6 +73,9 @@ LIBRARY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.utilities.rank_zero", "You are using a CUDA device"),
     ("lightning.pytorch.accelerators.cuda", "LOCAL_RANK:"),
     ("lightning.pytorch.trainer.connectors.signal_connector", "Received SIGTERM"),
+    # ttc's LR schedule asks for the run's length; ttc prints what the interrupt saved (`CheckpointOnInterrupt`).
+    ("lightning.pytorch.utilities.rank_zero", "Loading `train_dataloader` to estimate number of stepping batches"),
+    ("lightning.pytorch.utilities.rank_zero", "\nDetected KeyboardInterrupt"),
     # bitsandbytes on CPUs with AVX512-BF16, at import: an optional kernel package (fetched from the Hub) is missing.
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
 )
