@@ -314,6 +314,21 @@ def test_bad_prompt_options_say_what_to_fix(options, message):
         PrimeVulPatchDataModule(**options)
 
 
+@pytest.mark.parametrize(
+    ("task", "system", "message"),
+    [
+        (PrimeVulClassificationDataModule, "Answer with one of:\n{labels", r"\{labels is not closed; write \{labels\}"),
+        (PrimeVulClassificationDataModule, "Labels: {label}", r"\{label\} is not a field of this task, whose system"),
+        (PrimeVulPatchDataModule, "Fix {func}", r"\{func\} is not a field .* fills in nothing; the rest of it is used"),
+    ],
+)
+def test_a_system_prompt_names_only_what_its_task_fills_in(task, system, message):
+    with pytest.raises(TTCError, match=f"data.system_prompt: {message}"):
+        task(system_prompt=system)
+    # Braces that are no placeholder (C code, JSON) are text like any other.
+    assert task(system_prompt='Reply as {"answer": ...}; code such as `if (x) { y(); }` is C.').system_text
+
+
 def test_custom_prompts_are_part_of_the_checkpoints_task():
     from ttc_lightning.run.checkpoints import run_identity
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import string
 from collections import Counter
 from collections.abc import Sequence
@@ -171,6 +172,21 @@ def check_template(template: str, fields: Sequence[str]) -> None:
             raise TTCError(f"data.user_template: {shown} is not a field of this task; it has {allowed}")
 
 
+def check_system_prompt(text: str, fields: Sequence[str]) -> None:
+    """The system prompt is used as written but for the task's `fields` (classification: {labels}); a placeholder
+    that names anything else, or one of them left unclosed, is a mistake the model would read verbatim."""
+    filled = ", ".join("{" + f + "}" for f in fields) or "nothing"
+    for match in re.finditer(r"\{([A-Za-z_]\w*)(\}?)", text):
+        name, closed = match.groups()
+        if not closed and name in fields:
+            raise TTCError(f"data.system_prompt: {{{name} is not closed; write {{{name}}}")
+        if closed and name not in fields:
+            raise TTCError(
+                f"data.system_prompt: {{{name}}} is not a field of this task, whose system prompt fills in {filled}; "
+                "the rest of it is used as written"
+            )
+
+
 class TaskDataModule(L.LightningDataModule):
     """The options, `setup` and loaders the PrimeVul tasks share. A task says how to read a split (`read`), whether
     evaluation keeps pairs together (`pairs_in_evaluation`), how to summarise rows in the log (`describe`), and how
@@ -206,7 +222,8 @@ class TaskDataModule(L.LightningDataModule):
     """Stop when labels look inverted (a mostly-vulnerable unpaired split, pairs listing the fix first)."""
     system_prompt: str | None
     """The system message instead of the task's own: the text, or the path of a file that holds it (a value without
-    spaces that contains "/" or ends in .txt, .md, .prompt, .j2, .jinja or .tmpl must be one). Null: the task's
+    spaces that contains "/" or ends in .txt, .md, .prompt, .j2, .jinja or .tmpl must be one), used as written but
+    for {labels}, which classification fills in with the allowed labels (any other {name} is refused). Null: the task's
     (`ttc fit --print_config` shows the option, the first rollout's prompt in rollouts.jsonl the message). A
     checkpoint records a hash of both prompt options, and resuming with others is refused as another task."""
     user_template: str | None
@@ -214,8 +231,9 @@ class TaskDataModule(L.LightningDataModule):
     task's fields in braces (the patch task: {func}, {cwe}, {cve_desc}; classification: {func}; double a brace to
     write one). Null: the task's."""
 
-    # The fields a user_template may name; each task's own.
+    # The fields a user_template may name, and those the task fills in a system_prompt; each task's own.
     template_fields: tuple[str, ...] = ()
+    system_fields: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -266,6 +284,8 @@ class TaskDataModule(L.LightningDataModule):
         self.user_text = prompt_text("user_template", user_template)
         if self.user_text is not None:
             check_template(self.user_text, self.template_fields)
+        if self.system_text is not None:
+            check_system_prompt(self.system_text, self.system_fields)
         self.tokenizer: Any = None
         self.train_rows: list[Row] = []
         self.val_rows: list[Row] = []

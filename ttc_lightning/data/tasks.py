@@ -147,6 +147,7 @@ class PrimeVulClassificationDataModule(TaskDataModule):
 
     pairs_in_evaluation = True
     template_fields = ("func",)
+    system_fields = ("labels",)
     label_mode: Literal["binary", "cwe"]
     """binary: vulnerable / benign. cwe: the CWE of vulnerable functions, among the top_k of the train split + other."""
     paired: bool
