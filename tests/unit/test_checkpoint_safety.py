@@ -231,6 +231,31 @@ def test_task_mismatch_is_refused():
     check_identity(saved, {**current, "task": None}, allow_mismatch=False)  # no data module (export): not compared
 
 
+@pytest.mark.parametrize(
+    ("saved", "now", "message"),
+    [
+        (
+            "P prompts=abc",
+            "P",
+            "with data.system_prompt/data.user_template of hash abc, and this run has the task's own",
+        ),
+        (
+            "P",
+            "P prompts=def",
+            "with the task's own prompts, and this run has data.system_prompt/data.user_template of",
+        ),
+        (
+            "P prompts=abc",
+            "P prompts=def",
+            "of hash abc, and this run has data.system_prompt/data.user_template of hash def",
+        ),
+    ],
+)
+def test_a_prompt_mismatch_names_the_prompt_options(saved, now, message):
+    with pytest.raises(TTCError, match=f"the checkpoint was trained {message}"):
+        check_identity({**identity(), "task": saved}, {**identity(), "task": now}, allow_mismatch=False)
+
+
 def test_a_checkpoint_without_fingerprint_loads_with_a_warning(caplog):
     old = {"model_name_or_path": "tiny", "lora": True}  # what ttc 0.1 wrote
     with caplog.at_level(logging.WARNING, logger="ttc"):

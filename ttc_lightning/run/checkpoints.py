@@ -240,7 +240,7 @@ def check_identity(saved: Mapping[str, Any], current: Mapping[str, Any], allow_m
             differences.append(f"was trained with model.lora {', '.join(changed)}")
     task = saved.get("task")
     if task is not None and current["task"] is not None and task != current["task"]:
-        differences.append(f"was trained on task {task}, this run's data module is {current['task']}")
+        differences.append(task_difference(task, current["task"]))
     if not differences:
         return
     message = "--ckpt_path: the checkpoint " + "; ".join(differences)
@@ -249,6 +249,22 @@ def check_identity(saved: Mapping[str, Any], current: Mapping[str, Any], allow_m
             f"{message}; use the settings of the run that wrote it, or --model.allow_checkpoint_mismatch true"
         )
     log.warning("%s (loaded anyway: model.allow_checkpoint_mismatch)", message)
+
+
+def task_difference(saved: str, now: str) -> str:
+    """How the task a checkpoint was trained on differs from this run's: the data module, or only its prompts (the
+    task's own, or `data.system_prompt`/`data.user_template`, recorded as a hash)."""
+    (saved_task, _, saved_prompts), (now_task, _, now_prompts) = (
+        saved.partition(" prompts="),
+        now.partition(" prompts="),
+    )
+    if saved_task != now_task:
+        return f"was trained on task {saved}, this run's data module is {now}"
+
+    def prompts(digest: str) -> str:
+        return f"data.system_prompt/data.user_template of hash {digest}" if digest else "the task's own prompts"
+
+    return f"was trained with {prompts(saved_prompts)}, and this run has {prompts(now_prompts)}"
 
 
 def check_finite(state: Mapping[str, Any], step: int) -> None:
