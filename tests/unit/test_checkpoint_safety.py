@@ -247,7 +247,7 @@ def test_task_mismatch_is_refused():
         (
             "P prompts=abc",
             "P prompts=def",
-            "of hash abc, and this run has data.system_prompt/data.user_template of hash def",
+            "with .* of hash abc, and this run has .*user_template of hash def",
         ),
     ],
 )
