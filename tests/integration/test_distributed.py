@@ -197,8 +197,8 @@ def prompts_per_step(*paths: Path) -> dict[int, list[str]]:
 @pytest.mark.parametrize("stop", [6, 8], ids=["mid-epoch", "epoch-end"])
 def test_resume_mid_epoch_continues_the_epoch_instead_of_replaying_it(run_ttc, tmp_path, one_thread, stop):
     args = ["fit", "--config", TINY, *FAST]
-    # 16 prompts, 4 per step, so 4 steps an epoch: stop in the middle of epoch 1 (after step 5) or at the end of
-    # epoch 1 (after step 7: the last checkpoint is written after the epoch ended), resume to step 9, and compare
+    # 16 prompts, 4 per step, so 4 steps an epoch: stop in the middle of epoch 1 (after step 6) or at the end of
+    # epoch 1 (after step 8: the last checkpoint is written after the epoch ended), resume to step 10, and compare
     # with a run that was never stopped. The same prompts in the same order means the epoch went on where it
     # stopped, in the order that epoch had, and the next epoch was shuffled as it would have been.
     assert run_ttc(*args, "--trainer.default_root_dir", "whole", "--trainer.max_steps", "10")[0] == 0
@@ -208,10 +208,10 @@ def test_resume_mid_epoch_continues_the_epoch_instead_of_replaying_it(run_ttc, t
     logs = tmp_path / "run" / "logs"
     resumed = prompts_per_step(logs / "version_0" / "rollouts.jsonl", logs / "version_1" / "rollouts.jsonl")
     whole = prompts_per_step(tmp_path / "whole" / "logs" / "version_0" / "rollouts.jsonl")
-    assert sorted(resumed) == sorted(whole) == list(range(10))
+    assert sorted(resumed) == sorted(whole) == list(range(1, 11))  # labelled with the optimizer steps done
     assert resumed == whole
-    assert len({p for step in range(4, 8) for p in whole[step]}) == 16  # steps 4-7 are epoch 1: each prompt once
-    assert whole[4] != whole[0] and whole[8] != whole[4]  # each epoch has an order of its own
+    assert len({p for step in range(5, 9) for p in whole[step]}) == 16  # steps 5-8 are epoch 1: each prompt once
+    assert whole[5] != whole[1] and whole[9] != whole[5]  # each epoch has an order of its own
 
 
 @pytest.mark.slow
@@ -231,7 +231,7 @@ def test_ddp_resume_mid_epoch_continues_each_ranks_share(tmp_path, kill_on_exit)
         logs = tmp_path / "run" / "logs"
         resumed = prompts_per_step(logs / "version_0" / rank_file, logs / "version_1" / rank_file)
         whole = prompts_per_step(tmp_path / "whole" / "logs" / "version_0" / rank_file)
-        assert sorted(whole) == list(range(6))
+        assert sorted(whole) == list(range(1, 7))
         assert resumed == whole, rank_file
 
 
@@ -248,7 +248,7 @@ def test_resume_with_dynamic_sampling_draws_the_prompts_of_an_unbroken_run(run_t
     logs = tmp_path / "run" / "logs"
     resumed = prompts_per_step(logs / "version_0" / "rollouts.jsonl", logs / "version_1" / "rollouts.jsonl")
     whole = prompts_per_step(tmp_path / "whole" / "logs" / "version_0" / "rollouts.jsonl")
-    assert sorted(whole) == list(range(8))
+    assert sorted(whole) == list(range(1, 9))
     assert resumed == whole
     rounds = [float(r["sampling_rounds"]) for r in read_metrics(tmp_path / "whole")]
     assert rounds == [float(r["sampling_rounds"]) for v in (0, 1) for r in read_metrics(tmp_path / "run", v)]
