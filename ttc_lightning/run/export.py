@@ -245,20 +245,20 @@ def load_weights(model: torch.nn.Module, weights: dict[str, Any], lora: bool, pa
     unknown, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
     if unknown:
         raise TTCError(
-            f"--ckpt_path: {path}: state_dict: {len(unknown)} weights are not {what} of the policy its "
-            f"hyper_parameters build (model_name_or_path, lora) (first: {POLICY_PREFIX}{unknown[0]})"
-        )
-    if missing:
-        raise TTCError(
-            f"--ckpt_path: {path}: state_dict lacks {len(missing)} {what} of the policy its hyper_parameters build "
-            f"(model_name_or_path, lora) (first: {POLICY_PREFIX}{missing[0]})"
+            f"--ckpt_path: {path}: state_dict: {len(unknown)} weights are not {what} of the policy built from "
+            f"hyper_parameters (model_name_or_path, lora) (first: {POLICY_PREFIX}{unknown[0]})"
         )
     for key, value in weights.items():
         if tuple(value.shape) != tuple(current[key].shape):
             raise TTCError(
-                f"--ckpt_path: {path}: state_dict: {POLICY_PREFIX}{key} has shape {list(value.shape)}, the policy its "
-                f"hyper_parameters build (model_name_or_path, lora) {list(current[key].shape)}"
+                f"--ckpt_path: {path}: state_dict: {POLICY_PREFIX}{key} has shape {list(value.shape)}, but "
+                f"{list(current[key].shape)} in the policy built from hyper_parameters (model_name_or_path, lora)"
             )
+    if missing:
+        raise TTCError(
+            f"--ckpt_path: {path}: state_dict lacks {len(missing)} {what} of the policy built from hyper_parameters "
+            f"(model_name_or_path, lora) (first: {POLICY_PREFIX}{missing[0]})"
+        )
     model.load_state_dict(weights, strict=not lora)
 
 
