@@ -256,3 +256,107 @@ def test_an_export_has_the_modes_the_umask_gives(run_ttc, tmp_path, capsys):
     weights = out / "adapter_model.safetensors"
     assert stat.S_IMODE(weights.stat().st_mode) == 0o640
     assert all(stat.S_IMODE(p.stat().st_mode) in (0o640, 0o750) for p in out.rglob("*"))
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("export built the training module or a Trainer")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [["--model.lora", "{r: 4, alpha: 8}"], []], ids=["lora", "full"])
+def test_export_reads_only_the_policy_settings(run_ttc, tmp_path, capsys, monkeypatch, lora):
+    ckpt, trained = train(run_ttc, *lora)
+    checkpoint = torch.load(ckpt, weights_only=False)
+    # Settings the training module refuses (or cannot import), beyond the ones the old export overrode.
+    checkpoint["hyper_parameters"].update(
+        rewards=["no.such.module.fn"], beta=-1.0, num_generations=1, max_new_tokens=10**9, loss_type="no-such-loss"
+    )
+    edited = tmp_path / "edited.ckpt"
+    torch.save(checkpoint, edited)
+    monkeypatch.setattr("ttc_lightning.module.GRPOModule.__init__", refuse)
+    monkeypatch.setattr("lightning.Trainer.__init__", refuse)
+
+    code, err = run_export(capsys, "--ckpt_path", str(edited), "--output_dir", str(tmp_path / "out"))
+    assert code == 0, err
+    if lora:
+        model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
+        code, err = run_export(capsys, "--ckpt_path", str(edited), "--output_dir", str(tmp_path / "merged"), "--merge")
+        assert code == 0, err
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        torch.testing.assert_close(logits_of(merged), trained, atol=1e-4, rtol=1e-4)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits_of(model), trained, atol=1e-5, rtol=1e-5)
+    generated = model.generate(input_ids=INPUT_IDS, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, INPUT_IDS.shape[1] + 4)
+
+
+OLD_LORA = REPO / "tests" / "fixtures" / "layout-0.1-lora.ckpt"
+OLD_FULL = REPO / "tests" / "fixtures" / "layout-0.1-full.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ckpt", [OLD_LORA, OLD_FULL], ids=["lora", "full"])
+def test_checkpoints_of_the_first_layout_export(run_ttc, tmp_path, ckpt):
+    # Written by ttc 0.1 (beta 0.04, no base fingerprint): 2 steps of tiny.yaml, LoRA r 4 alpha 8 or full.
+    code, _, err = run_ttc("export", "--ckpt_path", str(ckpt), "--output_dir", "out")
+    assert code == 0, err
+    assert f"ttc: warning: {ckpt} records no fingerprint of its base model (tiny; written by an earlier ttc)" in err
+    if ckpt == OLD_LORA:
+        model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
+        code, _, err = run_ttc("export", "--ckpt_path", str(ckpt), "--output_dir", "merged", "--merge")
+        assert code == 0, err
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        torch.testing.assert_close(logits_of(merged), logits_of(model), atol=1e-4, rtol=1e-4)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    # The checkpoint's weights, under the names the policy had in training (the adapter's lora_B are still zero).
+    exported = model.state_dict()
+    for name, value in torch.load(ckpt, weights_only=False)["state_dict"].items():
+        torch.testing.assert_close(exported[name.removeprefix("policy.")], value, atol=0, rtol=0)
+    generated = model.generate(input_ids=INPUT_IDS, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, INPUT_IDS.shape[1] + 4)
+
+
+def ttc_checkpoint(path: Path, trained_lora: bool = False, state_dict=None, fingerprint=None, **hparams) -> Path:
+    """A checkpoint of the tiny model as `ttc fit` writes one, with `hparams` (and nothing else) in hyper_parameters."""
+    ttc = {"model_name_or_path": "tiny", "lora": trained_lora, "base_fingerprint": fingerprint}
+    hparams = {"model_name_or_path": "tiny", "lora": {"r": 4} if trained_lora else None, **hparams}
+    torch.save({"state_dict": state_dict or {}, "ttc": ttc, "hyper_parameters": hparams}, path)
+    return path
+
+
+A_LORA_A = "policy.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"model_name_or_path": None}, "hyper_parameters.model_name_or_path is None, not a model name"),
+        ({"lora": {"rank": 4}}, "hyper_parameters.lora is not LoRA settings"),
+        ({"lora": "yes"}, "hyper_parameters.lora is 'yes', not LoRA settings nor null"),
+        ({"dtype": "float8"}, "hyper_parameters.dtype is 'float8', not one of auto, float32, bfloat16, float16"),
+        ({"load_in_4bit": "no"}, "hyper_parameters.load_in_4bit is 'no', not true or false"),
+        ({"trained_lora": True, "lora": None}, "hyper_parameters.lora is None, but its weights are LoRA adapters"),
+        ({"state_dict": {"scorer.x": torch.zeros(1)}}, "state_dict holds 'scorer.x', not a policy weight (policy.*)"),
+        ({"model_name_or_path": "{tmp}"}, "hyper_parameters: model.model_name_or_path: cannot load the tokenizer of"),
+        ({"fingerprint": {"config": "0", "tensors": {}}}, "hyper_parameters.model_name_or_path: the run trained on"),
+        ({"state_dict": {"policy.lm_head.weight": torch.zeros(2, 2)}}, "policy.lm_head.weight has shape [2, 2]"),
+        ({"state_dict": {"policy.model.norm.weight": torch.ones(64)}}, "state_dict lacks"),
+        ({"trained_lora": True, "state_dict": {A_LORA_A: torch.zeros(8, 64)}}, "lora_A.default.weight has shape [8,"),
+        ({"trained_lora": True, "state_dict": {"policy.base_model.model.lm_head.weight": 0}}, "are not adapter"),
+    ],
+    ids=[
+        "name", "lora-fields", "lora-type", "dtype", "4bit", "lora-flag", "foreign", "no-model", "fingerprint",
+        "shape", "missing", "rank", "not-adapter",
+    ],
+)  # fmt: skip
+def test_bad_policy_settings_and_weights_are_one_line_errors(capsys, tmp_path, content, message):
+    if content.get("model_name_or_path") == "{tmp}":  # a directory without a model
+        content = {**content, "model_name_or_path": str(tmp_path)}
+    ckpt = ttc_checkpoint(tmp_path / "x.ckpt", **content)
+    code, err = run_export(capsys, "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "out"))
+    assert code == 1
+    assert err.startswith(f"ttc: error: --ckpt_path: {ckpt}: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

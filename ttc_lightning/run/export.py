@@ -18,37 +18,48 @@ meant to be published, and the Hub refuses a local path as `base_model`.
 
 A QLoRA checkpoint is exported on the base model in its `dtype` without 4-bit quantisation: the adapter is the same,
 and merging needs unquantised weights.
+
+Export builds the policy alone, from the few `hyper_parameters` that shape it (`POLICY_SETTINGS`): not the training
+module, whose other settings (reward functions, beta, ...) need not be valid, nor importable, where it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
+import logging
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.model.loading import quiet_transformers
+from ttc_lightning.model.loading import LoRA, load_policy, load_tokenizer, materialise, quiet_transformers
 from ttc_lightning.model.tiny import TINY
-from ttc_lightning.run.checkpoints import check_complete
+from ttc_lightning.run.checkpoints import REFERENCE_PREFIX, base_fingerprint, check_complete, fingerprint_difference
 from ttc_lightning.run.directory import RunDir
+
+log = logging.getLogger("ttc")
 
 BASE_DIR = "base_model"
 # Files that mark a directory as a previous export, so `--overwrite` never empties an unrelated directory.
 EXPORT_MARKERS = ("config.json", "adapter_config.json")
+# The checkpoint's state_dict is the LightningModule's: the policy's weights are under `policy.`.
+POLICY_PREFIX = "policy."
+# The hyper_parameters the policy is built from, with GRPOModule's defaults; model_name_or_path has none here.
+POLICY_SETTINGS: dict[str, Any] = {"lora": None, "dtype": "auto", "load_in_4bit": False}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def load_ttc_checkpoint(ckpt_path: str | Path, doing: str = "exporting") -> dict[str, Any]:
-    """Read a checkpoint written by `ttc fit` (a run directory: its newest, as `--ckpt_path last` means, which the
-    `doing` line names); `TTCError` when it is missing or not a ttc checkpoint."""
+def checkpoint_file(ckpt_path: str | Path, doing: str = "exporting") -> Path:
+    """The checkpoint `ckpt_path` names: a file as it is, a run directory's newest (as `--ckpt_path last` means,
+    which the `doing` line names)."""
     path = Path(ckpt_path)
     if path.is_dir():
         newest = RunDir(path, path / "checkpoints").last()
@@ -56,6 +67,13 @@ def load_ttc_checkpoint(ckpt_path: str | Path, doing: str = "exporting") -> dict
             raise TTCError(f"--ckpt_path: {path} is a directory without last.ckpt or last-interrupted.ckpt")
         print(f"ttc: {doing} {newest}, the newest checkpoint of {path}", file=sys.stderr)
         path = newest
+    return path
+
+
+def load_ttc_checkpoint(ckpt_path: str | Path, doing: str = "exporting") -> dict[str, Any]:
+    """Read a checkpoint written by `ttc fit` (or a run directory's newest: `checkpoint_file`); `TTCError` when it
+    is missing or not a ttc checkpoint."""
+    path = checkpoint_file(ckpt_path, doing)
     if not path.is_file():
         raise TTCError(f"--ckpt_path: {path} does not exist")
     try:
@@ -117,21 +135,131 @@ def replaced_when_done(path: Path) -> Iterator[Path]:
         staging.rename(path)
 
 
-def rebuild_module(checkpoint: dict[str, Any]) -> Any:
-    """`GRPOModule` from the checkpoint's hyperparameters, with its trained weights loaded as Lightning would."""
-    from ttc_lightning.module import GRPOModule
+@dataclass
+class TrainedPolicy:
+    """A checkpoint's policy with its trained weights (a peft model under LoRA), and what an export names it by."""
 
-    accepted = inspect.signature(GRPOModule.__init__).parameters
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
-    # Export needs neither the reference model (beta) nor the training-only memory savings, nor the run's reward
-    # functions (whose modules need not be importable where the export runs).
-    hparams.update(beta=0.0, load_in_4bit=False, gradient_checkpointing=False)
-    hparams.update(rewards=["ttc_lightning.rewards.format_reward"], reward_weights=None, overlong_buffer=None)
-    module = GRPOModule(**hparams)
-    module.configure_model()
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
-    return module.eval()
+    model: torch.nn.Module
+    tokenizer: Any
+    model_name_or_path: str
+    """The base as the run named it: a Hub id, a local directory or "tiny"."""
+    model_path: str
+    """Where the base was loaded from ("tiny": a temporary directory holding it)."""
+    lora: bool
+    load_in_4bit: bool
+
+
+def policy_settings(checkpoint: dict[str, Any], path: Path) -> tuple[str, LoRA | None, str, bool]:
+    """(model_name_or_path, lora, dtype, load_in_4bit) from the checkpoint's hyper_parameters, checked; nothing
+    else there is read."""
+    hp = checkpoint["hyper_parameters"]
+    if not isinstance(hp, Mapping):
+        raise TTCError(f"--ckpt_path: {path}: hyper_parameters is a {type(hp).__name__}, not a mapping")
+    name = hp.get("model_name_or_path")
+    if not isinstance(name, str) or not name:
+        raise TTCError(f"--ckpt_path: {path}: hyper_parameters.model_name_or_path is {name!r}, not a model name")
+    lora, dtype, load_in_4bit = (hp.get(key, default) for key, default in POLICY_SETTINGS.items())
+    if isinstance(lora, Mapping):
+        try:
+            lora = LoRA(**lora)
+        except TypeError as e:
+            raise TTCError(f"--ckpt_path: {path}: hyper_parameters.lora is not LoRA settings ({e})") from None
+    if lora is not None and not isinstance(lora, LoRA):
+        raise TTCError(f"--ckpt_path: {path}: hyper_parameters.lora is {lora!r}, not LoRA settings nor null")
+    if dtype not in DTYPES:
+        raise TTCError(f"--ckpt_path: {path}: hyper_parameters.dtype is {dtype!r}, not one of {', '.join(DTYPES)}")
+    if not isinstance(load_in_4bit, bool):
+        raise TTCError(f"--ckpt_path: {path}: hyper_parameters.load_in_4bit is {load_in_4bit!r}, not true or false")
+    trained_lora = checkpoint["ttc"].get("lora")
+    if trained_lora is not None and bool(trained_lora) != (lora is not None):
+        weights = "LoRA adapters" if trained_lora else "a fully fine-tuned model"
+        raise TTCError(f"--ckpt_path: {path}: hyper_parameters.lora is {lora!r}, but its weights are {weights}")
+    return name, lora, dtype, load_in_4bit
+
+
+def load_trained_policy(checkpoint: dict[str, Any], path: Path) -> TrainedPolicy:
+    """The checkpoint's policy: the base from its model_name_or_path (unquantised, on the CPU), its LoRA adapters
+    if any, and the trained weights loaded into it. No reference model, no reward, no training module."""
+    name, lora, dtype, load_in_4bit = policy_settings(checkpoint, path)
+    weights = policy_weights(checkpoint, path)  # before the base loads: a damaged state_dict fails at once
+    try:
+        model_path = materialise(name)
+        tokenizer = load_tokenizer(model_path, name)
+        policy = load_policy(
+            model_path,
+            name,
+            tokenizer,
+            dtype=dtype,  # "auto" chooses by whether this machine has a GPU (`weights_dtype`)
+            lora=lora,
+            load_in_4bit=False,  # the adapter is the same, and merging needs unquantised weights
+            gradient_checkpointing=False,
+            reference=False,
+            fuse=False,  # peft's own layers: what save_pretrained and merge_and_unload expect
+            cuda=torch.cuda.is_available(),
+        )
+    except TTCError as e:  # model.model_name_or_path / model.lora.target_modules, from the checkpoint's settings
+        raise TTCError(f"--ckpt_path: {path}: hyper_parameters: {' '.join(str(e).split())}") from None
+    check_base(checkpoint, path, name, policy.model)
+    load_weights(policy.model, weights, lora is not None, path)
+    return TrainedPolicy(policy.model.eval(), tokenizer, name, model_path, lora is not None, load_in_4bit)
+
+
+def policy_weights(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The checkpoint's weights under the policy's own names (`policy.` taken off; a reference never counts)."""
+    weights = {}
+    for key, value in checkpoint["state_dict"].items():
+        if key.startswith(REFERENCE_PREFIX):
+            continue
+        if not key.startswith(POLICY_PREFIX):
+            raise TTCError(f"--ckpt_path: {path}: state_dict holds {key!r}, not a policy weight ({POLICY_PREFIX}*)")
+        weights[key.removeprefix(POLICY_PREFIX)] = value
+    return weights
+
+
+def check_base(checkpoint: dict[str, Any], path: Path, name: str, model: torch.nn.Module) -> None:
+    """The base loaded from model_name_or_path must be the one the run trained on (its fingerprint): an adapter or
+    a fine-tune exported on another model would be wrong without a word."""
+    saved = checkpoint["ttc"].get("base_fingerprint")
+    if saved is None:
+        log.warning(
+            "%s records no fingerprint of its base model (%s; written by an earlier ttc): not checked against the "
+            "model loaded from hyper_parameters.model_name_or_path",
+            path,
+            name,
+        )
+        return
+    difference = fingerprint_difference(saved, base_fingerprint(model))
+    if difference is not None:
+        raise TTCError(
+            f"--ckpt_path: {path}: hyper_parameters.model_name_or_path: the run trained on base model {name!r}, and "
+            f"the model loaded from it now differs: {difference}; export needs the base the run trained on"
+        )
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, Any], lora: bool, path: Path) -> None:
+    """The trained weights into `model`: under LoRA every adapter weight and nothing else (the base is the one
+    loaded), otherwise every weight of the model; same names, same shapes."""
+    current = model.state_dict()
+    expected = {n for n, p in model.named_parameters() if p.requires_grad} if lora else set(current)
+    what = "adapter weights" if lora else "weights"
+    unknown, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
+    if unknown:
+        raise TTCError(
+            f"--ckpt_path: {path}: state_dict: {len(unknown)} weights are not {what} of the policy built from "
+            f"hyper_parameters (model_name_or_path, lora) (first: {POLICY_PREFIX}{unknown[0]})"
+        )
+    for key, value in weights.items():
+        if tuple(value.shape) != tuple(current[key].shape):
+            raise TTCError(
+                f"--ckpt_path: {path}: state_dict: {POLICY_PREFIX}{key} has shape {list(value.shape)}, but "
+                f"{list(current[key].shape)} in the policy built from hyper_parameters (model_name_or_path, lora)"
+            )
+    if missing:
+        raise TTCError(
+            f"--ckpt_path: {path}: state_dict lacks {len(missing)} {what} of the policy built from hyper_parameters "
+            f"(model_name_or_path, lora) (first: {POLICY_PREFIX}{missing[0]})"
+        )
+    model.load_state_dict(weights, strict=not lora)
 
 
 def base_model_reference(model_name_or_path: str) -> str:
@@ -154,27 +282,27 @@ def export(
     push_to_hub: str | None = None,
 ) -> Path:
     """Write the checkpoint's policy and tokenizer to `output_dir` (see the module docstring); returns it."""
-    checkpoint = load_ttc_checkpoint(ckpt_path)
+    path = checkpoint_file(ckpt_path)
+    checkpoint = load_ttc_checkpoint(path)
     final = check_output_dir(output_dir, overwrite)
-    module = rebuild_module(checkpoint)
+    policy = load_trained_policy(checkpoint, path)
     with replaced_when_done(final) as out:
-        write_export(module, checkpoint, out, final, merge)
+        write_export(policy, out, final, merge)
     if push_to_hub:
         # Uploads the written directory; needs `hf auth login` (or HF_TOKEN) and network.
         upload(final, push_to_hub)
     return final
 
 
-def write_export(module: Any, checkpoint: dict[str, Any], out: Path, final: Path, merge: bool) -> None:
-    """The policy (adapter or merged model) and tokenizer of a rebuilt module, written to `out`, which becomes
-    `final` (what an adapter's base path names)."""
-    policy, tokenizer = module.policy, module.tokenizer
-    name, lora = checkpoint["ttc"]["model_name_or_path"], checkpoint["ttc"]["lora"]
+def write_export(trained: TrainedPolicy, out: Path, final: Path, merge: bool) -> None:
+    """The policy (adapter or merged model) and its tokenizer, written to `out`, which becomes `final` (what an
+    adapter's base path names)."""
+    policy, tokenizer, name, lora = trained.model, trained.tokenizer, trained.model_name_or_path, trained.lora
     if merge and not lora:
         # Already one model, which is what --merge asks for: say so and write it.
         print("ttc: note: --merge: the checkpoint is a full fine-tune, it has no adapter to merge", file=sys.stderr)
     elif merge:
-        if checkpoint["hyper_parameters"].get("load_in_4bit"):
+        if trained.load_in_4bit:
             # The adapter was trained against the 4-bit rounding of the base; the export rebuilds the base unquantised.
             print(
                 "ttc: note: --merge: the run trained its adapter over 4-bit weights; it is merged into the unquantised "
@@ -183,15 +311,15 @@ def write_export(module: Any, checkpoint: dict[str, Any], out: Path, final: Path
             )
         policy = policy.merge_and_unload()
     elif lora:
-        if checkpoint["hyper_parameters"].get("load_in_4bit"):
+        if trained.load_in_4bit:
             print(
                 "ttc: note: the run trained its adapter over 4-bit weights; load it over the same 4-bit base "
                 "(BitsAndBytesConfig nf4, double quantisation) for the outputs it was trained on",
                 file=sys.stderr,
             )
         if name == TINY:
-            # The directory the module loaded the base from: the exact weights the adapter was trained on.
-            shutil.copytree(module.model_path, out / BASE_DIR)
+            # The directory the base was loaded from: the exact weights the adapter was trained on.
+            shutil.copytree(trained.model_path, out / BASE_DIR)
             reference = str((final / BASE_DIR).resolve())
         else:
             reference = base_model_reference(name)

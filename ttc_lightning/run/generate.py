@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import inspect
 import sys
 from typing import Any
 
@@ -66,8 +67,25 @@ def report(task: str, func: str, completion: str) -> str:
     return "\n\n".join(lines)
 
 
+def rebuild_module(checkpoint: dict[str, Any]) -> Any:
+    """`GRPOModule` from the checkpoint's hyperparameters, with its trained weights loaded as Lightning would."""
+    from ttc_lightning.module import GRPOModule
+
+    accepted = inspect.signature(GRPOModule.__init__).parameters
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
+    # Generating needs neither the reference model (beta) nor the training-only memory savings, nor the run's
+    # reward functions (whose modules need not be importable where it runs).
+    hparams.update(beta=0.0, load_in_4bit=False, gradient_checkpointing=False)
+    hparams.update(rewards=["ttc_lightning.rewards.format_reward"], reward_weights=None, overlong_buffer=None)
+    module = GRPOModule(**hparams)
+    module.configure_model()
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
+    return module.eval()
+
+
 def generate(args: argparse.Namespace) -> str:
-    from ttc_lightning.run.export import load_ttc_checkpoint, rebuild_module
+    from ttc_lightning.run.export import load_ttc_checkpoint
 
     func = sys.stdin.read() if args.file == "-" else _read(args.file)
     if not func.strip():
