@@ -393,6 +393,6 @@ class GRPOModule(L.LightningModule):
         self.guard.skipped = checkpoint["ttc"].get("skipped_steps", 0)
 
     def _identity(self) -> dict[str, Any]:
-        # No task outside a Trainer (`ttc export`).
+        # No task outside a Trainer (a module built in a script).
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         return checkpoints.run_identity(self.hparams.model_name_or_path, self.fingerprint, self.lora, datamodule)

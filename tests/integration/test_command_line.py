@@ -52,4 +52,21 @@ def test_generate_runs_a_checkpoint_on_a_function_from_a_file_or_stdin(run_ttc, 
     code, _, err = run_ttc("generate", "--ckpt_path", "run", "--file", str(tmp_path / "missing.c"))
     assert code == 1 and err.startswith("ttc: error: --file ") and err.count("\n") == 1
     code, _, err = run_ttc("generate", "--ckpt_path", "run", "--file", str(func), "--user_template", "{function}")
-    assert code == 1 and "data.user_template: {function} is not a field of this task" in err
+    assert code == 1 and "ttc: error: --user_template: {function} is not a field of this task" in err
+    # A prompt the checkpoint was not trained with, an option of the other task, values out of range, a typo.
+    given = (
+        (
+            ["--user_template", "Fix:\n{func}"],
+            1,
+            "--system_prompt/--user_template: the checkpoint was trained with the task's own",
+        ),
+        (["--labels", "vulnerable,benign"], 1, "--labels is for --task classify; this is --task patch"),
+        (["--temperature", "-1"], 2, "argument --temperature: must be >= 0, got -1"),
+        (["--max_new_tokens", "0"], 2, "argument --max_new_tokens: must be >= 1, got 0"),
+        (["--max_new_token", "4"], 2, "unknown option --max_new_token; did you mean --max_new_tokens?"),
+        (["--max_new_tokens", "100000"], 1, "--max_new_tokens 100000: the model's context holds"),
+    )
+    for args, status, message in given:
+        code, _, err = run_ttc("generate", "--ckpt_path", "run", "--file", str(func), *args)
+        last = err.splitlines()[-1]
+        assert code == status and last.startswith(f"ttc: error: {message}") and "Traceback" not in err, (args, err)

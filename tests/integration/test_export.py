@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.helpers import FAST, HELPERS, TINY
+from tests.helpers import FAST, HELPERS, OLD_FULL, OLD_LORA, TINY
 from ttc_lightning.model.tiny import CHAT_TEMPLATE, build_tiny_model, build_tiny_tokenizer, save_tiny
 from ttc_lightning.run.export import base_model_card_name, base_model_reference, main
 
@@ -289,10 +289,6 @@ def test_export_reads_only_the_policy_settings(run_ttc, tmp_path, capsys, monkey
     torch.testing.assert_close(logits_of(model), trained, atol=1e-5, rtol=1e-5)
     generated = model.generate(input_ids=INPUT_IDS, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert generated.shape == (1, INPUT_IDS.shape[1] + 4)
-
-
-OLD_LORA = REPO / "tests" / "fixtures" / "layout-0.1-lora.ckpt"
-OLD_FULL = REPO / "tests" / "fixtures" / "layout-0.1-full.ckpt"
 
 
 @pytest.mark.slow

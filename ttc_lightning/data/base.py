@@ -159,6 +159,13 @@ def prompt_text(option: str, value: str | None) -> str | None:
     return value
 
 
+def prompt_hash(system_text: str | None, user_text: str | None) -> str | None:
+    """A short hash of the prompt options' texts when either is set, else None."""
+    if system_text is None and user_text is None:
+        return None
+    return hashlib.sha256(json.dumps([system_text, user_text]).encode()).hexdigest()[:12]
+
+
 def check_template(template: str, fields: Sequence[str]) -> None:
     """`template` formats with `fields` alone: a brace that is not a field of the task is an error naming it."""
     try:
@@ -293,10 +300,7 @@ class TaskDataModule(L.LightningDataModule):
 
     def prompt_identity(self) -> str | None:
         """A short hash of the prompt options when either is set (what a checkpoint's task records), else None."""
-        if self.system_text is None and self.user_text is None:
-            return None
-        text = json.dumps([self.system_text, self.user_text])
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return prompt_hash(self.system_text, self.user_text)
 
     def read(self, split: str, training: bool) -> list[Row]:
         """The rows of `split` (`training`: it is the split trained on)."""

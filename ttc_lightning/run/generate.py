@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import inspect
+import re
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
-from ttc_lightning.data.base import check_template, prompt_text
+from ttc_lightning.data.base import check_system_prompt, check_template, prompt_hash, prompt_text
 from ttc_lightning.data.tasks import BINARY_LABELS, classification_prompt, patch_prompt
 from ttc_lightning.errors import TTCError
+from ttc_lightning.levers import Levers
+from ttc_lightning.model.loading import Policy, eos_token_ids
 from ttc_lightning.rewards.answers import parse_answer, split_think_answer
 from ttc_lightning.rewards.patch import apply_completion
+from ttc_lightning.sampling.sampler import Sampler
 
 TASKS = {"PrimeVulPatchDataModule": "patch", "PrimeVulClassificationDataModule": "classify"}
 
@@ -30,18 +33,43 @@ def checkpoint_task(checkpoint: dict[str, Any]) -> str | None:
     return TASKS.get(task)
 
 
-def build_prompt(task: str, func: str, args: argparse.Namespace) -> list[dict[str, str]]:
-    """The chat messages the task's data module would build for `func`, with the prompt options given."""
-    system = prompt_text("system_prompt", args.system_prompt)
-    template = prompt_text("user_template", args.user_template)
-    if task == "patch":
+def prompt_options(task: str, args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The texts of --system_prompt and --user_template, checked as the task's data module checks them."""
+    for option, own in (("cwe", "patch"), ("cve_desc", "patch"), ("labels", "classify")):
+        if getattr(args, option) is not None and task != own:
+            raise TTCError(f"--{option} is for --task {own}; this is --task {task}")
+    try:
+        system = prompt_text("system_prompt", args.system_prompt)
+        template = prompt_text("user_template", args.user_template)
         if template is not None:
-            check_template(template, ("func", "cwe", "cve_desc"))
+            check_template(template, ("func", "cwe", "cve_desc") if task == "patch" else ("func",))
+        if system is not None:
+            check_system_prompt(system, () if task == "patch" else ("labels",))
+    except TTCError as e:  # the data module's wording names data.<option>; here it is a command-line option
+        raise TTCError(re.sub(r"\bdata\.(system_prompt|user_template)", r"--\1", str(e))) from None
+    return system, template
+
+
+def build_prompt(
+    task: str, func: str, args: argparse.Namespace, system: str | None, template: str | None
+) -> list[dict[str, str]]:
+    """The chat messages the task's data module would build for `func`, with the prompt options given."""
+    if task == "patch":
         return patch_prompt(func, args.cwe or "", args.cve_desc, system, template)
-    if template is not None:
-        check_template(template, ("func",))
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else list(BINARY_LABELS)
     return classification_prompt(func, labels, system, template)
+
+
+def check_prompts(checkpoint: dict[str, Any], system: str | None, template: str | None) -> None:
+    """The prompt options must be those the checkpoint trained with (its task records a hash of them): another
+    prompt asks the policy something it was not trained on."""
+    saved = (checkpoint["ttc"].get("task") or "").partition(" prompts=")[2] or None
+    if prompt_hash(system, template) != saved:
+        trained = "data.system_prompt/data.user_template of its own" if saved else "the task's own prompts"
+        raise TTCError(
+            f"--system_prompt/--user_template: the checkpoint was trained with {trained}, and these differ; give "
+            "the run's data.system_prompt and data.user_template (or neither, for the task's own)"
+        )
 
 
 def report(task: str, func: str, completion: str) -> str:
@@ -67,25 +95,9 @@ def report(task: str, func: str, completion: str) -> str:
     return "\n\n".join(lines)
 
 
-def rebuild_module(checkpoint: dict[str, Any]) -> Any:
-    """`GRPOModule` from the checkpoint's hyperparameters, with its trained weights loaded as Lightning would."""
-    from ttc_lightning.module import GRPOModule
-
-    accepted = inspect.signature(GRPOModule.__init__).parameters
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
-    # Generating needs neither the reference model (beta) nor the training-only memory savings, nor the run's
-    # reward functions (whose modules need not be importable where it runs).
-    hparams.update(beta=0.0, load_in_4bit=False, gradient_checkpointing=False)
-    hparams.update(rewards=["ttc_lightning.rewards.format_reward"], reward_weights=None, overlong_buffer=None)
-    module = GRPOModule(**hparams)
-    module.configure_model()
-    module.on_load_checkpoint(checkpoint)
-    module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
-    return module.eval()
-
-
 def generate(args: argparse.Namespace) -> str:
-    from ttc_lightning.run.export import load_ttc_checkpoint
+    from ttc_lightning.model.loading import prompt_limit
+    from ttc_lightning.run.export import checkpoint_file, load_trained_policy, load_ttc_checkpoint
 
     func = sys.stdin.read() if args.file == "-" else _read(args.file)
     if not func.strip():
@@ -97,12 +109,21 @@ def generate(args: argparse.Namespace) -> str:
             f"--task: the checkpoint was trained on {checkpoint['ttc'].get('task')!r}, not a PrimeVul task; "
             "say --task patch or --task classify"
         )
-    prompt = build_prompt(task, func, args)
-    module = rebuild_module(checkpoint)
+    system, template = prompt_options(task, args)
+    check_prompts(checkpoint, system, template)
+    prompt = build_prompt(task, func, args, system, template)
+    trained = load_trained_policy(checkpoint, checkpoint_file(args.ckpt_path, "generating with"))
+    hp = checkpoint["hyper_parameters"]
+    limit = prompt_limit(trained.model_path, trained.model_name_or_path, 1)  # the context, less one new token
+    max_new_tokens = args.max_new_tokens or hp.get("max_new_tokens", 128)
+    if limit is not None and max_new_tokens > limit:
+        raise TTCError(f"--max_new_tokens {max_new_tokens}: the model's context holds {limit + 1} tokens in all")
+    policy = Policy(trained.model, None, trained.tokenizer, eos_token_ids(trained.tokenizer, trained.model))
+    top = {"top_p": hp.get("top_p", 1.0), "top_k": hp.get("top_k", 0)}  # the run's sampling settings
     if torch.cuda.is_available():
-        module.policy.cuda()
-    max_new_tokens = args.max_new_tokens or module.hparams.max_new_tokens
-    samples = module.generate([prompt], num_samples=1, temperature=args.temperature, max_new_tokens=max_new_tokens)
+        trained.model.cuda()
+    sampler = Sampler(policy, Levers(), lora=trained.lora, quantized=False, **top)
+    samples = sampler.sample([prompt], num_samples=1, temperature=args.temperature, max_new_tokens=max_new_tokens)
     return report(task, func, samples.texts[0])
 
 
@@ -113,23 +134,50 @@ def _read(path: str) -> str:
         raise TTCError(f"--file {path}: cannot read it ({e})") from None
 
 
+class GenerateParser(argparse.ArgumentParser):
+    """One line and status 2 for a command line that does not parse, with a suggestion for a mistyped option."""
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.search(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            option = unknown.group(1).split("=")[0]
+            known = [name for action in self._actions for name in action.option_strings]
+            close = difflib.get_close_matches(option, known, n=1, cutoff=0.75)
+            message = f"unknown option {option}" + (f"; did you mean {close[0]}?" if close else "")
+        print(f"ttc: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def at_least(least: float, kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {text}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="ttc generate", description=__doc__.split("\n\n")[0])
+    parser = GenerateParser(prog="ttc generate", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint of ttc fit, or a run directory (its newest)")
     parser.add_argument("--file", default="-", help="the C/C++ function; - (the default) reads standard input")
     parser.add_argument("--task", choices=["patch", "classify"], help="default: the task the checkpoint trained on")
     parser.add_argument("--cwe", help="patch: the weakness, e.g. CWE-787")
     parser.add_argument("--cve_desc", help="patch: the vulnerability's description")
     parser.add_argument("--labels", help="classify: the allowed labels, comma-separated (default: vulnerable,benign)")
-    parser.add_argument("--system_prompt", help="as data.system_prompt in training (text or a file)")
-    parser.add_argument("--user_template", help="as data.user_template in training (text or a file)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
-    parser.add_argument("--max_new_tokens", type=int, help="default: the checkpoint's model.max_new_tokens")
+    parser.add_argument("--system_prompt", help="the run's data.system_prompt (text or a file), if it set one")
+    parser.add_argument("--user_template", help="the run's data.user_template (text or a file), if it set one")
+    parser.add_argument("--temperature", type=at_least(0, float), default=0.0, help="0 (the default): greedy")
+    parser.add_argument(
+        "--max_new_tokens", type=at_least(1, int), help="default: the checkpoint's model.max_new_tokens"
+    )
     args = parser.parse_args(argv)
-    if args.temperature < 0 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
-        parser.error("--temperature must be >= 0 and --max_new_tokens >= 1")
     try:
         print(generate(args))
     except TTCError as e:
-        print(f"ttc: error: {e}", file=sys.stderr)
+        print(f"ttc: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
