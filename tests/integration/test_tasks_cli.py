@@ -131,6 +131,6 @@ def test_classify_sample_config_trains_on_whole_pairs_and_validates(run_ttc, tmp
     for line in (tmp_path / "run" / "logs" / "version_0" / "rollouts.jsonl").read_text().splitlines():
         record = json.loads(line)
         pairs[record["step"], record["prompt_index"]] = pair_of[record["id"]]
-    assert sorted(pairs) == [(step, p) for step in (0, 1) for p in range(4)]
-    for step in (0, 1):
+    assert sorted(pairs) == [(step, p) for step in (1, 2) for p in range(4)]  # labelled with the steps done
+    for step in (1, 2):
         assert pairs[step, 0] == pairs[step, 1] != pairs[step, 2] == pairs[step, 3]  # 4 prompts: two whole pairs
