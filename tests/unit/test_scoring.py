@@ -313,3 +313,48 @@ def test_scores_stay_float32_under_a_bfloat16_default_dtype():
         torch.set_default_dtype(default)
     assert scores.dtype == torch.float32 and scores[0, 0].item() == 1001.0
     assert skipped.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- each call's own arguments
+
+
+def test_a_reward_that_mutates_its_arguments_changes_nothing_for_the_next():
+    # The first function appends to, sorts and clears what it is given; the second reads the `id` of every completion.
+    def mutating(completions, id, **columns):
+        completions.append("extra")
+        completions.sort(reverse=True)
+        id.clear()
+        for values in columns.values():
+            values.reverse()
+        return [0.0] * 4
+
+    seen = {}
+
+    def reader(completions, id, tag, **_):
+        seen.update(completions=list(completions), id=list(id), tag=list(tag))
+        return [float(int(i[1:])) for i in id]  # an IndexError, or a wrong count, if the list was cleared
+
+    completions = ["a", "b", "c", "d"]
+    columns = {"id": ["p0", "p0", "p1", "p1"], "tag": [1, 2, 3, 4]}
+    for workers, timeout in [(1, None), (2, 30.0)]:  # in the calling thread, and in worker threads
+        seen.clear()
+        scores, _ = scorer(mutating, reader, workers=workers, timeout=timeout).score(completions, columns, 2)
+        assert seen == {"completions": ["a", "b", "c", "d"], "id": ["p0", "p0", "p1", "p1"], "tag": [1, 2, 3, 4]}
+        assert scores[:, 1].tolist() == [0.0, 0.0, 1.0, 1.0]
+    # what the step records (rollouts.jsonl) and names in errors
+    assert completions == ["a", "b", "c", "d"] and columns == {"id": ["p0", "p0", "p1", "p1"], "tag": [1, 2, 3, 4]}
+
+
+def test_a_reward_that_clears_a_column_does_not_change_whom_the_next_reward_error_names():
+    def clearing(completions, id, **_):
+        id.clear()
+        return [0.0] * len(completions)
+
+    def picky(completions, id, **_):
+        if "p1" in id:
+            raise KeyError("boom")
+        return [0.0] * len(completions)
+
+    columns = {"id": ["p0", "p0", "p1", "p1"]}
+    with pytest.raises(TTCError, match=r"picky raised KeyError: 'boom' on prompt 1 of the batch \(id p1\)"):
+        scorer(clearing, picky).score(["a", "b", "c", "d"], columns, group_size=2)

@@ -148,6 +148,9 @@ class RewardScorer:
 
     A call past its limit cannot be stopped (Python cannot kill a thread): it runs on in a daemon thread, which
     does not hold the step or the exit of the program, and what it returns is dropped.
+
+    Each call gets its own shallow copies of the completions and of every column (lists): a function that appends
+    to, sorts or clears them changes neither what the next function scores nor what the step records.
     """
 
     def __init__(
@@ -163,7 +166,10 @@ class RewardScorer:
         (None otherwise)."""
         for reward in self.rewards:
             _check_bound_columns(reward, columns)
-        calls = [functools.partial(reward.fn, completions, **columns) for reward in self.rewards]
+        calls = []
+        for reward in self.rewards:
+            own_completions, own_columns = _copies(completions, columns)
+            calls.append(functools.partial(reward.fn, own_completions, **own_columns))
         outcomes = run_calls(calls, self.workers, self.timeout)
         n = len(completions)
         # Explicit dtypes: under `bf16-true` the default dtype inside a step is bfloat16 (8 bits of mantissa).
@@ -269,6 +275,12 @@ def _start(call: Callable[[], Any], future: Future) -> None:
 
     # A daemon: a call past its limit must not keep the program from exiting.
     threading.Thread(target=run, name="ttc-reward", daemon=True).start()
+
+
+def _copies(completions: list[str], columns: Mapping[str, list]) -> tuple[list[str], dict[str, list]]:
+    """A call's own shallow copies of the completions and the columns: a function that mutates them changes
+    neither the next function's arguments nor the step's records."""
+    return list(completions), {name: list(values) for name, values in columns.items()}
 
 
 def _check_bound_columns(reward: Reward, columns: Mapping[str, list]) -> None:
