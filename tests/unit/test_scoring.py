@@ -358,3 +358,74 @@ def test_a_reward_that_clears_a_column_does_not_change_whom_the_next_reward_erro
     columns = {"id": ["p0", "p0", "p1", "p1"]}
     with pytest.raises(TTCError, match=r"picky raised KeyError: 'boom' on prompt 1 of the batch \(id p1\)"):
         scorer(clearing, picky).score(["a", "b", "c", "d"], columns, group_size=2)
+
+
+# ---------------------------------------------------------------- naming the prompt a raising call failed on
+
+
+def test_a_reward_that_raises_and_then_hangs_is_held_to_the_timeout():
+    # It raises on the batch, then hangs when called again on one prompt's completions: the search for the failing
+    # prompt gets one more reward_timeout in all, then the error names the batch's prompts.
+    release = threading.Event()
+    calls = []
+
+    def flaky(completions, **_):
+        calls.append(len(completions))
+        if len(calls) == 1:
+            raise ConnectionError("service unavailable")
+        release.wait(10)
+        return [0.0] * len(completions)
+
+    columns = {"id": ["a", "a", "b", "b", "c", "c"]}
+    started = time.monotonic()
+    try:
+        with pytest.raises(TTCError) as error:
+            scorer(flaky, timeout=0.3).score(["x"] * 6, columns, group_size=2)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 2
+    assert str(error.value) == (
+        "reward function flaky raised ConnectionError: service unavailable on the batch's 6 completions "
+        "(prompt ids a, b, c)"
+    )
+    assert calls == [6, 2]  # the whole batch, then the first prompt's group, given up at the deadline
+
+
+def test_the_search_for_the_failing_prompt_stops_at_the_first_that_fails():
+    calls = []
+
+    def picky(completions, id, **_):
+        calls.append(list(id))
+        if "p1" in id:
+            raise KeyError("boom")
+        return [0.0] * len(completions)
+
+    columns = {"id": ["p0", "p0", "p1", "p1", "p2", "p2"]}
+    for options in [{}, {"timeout": 30.0}, {"workers": 2}]:
+        calls.clear()
+        with pytest.raises(TTCError, match=r"picky raised KeyError: 'boom' on prompt 1 of the batch \(id p1\)$"):
+            scorer(picky, **options).score(["a"] * 6, columns, group_size=2)
+        assert calls == [columns["id"], ["p0", "p0"], ["p1", "p1"]]  # p2 is not called again
+
+
+def test_a_reward_that_raises_on_one_prompt_is_not_called_again():
+    calls = []
+
+    def broken(completions, **_):
+        calls.append(1)
+        raise ValueError("bad")
+
+    with pytest.raises(TTCError, match=r"broken raised ValueError: bad on prompt 0 of the batch \(id q\)$"):
+        scorer(broken).score(["a", "b"], {"id": ["q", "q"]}, group_size=2)
+    assert calls == [1]
+
+
+def test_a_reward_that_raises_only_on_the_whole_batch_names_the_batch():
+    def batch_only(completions, **_):
+        if len(completions) > 2:
+            raise MemoryError("too many")
+        return [0.0] * len(completions)
+
+    with pytest.raises(TTCError, match=r"batch_only raised MemoryError: too many on the batch's 4 completions "
+                                       r"\(prompt ids a, b\)$"):  # fmt: skip
+        scorer(batch_only).score(["x"] * 4, {"id": ["a", "a", "b", "b"]}, group_size=2)

@@ -205,10 +205,31 @@ class RewardScorer:
             raise error
         problem = f"reward function {reward.name} raised {type(error).__name__}: {error}"
         if self.errors == "raise":
-            prompt = _first_failing_prompt(reward.fn, completions, columns, g)
-            where = f" on {_prompt(prompt, columns, g)}" if prompt is not None else ""
-            raise TTCError(f"{problem}{where}") from error
+            raise TTCError(f"{problem}{self._where_it_fails(reward, completions, columns, g)}") from error
         return f"{problem}{_ids(columns, g)}"
+
+    def _where_it_fails(self, reward: Reward, completions: list[str], columns: dict[str, list], g: int) -> str:
+        """` on prompt P of the batch (id ...)` for a call that raised: the one prompt of a batch of one, else the
+        first whose group alone makes `reward` raise again. The search calls the function again on one group at a
+        time (its side effects repeat), through the same runner, within one more `timeout` in all; when it finds no
+        such prompt in that time, ` on the batch's N completions (prompt ids ...)`."""
+        prompts = len(completions) // g
+        if prompts == 1:
+            return f" on {_prompt(0, columns, g)}"
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        for p in range(prompts):
+            limit = None if deadline is None else deadline - time.monotonic()
+            if limit is not None and limit <= 0:
+                break
+            rows = slice(p * g, (p + 1) * g)
+            [outcome] = run_calls(
+                [functools.partial(reward.fn, completions[rows], **{k: v[rows] for k, v in columns.items()})], 1, limit
+            )
+            if outcome is None:  # out of time
+                break
+            if outcome.exception() is not None:
+                return f" on {_prompt(p, columns, g)}"
+        return f" on the batch's {len(completions)} completions{_ids(columns, g)}"
 
     def _warn_unscored(self, scores: Tensor, failed: Tensor, n: int) -> None:
         """Once per function that scores none of a batch, and at every batch that no function scored at all."""
@@ -345,14 +366,3 @@ def _prompt(p: int, columns: Mapping[str, list], g: int) -> str:
 def _ids(columns: Mapping[str, list], g: int) -> str:
     ids = columns.get("id")
     return f" (prompt ids {', '.join(str(i) for i in ids[::g])})" if ids else ""
-
-
-def _first_failing_prompt(fn: RewardFn, completions: list[str], columns: dict[str, list], g: int) -> int | None:
-    """Re-run `fn` one prompt's group at a time to name the prompt that makes it raise."""
-    for p in range(len(completions) // g):
-        rows = slice(p * g, (p + 1) * g)
-        try:
-            fn(completions[rows], **{k: v[rows] for k, v in columns.items()})
-        except Exception:
-            return p
-    return None
