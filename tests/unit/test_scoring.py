@@ -3,6 +3,8 @@
 import functools
 import logging
 import math
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,6 +14,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ttc_lightning.errors import TTCError
 from ttc_lightning.rewards import command_reward, label_reward, patch
@@ -429,3 +432,57 @@ def test_a_reward_that_raises_only_on_the_whole_batch_names_the_batch():
     with pytest.raises(TTCError, match=r"batch_only raised MemoryError: too many on the batch's 4 completions "
                                        r"\(prompt ids a, b\)$"):  # fmt: skip
         scorer(batch_only).score(["x"] * 4, {"id": ["a", "a", "b", "b"]}, group_size=2)
+
+
+# ---------------------------------------------------------------- SIGTERM while rewards run
+
+
+@pytest.fixture
+def flagging_sigterm():
+    """A SIGTERM handler that notes the signal and returns, as Lightning's does during a run; restored afterwards."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    yield received
+    signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_in(seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize(("workers", "timeout"), [(2, None), (1, 60.0), (1, None)], ids=["workers", "timeout", "here"])
+def test_sigterm_stops_the_wait_for_a_running_reward(flagging_sigterm, workers, timeout):
+    # (1, None) runs the call in this thread: the exception comes from the handler, inside the call.
+    release = threading.Event()
+    handler = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    timer = sigterm_in(0.3)
+    try:
+        with pytest.raises(SIGTERMException):
+            run_calls([lambda: 1, lambda: release.wait(10)], workers=workers, timeout=timeout)
+    finally:
+        timer.cancel()
+        release.set()
+    assert time.monotonic() - started < 2
+    assert flagging_sigterm == [signal.SIGTERM]  # the handler in place ran, and is in place again
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_sigterm_stops_scoring_even_when_the_reward_catches_the_exception(flagging_sigterm):
+    def stubborn(completions, **_):
+        try:
+            time.sleep(10)
+        except BaseException:
+            pass
+        return [0.0] * len(completions)
+
+    timer = sigterm_in(0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SIGTERMException):
+            scorer(stubborn).score(["a"], {}, group_size=1)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 2
