@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +30,7 @@ from tests.helpers import (
     TINY,
     finish,
     pair,
+    process_env,
     read_metrics,
     rollout_steps,
     start_ttc,
@@ -70,6 +72,15 @@ def failing_a_reward(completions: list[str], **_) -> list[float]:
     if os.environ.get("TTC_TEST_FAIL") and _calls["n"] == 3:
         raise RuntimeError("the reward service went away")
     return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+def sleeping_reward(completions: list[str], **_) -> list[float]:
+    """Distinct characters at steps 0 and 1; at step 2 it creates the file TTC_TEST_SLEEPING names and sleeps 300 s."""
+    _calls["n"] += 1
+    if _calls["n"] == 3:
+        Path(os.environ["TTC_TEST_SLEEPING"]).touch()
+        time.sleep(300)
+    return [float(len(set(c))) for c in completions]
 
 
 class PoisonWeights(L.Callback):
@@ -597,6 +608,26 @@ def test_signal_saves_an_interrupt_checkpoint_and_keeps_the_others(run, tmp_path
     assert "Traceback" not in out
     assert_kept(before, run)
     assert torch.load(run / "checkpoints" / "last-interrupted.ckpt", weights_only=False)["global_step"] >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["2", "1"], ids=["worker-threads", "training-thread"])
+def test_sigterm_while_a_reward_hangs_stops_the_run_at_once(tmp_path, kill_on_exit, workers):
+    # reward_workers 2: the step waits for the reward on a worker thread; 1 (no reward_timeout): it runs in the
+    # training thread itself. Either way the signal must not wait for the reward's 300 s.
+    sleeping = tmp_path / "sleeping"
+    rewards = ["--model.rewards", f"[{HERE}.sleeping_reward]", "--model.reward_workers", workers]
+    proc = start_ttc(tmp_path, *rewards, "--trainer.max_steps", "10", env=process_env(TTC_TEST_SLEEPING=str(sleeping)))
+    kill_on_exit(proc)
+    wait_for(proc, tmp_path, sleeping.exists, "the reward of step 2")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc, tmp_path, timeout=60)
+    assert code == 143, out[-3000:]
+    assert time.monotonic() - started < 30
+    assert "Traceback" not in out
+    checkpoint = tmp_path / "run" / "checkpoints" / "last-interrupted.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
 
 
 @pytest.mark.slow

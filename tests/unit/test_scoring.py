@@ -3,6 +3,8 @@
 import functools
 import logging
 import math
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,6 +14,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ttc_lightning.errors import TTCError
 from ttc_lightning.rewards import command_reward, label_reward, patch
@@ -313,3 +316,173 @@ def test_scores_stay_float32_under_a_bfloat16_default_dtype():
         torch.set_default_dtype(default)
     assert scores.dtype == torch.float32 and scores[0, 0].item() == 1001.0
     assert skipped.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- each call's own arguments
+
+
+def test_a_reward_that_mutates_its_arguments_changes_nothing_for_the_next():
+    # The first function appends to, sorts and clears what it is given; the second reads the `id` of every completion.
+    def mutating(completions, id, **columns):
+        completions.append("extra")
+        completions.sort(reverse=True)
+        id.clear()
+        for values in columns.values():
+            values.reverse()
+        return [0.0] * 4
+
+    seen = {}
+
+    def reader(completions, id, tag, **_):
+        seen.update(completions=list(completions), id=list(id), tag=list(tag))
+        return [float(int(i[1:])) for i in id]  # an IndexError, or a wrong count, if the list was cleared
+
+    completions = ["a", "b", "c", "d"]
+    columns = {"id": ["p0", "p0", "p1", "p1"], "tag": [1, 2, 3, 4]}
+    for workers, timeout in [(1, None), (2, 30.0)]:  # in the calling thread, and in worker threads
+        seen.clear()
+        scores, _ = scorer(mutating, reader, workers=workers, timeout=timeout).score(completions, columns, 2)
+        assert seen == {"completions": ["a", "b", "c", "d"], "id": ["p0", "p0", "p1", "p1"], "tag": [1, 2, 3, 4]}
+        assert scores[:, 1].tolist() == [0.0, 0.0, 1.0, 1.0]
+    # what the step records (rollouts.jsonl) and names in errors
+    assert completions == ["a", "b", "c", "d"] and columns == {"id": ["p0", "p0", "p1", "p1"], "tag": [1, 2, 3, 4]}
+
+
+def test_a_reward_that_clears_a_column_does_not_change_whom_the_next_reward_error_names():
+    def clearing(completions, id, **_):
+        id.clear()
+        return [0.0] * len(completions)
+
+    def picky(completions, id, **_):
+        if "p1" in id:
+            raise KeyError("boom")
+        return [0.0] * len(completions)
+
+    columns = {"id": ["p0", "p0", "p1", "p1"]}
+    with pytest.raises(TTCError, match=r"picky raised KeyError: 'boom' on prompt 1 of the batch \(id p1\)"):
+        scorer(clearing, picky).score(["a", "b", "c", "d"], columns, group_size=2)
+
+
+# ---------------------------------------------------------------- naming the prompt a raising call failed on
+
+
+def test_a_reward_that_raises_and_then_hangs_is_held_to_the_timeout():
+    # It raises on the batch, then hangs when called again on one prompt's completions: the search for the failing
+    # prompt gets one more reward_timeout in all, then the error names the batch's prompts.
+    release = threading.Event()
+    calls = []
+
+    def flaky(completions, **_):
+        calls.append(len(completions))
+        if len(calls) == 1:
+            raise ConnectionError("service unavailable")
+        release.wait(10)
+        return [0.0] * len(completions)
+
+    columns = {"id": ["a", "a", "b", "b", "c", "c"]}
+    started = time.monotonic()
+    try:
+        with pytest.raises(TTCError) as error:
+            scorer(flaky, timeout=0.3).score(["x"] * 6, columns, group_size=2)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 2
+    assert str(error.value) == (
+        "reward function flaky raised ConnectionError: service unavailable on the batch's 6 completions "
+        "(prompt ids a, b, c)"
+    )
+    assert calls == [6, 2]  # the whole batch, then the first prompt's group, given up at the deadline
+
+
+def test_the_search_for_the_failing_prompt_stops_at_the_first_that_fails():
+    calls = []
+
+    def picky(completions, id, **_):
+        calls.append(list(id))
+        if "p1" in id:
+            raise KeyError("boom")
+        return [0.0] * len(completions)
+
+    columns = {"id": ["p0", "p0", "p1", "p1", "p2", "p2"]}
+    for options in [{}, {"timeout": 30.0}, {"workers": 2}]:
+        calls.clear()
+        with pytest.raises(TTCError, match=r"picky raised KeyError: 'boom' on prompt 1 of the batch \(id p1\)$"):
+            scorer(picky, **options).score(["a"] * 6, columns, group_size=2)
+        assert calls == [columns["id"], ["p0", "p0"], ["p1", "p1"]]  # p2 is not called again
+
+
+def test_a_reward_that_raises_on_one_prompt_is_not_called_again():
+    calls = []
+
+    def broken(completions, **_):
+        calls.append(1)
+        raise ValueError("bad")
+
+    with pytest.raises(TTCError, match=r"broken raised ValueError: bad on prompt 0 of the batch \(id q\)$"):
+        scorer(broken).score(["a", "b"], {"id": ["q", "q"]}, group_size=2)
+    assert calls == [1]
+
+
+def test_a_reward_that_raises_only_on_the_whole_batch_names_the_batch():
+    def batch_only(completions, **_):
+        if len(completions) > 2:
+            raise MemoryError("too many")
+        return [0.0] * len(completions)
+
+    with pytest.raises(TTCError, match=r"batch_only raised MemoryError: too many on the batch's 4 completions "
+                                       r"\(prompt ids a, b\)$"):  # fmt: skip
+        scorer(batch_only).score(["x"] * 4, {"id": ["a", "a", "b", "b"]}, group_size=2)
+
+
+# ---------------------------------------------------------------- SIGTERM while rewards run
+
+
+@pytest.fixture
+def flagging_sigterm():
+    """A SIGTERM handler that notes the signal and returns, as Lightning's does during a run; restored afterwards."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    yield received
+    signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_in(seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize(("workers", "timeout"), [(2, None), (1, 60.0), (1, None)], ids=["workers", "timeout", "here"])
+def test_sigterm_stops_the_wait_for_a_running_reward(flagging_sigterm, workers, timeout):
+    # (1, None) runs the call in this thread: the exception comes from the handler, inside the call.
+    release = threading.Event()
+    handler = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    timer = sigterm_in(0.3)
+    try:
+        with pytest.raises(SIGTERMException):
+            run_calls([lambda: 1, lambda: release.wait(10)], workers=workers, timeout=timeout)
+    finally:
+        timer.cancel()
+        release.set()
+    assert time.monotonic() - started < 2
+    assert flagging_sigterm == [signal.SIGTERM]  # the handler in place ran, and is in place again
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_sigterm_stops_scoring_even_when_the_reward_catches_the_exception(flagging_sigterm):
+    def stubborn(completions, **_):
+        try:
+            time.sleep(10)
+        except BaseException:
+            pass
+        return [0.0] * len(completions)
+
+    timer = sigterm_in(0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SIGTERMException):
+            scorer(stubborn).score(["a"], {}, group_size=1)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 2

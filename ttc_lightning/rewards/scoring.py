@@ -15,11 +15,13 @@ import inspect
 import logging
 import math
 import numbers
+import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +38,7 @@ _SPEC_KEYS = ("function", "args", "name")
 _ONE_EACH = "it must return one float or None per completion"
 _FLOAT32_MAX = torch.finfo(torch.float32).max  # rewards are kept in float32
 _ENTRY = "an entry is an import path, or a mapping with `function` (an import path), `args` and `name`"
+_SLICE = 0.2  # seconds the runner waits at a time for calls on worker threads, so that it notices a SIGTERM
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,9 @@ class RewardScorer:
 
     A call past its limit cannot be stopped (Python cannot kill a thread): it runs on in a daemon thread, which
     does not hold the step or the exit of the program, and what it returns is dropped.
+
+    Each call gets its own shallow copies of the completions and of every column (lists): a function that appends
+    to, sorts or clears them changes neither what the next function scores nor what the step records.
     """
 
     def __init__(
@@ -163,7 +169,10 @@ class RewardScorer:
         (None otherwise)."""
         for reward in self.rewards:
             _check_bound_columns(reward, columns)
-        calls = [functools.partial(reward.fn, completions, **columns) for reward in self.rewards]
+        calls = []
+        for reward in self.rewards:
+            own_completions, own_columns = _copies(completions, columns)
+            calls.append(functools.partial(reward.fn, own_completions, **own_columns))
         outcomes = run_calls(calls, self.workers, self.timeout)
         n = len(completions)
         # Explicit dtypes: under `bf16-true` the default dtype inside a step is bfloat16 (8 bits of mantissa).
@@ -199,10 +208,31 @@ class RewardScorer:
             raise error
         problem = f"reward function {reward.name} raised {type(error).__name__}: {error}"
         if self.errors == "raise":
-            prompt = _first_failing_prompt(reward.fn, completions, columns, g)
-            where = f" on {_prompt(prompt, columns, g)}" if prompt is not None else ""
-            raise TTCError(f"{problem}{where}") from error
+            raise TTCError(f"{problem}{self._where_it_fails(reward, completions, columns, g)}") from error
         return f"{problem}{_ids(columns, g)}"
+
+    def _where_it_fails(self, reward: Reward, completions: list[str], columns: dict[str, list], g: int) -> str:
+        """` on prompt P of the batch (id ...)` for a call that raised: the one prompt of a batch of one, else the
+        first whose group alone makes `reward` raise again. The search calls the function again on one group at a
+        time (its side effects repeat), through the same runner, within one more `timeout` in all; when it finds no
+        such prompt in that time, ` on the batch's N completions (prompt ids ...)`."""
+        prompts = len(completions) // g
+        if prompts == 1:
+            return f" on {_prompt(0, columns, g)}"
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        for p in range(prompts):
+            limit = None if deadline is None else deadline - time.monotonic()
+            if limit is not None and limit <= 0:
+                break
+            rows = slice(p * g, (p + 1) * g)
+            [outcome] = run_calls(
+                [functools.partial(reward.fn, completions[rows], **{k: v[rows] for k, v in columns.items()})], 1, limit
+            )
+            if outcome is None:  # out of time
+                break
+            if outcome.exception() is not None:
+                return f" on {_prompt(p, columns, g)}"
+        return f" on the batch's {len(completions)} completions{_ids(columns, g)}"
 
     def _warn_unscored(self, scores: Tensor, failed: Tensor, n: int) -> None:
         """Once per function that scores none of a batch, and at every batch that no function scored at all."""
@@ -225,28 +255,74 @@ class RewardScorer:
 
 def run_calls(calls: Sequence[Callable[[], Any]], workers: int, timeout: float | None) -> list[Future | None]:
     """Run `calls`, at most `workers` at once, each given `timeout` seconds; their futures in order, None for a call
-    still running at its deadline (its thread is left behind, and what it returns later is dropped)."""
-    if workers == 1 and timeout is None:
-        return [_call_here(call) for call in calls]
-    futures: list[Future] = [Future() for _ in calls]
-    waiting = deque(range(len(calls)))
-    running: dict[int, float] = {}  # call -> deadline
-    late: set[int] = set()
-    while waiting or running:
-        while waiting and len(running) < workers:
-            i = waiting.popleft()
-            _start(calls[i], futures[i])
-            running[i] = math.inf if timeout is None else time.monotonic() + timeout
-        soonest = min(running.values())
-        limit = None if math.isinf(soonest) else max(0.0, soonest - time.monotonic())
-        wait([futures[i] for i in running], limit, return_when=FIRST_COMPLETED)
-        now = time.monotonic()
-        for i, deadline in list(running.items()):
-            if futures[i].done() or now >= deadline:
-                del running[i]
-                if not futures[i].done():
-                    late.add(i)
-    return [None if i in late else future for i, future in enumerate(futures)]
+    still running at its deadline (its thread is left behind, and what it returns later is dropped).
+
+    With one worker and no limit the calls run one after the other in the calling thread, else each in a thread of
+    its own while the calling thread waits, `_SLICE` seconds at a time. A SIGTERM that arrives meanwhile in the main
+    thread, where a Python handler is in place (Lightning's, during a run), runs that handler and then stops the
+    wait with `SIGTERMException`, as Lightning stops a run at the end of a step: calls still running are left
+    behind as late ones are. In the calling thread the exception is raised from the handler, inside the call; a
+    call blocked in C code that does not return to Python when interrupted holds it until it does.
+    """
+    with _stopped_by_sigterm(inside_calls=workers == 1 and timeout is None) as sigterm:
+        if workers == 1 and timeout is None:
+            futures = [_call_here(call) for call in calls]
+            if sigterm.is_set():  # a call that caught the exception and returned
+                raise _sigterm_exception()
+            return futures
+        futures = [Future() for _ in calls]
+        waiting = deque(range(len(calls)))
+        running: dict[int, float] = {}  # call -> deadline
+        late: set[int] = set()
+        while waiting or running:
+            while waiting and len(running) < workers:
+                i = waiting.popleft()
+                _start(calls[i], futures[i])
+                running[i] = math.inf if timeout is None else time.monotonic() + timeout
+            limit = min(_SLICE, max(0.0, min(running.values()) - time.monotonic()))
+            wait([futures[i] for i in running], limit, return_when=FIRST_COMPLETED)
+            if sigterm.is_set():
+                raise _sigterm_exception()
+            now = time.monotonic()
+            for i, deadline in list(running.items()):
+                if futures[i].done() or now >= deadline:
+                    del running[i]
+                    if not futures[i].done():
+                        late.add(i)
+        return [None if i in late else future for i, future in enumerate(futures)]
+
+
+@contextmanager
+def _stopped_by_sigterm(inside_calls: bool) -> Iterator[threading.Event]:
+    """While the block runs in the main thread and SIGTERM has a Python handler: the handler in its place runs it,
+    then sets the event yielded, and with `inside_calls` raises `SIGTERMException` where the main thread is."""
+    received = threading.Event()
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):  # another thread (signals reach the main thread only), or SIG_DFL / SIG_IGN
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            previous(signum, frame)
+        finally:
+            received.set()
+        if inside_calls:
+            raise _sigterm_exception()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_exception() -> BaseException:
+    """Lightning's SIGTERMException, which ttc answers with exit status 143 after saving last-interrupted.ckpt."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException  # loaded by then: a run is under way
+
+    return SIGTERMException(128 + signal.SIGTERM)
 
 
 def _call_here(call: Callable[[], Any]) -> Future:
@@ -269,6 +345,12 @@ def _start(call: Callable[[], Any], future: Future) -> None:
 
     # A daemon: a call past its limit must not keep the program from exiting.
     threading.Thread(target=run, name="ttc-reward", daemon=True).start()
+
+
+def _copies(completions: list[str], columns: Mapping[str, list]) -> tuple[list[str], dict[str, list]]:
+    """A call's own shallow copies of the completions and the columns: a function that mutates them changes
+    neither the next function's arguments nor the step's records."""
+    return list(completions), {name: list(values) for name, values in columns.items()}
 
 
 def _check_bound_columns(reward: Reward, columns: Mapping[str, list]) -> None:
@@ -333,14 +415,3 @@ def _prompt(p: int, columns: Mapping[str, list], g: int) -> str:
 def _ids(columns: Mapping[str, list], g: int) -> str:
     ids = columns.get("id")
     return f" (prompt ids {', '.join(str(i) for i in ids[::g])})" if ids else ""
-
-
-def _first_failing_prompt(fn: RewardFn, completions: list[str], columns: dict[str, list], g: int) -> int | None:
-    """Re-run `fn` one prompt's group at a time to name the prompt that makes it raise."""
-    for p in range(len(completions) // g):
-        rows = slice(p * g, (p + 1) * g)
-        try:
-            fn(completions[rows], **{k: v[rows] for k, v in columns.items()})
-        except Exception:
-            return p
-    return None
