@@ -3,6 +3,9 @@ loaders never touch the global random state."""
 
 from __future__ import annotations
 
+import re
+import tracemalloc
+
 import pytest
 import torch
 
@@ -116,3 +119,47 @@ def test_loaders_leave_the_global_random_state_alone(dm):
     for _ in range(2):  # a new iterator each epoch, or after a resume
         next(iter(dm.train_dataloader()))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# --- long lines, text that is not text ------------------------------------------------------------------------------
+
+
+def test_reading_a_long_line_takes_memory_in_proportion_to_it(tmp_path):
+    path = write(tmp_path / "prompts.jsonl", [{"prompt": "a" * 4_000_000}, {"prompt": "b"}])
+    tracemalloc.start()
+    try:
+        assert [len(row["prompt"]) for _, row in read_jsonl(path)] == [4_000_000, 1]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The line's bytes and its text while it is parsed, then the text and the prompt: never three copies at once.
+    assert peak < 2.5 * path.stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "char"),
+    [
+        (r'{"prompt": "x \ud800 y"}', "prompt", r"\ud800 at character 3"),
+        (r'{"prompt": [{"role": "user", "content": "ok \ud83d\ude00 \uDC00"}]}', "prompt[0].content", r"\udc00 at"),
+        (r'{"prompt": "a", "meta": {"note": "\udfff"}}', "meta.note", r"\udfff at character 1"),
+        (r'{"prompt": "a", "k\ud800": 1}', None, r"\ud800 in the name of key 2"),
+    ],
+    ids=["string", "chat-message", "nested-column", "key"],
+)
+def test_a_lone_surrogate_is_a_one_line_error_naming_file_line_and_field(tmp_path, line, field, char):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "fine \\ud83d\\ude00"}\n' + line + "\n")  # an escaped pair is a character: fine
+    where = f"p.jsonl:2: {field}: " if field else "p.jsonl:2: "
+    with pytest.raises(TTCError, match=re.escape(f"{where}a lone surrogate ({char}")) as error:
+        load_prompt_rows(path)
+    assert "\n" not in str(error.value)
+    str(error.value).encode("utf-8")  # the message itself can be printed
+
+
+def test_a_lone_surrogate_in_a_primevul_file_names_its_line(tmp_path):
+    path = write(tmp_path / "primevul_train_paired.jsonl", [line for n in range(2) for line in pair(n)])
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].replace('"func": "int', '"func": "\\ud800int')
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TTCError, match=r"primevul_train_paired.jsonl:3: func: a lone surrogate \(\\ud800 at character"):
+        load_pairs(tmp_path, "train")

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,17 @@ MODEL_LIMIT = "the model's context minus model.max_new_tokens"
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield `(line_number, object)` for each non-blank line; a bad line raises `TTCError` naming `file:line`."""
+    """Yield `(line_number, object)` for each non-blank line; a bad line raises `TTCError` naming `file:line`.
+
+    A line is held once as bytes, then as text while it is parsed, never beside a third copy: a long line takes
+    memory in proportion to its length, not more."""
     path = Path(path)
     if not path.is_file():
         raise TTCError(f"{path}: file not found" + (" (it is a directory)" if path.is_dir() else ""))
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        lineno = 0
+        for raw in f:  # not enumerate(): it would hold on to the previous line's bytes
+            lineno += 1
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -37,7 +43,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode the file as UTF-8"
                 )
                 raise data_error(path, lineno, None, message) from None
-            if not line.strip():
+            del raw
+            if line.isspace() or not line:
                 continue
             try:
                 obj = json.loads(line)
@@ -45,7 +52,46 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise data_error(path, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise data_error(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+            if SURROGATE_ESCAPE.search(line):
+                check_text(obj, path, lineno)
+            del line
             yield lineno, obj
+
+
+# A \ud800-\udfff escape: JSON allows one alone, but it is no character (it cannot be tokenized or written as UTF-8).
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(obj: dict[str, Any], path: str | Path, lineno: int) -> None:
+    """Every string of a parsed line (keys too) is text: a lone surrogate left by an unpaired `\\udXXX` escape is a
+    `TTCError` naming the file, line and field."""
+    stack: list[tuple[str | None, Any]] = [(None, obj)]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, str):
+            found = SURROGATE.search(value)
+            if found:
+                raise lone_surrogate(path, lineno, field, f"at character {found.start() + 1}", found.group())
+        elif isinstance(value, dict):
+            for i, key in enumerate(value):
+                found = SURROGATE.search(key)
+                if found:  # the key is not shown: printing it would fail as well
+                    where = "in the name of " + (f"{field}'s key {i + 1}" if field else f"key {i + 1}")
+                    raise lone_surrogate(path, lineno, None, where, found.group())
+            stack.extend((key if field is None else f"{field}.{key}", item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{field}[{i}]", item) for i, item in enumerate(value))
+
+
+def lone_surrogate(path: str | Path, lineno: int, field: str | None, where: str, char: str) -> TTCError:
+    return data_error(
+        path,
+        lineno,
+        field,
+        f"a lone surrogate (\\u{ord(char):04x} {where}) is not text: a \\ud800-\\udfff escape must be one half of "
+        "a pair, like \\ud83d\\ude00; fix or remove it",
+    )
 
 
 def collate_rows(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
