@@ -8,7 +8,10 @@ import json
 import logging
 import random
 import re
+import unicodedata
+import weakref
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +124,133 @@ def prompt_token_count(tokenizer: Any, prompt: str | list[dict[str, str]]) -> in
     return len(ids)
 
 
+# Pre-tokenizers that keep every character of the text (ByteLevel turns each byte into one symbol); whitespace
+# splitting, for one, drops the spaces, and a prompt of spaces would come to no tokens at all.
+KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Split", "Digits", "Punctuation", "Metaspace", "UnicodeScripts", "Sequence"}
+UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
+
+
+class TokenFloor:
+    """The fewest tokens a text can come to, found without tokenizing it.
+
+    Every token of a byte-level BPE tokenizer (GPT-2, Qwen, Llama 3) is a string of byte symbols, one per byte of
+    text, and a BPE tokenizer with byte fallback has a token for whatever text its pieces do not cover; either way a
+    token stands for at most `longest` characters of the normalized text (the longest token of the vocabulary, added
+    tokens included, in characters, each of which is at least a byte), so a text of n characters once normalized is at
+    least ceil(n / longest) tokens. `steps` normalize as the tokenizer does, or give text no longer than it would.
+    """
+
+    def __init__(self, longest: int, steps: Sequence[Callable[[str], str]] = ()) -> None:
+        self.longest, self.steps = longest, list(steps)
+
+    def __call__(self, text: str) -> int:
+        for step in self.steps:
+            text = step(text)
+        return -(-len(text) // self.longest)
+
+
+_floors: weakref.WeakKeyDictionary[Any, TokenFloor | None] = weakref.WeakKeyDictionary()
+
+
+def token_floor(tokenizer: Any) -> TokenFloor | None:
+    """`TokenFloor` of a Hugging Face fast tokenizer (worked out once per tokenizer), or None when its token count has
+    no such floor: not BPE (WordPiece and Unigram fold unknown text into one token), neither byte-level nor with byte
+    fallback (unknown text merges into one token), a pre-tokenizer that drops text, or a normalizer not followed
+    here. Then prompts are tokenized to be measured."""
+    try:
+        return _floors[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    floor = _token_floor(tokenizer)
+    try:
+        _floors[tokenizer] = floor
+    except TypeError:  # not weakly referenceable: worked out again next time
+        pass
+    return floor
+
+
+def _token_floor(tokenizer: Any) -> TokenFloor | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    try:
+        spec = json.loads(backend.to_str())
+    except Exception:  # whatever a foreign tokenizer does: then prompts are tokenized
+        return None
+    model = spec.get("model") or {}
+    vocab = model.get("vocab")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not vocab:
+        return None
+    pre_tokenizers = list(_nodes(spec.get("pre_tokenizer"), "pretokenizers"))
+    for node in pre_tokenizers:
+        if node.get("type") not in KEEPING_PRE_TOKENIZERS or node.get("behavior") == "Removed":
+            return None
+    if any(node.get("type") == "ByteLevel" for node in pre_tokenizers):
+        from tokenizers import pre_tokenizers as byte_level
+
+        covered = set(byte_level.ByteLevel.alphabet()) <= set(vocab)
+    else:
+        covered = bool(model.get("byte_fallback")) and all(f"<0x{b:02X}>" in vocab for b in range(256))
+    steps = _normalizer_steps(spec.get("normalizer"))
+    if not covered or steps is None:
+        return None
+    added = [len(token.get("content", "")) for token in spec.get("added_tokens") or []]
+    return TokenFloor(max(max(map(len, vocab)), *added, 1), steps)
+
+
+def _nodes(node: dict[str, Any] | None, children: str) -> Iterator[dict[str, Any]]:
+    """A normalizer's or pre-tokenizer's parts, a Sequence's included."""
+    if node is None:
+        return
+    yield node
+    for child in node.get(children) or []:
+        yield from _nodes(child, children)
+
+
+def _normalizer_steps(node: dict[str, Any] | None) -> list[Callable[[str], str]] | None:
+    """Python steps that normalize text as the tokenizer's normalizer does, or into text no longer than it would
+    (Prepend is left out); None for a normalizer not followed here."""
+    steps: list[Callable[[str], str]] = []
+    for part in _nodes(node, "normalizers"):
+        kind = part.get("type")
+        if kind in UNICODE_FORMS:
+            steps.append(partial(unicodedata.normalize, kind))
+        elif kind == "Lowercase":
+            steps.append(str.lower)
+        elif kind == "Replace" and isinstance((part.get("pattern") or {}).get("String"), str):
+            steps.append(partial(_replace, part["pattern"]["String"], part.get("content", "")))
+        elif kind not in ("Sequence", "Prepend"):
+            return None
+    return steps
+
+
+def _replace(old: str, new: str, text: str) -> str:
+    return text.replace(old, new)
+
+
+def prompt_fits(tokenizer: Any, prompt: str | list[dict[str, str]], limit: int, floor: TokenFloor | None) -> bool:
+    """Whether `prompt` is at most `limit` tokens. With a `floor`, a prompt whose floor is already over the limit is
+    not tokenized (a prompt of 100 MB would take minutes and many GB); the others are, chat template and all."""
+    if floor is None:
+        return prompt_token_count(tokenizer, prompt) <= limit
+    if isinstance(prompt, str):
+        text = prompt
+    else:  # the text apply_chat_template(tokenize=True) tokenizes, without special tokens of its own
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    if floor(text) > limit:
+        return False
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= limit
+
+
 def filter_by_prompt_length(
     rows: list[dict[str, Any]], tokenizer: Any, max_prompt_tokens: int | None, name: str, why: str = OWN_LIMIT
 ) -> list[dict[str, Any]]:
-    """Drop rows whose prompt is longer than `max_prompt_tokens`, and say how many went (and `why` that limit)."""
+    """Drop rows whose prompt is longer than `max_prompt_tokens`, and say how many went (and `why` that limit).
+    Prompts that cannot fit whatever their tokens (`token_floor`) go without being tokenized."""
     if max_prompt_tokens is None or tokenizer is None:
         return rows
-    kept = [row for row in rows if prompt_token_count(tokenizer, row["prompt"]) <= max_prompt_tokens]
+    floor = token_floor(tokenizer)
+    kept = [row for row in rows if prompt_fits(tokenizer, row["prompt"], max_prompt_tokens, floor)]
     if len(kept) < len(rows):
         log.info(
             "%s: dropped %d of %d prompts longer than %d tokens (%s)",
