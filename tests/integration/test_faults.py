@@ -32,6 +32,7 @@ from tests.helpers import (
     pair,
     process_env,
     read_metrics,
+    read_rollouts,
     rollout_steps,
     start_ttc,
     v01,
@@ -692,3 +693,40 @@ def test_primevul_run_resumed_samples_what_an_unbroken_run_samples(run_ttc, tmp_
     part = tmp_path / "part" / "logs"
     resumed = completions(part / "version_0" / "rollouts.jsonl", part / "version_1" / "rollouts.jsonl")
     assert resumed == completions(tmp_path / "whole" / "logs" / "version_0" / "rollouts.jsonl")
+
+
+def step_prompts(*paths: Path) -> list[list[str]]:
+    """The prompts each step trained on, in order, once each (a rollouts file has a line per completion)."""
+    steps: dict[int, list[str]] = {}
+    for path in paths:
+        for record in read_rollouts(path):
+            prompts, prompt = steps.setdefault(record["step"], []), json.dumps(record["prompt"])
+            if prompt not in prompts:
+                prompts.append(prompt)
+    return [steps[step] for step in sorted(steps)]
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_batch_size_trains_the_rest_of_the_epoch_once(run_ttc, tmp_path):
+    # The 16 demo prompts, 4 a step: stopped after 2 steps (the third batch already fetched), resumed with 3 a step,
+    # the epoch's 8 prompts left are trained in 3 steps (3, 3, 2), in the order an unbroken run trains them.
+    args = ["fit", "--config", TINY, *FAST]
+    assert run_ttc(*args, "--trainer.default_root_dir", "whole", "--trainer.max_steps", "4")[0] == 0
+    assert run_ttc(*args, "--trainer.default_root_dir", "run", "--trainer.max_steps", "2")[0] == 0
+    code, _, err = run_ttc(
+        *args,
+        "--trainer.default_root_dir",
+        "run",
+        "--trainer.max_steps",
+        "6",
+        "--ckpt_path=last",
+        "--data.batch_size",
+        "3",
+    )
+    assert code == 0, err
+    logs = tmp_path / "run" / "logs"
+    resumed = step_prompts(logs / "version_0" / "rollouts.jsonl", logs / "version_1" / "rollouts.jsonl")
+    whole = step_prompts(tmp_path / "whole" / "logs" / "version_0" / "rollouts.jsonl")
+    assert [len(step) for step in resumed] == [4, 4, 3, 3, 2, 3]  # step 6 starts the next epoch
+    epoch = [prompt for step in resumed[:5] for prompt in step]
+    assert epoch == [prompt for step in whole for prompt in step] and len(set(epoch)) == 16

@@ -93,11 +93,11 @@ def test_ddp_sampler_stays_on_the_data_epoch_when_lightning_counts_ahead():
 ROWS16 = [{"prompt": f"q{i}"} for i in range(16)]  # batches of 2: 8 batches an epoch
 
 
-def loader16(trained: list[int], num_workers: int = 0) -> ResumableLoader:
+def loader16(trained: list[int], num_workers: int = 0, batch_size: int = 2) -> ResumableLoader:
     generator = torch.Generator().manual_seed(0)
     return ResumableLoader(
         ROWS16,
-        batch_size=2,
+        batch_size=batch_size,
         shuffle=True,
         generator=generator,
         collate_fn=collate_rows,
@@ -131,9 +131,9 @@ def fit(dl: ResumableLoader, trained: list[int], draws: list[int], crash: bool =
     return steps, dl.state_dict()
 
 
-def resumed(state: dict, draws: list[int], num_workers: int = 0) -> list:
+def resumed(state: dict, draws: list[int], num_workers: int = 0, batch_size: int = 2) -> list:
     trained = [state["batches"]]  # Lightning restores its count of the epoch's trained batches
-    dl = loader16(trained, num_workers)
+    dl = loader16(trained, num_workers, batch_size)
     dl.load_state_dict(state)
     return fit(dl, trained, draws)[0]
 
@@ -158,13 +158,13 @@ def test_draws_come_from_the_epoch_after_the_batch_fetched_ahead_and_resume_exac
 
 def test_state_when_draws_used_up_the_epoch_starts_the_next_one():
     _, state = fit(*fresh(), DRAWS[:5])
-    assert state["batches"] == 0 and "pending" not in state
+    assert state["batches"] == 0 and state["rows"] == 0 and state["held"] == []
 
 
 def test_a_step_that_failed_draws_its_prompts_again_after_a_restore():
     whole = fit(*fresh(), DRAWS)[0]
     _, state = fit(*fresh(), DRAWS[:4], crash=True)  # step 3 drew a batch, then raised
-    assert state["batches"] == 3 and len(state["pending"]) == 2  # its own batch and the one fetched ahead
+    assert state["batches"] == 3 and len(state["held"]) == 4  # its own batch and the one fetched ahead, 2 rows each
     assert resumed(state, DRAWS[3:]) == whole[3:]
 
 
@@ -174,3 +174,37 @@ def test_state_of_a_checkpoint_without_draws_still_restores():
     second = loader([1])
     second.load_state_dict(state)
     assert epochs(second, 1) == [expected[1:]]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 5])
+@pytest.mark.parametrize(("draws", "crash"), [([0, 0, 0], False), ([0, 2, 0, 1], False), ([1, 0, 1], True)])
+def test_a_resume_with_another_batch_size_goes_on_after_the_prompts_trained(num_workers, batch_size, draws, crash):
+    # The position is kept in rows: the resumed run trains each prompt of the epoch it has not trained yet, once, in
+    # the epoch's order (so the batch fetched ahead first), whatever its batch size.
+    order, next_epoch = ([p for batch in epoch for p in batch] for epoch in epochs(loader16([0]), 2))
+    steps, state = fit(*fresh(num_workers), draws, crash)
+    trained = [p for step in (steps[:-1] if crash else steps) for p in step]
+    dl = loader16([state["batches"]], num_workers, batch_size)
+    dl.load_state_dict(state)
+    batches = [batch["prompt"] for batch in dl]
+    assert [p for batch in batches for p in batch] == [p for p in order if p not in trained]
+    assert all(len(batch) == batch_size for batch in batches[:-1])
+    assert [p for batch in dl for p in batch["prompt"]] == next_epoch  # then the next epoch, as an unbroken run's
+
+
+def test_a_resume_with_another_batch_size_can_be_resumed_again():
+    # 2 steps of 2 prompts (the second draws a batch), then 2 steps of 3 (what was fetched ahead held over), then 2 a
+    # step again until the epoch ends: every prompt of the epoch once, in the epoch's order but for the draws
+    order = [p for batch in loader16([0]) for p in batch["prompt"]]
+    first, state = fit(*fresh(), [0, 1])
+    trained = [state["batches"]]
+    dl = loader16(trained, batch_size=3)
+    dl.load_state_dict(state)
+    second, state = fit(dl, trained, [0, 0])
+    assert [len(step) for step in second] == [3, 3]
+    dl = loader16([state["batches"]])
+    dl.load_state_dict(state)
+    seen = [p for step in first + second for p in step]
+    rest = [p for batch in dl for p in batch["prompt"]]
+    assert rest == [p for p in order if p not in seen] and sorted(seen + rest) == sorted(order)

@@ -3,10 +3,15 @@ training loader that resumes in the middle of an epoch and lends the module furt
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
+import re
+import unicodedata
+import weakref
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +28,17 @@ MODEL_LIMIT = "the model's context minus model.max_new_tokens"
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield `(line_number, object)` for each non-blank line; a bad line raises `TTCError` naming `file:line`."""
+    """Yield `(line_number, object)` for each non-blank line; a bad line raises `TTCError` naming `file:line`.
+
+    A line is held once as bytes, then as text while it is parsed, never beside a third copy: a long line takes
+    memory in proportion to its length, not more."""
     path = Path(path)
     if not path.is_file():
         raise TTCError(f"{path}: file not found" + (" (it is a directory)" if path.is_dir() else ""))
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        lineno = 0
+        for raw in f:  # not enumerate(): it would hold on to the previous line's bytes
+            lineno += 1
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -36,7 +46,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode the file as UTF-8"
                 )
                 raise data_error(path, lineno, None, message) from None
-            if not line.strip():
+            del raw
+            if line.isspace() or not line:
                 continue
             try:
                 obj = json.loads(line)
@@ -44,7 +55,46 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise data_error(path, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise data_error(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+            if SURROGATE_ESCAPE.search(line):
+                check_text(obj, path, lineno)
+            del line
             yield lineno, obj
+
+
+# A \ud800-\udfff escape: JSON allows one alone, but it is no character (it cannot be tokenized or written as UTF-8).
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(obj: dict[str, Any], path: str | Path, lineno: int) -> None:
+    """Every string of a parsed line (keys too) is text: a lone surrogate left by an unpaired `\\udXXX` escape is a
+    `TTCError` naming the file, line and field."""
+    stack: list[tuple[str | None, Any]] = [(None, obj)]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, str):
+            found = SURROGATE.search(value)
+            if found:
+                raise lone_surrogate(path, lineno, field, f"at character {found.start() + 1}", found.group())
+        elif isinstance(value, dict):
+            for i, key in enumerate(value):
+                found = SURROGATE.search(key)
+                if found:  # the key is not shown: printing it would fail as well
+                    where = "in the name of " + (f"{field}'s key {i + 1}" if field else f"key {i + 1}")
+                    raise lone_surrogate(path, lineno, None, where, found.group())
+            stack.extend((key if field is None else f"{field}.{key}", item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{field}[{i}]", item) for i, item in enumerate(value))
+
+
+def lone_surrogate(path: str | Path, lineno: int, field: str | None, where: str, char: str) -> TTCError:
+    return data_error(
+        path,
+        lineno,
+        field,
+        f"a lone surrogate (\\u{ord(char):04x} {where}) is not text: a \\ud800-\\udfff escape must be one half of "
+        "a pair, like \\ud83d\\ude00; fix or remove it",
+    )
 
 
 def collate_rows(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -74,13 +124,133 @@ def prompt_token_count(tokenizer: Any, prompt: str | list[dict[str, str]]) -> in
     return len(ids)
 
 
+# Pre-tokenizers that keep every character of the text (ByteLevel turns each byte into one symbol); whitespace
+# splitting, for one, drops the spaces, and a prompt of spaces would come to no tokens at all.
+KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Split", "Digits", "Punctuation", "Metaspace", "UnicodeScripts", "Sequence"}
+UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
+
+
+class TokenFloor:
+    """The fewest tokens a text can come to, found without tokenizing it.
+
+    Every token of a byte-level BPE tokenizer (GPT-2, Qwen, Llama 3) is a string of byte symbols, one per byte of
+    text, and a BPE tokenizer with byte fallback has a token for whatever text its pieces do not cover; either way a
+    token stands for at most `longest` characters of the normalized text (the longest token of the vocabulary, added
+    tokens included, in characters, each of which is at least a byte), so a text of n characters once normalized is at
+    least ceil(n / longest) tokens. `steps` normalize as the tokenizer does, or give text no longer than it would.
+    """
+
+    def __init__(self, longest: int, steps: Sequence[Callable[[str], str]] = ()) -> None:
+        self.longest, self.steps = longest, list(steps)
+
+    def __call__(self, text: str) -> int:
+        for step in self.steps:
+            text = step(text)
+        return -(-len(text) // self.longest)
+
+
+_floors: weakref.WeakKeyDictionary[Any, TokenFloor | None] = weakref.WeakKeyDictionary()
+
+
+def token_floor(tokenizer: Any) -> TokenFloor | None:
+    """`TokenFloor` of a Hugging Face fast tokenizer (worked out once per tokenizer), or None when its token count has
+    no such floor: not BPE (WordPiece and Unigram fold unknown text into one token), neither byte-level nor with byte
+    fallback (unknown text merges into one token), a pre-tokenizer that drops text, or a normalizer not followed
+    here. Then prompts are tokenized to be measured."""
+    try:
+        return _floors[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    floor = _token_floor(tokenizer)
+    try:
+        _floors[tokenizer] = floor
+    except TypeError:  # not weakly referenceable: worked out again next time
+        pass
+    return floor
+
+
+def _token_floor(tokenizer: Any) -> TokenFloor | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    try:
+        spec = json.loads(backend.to_str())
+    except Exception:  # whatever a foreign tokenizer does: then prompts are tokenized
+        return None
+    model = spec.get("model") or {}
+    vocab = model.get("vocab")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not vocab:
+        return None
+    pre_tokenizers = list(_nodes(spec.get("pre_tokenizer"), "pretokenizers"))
+    for node in pre_tokenizers:
+        if node.get("type") not in KEEPING_PRE_TOKENIZERS or node.get("behavior") == "Removed":
+            return None
+    if any(node.get("type") == "ByteLevel" for node in pre_tokenizers):
+        from tokenizers import pre_tokenizers as byte_level
+
+        covered = set(byte_level.ByteLevel.alphabet()) <= set(vocab)
+    else:
+        covered = bool(model.get("byte_fallback")) and all(f"<0x{b:02X}>" in vocab for b in range(256))
+    steps = _normalizer_steps(spec.get("normalizer"))
+    if not covered or steps is None:
+        return None
+    added = [len(token.get("content", "")) for token in spec.get("added_tokens") or []]
+    return TokenFloor(max(max(map(len, vocab)), *added, 1), steps)
+
+
+def _nodes(node: dict[str, Any] | None, children: str) -> Iterator[dict[str, Any]]:
+    """A normalizer's or pre-tokenizer's parts, a Sequence's included."""
+    if node is None:
+        return
+    yield node
+    for child in node.get(children) or []:
+        yield from _nodes(child, children)
+
+
+def _normalizer_steps(node: dict[str, Any] | None) -> list[Callable[[str], str]] | None:
+    """Python steps that normalize text as the tokenizer's normalizer does, or into text no longer than it would
+    (Prepend is left out); None for a normalizer not followed here."""
+    steps: list[Callable[[str], str]] = []
+    for part in _nodes(node, "normalizers"):
+        kind = part.get("type")
+        if kind in UNICODE_FORMS:
+            steps.append(partial(unicodedata.normalize, kind))
+        elif kind == "Lowercase":
+            steps.append(str.lower)
+        elif kind == "Replace" and isinstance((part.get("pattern") or {}).get("String"), str):
+            steps.append(partial(_replace, part["pattern"]["String"], part.get("content", "")))
+        elif kind not in ("Sequence", "Prepend"):
+            return None
+    return steps
+
+
+def _replace(old: str, new: str, text: str) -> str:
+    return text.replace(old, new)
+
+
+def prompt_fits(tokenizer: Any, prompt: str | list[dict[str, str]], limit: int, floor: TokenFloor | None) -> bool:
+    """Whether `prompt` is at most `limit` tokens. With a `floor`, a prompt whose floor is already over the limit is
+    not tokenized (a prompt of 100 MB would take minutes and many GB); the others are, chat template and all."""
+    if floor is None:
+        return prompt_token_count(tokenizer, prompt) <= limit
+    if isinstance(prompt, str):
+        text = prompt
+    else:  # the text apply_chat_template(tokenize=True) tokenizes, without special tokens of its own
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    if floor(text) > limit:
+        return False
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= limit
+
+
 def filter_by_prompt_length(
     rows: list[dict[str, Any]], tokenizer: Any, max_prompt_tokens: int | None, name: str, why: str = OWN_LIMIT
 ) -> list[dict[str, Any]]:
-    """Drop rows whose prompt is longer than `max_prompt_tokens`, and say how many went (and `why` that limit)."""
+    """Drop rows whose prompt is longer than `max_prompt_tokens`, and say how many went (and `why` that limit).
+    Prompts that cannot fit whatever their tokens (`token_floor`) go without being tokenized."""
     if max_prompt_tokens is None or tokenizer is None:
         return rows
-    kept = [row for row in rows if prompt_token_count(tokenizer, row["prompt"]) <= max_prompt_tokens]
+    floor = token_floor(tokenizer)
+    kept = [row for row in rows if prompt_fits(tokenizer, row["prompt"], max_prompt_tokens, floor)]
     if len(kept) < len(rows):
         log.info(
             "%s: dropped %d of %d prompts longer than %d tokens (%s)",
@@ -111,42 +281,99 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+class EpochStream:
+    """The batches of dataset indices that one pass of a `ResumableLoader` hands out (what the DataLoader's batch
+    sampler would): the positions in the epoch's order `held` over from before a restore, then the order from
+    position `start` on, `batch_size` at a time. The order is drawn from the sampler whole as the first batch is
+    asked for, which takes from its generator what a whole pass through it would."""
+
+    def __init__(self, sampler: Any, batch_size: int, drop_last: bool, held: Sequence[int], start: int) -> None:
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        self.held, self.start = list(held), start
+        self.batches: list[list[int]] = []  # the positions of each batch handed out, in order
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(self.sampler)
+        positions = itertools.chain(self.held, range(self.start, len(order)))
+        while chunk := list(itertools.islice(positions, self.batch_size)):
+            if self.drop_last and len(chunk) < self.batch_size:
+                return
+            self.batches.append(chunk)
+            yield [order[p] for p in chunk]
+
+    def __len__(self) -> int:
+        n = len(self.held) + max(len(self.sampler) - self.start, 0)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def rest(self, taken: int) -> tuple[list[int], int]:
+        """What is left after the first `taken` batches: the positions still held, and where the order goes on."""
+        used = sum(len(batch) for batch in self.batches[:taken])
+        return self.held[used:], self.start + max(used - len(self.held), 0)
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader that Lightning resumes in the middle of an epoch instead of starting the epoch over, and from
     which the module can draw further batches of the same epoch (`draw`, for dynamic sampling).
 
     Lightning saves `state_dict()` in every checkpoint and calls `load_state_dict()` before the first pass after a
     restore. The state is where the epoch's order comes from (the shuffling generator as the epoch began, or the
-    epoch number of DDP's sampler), how many of its batches were taken (by Lightning or by `draw`), and which of
-    those Lightning had fetched but not trained on: it fetches a batch ahead of the one being trained on, so the
-    module's draws come after that one. The restored pass draws the same order, hands Lightning the batches it had
-    fetched, then goes on after the last batch taken. `trained` reads from the trainer how many of the epoch's
-    batches were trained on.
+    epoch number of DDP's sampler) and how far into that order the epoch is, in rows (positions in the order), not
+    batches, so that a run resumed with another batch size goes on where the other stopped: the rows taken (by
+    Lightning or by `draw`) up to `rows`, and those among them not trained on (`held`): Lightning fetches a batch
+    ahead of the one being trained on, so the module's draws come after that one. The restored pass draws the same
+    order, hands out the held rows first, then goes on from `rows`, batched by this loader's `batch_size`. `trained`
+    reads from the trainer how many of the epoch's batches were trained on.
     """
 
     def __init__(self, *args: Any, trained: Callable[[], int], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.batch_sampler is None:
+            raise TTCError("ResumableLoader needs a batch_size: it counts an epoch in rows and batches them itself")
         self.trained = trained
         self._epoch_start = self._generator_state()
         self._restored: dict[str, Any] | None = None
         self._restored_epoch: int | None = None
         self._epoch_offset = 0
+        self._stream: EpochStream | None = None  # the index batches of this pass
         self._source: Iterator[Any] | None = None
-        self._taken = 0  # batches of the epoch taken, by Lightning or by `draw`
+        self._taken = 0  # batches of this pass taken, by Lightning or by `draw`
         self._taken_at_fetch = 0  # ... when Lightning last fetched one
-        self._fetched: list[int] = []  # positions in the epoch of the batches Lightning fetched in this pass
+        self._fetched: list[int] = []  # which of this pass's batches Lightning fetched
         self._trained_before = 0  # batches of this epoch trained on before this pass (a restored one)
+
+    @property
+    def _index_sampler(self) -> Any:
+        # What DataLoader's iterators take their index batches from: this pass's stream.
+        return self._stream if self._stream is not None else super()._index_sampler
+
+    def __len__(self) -> int:
+        # A pass restored with a larger batch size may have more batches left than the epoch has at that size after
+        # the batches Lightning counts as trained: Lightning would end the epoch early at `len`.
+        whole = len(self.batch_sampler)
+        return whole if self._stream is None else max(whole, self._trained_before + len(self._stream))
 
     def __iter__(self) -> Iterator[Any]:
         self._epoch_start = self._generator_state()
-        restored, self._restored = self._restored or {"batches": 0}, None
-        # A checkpoint written before `draw` existed has no "taken": then its batches trained on were all taken.
-        self._taken = self._taken_at_fetch = restored.get("taken", restored["batches"])
-        self._trained_before = restored["batches"]
+        restored, self._restored = self._restored, None
+        held, start, self._trained_before = self._position(restored)
+        self._stream = EpochStream(self.sampler, self.batch_size, self.drop_last, held, start)
+        self._taken = self._taken_at_fetch = 0
         self._source, self._fetched = None, []
-        return self._batches(self._taken, restored.get("pending", []))
+        return self._batches()
 
-    def _batches(self, skip: int, pending: list[int]) -> Iterator[Any]:
+    def _position(self, state: dict[str, Any] | None) -> tuple[list[int], int, int]:
+        """(held rows, next row of the order, batches trained on) of a restored state; (nothing, 0, 0) without."""
+        if state is None:
+            return [], 0, 0
+        if "rows" in state:
+            return list(state["held"]), state["rows"], state["batches"]
+        # Written before the position was kept in rows: in batches, of this loader's size (before `draw` existed,
+        # with no "taken": its batches trained on were all taken).
+        size, n = self.batch_size, len(self.sampler)
+        held = [p for batch in state.get("pending", []) for p in range(batch * size, min((batch + 1) * size, n))]
+        return held, state.get("taken", state["batches"]) * size, state["batches"]
+
+    def _batches(self) -> Iterator[Any]:
         # Runs at the first batch, after Lightning has numbered the DDP sampler's epoch. A run stopped by max_steps
         # counts its unfinished epoch as done, so after a restore Lightning's number can be one ahead of the epoch
         # the data is in: keep the sampler on the data's epoch from then on.
@@ -155,12 +382,7 @@ class ResumableLoader(DataLoader):
                 self._epoch_offset = self._restored_epoch - self.sampler.epoch
                 self._restored_epoch = None
             self.sampler.set_epoch(self.sampler.epoch + self._epoch_offset)
-        source = super().__iter__()
-        held = [batch for position, batch in zip(range(skip), source, strict=False) if position in pending]
-        self._source = source
-        for position, batch in zip(pending, held, strict=True):
-            self._fetched.append(position)
-            yield batch
+        self._source = super().__iter__()
         while (batch := self.draw()) is not None:
             self._fetched.append(self._taken - 1)
             self._taken_at_fetch = self._taken
@@ -174,15 +396,19 @@ class ResumableLoader(DataLoader):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
+        epoch = getattr(self.sampler, "epoch", None)
+        stream = self._stream
+        if stream is None:  # no pass yet: the state restored, or the start of the first epoch
+            return self._restored or {"generator": self._generator_state(), "batches": 0, "epoch": epoch}
         trained = self.trained()
         pending = self._fetched[max(trained - self._trained_before, 0) :]
-        epoch = getattr(self.sampler, "epoch", None)
-        if not pending and self._taken >= len(self):  # the epoch is over: the next one starts from the generator now
-            return {"generator": self._generator_state(), "batches": 0, "epoch": None if epoch is None else epoch + 1}
+        if not pending and self._taken >= len(stream):  # the epoch is over: the next one starts from the generator now
+            next_epoch = None if epoch is None else epoch + 1
+            return {"generator": self._generator_state(), "batches": 0, "rows": 0, "held": [], "epoch": next_epoch}
         # Two pending batches: the step of the first did not finish (an error), so what it drew is drawn again.
-        taken = self._taken if len(pending) <= 1 else self._taken_at_fetch
-        state = {"generator": self._epoch_start, "batches": trained, "taken": taken, "pending": pending}
-        return {**state, "epoch": epoch}
+        held, start = stream.rest(self._taken if len(pending) <= 1 else self._taken_at_fetch)
+        held = [p for batch in pending for p in stream.batches[batch]] + held
+        return {"generator": self._epoch_start, "batches": trained, "rows": start, "held": held, "epoch": epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.generator is not None and state["generator"] is not None:
