@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Levers:
-    """Speed levers, each on by default; turn one off to measure what it gives or to rule it out. None changes what is
-    sampled from or trained (tested against the plain path: the same log-probs for the same tokens, the same greedy
-    tokens, the same gradients up to rounding). Which ones apply to a run is logged when it starts."""
+    """Speed levers, each on by default; turn one off to measure what it gives or to rule it out. Each samples from and
+    trains the same distribution as the plain path up to float rounding (tested: the same log-probs for the same
+    tokens, the same greedy tokens, the same gradients up to rounding; `merge_lora` says what its rounding leaves).
+    Which ones apply to a run is logged when it starts."""
 
     fast_sampler: bool = True
     """Sample with ttc's backend (its own decoding loop; each prompt's keys/values computed once for its group) for

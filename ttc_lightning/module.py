@@ -180,7 +180,8 @@ class GRPOModule(L.LightningModule):
             torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
         if cpu.enabled(self.levers.cpu, self.device):
             cpu.keep_freed_memory()
-        rank_zero_info(f"ttc: {training_passes(self.prompt_once, self.levers.prompt_once)}")
+        passes = training_passes(self.policy, self.levers.prompt_once, self.hparams.gradient_checkpointing)
+        rank_zero_info(f"ttc: {passes}")
         if self.hparams.tis_cap is not None and not self.sampler.backend.keeps_logps:
             logging.getLogger("ttc").warning(
                 "model.tis_cap has no effect: sampling through generate(), which keeps no log-probs of its own"
@@ -207,8 +208,6 @@ class GRPOModule(L.LightningModule):
     def _micro_batches(self, n: int) -> list[Tensor]:
         # In order, so a group's rows share a micro-batch and its prompt pass; the step sums all their gradients.
         return list(torch.arange(n, device=self.device).split(self.hparams.micro_batch_size))
-
-    # --- training ------------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> dict[str, list[dict[str, Any]]]:
         """One rollout and `num_iterations` optimizer steps on it.
@@ -345,8 +344,6 @@ class GRPOModule(L.LightningModule):
         )
         return adamw_with_schedule(params, hp.learning_rate, hp.weight_decay, hp.lr_scheduler, hp.warmup_steps, total)
 
-    # --- evaluation ----------------------------------------------------------------------------------------------
-
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
         self.evaluator.add(batch)
 
@@ -359,8 +356,9 @@ class GRPOModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         scalars = self.evaluator.finish("test" if self.trainer.testing else "val", self.trainer, self._log_dir)
-        if scalars:  # in metrics.csv at the optimizer step, as the training rows (Lightning's step counts batches)
-            self.log_dict({**scalars, "step": float(self.trainer.global_step)})
+        if scalars and self.trainer.state.fn == "fit":  # at the optimizer step, as the training rows of metrics.csv
+            scalars["step"] = float(self.trainer.global_step)
+        self.log_dict(scalars)
 
     on_test_epoch_end = on_validation_epoch_end
 
@@ -372,8 +370,6 @@ class GRPOModule(L.LightningModule):
     def _log_dir(self) -> Path:
         # trainer.log_dir is a collective call under DDP: looked up once, by every rank.
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
-
-    # --- checkpoints ---------------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep what training changed: the LoRA weights under LoRA, the policy otherwise, never the reference."""

@@ -66,7 +66,14 @@ def test_generate_runs_a_checkpoint_on_a_function_from_a_file_or_stdin(run_ttc, 
         (["--max_new_token", "4"], 2, "unknown option --max_new_token; did you mean --max_new_tokens?"),
         (["--max_new_tokens", "100000"], 1, "--max_new_tokens 100000: the model's context holds"),
     )
-    for args, status, message in given:
+    given += (
+        ((), 2, "the following arguments are required: --output_dir"),
+        (("--output_dir", "out", "--merg"), 2, "unknown option --merg; did you mean --merge?"),
+    )
+    for args, status, message in given[-2:]:  # export's command line, as strict as generate's
+        code, _, err = run_ttc("export", "--ckpt_path", "run", *args)
+        assert code == status and err == f"ttc: error: {message}\n", (args, err)
+    for args, status, message in given[:-2]:
         code, _, err = run_ttc("generate", "--ckpt_path", "run", "--file", str(func), *args)
         last = err.splitlines()[-1]
         assert code == status and last.startswith(f"ttc: error: {message}") and "Traceback" not in err, (args, err)

@@ -2,8 +2,8 @@
 
 peft computes `B(A(x))`, scales it and adds it to the base output as three tensors the size of the layer's output,
 each read and written again in the backward pass. `torch.addmm(base, A(x), B^T, alpha=scaling)` does the same sum
-in the matmul's epilogue (with scaling 2, the default alpha / r, the results and gradients are bit-for-bit the
-same; tested). Measured in benchmarks/README.md.
+in the matmul's epilogue: the same results and gradients up to float rounding (tested; bit for bit at scaling 2,
+the default alpha / r, on the machines measured). Measured in benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -348,8 +350,26 @@ def upload(directory: Path, repo_id: str) -> None:
         ) from None
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The parser of `ttc export` and `ttc generate`: no abbreviated options, and one line and status 2 for a command
+    line that does not parse, with a suggestion for a mistyped option."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.search(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            option = unknown.group(1).split("=")[0]
+            known = [name for action in self._actions for name in action.option_strings]
+            close = difflib.get_close_matches(option, known, n=1, cutoff=0.75)
+            message = f"unknown option {option}" + (f"; did you mean {close[0]}?" if close else "")
+        print(f"ttc: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="ttc export",
         description="Write a ttc checkpoint as a Hugging Face model directory (model or LoRA adapter, tokenizer).",
     )

@@ -11,7 +11,7 @@ import argparse
 import difflib
 import re
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
@@ -22,6 +22,7 @@ from ttc_lightning.levers import Levers
 from ttc_lightning.model.loading import Policy, eos_token_ids
 from ttc_lightning.rewards.answers import parse_answer, split_think_answer
 from ttc_lightning.rewards.patch import apply_completion
+from ttc_lightning.run.export import CommandParser
 from ttc_lightning.sampling.sampler import Sampler
 
 TASKS = {"PrimeVulPatchDataModule": "patch", "PrimeVulClassificationDataModule": "classify"}
@@ -102,7 +103,8 @@ def generate(args: argparse.Namespace) -> str:
     func = sys.stdin.read() if args.file == "-" else _read(args.file)
     if not func.strip():
         raise TTCError(f"--file {args.file}: no function (it is empty)")
-    checkpoint = load_ttc_checkpoint(args.ckpt_path, "generating with")
+    path = checkpoint_file(args.ckpt_path, "generating with")
+    checkpoint = load_ttc_checkpoint(path)
     task = args.task or checkpoint_task(checkpoint)
     if task is None:
         raise TTCError(
@@ -112,7 +114,7 @@ def generate(args: argparse.Namespace) -> str:
     system, template = prompt_options(task, args)
     check_prompts(checkpoint, system, template)
     prompt = build_prompt(task, func, args, system, template)
-    trained = load_trained_policy(checkpoint, checkpoint_file(args.ckpt_path, "generating with"))
+    trained = load_trained_policy(checkpoint, path)
     hp = checkpoint["hyper_parameters"]
     limit = prompt_limit(trained.model_path, trained.model_name_or_path, 1)  # the context, less one new token
     max_new_tokens = args.max_new_tokens or hp.get("max_new_tokens", 128)
@@ -122,7 +124,8 @@ def generate(args: argparse.Namespace) -> str:
     top = {"top_p": hp.get("top_p", 1.0), "top_k": hp.get("top_k", 0)}  # the run's sampling settings
     if torch.cuda.is_available():
         trained.model.cuda()
-    sampler = Sampler(policy, Levers(), lora=trained.lora, quantized=False, **top)
+    levers = {k: v for k, v in (hp.get("levers") or {}).items() if k in Levers.__dataclass_fields__}
+    sampler = Sampler(policy, Levers(**levers), lora=trained.lora, quantized=False, **top)
     samples = sampler.sample([prompt], num_samples=1, temperature=args.temperature, max_new_tokens=max_new_tokens)
     return report(task, func, samples.texts[0])
 
@@ -132,20 +135,6 @@ def _read(path: str) -> str:
         return open(path, encoding="utf-8").read()  # noqa: SIM115
     except (OSError, UnicodeDecodeError) as e:
         raise TTCError(f"--file {path}: cannot read it ({e})") from None
-
-
-class GenerateParser(argparse.ArgumentParser):
-    """One line and status 2 for a command line that does not parse, with a suggestion for a mistyped option."""
-
-    def error(self, message: str) -> NoReturn:
-        unknown = re.search(r"unrecognized arguments: (\S+)", message)
-        if unknown:
-            option = unknown.group(1).split("=")[0]
-            known = [name for action in self._actions for name in action.option_strings]
-            close = difflib.get_close_matches(option, known, n=1, cutoff=0.75)
-            message = f"unknown option {option}" + (f"; did you mean {close[0]}?" if close else "")
-        print(f"ttc: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def at_least(least: float, kind: type) -> Any:
@@ -162,7 +151,7 @@ def at_least(least: float, kind: type) -> Any:
 
 
 def main(argv: list[str]) -> None:
-    parser = GenerateParser(prog="ttc generate", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = CommandParser(prog="ttc generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint of ttc fit, or a run directory (its newest)")
     parser.add_argument("--file", default="-", help="the C/C++ function; - (the default) reads standard input")
     parser.add_argument("--task", choices=["patch", "classify"], help="default: the task the checkpoint trained on")

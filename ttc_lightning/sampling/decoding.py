@@ -59,7 +59,8 @@ def effective_config(model: torch.nn.Module, config: GenerationConfig | None) ->
 
 
 def decodes_alone(model: torch.nn.Module, config: GenerationConfig | None = None) -> bool:
-    """Whether `decode` can sample for `model` with `config` exactly as its generate() would.
+    """Whether `decode` samples for `model` with `config` from the distribution its generate() would (the same
+    logits processors; its own draws).
 
     Fields of the model's own generation config that `config` sets anyway (Qwen2.5-Instruct ships temperature,
     top-k/p and a repetition penalty) do not count: generate() would not use them either.

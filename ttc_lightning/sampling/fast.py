@@ -99,7 +99,9 @@ def plan_for(model: torch.nn.Module, levers: Levers, *, lora: bool, quantized: b
     elif levers.merge_lora and lora:
         merge = "in place" if next(model.parameters()).dtype == torch.float32 else "copy"
     use_cpu = cpu.enabled(levers.cpu, device)
-    return FastPlan(share, graph, merge, use_cpu and cpu.can_pack(model), share and use_cpu, off)
+    # Only where some layer is large enough to pack (`cpu.PACK_MIN_WEIGHTS`); the tiny model's are not.
+    large = any(m.weight.numel() >= cpu.PACK_MIN_WEIGHTS for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return FastPlan(share, graph, merge, use_cpu and large and cpu.can_pack(model), share and use_cpu, off)
 
 
 class FastBackend:

@@ -24,14 +24,26 @@ LOGITS_CHUNK_BYTES = 128 << 20
 CHECKPOINTS_WITH_CACHE = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
 
 
-def training_passes(prompt_once: bool, lever: bool) -> str:
-    """The run's line on the training passes: one per distinct prompt (`prompt_once`), or one per completion and why
-    (the lever `model.levers.prompt_once` off, or a transformers release ttc's cache layers were not tested with)."""
-    if prompt_once:
+def training_passes(model: torch.nn.Module, lever: bool, checkpointed: bool) -> str:
+    """The run's line on the training passes of `model`: one per distinct prompt, or one per completion and why (the
+    lever `model.levers.prompt_once` off, a transformers release ttc's cache layers were not tested with, a model
+    whose cache is not all full-attention layers, another family under gradient checkpointing)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    known = fast_decode_model(lm) is not None
+    why = None
+    if not lever:
+        why = "the lever is off"
+    elif transformers_refusal():
+        why = transformers_refusal()
+    elif not known and checkpointed:
+        why = f"{lm.config.model_type} under gradient checkpointing"
+    elif known and recording_cache(lm.config) is None:
+        why = "the model's cache has layers other than full attention"
+    elif known and checkpointed and not CHECKPOINTS_WITH_CACHE:
+        why = "this transformers release drops a cache under gradient checkpointing"
+    if why is None:
         return "training log-probs with one pass per prompt"
-    return (
-        f"training log-probs with one pass per completion ({transformers_refusal() if lever else 'the lever is off'})"
-    )
+    return f"training log-probs with one pass per completion ({why})"
 
 
 def completion_logps(
