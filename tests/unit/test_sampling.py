@@ -205,9 +205,7 @@ def test_a_newer_transformers_samples_and_trains_through_the_plain_paths(monkeyp
         "sampling with generate() (ttc's backend off: transformers 5.40.0 is outside the releases it was tested with "
         "(5.17 to below 5.26))"
     )
-    assert "one pass per completion (transformers 5.40.0" in training_passes(
-        module.policy, module.prompt_once, True, False
-    )
+    assert "one pass per completion (transformers 5.40.0" in training_passes(module.policy, True, False)
     samples = module.generate(["a prompt"], num_samples=2, temperature=1.0, max_new_tokens=4)
     assert samples.logps is None and samples.completion_ids.size(0) == 2
 
