@@ -167,6 +167,21 @@ def wait_for(
         time.sleep(0.1)
 
 
+def gone(pid: int, within: float = 5.0) -> bool:
+    """Whether process `pid` has ended within `within` seconds (a zombie waiting for its reaper counts as ended)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        stat = Path(f"/proc/{pid}/stat")
+        if stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
 # --- PrimeVul lines and patch answers -------------------------------------------------------------------------------
 
 

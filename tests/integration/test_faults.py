@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -29,6 +30,7 @@ from tests.helpers import (
     OLD_LORA,
     TINY,
     finish,
+    gone,
     pair,
     process_env,
     read_metrics,
@@ -40,6 +42,7 @@ from tests.helpers import (
     write,
 )
 from ttc_lightning.model.tiny import save_tiny
+from ttc_lightning.rewards import command_reward
 from ttc_lightning.run.cli import main
 from ttc_lightning.run.directory import LOCK_FILE
 
@@ -82,6 +85,25 @@ def sleeping_reward(completions: list[str], **_) -> list[float]:
         Path(os.environ["TTC_TEST_SLEEPING"]).touch()
         time.sleep(300)
     return [float(len(set(c))) for c in completions]
+
+
+def checking_reward(completions: list[str], **_) -> list[float | None]:
+    """As `sleeping_reward`, but at step 2 a `command_reward` check sleeps 300 s, after it started another `sleep`
+    in a session of its own; it writes both ids to the file TTC_TEST_SLEEPING names."""
+    _calls["n"] += 1
+    if _calls["n"] != 3:
+        return [float(len(set(c))) for c in completions]
+    sleeping = os.environ["TTC_TEST_SLEEPING"]
+    script = f"setsid sleep 300 & echo $$ $! > {sleeping}.part && mv {sleeping}.part {sleeping} && exec sleep 300"
+    edit = "<<<<<<< SEARCH\n  return x;\n=======\n  return x & 1;\n>>>>>>> REPLACE"
+    patch = f"<think>\nmask\n</think>\n<answer>\n{edit}\n</answer>"
+    vulnerable = "int f(int x)\n{\n  return x;\n}"
+    return command_reward(
+        [patch] * len(completions),
+        command=f"sh -c {shlex.quote(script)}",
+        vulnerable_func=[vulnerable] * len(completions),
+        timeout=300,
+    )
 
 
 class PoisonWeights(L.Callback):
@@ -613,11 +635,13 @@ def test_signal_saves_an_interrupt_checkpoint_and_keeps_the_others(run, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["2", "1"], ids=["worker-threads", "training-thread"])
-def test_sigterm_while_a_reward_hangs_stops_the_run_at_once(tmp_path, kill_on_exit, workers):
+@pytest.mark.parametrize("reward", ["sleeping_reward", "checking_reward"], ids=["python", "command"])
+def test_sigterm_while_a_reward_hangs_stops_the_run_at_once(tmp_path, kill_on_exit, reward, workers):
     # reward_workers 2: the step waits for the reward on a worker thread; 1 (no reward_timeout): it runs in the
-    # training thread itself. Either way the signal must not wait for the reward's 300 s.
+    # training thread itself. Either way the signal must not wait for the reward's 300 s, and no process a
+    # command_reward check started may outlive the run.
     sleeping = tmp_path / "sleeping"
-    rewards = ["--model.rewards", f"[{HERE}.sleeping_reward]", "--model.reward_workers", workers]
+    rewards = ["--model.rewards", f"[{HERE}.{reward}]", "--model.reward_workers", workers]
     proc = start_ttc(tmp_path, *rewards, "--trainer.max_steps", "10", env=process_env(TTC_TEST_SLEEPING=str(sleeping)))
     kill_on_exit(proc)
     wait_for(proc, tmp_path, sleeping.exists, "the reward of step 2")
@@ -629,6 +653,12 @@ def test_sigterm_while_a_reward_hangs_stops_the_run_at_once(tmp_path, kill_on_ex
     assert "Traceback" not in out
     checkpoint = tmp_path / "run" / "checkpoints" / "last-interrupted.ckpt"
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
+    if reward == "checking_reward":
+        check, escaped = map(int, sleeping.read_text().split())
+        alive = [pid for pid in (check, escaped) if not gone(pid)]
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+        assert alive == []
 
 
 @pytest.mark.slow

@@ -1,13 +1,18 @@
 import json
+import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import gone
 from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.data.primevul import load_pairs
 from ttc_lightning.data.tasks import patch_row
@@ -35,21 +40,6 @@ def sh(tmp_path: Path, body: str, name: str = "check.sh") -> str:
     script = tmp_path / name
     script.write_text(body)
     return f"sh {script} {{dir}} {{file}}"
-
-
-def gone(pid: int, within: float = 5.0) -> bool:
-    """Whether process `pid` has ended (a zombie waiting for its reaper counts as ended)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        stat = Path(f"/proc/{pid}/stat")
-        if stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_exit_zero_passes_and_other_statuses_fail(tmp_path):
@@ -199,6 +189,9 @@ def test_a_program_that_is_not_executable_is_a_configuration_error(tmp_path):
         ({"command": "true", "exit_rewards": {0: "high"}}, r"exit_rewards\[0\] must be a number or null"),
         ({"command": "true", "exit_rewards": [0, 1]}, "exit_rewards must map exit statuses to rewards"),
         ({"command": "true", "timeout_reward": "zero"}, "timeout_reward must be a number or null"),
+        ({"command": "true", "max_cpu_seconds": 0}, "max_cpu_seconds must be a number of seconds above 0, or null"),
+        ({"command": "true", "max_file_size": 100}, "max_file_size must be a number of bytes of at least 512"),
+        ({"command": "true", "max_file_size": 1e9}, "max_file_size must be a number of bytes"),
     ],
 )
 def test_bad_options_name_the_option(options, message):
@@ -230,3 +223,155 @@ def test_gcc_checks_the_syntax_of_a_sample_function():
     )
     columns = {k: [v] * 3 for k, v in row.items() if k != "prompt"}
     assert compiles([oracle, broken, "<think>...</think><answer>add a check</answer>"], **columns) == [1.0, 0.0, -1.0]
+
+
+# ---------------------------------------------------------------- containment: processes, output, resources
+
+
+def pids_in(path: Path, count: int = 1, within: float = 5.0) -> list[int]:
+    """The `count` process ids a check wrote to `path`, one a line, once it has written them all."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if path.exists() and len(lines := path.read_text().split()) >= count:
+            return [int(pid) for pid in lines[:count]]
+        time.sleep(0.02)
+    raise AssertionError(f"the check wrote no {count} pids to {path}")
+
+
+def assert_all_gone(pids: list[int]) -> None:
+    """Every one of `pids` has ended; those that have not are killed (a failing test leaves nothing running)."""
+    alive = [pid for pid in pids if not gone(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert alive == []
+
+
+DOUBLE_FORK = """\
+import os, sys, time
+if os.fork():
+    os._exit(0)
+os.setsid()
+if os.fork():
+    os._exit(0)
+with open(sys.argv[1], "a") as f:
+    f.write(f"{os.getpid()}\\n")
+time.sleep(300)
+"""
+
+
+def escaping(tmp_path: Path, then: str) -> tuple[str, Path]:
+    """A check that starts a `sleep 300` in a session of its own and a double-forked daemon, writes their ids to
+    `pids`, then runs `then`."""
+    pids = tmp_path / "pids"
+    daemon = tmp_path / "daemon.py"
+    daemon.write_text(DOUBLE_FORK)
+    body = f"setsid sleep 300 &\necho $! >> {pids}\n{sys.executable} {daemon} {pids}\n{then}\n"
+    return sh(tmp_path, body), pids
+
+
+def test_processes_a_check_starts_in_new_sessions_are_killed_when_it_exits(tmp_path):
+    command, pids = escaping(tmp_path, "exit 0")
+    assert command_reward([fix()], command=command, **columns(1)) == [1.0]
+    assert_all_gone(pids_in(pids, 2))
+
+
+def test_processes_a_check_starts_in_new_sessions_are_killed_when_it_times_out(tmp_path):
+    command, pids = escaping(tmp_path, "sleep 60")
+    started = time.monotonic()
+    assert command_reward([fix()], command=command, timeout=1, **columns(1)) == [0.0]
+    assert time.monotonic() - started < 4
+    assert_all_gone(pids_in(pids, 2))
+
+
+def test_interrupting_the_call_kills_its_checks(tmp_path):
+    # Ctrl-C (or SIGTERM, whose handler raises in this thread) while the calling thread waits for two checks.
+    command, pids = escaping(tmp_path, "sleep 60")
+    interrupted = []
+
+    def interrupt() -> None:
+        pids_in(pids, 4, within=30)  # both checks started what they start
+        interrupted.append(time.monotonic())
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        command_reward([fix(1), fix(2), fix(3)], command=command, max_concurrency=2, **columns(3))
+    assert time.monotonic() - interrupted[0] < 3
+    assert_all_gone(pids_in(pids, 4))
+    assert len(pids.read_text().split()) == 4  # the third check never started
+
+
+EXIT_DURING_A_CHECK = """
+import sys, threading, time
+from pathlib import Path
+from ttc_lightning.rewards.command import command_reward
+
+command, pids, vulnerable, completion = sys.argv[1:]
+check = threading.Thread(
+    target=command_reward, args=([completion],), kwargs={"command": command, "vulnerable_func": [vulnerable]},
+    daemon=True,  # as a reward call past its time limit, or one the main thread stopped waiting for
+)
+check.start()
+while not Path(pids).exists() or len(Path(pids).read_text().split()) < 2:
+    time.sleep(0.02)
+sys.exit(143)
+"""
+
+
+def test_checks_still_running_when_the_program_exits_are_killed(tmp_path):
+    command, pids = escaping(tmp_path, "sleep 60")
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_DURING_A_CHECK, command, str(pids), V, fix()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 143, done.stderr
+    assert time.monotonic() - started < 10  # not held by the check's 60 s
+    assert_all_gone(pids_in(pids, 2))
+
+
+def test_the_checks_output_is_never_written_to_a_file(tmp_path, caplog):
+    # stdout is /dev/null (a pipe read by a thread when the debug log is on), never a temporary file.
+    command = sh(tmp_path, "if [ -f /proc/$$/fd/1 ] || [ -f /proc/$$/fd/2 ]; then exit 3; fi\n")
+    assert command_reward([fix()], command=command, **columns(1)) == [1.0]
+    caplog.set_level(logging.DEBUG, logger="ttc")
+    assert command_reward([fix()], command=command, **columns(1)) == [1.0]
+
+
+def test_a_flood_of_output_keeps_only_its_tail(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="ttc")
+    command = sh(tmp_path, "echo first\nyes\n")
+    started = time.monotonic()
+    assert command_reward([fix()], command=command, timeout=0.5, **columns(1)) == [0.0]
+    assert time.monotonic() - started < 3
+    [record] = [r for r in caplog.records if "timed out" in r.getMessage()]
+    output = record.getMessage().split("timed out:\n", 1)[1]
+    assert 0 < len(output) <= 4096 and set(output.split()) == {"y"}
+
+
+def test_files_a_check_writes_are_limited_in_size(tmp_path):
+    # head is stopped at 2048 bytes; the script exits with the size in KB that got written
+    command = sh(tmp_path, 'head -c 5000 /dev/zero > big\nexit "$(( $(wc -c < big) / 1024 ))"\n')
+    assert command_reward([fix()], command=command, max_file_size=2048, exit_rewards={2: 1.0}, **columns(1)) == [1.0]
+    assert command_reward([fix()], command=command, exit_rewards={4: 1.0}, **columns(1)) == [1.0]  # 1 GiB default
+
+
+def test_cpu_time_is_limited_per_process(tmp_path, caplog):
+    command = sh(tmp_path, "while :; do :; done\n")
+    started = time.monotonic()
+    rewards = {-signal.SIGXCPU: 0.5}
+    assert command_reward([fix()], command=command, timeout=20, max_cpu_seconds=0.5, exit_rewards=rewards,
+                          **columns(1)) == [0.5]  # fmt: skip
+    assert time.monotonic() - started < 10  # 1 s of CPU (rounded up), not the 20 s timeout
+    assert "was killed by SIGXCPU (status -24): it went past max_cpu_seconds" in caplog.text
+
+
+def test_the_function_and_the_row_reach_the_check_in_files_only(tmp_path):
+    seen = tmp_path / "seen"
+    command = sh(tmp_path, f"cat /proc/$$/cmdline /proc/$$/environ > {seen}\n")
+    assert command_reward([fix(424242)], command=command, **columns(1, cve="CVE-4242-4242")) == [1.0]
+    process = seen.read_bytes()
+    assert b"424242" not in process and b"CVE-4242-4242" not in process and b"return x" not in process
+    assert b"\0TTC_CHECK_ID=" in process
