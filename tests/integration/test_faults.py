@@ -25,6 +25,7 @@ import torch
 
 from tests.helpers import (
     DEMO,
+    DEMO_PROMPTS,
     FAST,
     OLD_FULL,
     OLD_LORA,
@@ -41,6 +42,7 @@ from tests.helpers import (
     wait_for,
     write,
 )
+from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.model.tiny import save_tiny
 from ttc_lightning.rewards import command_reward
 from ttc_lightning.run.cli import main
@@ -313,6 +315,51 @@ def test_mismatch_can_be_allowed_explicitly(run_ttc, run):
     code, _, err = run_ttc("fit", *run_args(run, *allow, "--trainer.max_steps", "3", "--ckpt_path", "last"))
     assert code == 0, err
     assert "ttc: warning: --ckpt_path: the checkpoint was trained with model.lora alpha=8 (now 16)" in err
+
+
+def test_resuming_on_other_training_data_is_refused_unless_allowed(run_ttc, run, tmp_path, val):
+    # The run trained on the demo prompts: the same prompts in another file are the same data, an edited copy is not.
+    same, other = tmp_path / "same.jsonl", tmp_path / "other.jsonl"
+    shutil.copy(DEMO_PROMPTS, same)
+    other.write_text(DEMO_PROMPTS.read_text().replace("buffer", "string"))
+    before = hashes(run)
+    resume = ["--trainer.max_steps", "3", "--ckpt_path", "last"]
+    code, _, err = run_ttc("fit", *run_args(run, *LORA, "--data.train_path", str(other), *resume))
+    assert_one_line_error(
+        code,
+        err,
+        f"the checkpoint was trained on other data: {DEMO_PROMPTS} (sha256 ",
+        f"and this run's data.train_path read {other} (sha256 ",
+        "--model.allow_checkpoint_mismatch true",
+    )
+    assert_kept(before, run)
+    code, _, err = run_ttc(
+        "validate", *run_args(run, *LORA, "--data.train_path", str(other), *val, "--ckpt_path", "last")
+    )
+    assert code == 0, err  # an evaluation reads no training data: nothing to compare
+    code, _, err = run_ttc("fit", *run_args(run, *LORA, "--data.train_path", str(same), *resume))
+    assert code == 0, err
+    allow = ["--model.allow_checkpoint_mismatch", "true", "--trainer.max_steps", "4", "--ckpt_path", "last"]
+    code, _, err = run_ttc("fit", *run_args(run, *LORA, "--data.train_path", str(other), *allow))
+    assert code == 0, err
+    assert f"ttc: warning: --ckpt_path: the checkpoint was trained on other data: {same} (sha256" in err
+
+
+def test_resuming_on_a_changed_primevul_split_names_the_data_options(run_ttc, tmp_path):
+    data = Path(shutil.copytree(SAMPLE_DIR, tmp_path / "data"))
+    args = ["--config", DEMO, *FAST, "--trainer.default_root_dir", str(tmp_path / "run"), "--data.data_path", str(data)]
+    assert run_ttc("fit", *args, "--trainer.max_steps", "1")[0] == 0
+    train = data / "primevul_train_paired.jsonl"
+    lines = train.read_text().splitlines(keepends=True)
+    train.write_text("".join(lines[2:] + lines[:2]))  # the same pairs in another order: other rows at each position
+    code, _, err = run_ttc("fit", *args, "--trainer.max_steps", "2", "--ckpt_path", "last")
+    assert_one_line_error(
+        code,
+        err,
+        f"the checkpoint was trained on {train} (sha256 ",
+        "which has changed since (data.data_path / data.train_split: sha256 ",
+        "--model.allow_checkpoint_mismatch true",
+    )
 
 
 @pytest.mark.parametrize(("ckpt", "lora"), [(OLD_LORA, LORA), (OLD_FULL, [])], ids=["lora", "full"])

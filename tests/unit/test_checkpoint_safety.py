@@ -256,6 +256,57 @@ def test_a_prompt_mismatch_names_the_prompt_options(saved, now, message):
         check_identity({**identity(), "task": saved}, {**identity(), "task": now}, allow_mismatch=False)
 
 
+TRAIN = {"options": "data.data_path / data.train_split", "source": "d/primevul_train_paired.jsonl", "digest": "aa"}
+
+
+def with_data(data, task="PrimeVulPatchDataModule"):
+    return {**identity(), "task": task, "data": data}
+
+
+@pytest.mark.parametrize(
+    ("saved", "message"),
+    [
+        (
+            {**TRAIN, "source": "e/primevul_train_paired.jsonl", "digest": "bb"},
+            "was trained on other data: e/primevul_train_paired.jsonl (sha256 bb), and this run's data.data_path / "
+            "data.train_split read d/primevul_train_paired.jsonl (sha256 aa)",
+        ),
+        (
+            {**TRAIN, "digest": "bb"},
+            "was trained on d/primevul_train_paired.jsonl (sha256 bb), which has changed since "
+            "(data.data_path / data.train_split: sha256 aa)",
+        ),
+    ],
+    ids=["other-file", "file-changed"],
+)
+def test_other_training_data_is_refused_or_allowed_with_a_warning(saved, message, caplog):
+    with pytest.raises(TTCError) as error:
+        check_identity(with_data(saved), with_data(TRAIN), allow_mismatch=False)
+    assert str(error.value) == (
+        f"--ckpt_path: the checkpoint {message}; use the settings of the run that wrote it, or "
+        "--model.allow_checkpoint_mismatch true"
+    )
+    with caplog.at_level(logging.WARNING, logger="ttc"):
+        check_identity(with_data(saved), with_data(TRAIN), allow_mismatch=True)
+    assert "loaded anyway: model.allow_checkpoint_mismatch" in caplog.text
+
+
+def test_training_data_is_compared_by_its_bytes_and_only_when_both_are_known():
+    moved = {**TRAIN, "source": "elsewhere/primevul_train_paired.jsonl"}
+    check_identity(with_data(moved), with_data(TRAIN), allow_mismatch=False)  # the same bytes elsewhere
+    check_identity({**identity(), "task": "PrimeVulPatchDataModule"}, with_data(TRAIN), allow_mismatch=False)  # old
+    check_identity(with_data({**TRAIN, "digest": "bb"}), with_data(None), allow_mismatch=False)  # an evaluation
+    hub = {"options": TRAIN["options"], "source": "hf://a/b (train, paired)", "digest": None}
+    check_identity(with_data(hub), with_data(hub), allow_mismatch=False)
+    other = r"other data: hf://a/b \(train, paired\), and this run's .* read hf://a/c \(train, paired\);"
+    with pytest.raises(TTCError, match=other):
+        check_identity(with_data(hub), with_data({**hub, "source": "hf://a/c (train, paired)"}), allow_mismatch=False)
+    # another data module is another task, said once: its data is not compared as well
+    with pytest.raises(TTCError) as error:
+        check_identity(with_data({**TRAIN, "digest": "bb"}, "PromptDataModule"), with_data(TRAIN), False)
+    assert "trained on task PromptDataModule" in str(error.value) and "sha256" not in str(error.value)
+
+
 def test_a_checkpoint_without_fingerprint_loads_with_a_warning(caplog):
     old = {"model_name_or_path": "tiny", "lora": True}  # what ttc 0.1 wrote
     with caplog.at_level(logging.WARNING, logger="ttc"):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
+from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from torch.utils.data import DistributedSampler
 
+from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.data.common import ResumableLoader
 from ttc_lightning.data.tasks import (
     PrimeVulClassificationDataModule,
@@ -337,3 +341,32 @@ def test_custom_prompts_are_part_of_the_checkpoints_task():
     assert plain == "PrimeVulPatchDataModule" and custom.startswith("PrimeVulPatchDataModule prompts=")
     again = run_identity("tiny", None, None, PrimeVulPatchDataModule(system_prompt="Be brief."))["task"]
     assert again == custom
+
+
+@pytest.mark.parametrize(
+    ("task", "train_file"),
+    [
+        (PrimeVulPatchDataModule, "primevul_train_paired.jsonl"),
+        (partial(PrimeVulClassificationDataModule, paired=True), "primevul_train_paired.jsonl"),
+        (PrimeVulClassificationDataModule, "primevul_train.jsonl"),
+    ],
+    ids=["patch", "classification-paired", "classification"],
+)
+def test_the_checkpoints_identity_records_the_training_data(tmp_path, task, train_file):
+    from ttc_lightning.run.checkpoints import run_identity
+
+    data = Path(shutil.copytree(SAMPLE_DIR, tmp_path / "data"))
+    dm = task(data_path=str(data))
+    dm.setup("validate")
+    assert dm.data_identity() is None  # no training data read: an evaluation compares none
+    dm.setup("fit")
+    record = run_identity("tiny", None, None, dm)["data"]
+    assert record["options"] == "data.data_path / data.train_split" and record["source"] == str(data / train_file)
+    moved = task(data_path=str(Path(shutil.copytree(data, tmp_path / "moved"))))
+    moved.setup("fit")
+    assert moved.data_identity()["digest"] == record["digest"]  # the same bytes elsewhere: the same data
+    with (data / train_file).open("a") as f:
+        f.write("\n")  # any change to the file, even one that reads the same
+    changed = task(data_path=str(data))
+    changed.setup("fit")
+    assert changed.data_identity()["digest"] != record["digest"]

@@ -28,13 +28,15 @@ from ttc_lightning.data.common import (
     capped_prompt_limit,
     collate_groups,
     collate_rows,
+    data_record,
     draw_train_batch,
+    file_digest,
     filter_by_prompt_length,
     seeded_generator,
     seeded_shuffle,
     trained_batches,
 )
-from ttc_lightning.data.primevul import HF_PREFIX
+from ttc_lightning.data.primevul import HF_PREFIX, source_name
 from ttc_lightning.errors import TTCError
 
 log = logging.getLogger("ttc")
@@ -297,10 +299,20 @@ class TaskDataModule(L.LightningDataModule):
         self.train_rows: list[Row] = []
         self.val_rows: list[Row] = []
         self.test_rows: list[Row] = []
+        self.train_data: dict[str, Any] | None = None  # `data_identity`, once the train split is read
 
     def prompt_identity(self) -> str | None:
         """A short hash of the prompt options when either is set (what a checkpoint's task records), else None."""
         return prompt_hash(self.system_text, self.user_text)
+
+    def data_identity(self) -> dict[str, Any] | None:
+        """What the training rows were read from (`common.data_record`: the train split's file and a hash of its
+        bytes), which a checkpoint records; None until `setup` has read the train split (evaluation)."""
+        return self.train_data
+
+    def paired_files(self) -> bool:
+        """Whether the task reads the paired files (primevul_<split>_paired.jsonl)."""
+        return False
 
     def read(self, split: str, training: bool) -> list[Row]:
         """The rows of `split` (`training`: it is the split trained on)."""
@@ -314,6 +326,9 @@ class TaskDataModule(L.LightningDataModule):
         if stage in (None, "fit"):
             rows = self.read(self.train_split, training=True)
             self.train_rows = self._finish(rows, self.train_split, keep_pairs=self.pairs_in_training, limit=None)
+            source = source_name(self.data_path, self.train_split, self.paired_files())
+            digest = None if self.data_path.startswith(HF_PREFIX) else file_digest(source)
+            self.train_data = data_record("data.data_path / data.train_split", source, digest)
         if stage in (None, "fit", "validate"):
             if self.val_split is None:
                 if stage == "validate":

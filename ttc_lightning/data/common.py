@@ -3,6 +3,7 @@ training loader that resumes in the middle of an epoch and lends the module furt
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -95,6 +96,30 @@ def lone_surrogate(path: str | Path, lineno: int, field: str | None, where: str,
         f"a lone surrogate (\\u{ord(char):04x} {where}) is not text: a \\ud800-\\udfff escape must be one half of "
         "a pair, like \\ud83d\\ude00; fix or remove it",
     )
+
+
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """A short sha256 of a file's bytes (worked out once per file, size and modification time): what a checkpoint
+    records of the data it was trained on, the same wherever the file is copied to."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        _digests[key] = digest.hexdigest()[:16]
+    return _digests[key]
+
+
+def data_record(options: str, source: str, digest: str | None) -> dict[str, Any]:
+    """A data module's `data_identity`: the `options` that name the training data, the file (or Hub split) it was
+    read from, and the file's `file_digest` (None for a Hub dataset: then the name alone is compared)."""
+    return {"options": options, "source": source, "digest": digest}
 
 
 def collate_rows(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:

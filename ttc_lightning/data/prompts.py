@@ -14,7 +14,9 @@ from ttc_lightning.data.base import Record, best_completion, prompt_length_limit
 from ttc_lightning.data.common import (
     ResumableLoader,
     collate_rows,
+    data_record,
     draw_train_batch,
+    file_digest,
     filter_by_prompt_length,
     read_jsonl,
     seeded_generator,
@@ -101,6 +103,7 @@ class PromptDataModule(L.LightningDataModule):
         self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
         self.tokenizer: Any = None
         self.splits: dict[str, list[dict[str, Any]]] = {}
+        self.train_data: dict[str, Any] | None = None  # `data_identity`, once the training prompts are read
 
     def setup(self, stage: str) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}[stage]
@@ -120,6 +123,13 @@ class PromptDataModule(L.LightningDataModule):
                     "data.max_prompt_tokens or use shorter prompts"
                 )
             self.splits[split] = rows
+            if split == "train":
+                self.train_data = data_record("data.train_path", str(paths[split]), file_digest(paths[split]))
+
+    def data_identity(self) -> dict[str, Any] | None:
+        """What the training prompts were read from (`common.data_record`: the file and a hash of its bytes), which
+        a checkpoint records; None until `setup` has read them (evaluation)."""
+        return self.train_data
 
     def train_dataloader(self) -> DataLoader:
         # A seeded generator: the same order for the same seed, a new order each epoch (also under DDP's sampler).

@@ -197,6 +197,9 @@ class PrimeVulClassificationDataModule(TaskDataModule):
         if cwe_labels is not None:
             self.labels = [*cwe_labels, OTHER]
 
+    def paired_files(self) -> bool:
+        return self.paired
+
     def _items(self, split: str) -> list[tuple[PrimeVulRecord, str]]:
         """(record, pair_id) of a split; only vulnerable functions in cwe mode."""
         options = {"labels_inverted": self.labels_inverted, "check_labels": self.check_labels}
@@ -265,6 +268,9 @@ class PrimeVulPatchDataModule(TaskDataModule):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+
+    def paired_files(self) -> bool:
+        return True
 
     def read(self, split: str, training: bool) -> list[Row]:
         pairs = load_pairs(self.data_path, split, labels_inverted=self.labels_inverted, check_labels=self.check_labels)

@@ -69,8 +69,9 @@ def run_identity(
     model_name_or_path: str, fingerprint: dict[str, Any] | None, lora: Any | None, datamodule: Any | None
 ) -> dict[str, Any]:
     """What a checkpoint must agree on with the run that loads it: the base model (its name and fingerprint), the
-    LoRA settings (a dataclass; None under full fine-tuning) and the task (the data module's class, label mode and
-    a hash of custom prompts; None without a data module)."""
+    LoRA settings (a dataclass; None under full fine-tuning), the task (the data module's class, label mode and
+    a hash of custom prompts; None without a data module) and the training data (the data module's
+    `data_identity`: the train split's file and a hash of its bytes; None when it has read no training data)."""
     task = None if datamodule is None else type(datamodule).__name__
     if task is not None and getattr(datamodule, "label_mode", None):
         task += f" label_mode={datamodule.label_mode}"
@@ -83,6 +84,7 @@ def run_identity(
         "base_fingerprint": fingerprint,
         "lora_settings": None if lora is None else dataclasses.asdict(lora),
         "task": task,
+        "data": getattr(datamodule, "data_identity", lambda: None)(),
     }
 
 
@@ -241,6 +243,9 @@ def check_identity(saved: Mapping[str, Any], current: Mapping[str, Any], allow_m
     task = saved.get("task")
     if task is not None and current["task"] is not None and task != current["task"]:
         differences.append(task_difference(task, current["task"]))
+    difference = data_difference(saved.get("data"), current.get("data"))
+    if difference is not None and not _other_module(task, current["task"]):
+        differences.append(difference)
     if not differences:
         return
     message = "--ckpt_path: the checkpoint " + "; ".join(differences)
@@ -249,6 +254,31 @@ def check_identity(saved: Mapping[str, Any], current: Mapping[str, Any], allow_m
             f"{message}; use the settings of the run that wrote it, or --model.allow_checkpoint_mismatch true"
         )
     log.warning("%s (loaded anyway: model.allow_checkpoint_mismatch)", message)
+
+
+def data_difference(saved: Mapping[str, Any] | None, now: Mapping[str, Any] | None) -> str | None:
+    """How the data a checkpoint was trained on differs from what this run trains on (`run_identity`'s "data": a
+    file by the hash of its bytes, wherever it lies; a Hub dataset by its name), or None when they agree or either
+    is not known (a checkpoint written before ttc recorded it, an evaluation)."""
+    if not saved or not now:
+        return None
+    if saved.get("digest") and now.get("digest"):
+        if saved["digest"] == now["digest"]:
+            return None
+    elif saved.get("source") == now.get("source"):
+        return None
+
+    def shown(data: Mapping[str, Any]) -> str:
+        return f"{data['source']} (sha256 {data['digest']})" if data.get("digest") else str(data["source"])
+
+    if saved.get("source") == now.get("source"):
+        return f"was trained on {shown(saved)}, which has changed since ({now['options']}: sha256 {now['digest']})"
+    return f"was trained on other data: {shown(saved)}, and this run's {now['options']} read {shown(now)}"
+
+
+def _other_module(saved: str | None, now: str | None) -> bool:
+    """Whether two recorded tasks are other data modules (then their data is not compared as well)."""
+    return saved is not None and now is not None and saved.split(" ")[0] != now.split(" ")[0]
 
 
 def task_difference(saved: str, now: str) -> str:
