@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.rewards import command_reward, label_reward, patch
+from ttc_lightning.rewards import command_reward, label_reward, patch, scoring
 from ttc_lightning.rewards.scoring import Reward, RewardScorer, RewardSpec, load_rewards, run_calls
 from ttc_lightning.training.rollout import Rollout, rollout_metrics
 
@@ -486,3 +486,18 @@ def test_sigterm_stops_scoring_even_when_the_reward_catches_the_exception(flaggi
     finally:
         timer.cancel()
     assert time.monotonic() - started < 2
+
+
+def test_sigterm_leaves_the_ranks_of_a_distributed_run_to_stop_together(flagging_sigterm, monkeypatch):
+    # One rank leaving in the middle of a step would leave the others waiting in a collective: under DDP the wait
+    # goes on, and Lightning stops every rank at the start of the next step.
+    monkeypatch.setattr(scoring, "_one_of_several_ranks", lambda: True)
+    release = threading.Event()
+    timer = sigterm_in(0.2)
+    threading.Timer(0.6, release.set).start()
+    try:
+        [future] = run_calls([lambda: release.wait(10)], workers=2, timeout=None)
+    finally:
+        timer.cancel()
+        release.set()
+    assert future.result() is True and flagging_sigterm == [signal.SIGTERM]

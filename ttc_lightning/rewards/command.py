@@ -70,10 +70,11 @@ def command_reward(
        language; without one, C unless only C++'s grammar parses the function) and `record.json`, the row's
        columns as one JSON object (`vulnerable_func` and `file_name` included).
     3. `command` runs there: `{dir}` and `{file}` are replaced by the directory's and the file's paths, already
-       shell-quoted (do not quote them again), the result split with `shlex.split` and run without a shell, in
-       its own session, stdin empty, at most `max_concurrency` commands at once. Other relative paths in the
-       command resolve in that directory: give your own scripts by absolute path. The function's text and the
-       row reach the command in these files only, never on its command line or in its environment.
+       shell-quoted (do not quote them again), the result split with `shlex.split` and run without a shell
+       reading it (a `/bin/sh` sets the limits below, then execs it), in its own session, stdin empty, at most
+       `max_concurrency` commands at once. Other relative paths in the command resolve in that directory: give
+       your own scripts by absolute path. The function's text and the row reach the command in these files only,
+       never on its command line or in its environment.
     4. The exit status maps to the reward through `exit_rewards` (default `{0: 1.0}`); a status it does not list
        gives 0.0. A command killed by signal N has status -N (-11 for SIGSEGV); a shell that reports a killed
        child exits with 128 + N instead. A value may be None: no score, for "could not judge" statuses.

@@ -262,7 +262,9 @@ def run_calls(calls: Sequence[Callable[[], Any]], workers: int, timeout: float |
     thread, where a Python handler is in place (Lightning's, during a run), runs that handler and then stops the
     wait with `SIGTERMException`, as Lightning stops a run at the end of a step: calls still running are left
     behind as late ones are. In the calling thread the exception is raised from the handler, inside the call; a
-    call blocked in C code that does not return to Python when interrupted holds it until it does.
+    call blocked in C code that does not return to Python when interrupted holds it until it does. Not in a
+    process that is one of several ranks (torch.distributed): a rank that left in the middle of a step would leave
+    the others waiting in its collectives, so the ranks stop together where Lightning stops them.
     """
     with _stopped_by_sigterm(inside_calls=workers == 1 and timeout is None) as sigterm:
         if workers == 1 and timeout is None:
@@ -298,7 +300,8 @@ def _stopped_by_sigterm(inside_calls: bool) -> Iterator[threading.Event]:
     then sets the event yielded, and with `inside_calls` raises `SIGTERMException` where the main thread is."""
     received = threading.Event()
     previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    if not callable(previous):  # another thread (signals reach the main thread only), or SIG_DFL / SIG_IGN
+    # Not in another thread (signals reach the main thread only), under SIG_DFL / SIG_IGN, or in one of several ranks.
+    if not callable(previous) or _one_of_several_ranks():
         yield received
         return
 
@@ -316,6 +319,11 @@ def _stopped_by_sigterm(inside_calls: bool) -> Iterator[threading.Event]:
     finally:
         if signal.getsignal(signal.SIGTERM) is handler:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _one_of_several_ranks() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _sigterm_exception() -> BaseException:
