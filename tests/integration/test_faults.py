@@ -523,6 +523,9 @@ def bad_data(tmp_path: Path, case: str) -> tuple[list[str], str]:
     if case == "prompts-cut-mid-line":
         prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prom')
         return ["--data.train_path", str(prompts)], f"{prompts}:3: malformed JSON"
+    if case == "prompts-lone-surrogate":
+        prompts.write_text('{"prompt": "ok"}\n{"prompt": "x \\ud800 y"}\n')  # valid JSON, but no text
+        return ["--data.train_path", str(prompts)], f"{prompts}:2: prompt: a lone surrogate (\\ud800 at character 3)"
     if case == "prompts-all-too-long":
         prompts.write_text(json.dumps({"prompt": "a" * 9000}) + "\n")
         return ["--data.train_path", str(prompts)], "every prompt is longer than 8184 tokens (the model's context"
@@ -544,6 +547,7 @@ DATA_FAULTS = [
     "prompts-not-utf8",
     "prompts-empty",
     "prompts-cut-mid-line",
+    "prompts-lone-surrogate",
     "prompts-all-too-long",
     "primevul-not-utf8",
     "primevul-empty",
