@@ -36,7 +36,7 @@ from tests.helpers import (
     wait_for,
 )
 from ttc_lightning.errors import TTCError
-from ttc_lightning.run.checkpoints import CheckpointOnInterrupt
+from ttc_lightning.run.saving import CheckpointOnInterrupt
 from ttc_lightning.training.grpo import group_advantages
 
 HERE = "tests.integration.test_distributed"

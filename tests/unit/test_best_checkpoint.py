@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from ttc_lightning.data import PrimeVulClassificationDataModule, PrimeVulPatchDataModule, PromptDataModule
-from ttc_lightning.run.checkpoints import BestCheckpoint
+from ttc_lightning.run.saving import BestCheckpoint
 
 
 def validate(callback: BestCheckpoint, step: int, **metrics: float) -> list[int]:
@@ -56,10 +56,10 @@ def test_each_task_names_its_headline_metric():
 
 
 def test_every_validation_says_its_value_and_the_best_so_far(tmp_path, monkeypatch):
-    from ttc_lightning.run import checkpoints
+    from ttc_lightning.run import saving
 
     said = []
-    monkeypatch.setattr(checkpoints, "rank_zero_info", said.append)
+    monkeypatch.setattr(saving, "rank_zero_info", said.append)
     best = BestCheckpoint(tmp_path, "val/P-C")
     validate(best, 10, **{"val/P-C": 0.25})
     validate(best, 20, **{"val/P-C": 0.125})

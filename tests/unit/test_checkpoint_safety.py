@@ -11,7 +11,6 @@ from ttc_lightning.errors import TTCError
 from ttc_lightning.model.loading import LoRA
 from ttc_lightning.model.tiny import build_tiny_model, build_tiny_tokenizer
 from ttc_lightning.run.checkpoints import (
-    AtomicCheckpointIO,
     base_fingerprint,
     check_finite,
     check_identity,
@@ -19,11 +18,11 @@ from ttc_lightning.run.checkpoints import (
     check_shapes,
     fingerprint_difference,
     read_checkpoint,
-    remove_partial_files,
     run_identity,
     start_next_epoch_afresh,
     trim_state,
 )
+from ttc_lightning.run.saving import AtomicCheckpointIO, remove_partial_files
 
 # --- non-finite weights ---------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ttc_lightning.data.common import ResumableLoader, collate_rows
+from ttc_lightning.data.common import collate_rows
+from ttc_lightning.data.loader import ResumableLoader
 
 ROWS = [{"prompt": f"p{i}"} for i in range(8)]  # 8 rows, batches of 2: 4 batches an epoch
 

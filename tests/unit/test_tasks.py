@@ -12,7 +12,7 @@ import pytest
 from torch.utils.data import DistributedSampler
 
 from ttc_lightning.data.base import SAMPLE_DIR
-from ttc_lightning.data.common import ResumableLoader
+from ttc_lightning.data.loader import ResumableLoader
 from ttc_lightning.data.tasks import (
     PrimeVulClassificationDataModule,
     PrimeVulPatchDataModule,

@@ -24,18 +24,15 @@ from torch.utils.data import DataLoader
 
 from ttc_lightning.data.common import (
     OWN_LIMIT,
-    ResumableLoader,
     capped_prompt_limit,
     collate_groups,
     collate_rows,
     data_record,
-    draw_train_batch,
     file_digest,
     filter_by_prompt_length,
-    seeded_generator,
     seeded_shuffle,
-    trained_batches,
 )
+from ttc_lightning.data.loader import ResumableLoader, draw_train_batch, seeded_generator, trained_batches
 from ttc_lightning.data.primevul import HF_PREFIX, source_name
 from ttc_lightning.errors import TTCError
 

@@ -11,17 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ttc_lightning.data.base import Record, best_completion, prompt_length_limit, prompt_tokenizer
-from ttc_lightning.data.common import (
-    ResumableLoader,
-    collate_rows,
-    data_record,
-    draw_train_batch,
-    file_digest,
-    filter_by_prompt_length,
-    read_jsonl,
-    seeded_generator,
-    trained_batches,
-)
+from ttc_lightning.data.common import collate_rows, data_record, file_digest, filter_by_prompt_length, read_jsonl
+from ttc_lightning.data.loader import ResumableLoader, draw_train_batch, seeded_generator, trained_batches
 from ttc_lightning.errors import TTCError, data_error
 
 DEMO_PROMPTS = str(Path(__file__).resolve().parent.parent / "assets" / "demo_prompts.jsonl")

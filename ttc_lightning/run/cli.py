@@ -33,10 +33,10 @@ from ttc_lightning.data.base import Task
 from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.run import directory as runs
-from ttc_lightning.run.checkpoints import AtomicCheckpointIO, BestCheckpoint, CheckpointOnInterrupt
 from ttc_lightning.run.console import library_notices_hidden, ttc_log_lines
 from ttc_lightning.run.preflight import check_before_start
 from ttc_lightning.run.progress import ParameterCount, Progress, SummaryTable, progress_callback
+from ttc_lightning.run.saving import AtomicCheckpointIO, BestCheckpoint, CheckpointOnInterrupt
 from ttc_lightning.run.tracking import (
     RunInfo,
     SaveConfigToWandb,

@@ -21,8 +21,9 @@ from typing import IO, Any
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.run.checkpoints import read_checkpoint, remove_partial_files
+from ttc_lightning.run.checkpoints import read_checkpoint
 from ttc_lightning.run.progress import plural
+from ttc_lightning.run.saving import remove_partial_files
 
 log = logging.getLogger("ttc")
 
