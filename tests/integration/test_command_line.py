@@ -16,6 +16,10 @@ from tests.helpers import DEMO
         (["--model.loss_type", "dapoo"], "--model.loss_type: 'dapoo' is not one of grpo, bnpo, dapo, dr_grpo"),
         (["--model.beta", "abc"], "--model.beta: expected a float, got 'abc'"),
         (["--trainer.precision", "bf17"], "--trainer.precision: 'bf17' is not one of transformer-engine,"),
+        # No option may be abbreviated: a prefix of an option's name is a typo, also inside a class's options.
+        (["--trainer.max_step", "3"], "unknown option --trainer.max_step; did you mean --trainer.max_steps?"),
+        (["--model.levers.cuda_grap", "false"], "unknown option --model.levers.cuda_grap; did you mean --model.leve"),
+        (["--overwrit"], "unknown option --overwrit; did you mean --overwrite?"),
         (["--bogus", "1"], "unknown option --bogus; `ttc SUBCOMMAND --help` lists the options"),
         (["--config", "missing.yaml"], "missing.yaml: no such file"),  # the path as jsonargparse resolved it
     ],
@@ -25,6 +29,12 @@ def test_a_command_line_that_does_not_parse_is_one_line(run_ttc, args, expected)
     assert code == 2
     assert err.startswith("ttc: error: ") and expected in err, err
     assert err.count("\n") == 1 and not out  # no usage, no nested report of the union subtypes tried
+
+
+@pytest.mark.parametrize("command", ["export", "generate"])
+def test_export_and_generate_take_no_abbreviations_either(run_ttc, command):
+    code, _, err = run_ttc(command, "--ckpt", "run", "--output_dir", "out")
+    assert code == 2 and "the following arguments are required: --ckpt_path" in err, err
 
 
 def test_help_describes_the_subcommands_in_ttcs_words(run_ttc):

@@ -61,7 +61,13 @@ def auto_precision(accelerator: Any) -> str:
 
 class TTCArgumentParser(LightningArgumentParser):
     """Dumps a subcommand's config as it will be used, ttc's defaults filled in (`TTCCLI.resolve_defaults`): what
-    `--print_config` prints (jsonargparse prints while parsing, before `before_instantiate_classes`)."""
+    `--print_config` prints (jsonargparse prints while parsing, before `before_instantiate_classes`). No option may
+    be abbreviated: `--trainer.max_step` is a typo, not `--trainer.max_steps` (jsonargparse builds the parsers of
+    subcommands and of nested classes with this class, and copies the setting to subcommands)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def dump(self, namespace: Namespace, *args: Any, **kwargs: Any) -> str:
         if isinstance(namespace, Namespace) and "trainer" in namespace and "checkpoint" in namespace:
@@ -87,10 +93,13 @@ def one_line_error(message: str, options: list[str]) -> str:
     def key_before(position: int) -> str:  # "--model.lora." from the nested 'Parser key "..."' lines before it
         return "--" + "".join(k + "." for k in re.findall(r'Parser key "([\w.]+)"', message[:position]))
 
-    unknown = re.search(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message)
+    unknown = re.search(
+        r"class_path '([\w.]+)':\s+(?:Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+))", message
+    )
     if unknown:
         prefix = key_before(unknown.start())
-        return _unknown(prefix + unknown.group(2), [prefix + name for name in init_arguments(unknown.group(1))])
+        known = [prefix + name for name in class_options(unknown.group(1))]
+        return _unknown(prefix + (unknown.group(2) or unknown.group(3)), known)
     group = re.search(r"class_path '([\w.]+)':.*?Group '(\w+)' does not accept option '(\w+)'", message, re.S)
     if group:
         prefix = key_before(group.start()) + group.group(2) + "."
@@ -149,6 +158,13 @@ def init_arguments(class_path: str) -> list[str]:
         if not any(v.kind == v.VAR_KEYWORD for v in parameters.values()):
             break
     return list(dict.fromkeys(names))
+
+
+def class_options(class_path: str) -> list[str]:
+    """The options of the class at `class_path`: its constructor arguments, and `ARG.FIELD` for each field of an
+    argument that takes a dataclass (`levers.cuda_graph`)."""
+    names = init_arguments(class_path)
+    return names + [f"{name}.{field}" for name in names for field in group_fields(class_path, name)]
 
 
 SUBCOMMANDS = {

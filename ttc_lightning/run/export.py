@@ -223,6 +223,7 @@ def upload(directory: Path, repo_id: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ttc export",
+        allow_abbrev=False,  # as `ttc fit`: an option's prefix is a typo, not the option
         description="Write a ttc checkpoint as a Hugging Face model directory (model or LoRA adapter, tokenizer).",
     )
     parser.add_argument(

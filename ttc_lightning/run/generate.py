@@ -96,7 +96,7 @@ def _read(path: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="ttc generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="ttc generate", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint of ttc fit, or a run directory (its newest)")
     parser.add_argument("--file", default="-", help="the C/C++ function; - (the default) reads standard input")
     parser.add_argument("--task", choices=["patch", "classify"], help="default: the task the checkpoint trained on")
