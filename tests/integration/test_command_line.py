@@ -20,6 +20,10 @@ from tests.helpers import DEMO
         (["--trainer.max_step", "3"], "unknown option --trainer.max_step; did you mean --trainer.max_steps?"),
         (["--model.levers.cuda_grap", "false"], "unknown option --model.levers.cuda_grap; did you mean --model.leve"),
         (["--overwrit"], "unknown option --overwrit; did you mean --overwrite?"),
+        # A value left out names the option given, not the class option it belongs to.
+        (["--model.beta"], "--model.beta: expected a value"),
+        (["--model.lora.r", "--trainer.max_steps", "1"], "--model.lora.r: expected a value"),
+        (["--trainer.max_steps"], "--trainer.max_steps: expected a value"),
         (["--bogus", "1"], "unknown option --bogus; `ttc SUBCOMMAND --help` lists the options"),
         (["--config", "missing.yaml"], "missing.yaml: no such file"),  # the path as jsonargparse resolved it
     ],

@@ -68,6 +68,12 @@ class TTCArgumentParser(LightningArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.argv: list[str] = []
+
+    def parse_args(self, args: Any = None, *rest: Any, **kwargs: Any) -> Namespace:
+        """Parses `args` (the command line when None), kept for `error`, which names the option given."""
+        self.argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        return super().parse_args(args, *rest, **kwargs)
 
     def dump(self, namespace: Namespace, *args: Any, **kwargs: Any) -> str:
         if isinstance(namespace, Namespace) and "trainer" in namespace and "checkpoint" in namespace:
@@ -82,17 +88,21 @@ class TTCArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         options = [name for action in parser._actions for name in action.option_strings]
-        print(f"ttc: error: {one_line_error(message, options)}", file=sys.stderr)
+        print(f"ttc: error: {one_line_error(message, options, self.argv)}", file=sys.stderr)
         sys.exit(2)
 
 
-def one_line_error(message: str, options: list[str]) -> str:
+def one_line_error(message: str, options: list[str], argv: list[str] | tuple[str, ...] = ()) -> str:
     """jsonargparse's `message` about a command line, as one line naming the option, with a suggestion where one of
-    `options` (or of the named class's arguments) is close to an unknown one."""
+    `options` (or of the named class's arguments) is close to an unknown one; `argv` is the command line, to name
+    the option whose value is missing."""
 
     def key_before(position: int) -> str:  # "--model.lora." from the nested 'Parser key "..."' lines before it
         return "--" + "".join(k + "." for k in re.findall(r'Parser key "([\w.]+)"', message[:position]))
 
+    value_missing = re.match(r"argument ([-\w./]+): expected (?:one|at least one) argument", message)
+    if value_missing:
+        return f"{_option_given(value_missing.group(1), argv)}: expected a value"
     unknown = re.search(
         r"class_path '([\w.]+)':\s+(?:Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+))", message
     )
@@ -124,6 +134,19 @@ def one_line_error(message: str, options: list[str]) -> str:
     lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
     detail = next((line for line in reversed(lines) if not line.startswith(("Given value", "Expected a <class"))), "")
     return f"--{'.'.join(keys)}: {detail}" if keys else " ".join(lines)
+
+
+def _option_given(option: str, argv: list[str] | tuple[str, ...]) -> str:
+    """The option on the command line that argparse reports as `option` ("--model", "-c/--config"): the first
+    `--model.beta` without a value after it names it better than the `--model` it was parsed as."""
+    names = option.split("/")
+    for i, arg in enumerate(argv):
+        if "=" in arg or not any(arg == name or arg.startswith(name + ".") for name in names if name.startswith("--")):
+            continue
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if following is None or re.match(r"--?[A-Za-z_]", following):
+            return arg
+    return names[-1]
 
 
 def _unknown(option: str, known: list[str]) -> str:
