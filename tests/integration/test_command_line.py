@@ -35,6 +35,21 @@ def test_a_command_line_that_does_not_parse_is_one_line(run_ttc, args, expected)
     assert err.count("\n") == 1 and not out  # no usage, no nested report of the union subtypes tried
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["fitt"], "unknown command 'fitt'; did you mean fit? (fit, validate, test, predict, export, generate)"),
+        (["exprot"], "unknown command 'exprot'; did you mean export? (fit, validate, test, predict, export, generate)"),
+        (["bogus"], "unknown command 'bogus'; give one of fit, validate, test, predict, export, generate"),
+        ([], "no command given; give one of fit, validate, test, predict, export, generate"),
+    ],
+)
+def test_an_unknown_command_is_one_line_with_every_command(run_ttc, args, expected):
+    code, out, err = run_ttc(*args, "--config", DEMO)
+    assert code == 2
+    assert err.startswith(f"ttc: error: {expected}") and err.count("\n") == 1 and not out, err
+
+
 @pytest.mark.parametrize("command", ["export", "generate"])
 def test_export_and_generate_take_no_abbreviations_either(run_ttc, command):
     code, _, err = run_ttc(command, "--ckpt", "run", "--output_dir", "out")

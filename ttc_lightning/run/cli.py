@@ -100,6 +100,11 @@ def one_line_error(message: str, options: list[str], argv: list[str] | tuple[str
     def key_before(position: int) -> str:  # "--model.lora." from the nested 'Parser key "..."' lines before it
         return "--" + "".join(k + "." for k in re.findall(r'Parser key "([\w.]+)"', message[:position]))
 
+    command = re.search(r"argument subcommand: invalid choice: '(.*?)'", message)
+    if command:
+        return _unknown_command(command.group(1))
+    if re.match(r'expected "subcommand" to be one of', message):
+        return f"no command given; give one of {', '.join(COMMANDS)} (`ttc --help` says what each does)"
     value_missing = re.match(r"argument ([-\w./]+): expected (?:one|at least one) argument", message)
     if value_missing:
         return f"{_option_given(value_missing.group(1), argv)}: expected a value"
@@ -149,6 +154,12 @@ def _option_given(option: str, argv: list[str] | tuple[str, ...]) -> str:
     return names[-1]
 
 
+def _unknown_command(given: str) -> str:
+    close = difflib.get_close_matches(given, COMMANDS, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? ({', '.join(COMMANDS)})" if close else f"give one of {', '.join(COMMANDS)}"
+    return f"unknown command {given!r}; {hint}"
+
+
 def _unknown(option: str, known: list[str]) -> str:
     close = difflib.get_close_matches(option, known, n=1, cutoff=0.75)
     hint = f"; did you mean {close[0]}?" if close else "; `ttc SUBCOMMAND --help` lists the options"
@@ -196,6 +207,9 @@ SUBCOMMANDS = {
     "test": "Evaluate the policy (or a checkpoint: --ckpt_path) on the test split.",
     "predict": "Write predictions.jsonl: the policy's completions, answers or patches for the test split.",
 }
+# Commands run outside LightningCLI (`run`), by the module whose `main(argv)` runs each.
+OTHER_COMMANDS = {"export": "ttc_lightning.run.export", "generate": "ttc_lightning.run.generate"}
+COMMANDS = (*SUBCOMMANDS, *OTHER_COMMANDS)
 
 
 class TTCCLI(LightningCLI):
@@ -359,15 +373,8 @@ def main(args: list[str] | None = None) -> None:
 def run(args: list[str] | None) -> None:
     """`ttc ARGS`: export, or a LightningCLI subcommand; a `TTCError` ends it with one line and status 1."""
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["export"]:
-        from ttc_lightning.run.export import main as export_main
-
-        export_main(argv[1:])
-        return
-    if argv[:1] == ["generate"]:
-        from ttc_lightning.run.generate import main as generate_main
-
-        generate_main(argv[1:])
+    if argv and argv[0] in OTHER_COMMANDS:
+        importlib.import_module(OTHER_COMMANDS[argv[0]]).main(argv[1:])
         return
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:
