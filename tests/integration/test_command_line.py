@@ -15,6 +15,8 @@ from tests.helpers import DEMO
         (["--model.levers", "{cuda_grap: 0}"], "unknown option --model.levers.cuda_grap; did you mean "),
         (["--model.loss_type", "dapoo"], "--model.loss_type: 'dapoo' is not one of grpo, bnpo, dapo, dr_grpo"),
         (["--model.beta", "abc"], "--model.beta: expected a float, got 'abc'"),
+        (["--trainer.max_steps", "abc"], "--trainer.max_steps: expected an int, got 'abc'"),
+        (["--trainer.max_epochs", "x"], "--trainer.max_epochs: expected an int or null, got 'x'"),
         (["--trainer.precision", "bf17"], "--trainer.precision: 'bf17' is not one of transformer-engine,"),
         # No option may be abbreviated: a prefix of an option's name is a typo, also inside a class's options.
         (["--trainer.max_step", "3"], "unknown option --trainer.max_step; did you mean --trainer.max_steps?"),

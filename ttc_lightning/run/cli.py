@@ -128,17 +128,31 @@ def one_line_error(message: str, options: list[str], argv: list[str] | tuple[str
     typed = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message)
     if typed:
         key = key_before(typed.start()).rstrip(".")
-        return f"{key}: expected a {typed.group(1)}, got {typed.group(2).strip()!r}"
+        return f"{key}: expected {_article(typed.group(1))} {typed.group(1)}, got {typed.group(2).strip()!r}"
+    union = re.search(
+        r"Subtypes: \[(.*?)\]\s+Errors:\s+(?:- Expected a <class '\w+'>\s+)+Given value type: .*\n\s*Given value: (.*)",
+        message,
+    )
+    if union:  # an optional int or the like, given something else: "expected an int or null"
+        key = key_before(union.start()).rstrip(".")
+        kinds = ["null" if k == "NoneType" else k for k in re.findall(r"<class '(\w+)'>", union.group(1))]
+        return f"{key}: expected {_article(kinds[0])} {' or '.join(kinds)}, got {union.group(2).strip()!r}"
     unrecognized = re.search(r"unrecognized arguments: (\S+)", message)
     if unrecognized:
         return _unknown(unrecognized.group(1).split("=")[0], options)
     missing = re.search(r"File does not exist: '(.*?)'", message)
     if missing:
         return f"--config {missing.group(1)}: no such file"
-    keys = re.findall(r'Parser key "([\w.]+)"', message)
+    keys = list(dict.fromkeys(re.findall(r'Parser key "([\w.]+)"', message)))  # a nested report repeats its key
     lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
     detail = next((line for line in reversed(lines) if not line.startswith(("Given value", "Expected a <class"))), "")
+    detail = re.sub(r'^Parser key "[\w.]+": ', "", detail)
+    detail = re.sub(r"\b([Ee]xpected) a (?=[aeiou])", r"\1 an ", detail)  # jsonargparse's "Expected a int"
     return f"--{'.'.join(keys)}: {detail}" if keys else " ".join(lines)
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _option_given(option: str, argv: list[str] | tuple[str, ...]) -> str:
