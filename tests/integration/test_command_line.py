@@ -26,6 +26,22 @@ from tests.helpers import DEMO
         (["--model.beta"], "--model.beta: expected a value"),
         (["--model.lora.r", "--trainer.max_steps", "1"], "--model.lora.r: expected a value"),
         (["--trainer.max_steps"], "--trainer.max_steps: expected a value"),
+        # A class path that does not import, with ttc's classes for the option.
+        (
+            ["--data.class_path", "ttc_lightning.data.PrimeVulPatc"],
+            "--data.class_path: cannot import ttc_lightning.data.PrimeVulPatc; did you mean "
+            "ttc_lightning.data.PrimeVulPatchDataModule?",
+        ),
+        (
+            ["--data.class_path", "ttc_lightning.data.NoSuch"],
+            "--data.class_path: cannot import ttc_lightning.data.NoSuch; ttc's classes for --data: "
+            "ttc_lightning.data.PrimeVulClassificationDataModule, ttc_lightning.data.PrimeVulPatchDataModule, "
+            "ttc_lightning.data.PromptDataModule",
+        ),
+        (
+            ["--model.class_path", "ttc_lightning.GRPOModul"],
+            "--model.class_path: cannot import ttc_lightning.GRPOModul; did you mean ttc_lightning.GRPOModule?",
+        ),
         (["--bogus", "1"], "unknown option --bogus; `ttc SUBCOMMAND --help` lists the options"),
         (["--config", "missing.yaml"], "missing.yaml: no such file"),  # the path as jsonargparse resolved it
     ],

@@ -119,6 +119,13 @@ def one_line_error(message: str, options: list[str], argv: list[str] | tuple[str
     if group:
         prefix = key_before(group.start()) + group.group(2) + "."
         return _unknown(prefix + group.group(3), [prefix + f for f in group_fields(group.group(1), group.group(2))])
+    not_imported = re.search(
+        r"Problem with given class_path '([\w.]+)':\s+((?:module '[\w.]+' has no attribute|No module named) .*)",
+        message,
+    ) or re.search(r"Expected a dot import path string: ()([A-Za-z_][\w.]*)$", message, re.M)
+    if not_imported:
+        key = key_before(not_imported.start()).rstrip(".")
+        return _class_not_imported(key, not_imported.group(1) or not_imported.group(2))
     choices = re.findall(r"Expected a typing\.Literal\[(.*?)\]", message)
     given = re.findall(r"Got value: (.*)", message) or re.findall(r"Given value: (.*)", message)
     if choices and given:
@@ -174,6 +181,17 @@ def _unknown_command(given: str) -> str:
     return f"unknown command {given!r}; {hint}"
 
 
+def _class_not_imported(key: str, class_path: str) -> str:
+    """`key`'s class_path does not import: the closest of ttc's classes for that key (by class name), else all."""
+    known = ttc_classes(key.lstrip("-"))
+    what = f"{key}.class_path: cannot import {class_path}"
+    names = {path.rpartition(".")[2].lower(): path for path in known}
+    close = difflib.get_close_matches(class_path.rpartition(".")[2].lower(), names, n=1, cutoff=0.6)
+    if close:
+        return f"{what}; did you mean {names[close[0]]}?"
+    return f"{what}; ttc's classes for {key}: {', '.join(known)}" if known else what
+
+
 def _unknown(option: str, known: list[str]) -> str:
     close = difflib.get_close_matches(option, known, n=1, cutoff=0.75)
     hint = f"; did you mean {close[0]}?" if close else "; `ttc SUBCOMMAND --help` lists the options"
@@ -213,6 +231,23 @@ def class_options(class_path: str) -> list[str]:
     argument that takes a dataclass (`levers.cuda_graph`)."""
     names = init_arguments(class_path)
     return names + [f"{name}.{field}" for name in names for field in group_fields(class_path, name)]
+
+
+# Where ttc's classes for a class_path option are, and what they derive from.
+CLASS_HOMES = {"data": ("ttc_lightning.data", L.LightningDataModule), "model": ("ttc_lightning", L.LightningModule)}
+
+
+def ttc_classes(key: str) -> list[str]:
+    """The import paths of ttc's classes that the `key` option ("data", "model") can name; bases of others left out
+    (`TaskDataModule`)."""
+    if key not in CLASS_HOMES:
+        return []
+    home, base = CLASS_HOMES[key]
+    module = importlib.import_module(home)
+    found = [getattr(module, name) for name in getattr(module, "__all__", [])]
+    classes = [c for c in found if isinstance(c, type) and issubclass(c, base)]
+    leaves = [c for c in classes if not any(o is not c and issubclass(o, c) for o in classes)]
+    return [f"{home}.{c.__name__}" for c in leaves]
 
 
 SUBCOMMANDS = {
