@@ -13,11 +13,13 @@ from tests.helpers import DEMO
         (["--trainer.max_stepz", "3"], "unknown option --trainer.max_stepz; did you mean --trainer.max_steps?"),
         (["--model.lora", "{rr: 3}"], "unknown option --model.lora.rr; did you mean --model.lora.r?"),
         (["--model.levers", "{cuda_grap: 0}"], "unknown option --model.levers.cuda_grap; did you mean "),
-        (["--model.loss_type", "dapoo"], "--model.loss_type: 'dapoo' is not one of grpo, bnpo, dapo, dr_grpo"),
+        (["--model.loss_type", "dapoo"], "--model.loss_type: 'dapoo' is not a choice; did you mean dapo? (grpo, bnpo,"),
+        (["--model.loss_type", "xyz"], "--model.loss_type: 'xyz' is not one of grpo, bnpo, dapo, dr_grpo"),
+        (["--progress.mode", "bars"], "--progress.mode: 'bars' is not a choice; did you mean bar? (auto, bar, lines)"),
         (["--model.beta", "abc"], "--model.beta: expected a float, got 'abc'"),
         (["--trainer.max_steps", "abc"], "--trainer.max_steps: expected an int, got 'abc'"),
         (["--trainer.max_epochs", "x"], "--trainer.max_epochs: expected an int or null, got 'x'"),
-        (["--trainer.precision", "bf17"], "--trainer.precision: 'bf17' is not one of transformer-engine,"),
+        (["--trainer.precision", "bf17"], "--trainer.precision: 'bf17' is not a choice; did you mean bf16? (transfor"),
         # No option may be abbreviated: a prefix of an option's name is a typo, also inside a class's options.
         (["--trainer.max_step", "3"], "unknown option --trainer.max_step; did you mean --trainer.max_steps?"),
         (["--model.levers.cuda_grap", "false"], "unknown option --model.levers.cuda_grap; did you mean --model.leve"),
@@ -72,6 +74,12 @@ def test_an_unknown_command_is_one_line_with_every_command(run_ttc, args, expect
 def test_export_and_generate_take_no_abbreviations_either(run_ttc, command):
     code, _, err = run_ttc(command, "--ckpt", "run", "--output_dir", "out")
     assert code == 2 and "the following arguments are required: --ckpt_path" in err, err
+
+
+def test_a_typo_of_last_or_best_in_ckpt_path_is_named(run_ttc):
+    code, out, err = run_ttc("fit", "--config", DEMO, "--ckpt_path", "lastt")
+    assert code == 1
+    assert err == "ttc: error: --ckpt_path lastt: no such file; did you mean last? (a checkpoint file, last or best)\n"
 
 
 def test_help_describes_the_subcommands_in_ttcs_words(run_ttc):

@@ -63,6 +63,18 @@ def test_best_is_the_runs_best_ckpt(run):
     assert resolve_ckpt_path("best", "test", run) == str(best)
 
 
+@pytest.mark.parametrize(("value", "meant"), [("lastt", "last"), ("Last", "last"), ("bset", "best")])
+def test_a_typo_of_last_or_best_is_named(run, value, meant):
+    with pytest.raises(TTCError, match=f"--ckpt_path {value}: no such file; did you mean {meant}\\?"):
+        resolve_ckpt_path(value, "fit", run)
+
+
+def test_a_file_named_like_a_keyword_is_a_file(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "lastt")
+    assert resolve_ckpt_path("lastt", "validate", run) == "lastt"
+
+
 def test_paths_and_none_pass_through(run):
     assert resolve_ckpt_path(None, "fit", run) is None
     assert resolve_ckpt_path("some/file.ckpt", "validate", run) == "some/file.ckpt"

@@ -94,8 +94,8 @@ class TTCArgumentParser(LightningArgumentParser):
 
 def one_line_error(message: str, options: list[str], argv: list[str] | tuple[str, ...] = ()) -> str:
     """jsonargparse's `message` about a command line, as one line naming the option, with a suggestion where one of
-    `options` (or of the named class's arguments) is close to an unknown one; `argv` is the command line, to name
-    the option whose value is missing."""
+    `options` (or of the named class's arguments, or of a choice's values) is close to what was given; `argv` is
+    the command line, to name the option whose value is missing."""
 
     def key_before(position: int) -> str:  # "--model.lora." from the nested 'Parser key "..."' lines before it
         return "--" + "".join(k + "." for k in re.findall(r'Parser key "([\w.]+)"', message[:position]))
@@ -129,9 +129,13 @@ def one_line_error(message: str, options: list[str], argv: list[str] | tuple[str
     choices = re.findall(r"Expected a typing\.Literal\[(.*?)\]", message)
     given = re.findall(r"Got value: (.*)", message) or re.findall(r"Given value: (.*)", message)
     if choices and given:
-        allowed = dict.fromkeys(v.strip(" '\"") for c in choices for v in c.split(","))
+        allowed = list(dict.fromkeys(v.strip(" '\"") for c in choices for v in c.split(",")))
         key = key_before(message.index("Expected a typing.Literal")).rstrip(".")
-        return f"{key}: {given[-1].strip()!r} is not one of {', '.join(allowed)}"
+        value = given[-1].strip()
+        close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6)
+        if close:
+            return f"{key}: {value!r} is not a choice; did you mean {close[0]}? ({', '.join(allowed)})"
+        return f"{key}: {value!r} is not one of {', '.join(allowed)}"
     typed = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message)
     if typed:
         key = key_before(typed.start()).rstrip(".")

@@ -10,6 +10,7 @@ out of a directory while one runs. `last` is the newest (by modification time) o
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import logging
 import os
@@ -55,6 +56,11 @@ def resolve_ckpt_path(value: str | None, subcommand: str, run: RunDir) -> str | 
     new run under `fit` (so a job can always pass it) and is an error for evaluation, which would otherwise score
     the untrained base model; leave `--ckpt_path` out for that."""
     if value not in ("last", "best"):
+        close = difflib.get_close_matches(str(value).lower(), ("last", "best"), n=1, cutoff=0.6) if value else []
+        if close and not Path(value).exists():  # `lastt`: a typo of a keyword, not a missing file
+            raise TTCError(
+                f"--ckpt_path {value}: no such file; did you mean {close[0]}? (a checkpoint file, last or best)"
+            )
         return value
     path = run.last() if value == "last" else run.checkpoints / "best.ckpt"
     if path is None or not path.is_file():
