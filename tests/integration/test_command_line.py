@@ -82,6 +82,22 @@ def test_a_typo_of_last_or_best_in_ckpt_path_is_named(run_ttc):
     assert err == "ttc: error: --ckpt_path lastt: no such file; did you mean last? (a checkpoint file, last or best)\n"
 
 
+def test_subcommand_help_starts_with_a_short_usage_and_says_what_ckpt_path_is(run_ttc):
+    code, out, _ = run_ttc("fit", "--help")
+    assert code == 0
+    assert out.startswith("usage: ttc fit [--config FILE] [options]\n\nTrain the policy with GRPO"), out[:300]
+    text = " ".join(out.split())
+    ckpt_path = text[text.index("--ckpt_path CKPT_PATH") :][:400]
+    assert "`last` (the newest of the run's last.ckpt, last-interrupted.ckpt and hpc_ckpt_N.ckpt" in ckpt_path
+    assert "`best` (its checkpoints/best.ckpt)" in ckpt_path
+    assert "registry" not in ckpt_path and "hpc" not in ckpt_path.replace("hpc_ckpt", "")  # Lightning's keywords
+    code, out, _ = run_ttc("test", "--help")
+    assert code == 0 and out.startswith("usage: ttc test [--config FILE] [options]\n")
+    assert "Leave it out to test the base model" in " ".join(out.split())
+    code, out, _ = run_ttc("fit", "--model.help", "ttc_lightning.GRPOModule")
+    assert code == 0 and out.startswith("usage: ttc fit [--config FILE] [--model.OPTION VALUE ...]\n"), out[:300]
+
+
 def test_help_describes_the_subcommands_in_ttcs_words(run_ttc):
     code, out, _ = run_ttc("--help")
     assert code == 0

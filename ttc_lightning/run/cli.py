@@ -67,6 +67,12 @@ class TTCArgumentParser(LightningArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("prog", "ttc")  # not `__main__.py` (`python -m ttc_lightning`), also in `--model.help`
+        help_for = re.match(r"Help for (--[\w.]+)\.help=", str(kwargs.get("description", "")))
+        if help_for:  # `ttc fit --model.help CLASS`: a short usage, not one entry per option of the class
+            kwargs.setdefault(
+                "usage", f"ttc {_subcommand_parsing()} [--config FILE] [{help_for.group(1)}.OPTION VALUE ...]"
+            )
         super().__init__(*args, **kwargs)
         self.argv: list[str] = []
 
@@ -90,6 +96,16 @@ class TTCArgumentParser(LightningArgumentParser):
         options = [name for action in parser._actions for name in action.option_strings]
         print(f"ttc: error: {one_line_error(message, options, self.argv)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _subcommand_parsing() -> str:
+    """The subcommand whose command line jsonargparse is parsing (`SUBCOMMAND` when it cannot tell)."""
+    try:
+        from jsonargparse._common import parent_parser
+
+        return str(getattr(parent_parser.get(), "subcommand", None) or "SUBCOMMAND")
+    except (ImportError, AttributeError, LookupError):  # a jsonargparse release without it
+        return "SUBCOMMAND"
 
 
 def one_line_error(message: str, options: list[str], argv: list[str] | tuple[str, ...] = ()) -> str:
@@ -265,6 +281,20 @@ OTHER_COMMANDS = {"export": "ttc_lightning.run.export", "generate": "ttc_lightni
 COMMANDS = (*SUBCOMMANDS, *OTHER_COMMANDS)
 
 
+def ckpt_path_help(subcommand: str) -> str:
+    """What `--ckpt_path` means to `subcommand` in ttc (`run/directory.py`)."""
+    which = (
+        "a checkpoint file, `last` (the newest of the run's last.ckpt, last-interrupted.ckpt and hpc_ckpt_N.ckpt, in "
+        "trainer.default_root_dir) or `best` (its checkpoints/best.ckpt)"
+    )
+    if subcommand == "fit":
+        return (
+            f"Resume the run from {which}. With `last` and no checkpoint yet, a new run starts; leave it out to start "
+            "a new run."
+        )
+    return f"The checkpoint of the policy to {subcommand}: {which}. Leave it out to {subcommand} the base model."
+
+
 class TTCCLI(LightningCLI):
     """LightningCLI plus `checkpoint` and `progress` sections and run-directory defaults under
     `trainer.default_root_dir`, which one fit run owns (`runs`)."""
@@ -316,13 +346,20 @@ class TTCCLI(LightningCLI):
         )
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
-        """Lightning's parser, with ttc's words for each subcommand (Lightning's docstrings speak of its own API)."""
+        """Lightning's parser, with ttc's words for each subcommand and for `--ckpt_path` (Lightning's docstrings
+        speak of its own API), and a one-line usage (argparse's lists every option of the subcommand)."""
         for name, text in SUBCOMMANDS.items():
-            subparser_kwargs.setdefault(name, {}).setdefault("description", text)
+            kwargs = subparser_kwargs.setdefault(name, {})
+            kwargs.setdefault("description", text)
+            kwargs.setdefault("usage", f"ttc {name} [--config FILE] [options]")
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         action = getattr(self.parser, "_subcommands_action", None)
         for choice in getattr(action, "_choices_actions", []):
             choice.help = SUBCOMMANDS.get(choice.dest, choice.help)
+        for name, parser in getattr(self, "_subcommand_parsers", {}).items():
+            for option in parser._actions:
+                if option.dest == "ckpt_path":
+                    option.help = ckpt_path_help(name)
 
     def validate(self, **kwargs: Any) -> Any:
         """`trainer.validate`, its metrics printed by ttc (whole names, 4 decimals) instead of Lightning's table."""
