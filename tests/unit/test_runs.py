@@ -99,14 +99,19 @@ def test_a_new_run_refuses_a_directory_with_checkpoints(run):
     lock.close()
 
 
-def test_overwrite_deletes_the_earlier_runs_checkpoints_only(run):
-    write(run.checkpoints / "last.ckpt")
-    write(run.root / "hpc_ckpt_3.ckpt")
+def test_overwrite_deletes_the_earlier_runs_checkpoints_only_once_the_run_starts(run, caplog):
+    earlier = [write(run.checkpoints / "last.ckpt"), write(run.root / "hpc_ckpt_3.ckpt")]
     log = run.root / "logs" / "version_0" / "metrics.csv"
     log.parent.mkdir(parents=True)
     log.write_text("step\n")
-    claim(run, resume=False, overwrite=True).close()
+    with claim(run, resume=False, overwrite=True) as claimed:
+        assert run.checkpoint_files() == sorted(earlier)  # a run refused while it sets up deletes nothing
+        with caplog.at_level(logging.WARNING, logger="ttc"):
+            claimed.start_over()
     assert run.checkpoint_files() == [] and log.is_file()
+    assert "--overwrite: deleted 2 checkpoints of the earlier run" in caplog.text
+    claimed.start_over()  # once only: nothing more to delete, nothing said
+    assert caplog.text.count("deleted") == 1
 
 
 def test_overwrite_and_resume_together_are_an_error(run):

@@ -7,7 +7,6 @@ interrupted (Ctrl-C), 143 stopped by SIGTERM.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -301,7 +300,7 @@ class TTCCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", TTCArgumentParser)
-        self.lock: contextlib.ExitStack | None = None
+        self.lock: runs.Claim | None = None
         try:
             super().__init__(*args, **kwargs)
         finally:
@@ -320,7 +319,8 @@ class TTCCLI(LightningCLI):
             "--overwrite",
             action=ActionYesNo,
             default=False,
-            help="fit: start a new run in a run directory that holds an earlier run's checkpoints, deleting them",
+            help="fit: start a new run in a run directory that holds an earlier run's checkpoints, deleting them once "
+            "the new run has loaded its model and data",
         )
         parser.set_defaults(
             {
@@ -427,6 +427,8 @@ class TTCCLI(LightningCLI):
         if self.subcommand == "fit" and checkpointing:
             dirpath = self._get(self.config, "checkpoint").dirpath
             callbacks.append(CheckpointOnInterrupt(dirpath))
+            if self.lock is not None:  # rank zero claimed the run directory: --overwrite deletes when training starts
+                callbacks.append(runs.StartOver(self.lock))
             if config.get("limit_val_batches") != 0 and isinstance(self.datamodule, Task):
                 callbacks.append(BestCheckpoint(dirpath, f"val/{self.datamodule.headline_metric}"))
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
