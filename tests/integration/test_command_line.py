@@ -13,9 +13,37 @@ from tests.helpers import DEMO
         (["--trainer.max_stepz", "3"], "unknown option --trainer.max_stepz; did you mean --trainer.max_steps?"),
         (["--model.lora", "{rr: 3}"], "unknown option --model.lora.rr; did you mean --model.lora.r?"),
         (["--model.levers", "{cuda_grap: 0}"], "unknown option --model.levers.cuda_grap; did you mean "),
-        (["--model.loss_type", "dapoo"], "--model.loss_type: 'dapoo' is not one of grpo, bnpo, dapo, dr_grpo"),
+        (["--model.loss_type", "dapoo"], "--model.loss_type: 'dapoo' is not a choice; did you mean dapo? (grpo, bnpo,"),
+        (["--model.loss_type", "xyz"], "--model.loss_type: 'xyz' is not one of grpo, bnpo, dapo, dr_grpo"),
+        (["--progress.mode", "bars"], "--progress.mode: 'bars' is not a choice; did you mean bar? (auto, bar, lines)"),
         (["--model.beta", "abc"], "--model.beta: expected a float, got 'abc'"),
-        (["--trainer.precision", "bf17"], "--trainer.precision: 'bf17' is not one of transformer-engine,"),
+        (["--trainer.max_steps", "abc"], "--trainer.max_steps: expected an int, got 'abc'"),
+        (["--trainer.max_epochs", "x"], "--trainer.max_epochs: expected an int or null, got 'x'"),
+        (["--trainer.precision", "bf17"], "--trainer.precision: 'bf17' is not a choice; did you mean bf16? (transfor"),
+        # No option may be abbreviated: a prefix of an option's name is a typo, also inside a class's options.
+        (["--trainer.max_step", "3"], "unknown option --trainer.max_step; did you mean --trainer.max_steps?"),
+        (["--model.levers.cuda_grap", "false"], "unknown option --model.levers.cuda_grap; did you mean --model.leve"),
+        (["--overwrit"], "unknown option --overwrit; did you mean --overwrite?"),
+        # A value left out names the option given, not the class option it belongs to.
+        (["--model.beta"], "--model.beta: expected a value"),
+        (["--model.lora.r", "--trainer.max_steps", "1"], "--model.lora.r: expected a value"),
+        (["--trainer.max_steps"], "--trainer.max_steps: expected a value"),
+        # A class path that does not import, with ttc's classes for the option.
+        (
+            ["--data.class_path", "ttc_lightning.data.PrimeVulPatc"],
+            "--data.class_path: cannot import ttc_lightning.data.PrimeVulPatc; did you mean "
+            "ttc_lightning.data.PrimeVulPatchDataModule?",
+        ),
+        (
+            ["--data.class_path", "ttc_lightning.data.NoSuch"],
+            "--data.class_path: cannot import ttc_lightning.data.NoSuch; ttc's classes for --data: "
+            "ttc_lightning.data.PrimeVulClassificationDataModule, ttc_lightning.data.PrimeVulPatchDataModule, "
+            "ttc_lightning.data.PromptDataModule",
+        ),
+        (
+            ["--model.class_path", "ttc_lightning.GRPOModul"],
+            "--model.class_path: cannot import ttc_lightning.GRPOModul; did you mean ttc_lightning.GRPOModule?",
+        ),
         (["--bogus", "1"], "unknown option --bogus; `ttc SUBCOMMAND --help` lists the options"),
         (["--config", "missing.yaml"], "missing.yaml: no such file"),  # the path as jsonargparse resolved it
     ],
@@ -25,6 +53,49 @@ def test_a_command_line_that_does_not_parse_is_one_line(run_ttc, args, expected)
     assert code == 2
     assert err.startswith("ttc: error: ") and expected in err, err
     assert err.count("\n") == 1 and not out  # no usage, no nested report of the union subtypes tried
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["fitt"], "unknown command 'fitt'; did you mean fit? (fit, validate, test, predict, export, generate)"),
+        (["exprot"], "unknown command 'exprot'; did you mean export? (fit, validate, test, predict, export, generate)"),
+        (["bogus"], "unknown command 'bogus'; give one of fit, validate, test, predict, export, generate"),
+        ([], "no command given; give one of fit, validate, test, predict, export, generate"),
+    ],
+)
+def test_an_unknown_command_is_one_line_with_every_command(run_ttc, args, expected):
+    code, out, err = run_ttc(*args, "--config", DEMO)
+    assert code == 2
+    assert err.startswith(f"ttc: error: {expected}") and err.count("\n") == 1 and not out, err
+
+
+@pytest.mark.parametrize("command", ["export", "generate"])
+def test_export_and_generate_take_no_abbreviations_either(run_ttc, command):
+    code, _, err = run_ttc(command, "--ckpt", "run", "--output_dir", "out")
+    assert code == 2 and "the following arguments are required: --ckpt_path" in err, err
+
+
+def test_a_typo_of_last_or_best_in_ckpt_path_is_named(run_ttc):
+    code, out, err = run_ttc("fit", "--config", DEMO, "--ckpt_path", "lastt")
+    assert code == 1
+    assert err == "ttc: error: --ckpt_path lastt: no such file; did you mean last? (a checkpoint file, last or best)\n"
+
+
+def test_subcommand_help_starts_with_a_short_usage_and_says_what_ckpt_path_is(run_ttc):
+    code, out, _ = run_ttc("fit", "--help")
+    assert code == 0
+    assert out.startswith("usage: ttc fit [--config FILE] [options]\n\nTrain the policy with GRPO"), out[:300]
+    text = " ".join(out.split())
+    ckpt_path = text[text.index("--ckpt_path CKPT_PATH") :][:400]
+    assert "`last` (the newest of the run's last.ckpt, last-interrupted.ckpt and hpc_ckpt_N.ckpt" in ckpt_path
+    assert "`best` (its checkpoints/best.ckpt)" in ckpt_path
+    assert "registry" not in ckpt_path and "hpc" not in ckpt_path.replace("hpc_ckpt", "")  # Lightning's keywords
+    code, out, _ = run_ttc("test", "--help")
+    assert code == 0 and out.startswith("usage: ttc test [--config FILE] [options]\n")
+    assert "Leave it out to test the base model" in " ".join(out.split())
+    code, out, _ = run_ttc("fit", "--model.help", "ttc_lightning.GRPOModule")
+    assert code == 0 and out.startswith("usage: ttc fit [--config FILE] [--model.OPTION VALUE ...]\n"), out[:300]
 
 
 def test_help_describes_the_subcommands_in_ttcs_words(run_ttc):

@@ -391,6 +391,22 @@ def test_overwrite_starts_over_and_keeps_the_earlier_logs(run_ttc, run):
     assert_kept(logs, run / "logs")
 
 
+@pytest.mark.parametrize("data", ["missing", "bad-file"])
+def test_overwrite_refused_before_it_starts_keeps_the_earlier_run(run_ttc, run, tmp_path, data):
+    """A run that --overwrite would start but that fails before training (a data path that does not exist, found by
+    the checks before the model loads; a data file that is read when the run sets up) deletes nothing."""
+    before = hashes(run)
+    if data == "missing":
+        bad, message = ["--data.train_path", str(tmp_path / "nonexistent.jsonl")], "nonexistent.jsonl is not a file"
+    else:
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prom')
+        bad, message = ["--data.train_path", str(tmp_path / "bad.jsonl")], "bad.jsonl:2: malformed JSON"
+    code, _, err = run_ttc("fit", *run_args(run, *LORA, "--trainer.max_steps", "1", "--overwrite", *bad))
+    assert_one_line_error(code, err, message)
+    assert "deleted" not in err
+    assert_kept(before, run)
+
+
 def test_overwrite_with_resume_is_refused(run_ttc, run):
     before = hashes(run)
     code, _, err = run_ttc("fit", *run_args(run, *LORA, "--overwrite", "--ckpt_path", "last"))

@@ -63,6 +63,18 @@ def test_best_is_the_runs_best_ckpt(run):
     assert resolve_ckpt_path("best", "test", run) == str(best)
 
 
+@pytest.mark.parametrize(("value", "meant"), [("lastt", "last"), ("Last", "last"), ("bset", "best")])
+def test_a_typo_of_last_or_best_is_named(run, value, meant):
+    with pytest.raises(TTCError, match=f"--ckpt_path {value}: no such file; did you mean {meant}\\?"):
+        resolve_ckpt_path(value, "fit", run)
+
+
+def test_a_file_named_like_a_keyword_is_a_file(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "lastt")
+    assert resolve_ckpt_path("lastt", "validate", run) == "lastt"
+
+
 def test_paths_and_none_pass_through(run):
     assert resolve_ckpt_path(None, "fit", run) is None
     assert resolve_ckpt_path("some/file.ckpt", "validate", run) == "some/file.ckpt"
@@ -87,14 +99,19 @@ def test_a_new_run_refuses_a_directory_with_checkpoints(run):
     lock.close()
 
 
-def test_overwrite_deletes_the_earlier_runs_checkpoints_only(run):
-    write(run.checkpoints / "last.ckpt")
-    write(run.root / "hpc_ckpt_3.ckpt")
+def test_overwrite_deletes_the_earlier_runs_checkpoints_only_once_the_run_starts(run, caplog):
+    earlier = [write(run.checkpoints / "last.ckpt"), write(run.root / "hpc_ckpt_3.ckpt")]
     log = run.root / "logs" / "version_0" / "metrics.csv"
     log.parent.mkdir(parents=True)
     log.write_text("step\n")
-    claim(run, resume=False, overwrite=True).close()
+    with claim(run, resume=False, overwrite=True) as claimed:
+        assert run.checkpoint_files() == sorted(earlier)  # a run refused while it sets up deletes nothing
+        with caplog.at_level(logging.WARNING, logger="ttc"):
+            claimed.start_over()
     assert run.checkpoint_files() == [] and log.is_file()
+    assert "--overwrite: deleted 2 checkpoints of the earlier run" in caplog.text
+    claimed.start_over()  # once only: nothing more to delete, nothing said
+    assert caplog.text.count("deleted") == 1
 
 
 def test_overwrite_and_resume_together_are_an_error(run):

@@ -7,7 +7,6 @@ interrupted (Ctrl-C), 143 stopped by SIGTERM.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -61,7 +60,25 @@ def auto_precision(accelerator: Any) -> str:
 
 class TTCArgumentParser(LightningArgumentParser):
     """Dumps a subcommand's config as it will be used, ttc's defaults filled in (`TTCCLI.resolve_defaults`): what
-    `--print_config` prints (jsonargparse prints while parsing, before `before_instantiate_classes`)."""
+    `--print_config` prints (jsonargparse prints while parsing, before `before_instantiate_classes`). No option may
+    be abbreviated: `--trainer.max_step` is a typo, not `--trainer.max_steps` (jsonargparse builds the parsers of
+    subcommands and of nested classes with this class, and copies the setting to subcommands)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("prog", "ttc")  # not `__main__.py` (`python -m ttc_lightning`), also in `--model.help`
+        help_for = re.match(r"Help for (--[\w.]+)\.help=", str(kwargs.get("description", "")))
+        if help_for:  # `ttc fit --model.help CLASS`: a short usage, not one entry per option of the class
+            kwargs.setdefault(
+                "usage", f"ttc {_subcommand_parsing()} [--config FILE] [{help_for.group(1)}.OPTION VALUE ...]"
+            )
+        super().__init__(*args, **kwargs)
+        self.argv: list[str] = []
+
+    def parse_args(self, args: Any = None, *rest: Any, **kwargs: Any) -> Namespace:
+        """Parses `args` (the command line when None), kept for `error`, which names the option given."""
+        self.argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        return super().parse_args(args, *rest, **kwargs)
 
     def dump(self, namespace: Namespace, *args: Any, **kwargs: Any) -> str:
         if isinstance(namespace, Namespace) and "trainer" in namespace and "checkpoint" in namespace:
@@ -76,45 +93,122 @@ class TTCArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         options = [name for action in parser._actions for name in action.option_strings]
-        print(f"ttc: error: {one_line_error(message, options)}", file=sys.stderr)
+        print(f"ttc: error: {one_line_error(message, options, self.argv)}", file=sys.stderr)
         sys.exit(2)
 
 
-def one_line_error(message: str, options: list[str]) -> str:
+def _subcommand_parsing() -> str:
+    """The subcommand whose command line jsonargparse is parsing (`SUBCOMMAND` when it cannot tell)."""
+    try:
+        from jsonargparse._common import parent_parser
+
+        return str(getattr(parent_parser.get(), "subcommand", None) or "SUBCOMMAND")
+    except (ImportError, AttributeError, LookupError):  # a jsonargparse release without it
+        return "SUBCOMMAND"
+
+
+def one_line_error(message: str, options: list[str], argv: list[str] | tuple[str, ...] = ()) -> str:
     """jsonargparse's `message` about a command line, as one line naming the option, with a suggestion where one of
-    `options` (or of the named class's arguments) is close to an unknown one."""
+    `options` (or of the named class's arguments, or of a choice's values) is close to what was given; `argv` is
+    the command line, to name the option whose value is missing."""
 
     def key_before(position: int) -> str:  # "--model.lora." from the nested 'Parser key "..."' lines before it
         return "--" + "".join(k + "." for k in re.findall(r'Parser key "([\w.]+)"', message[:position]))
 
-    unknown = re.search(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message)
+    command = re.search(r"argument subcommand: invalid choice: '(.*?)'", message)
+    if command:
+        return _unknown_command(command.group(1))
+    if re.match(r'expected "subcommand" to be one of', message):
+        return f"no command given; give one of {', '.join(COMMANDS)} (`ttc --help` says what each does)"
+    value_missing = re.match(r"argument ([-\w./]+): expected (?:one|at least one) argument", message)
+    if value_missing:
+        return f"{_option_given(value_missing.group(1), argv)}: expected a value"
+    unknown = re.search(
+        r"class_path '([\w.]+)':\s+(?:Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+))", message
+    )
     if unknown:
         prefix = key_before(unknown.start())
-        return _unknown(prefix + unknown.group(2), [prefix + name for name in init_arguments(unknown.group(1))])
+        known = [prefix + name for name in class_options(unknown.group(1))]
+        return _unknown(prefix + (unknown.group(2) or unknown.group(3)), known)
     group = re.search(r"class_path '([\w.]+)':.*?Group '(\w+)' does not accept option '(\w+)'", message, re.S)
     if group:
         prefix = key_before(group.start()) + group.group(2) + "."
         return _unknown(prefix + group.group(3), [prefix + f for f in group_fields(group.group(1), group.group(2))])
+    not_imported = re.search(
+        r"Problem with given class_path '([\w.]+)':\s+((?:module '[\w.]+' has no attribute|No module named) .*)",
+        message,
+    ) or re.search(r"Expected a dot import path string: ()([A-Za-z_][\w.]*)$", message, re.M)
+    if not_imported:
+        key = key_before(not_imported.start()).rstrip(".")
+        return _class_not_imported(key, not_imported.group(1) or not_imported.group(2))
     choices = re.findall(r"Expected a typing\.Literal\[(.*?)\]", message)
     given = re.findall(r"Got value: (.*)", message) or re.findall(r"Given value: (.*)", message)
     if choices and given:
-        allowed = dict.fromkeys(v.strip(" '\"") for c in choices for v in c.split(","))
+        allowed = list(dict.fromkeys(v.strip(" '\"") for c in choices for v in c.split(",")))
         key = key_before(message.index("Expected a typing.Literal")).rstrip(".")
-        return f"{key}: {given[-1].strip()!r} is not one of {', '.join(allowed)}"
+        value = given[-1].strip()
+        close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6)
+        if close:
+            return f"{key}: {value!r} is not a choice; did you mean {close[0]}? ({', '.join(allowed)})"
+        return f"{key}: {value!r} is not one of {', '.join(allowed)}"
     typed = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message)
     if typed:
         key = key_before(typed.start()).rstrip(".")
-        return f"{key}: expected a {typed.group(1)}, got {typed.group(2).strip()!r}"
+        return f"{key}: expected {_article(typed.group(1))} {typed.group(1)}, got {typed.group(2).strip()!r}"
+    union = re.search(
+        r"Subtypes: \[(.*?)\]\s+Errors:\s+(?:- Expected a <class '\w+'>\s+)+Given value type: .*\n\s*Given value: (.*)",
+        message,
+    )
+    if union:  # an optional int or the like, given something else: "expected an int or null"
+        key = key_before(union.start()).rstrip(".")
+        kinds = ["null" if k == "NoneType" else k for k in re.findall(r"<class '(\w+)'>", union.group(1))]
+        return f"{key}: expected {_article(kinds[0])} {' or '.join(kinds)}, got {union.group(2).strip()!r}"
     unrecognized = re.search(r"unrecognized arguments: (\S+)", message)
     if unrecognized:
         return _unknown(unrecognized.group(1).split("=")[0], options)
     missing = re.search(r"File does not exist: '(.*?)'", message)
     if missing:
         return f"--config {missing.group(1)}: no such file"
-    keys = re.findall(r'Parser key "([\w.]+)"', message)
+    keys = list(dict.fromkeys(re.findall(r'Parser key "([\w.]+)"', message)))  # a nested report repeats its key
     lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
     detail = next((line for line in reversed(lines) if not line.startswith(("Given value", "Expected a <class"))), "")
+    detail = re.sub(r'^Parser key "[\w.]+": ', "", detail)
+    detail = re.sub(r"\b([Ee]xpected) a (?=[aeiou])", r"\1 an ", detail)  # jsonargparse's "Expected a int"
     return f"--{'.'.join(keys)}: {detail}" if keys else " ".join(lines)
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _option_given(option: str, argv: list[str] | tuple[str, ...]) -> str:
+    """The option on the command line that argparse reports as `option` ("--model", "-c/--config"): the first
+    `--model.beta` without a value after it names it better than the `--model` it was parsed as."""
+    names = option.split("/")
+    for i, arg in enumerate(argv):
+        if "=" in arg or not any(arg == name or arg.startswith(name + ".") for name in names if name.startswith("--")):
+            continue
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if following is None or re.match(r"--?[A-Za-z_]", following):
+            return arg
+    return names[-1]
+
+
+def _unknown_command(given: str) -> str:
+    close = difflib.get_close_matches(given, COMMANDS, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? ({', '.join(COMMANDS)})" if close else f"give one of {', '.join(COMMANDS)}"
+    return f"unknown command {given!r}; {hint}"
+
+
+def _class_not_imported(key: str, class_path: str) -> str:
+    """`key`'s class_path does not import: the closest of ttc's classes for that key (by class name), else all."""
+    known = ttc_classes(key.lstrip("-"))
+    what = f"{key}.class_path: cannot import {class_path}"
+    names = {path.rpartition(".")[2].lower(): path for path in known}
+    close = difflib.get_close_matches(class_path.rpartition(".")[2].lower(), names, n=1, cutoff=0.6)
+    if close:
+        return f"{what}; did you mean {names[close[0]]}?"
+    return f"{what}; ttc's classes for {key}: {', '.join(known)}" if known else what
 
 
 def _unknown(option: str, known: list[str]) -> str:
@@ -151,12 +245,53 @@ def init_arguments(class_path: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def class_options(class_path: str) -> list[str]:
+    """The options of the class at `class_path`: its constructor arguments, and `ARG.FIELD` for each field of an
+    argument that takes a dataclass (`levers.cuda_graph`)."""
+    names = init_arguments(class_path)
+    return names + [f"{name}.{field}" for name in names for field in group_fields(class_path, name)]
+
+
+# Where ttc's classes for a class_path option are, and what they derive from.
+CLASS_HOMES = {"data": ("ttc_lightning.data", L.LightningDataModule), "model": ("ttc_lightning", L.LightningModule)}
+
+
+def ttc_classes(key: str) -> list[str]:
+    """The import paths of ttc's classes that the `key` option ("data", "model") can name; bases of others left out
+    (`TaskDataModule`)."""
+    if key not in CLASS_HOMES:
+        return []
+    home, base = CLASS_HOMES[key]
+    module = importlib.import_module(home)
+    found = [getattr(module, name) for name in getattr(module, "__all__", [])]
+    classes = [c for c in found if isinstance(c, type) and issubclass(c, base)]
+    leaves = [c for c in classes if not any(o is not c and issubclass(o, c) for o in classes)]
+    return [f"{home}.{c.__name__}" for c in leaves]
+
+
 SUBCOMMANDS = {
     "fit": "Train the policy with GRPO (resume with --ckpt_path last).",
     "validate": "Evaluate the policy (or a checkpoint: --ckpt_path) on the validation split.",
     "test": "Evaluate the policy (or a checkpoint: --ckpt_path) on the test split.",
     "predict": "Write predictions.jsonl: the policy's completions, answers or patches for the test split.",
 }
+# Commands run outside LightningCLI (`run`), by the module whose `main(argv)` runs each.
+OTHER_COMMANDS = {"export": "ttc_lightning.run.export", "generate": "ttc_lightning.run.generate"}
+COMMANDS = (*SUBCOMMANDS, *OTHER_COMMANDS)
+
+
+def ckpt_path_help(subcommand: str) -> str:
+    """What `--ckpt_path` means to `subcommand` in ttc (`run/directory.py`)."""
+    which = (
+        "a checkpoint file, `last` (the newest of the run's last.ckpt, last-interrupted.ckpt and hpc_ckpt_N.ckpt, in "
+        "trainer.default_root_dir) or `best` (its checkpoints/best.ckpt)"
+    )
+    if subcommand == "fit":
+        return (
+            f"Resume the run from {which}. With `last` and no checkpoint yet, a new run starts; leave it out to start "
+            "a new run."
+        )
+    return f"The checkpoint of the policy to {subcommand}: {which}. Leave it out to {subcommand} the base model."
 
 
 class TTCCLI(LightningCLI):
@@ -165,7 +300,7 @@ class TTCCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", TTCArgumentParser)
-        self.lock: contextlib.ExitStack | None = None
+        self.lock: runs.Claim | None = None
         try:
             super().__init__(*args, **kwargs)
         finally:
@@ -184,7 +319,8 @@ class TTCCLI(LightningCLI):
             "--overwrite",
             action=ActionYesNo,
             default=False,
-            help="fit: start a new run in a run directory that holds an earlier run's checkpoints, deleting them",
+            help="fit: start a new run in a run directory that holds an earlier run's checkpoints, deleting them once "
+            "the new run has loaded its model and data",
         )
         parser.set_defaults(
             {
@@ -210,13 +346,20 @@ class TTCCLI(LightningCLI):
         )
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
-        """Lightning's parser, with ttc's words for each subcommand (Lightning's docstrings speak of its own API)."""
+        """Lightning's parser, with ttc's words for each subcommand and for `--ckpt_path` (Lightning's docstrings
+        speak of its own API), and a one-line usage (argparse's lists every option of the subcommand)."""
         for name, text in SUBCOMMANDS.items():
-            subparser_kwargs.setdefault(name, {}).setdefault("description", text)
+            kwargs = subparser_kwargs.setdefault(name, {})
+            kwargs.setdefault("description", text)
+            kwargs.setdefault("usage", f"ttc {name} [--config FILE] [options]")
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         action = getattr(self.parser, "_subcommands_action", None)
         for choice in getattr(action, "_choices_actions", []):
             choice.help = SUBCOMMANDS.get(choice.dest, choice.help)
+        for name, parser in getattr(self, "_subcommand_parsers", {}).items():
+            for option in parser._actions:
+                if option.dest == "ckpt_path":
+                    option.help = ckpt_path_help(name)
 
     def validate(self, **kwargs: Any) -> Any:
         """`trainer.validate`, its metrics printed by ttc (whole names, 4 decimals) instead of Lightning's table."""
@@ -284,6 +427,8 @@ class TTCCLI(LightningCLI):
         if self.subcommand == "fit" and checkpointing:
             dirpath = self._get(self.config, "checkpoint").dirpath
             callbacks.append(CheckpointOnInterrupt(dirpath))
+            if self.lock is not None:  # rank zero claimed the run directory: --overwrite deletes when training starts
+                callbacks.append(runs.StartOver(self.lock))
             if config.get("limit_val_batches") != 0 and isinstance(self.datamodule, Task):
                 callbacks.append(BestCheckpoint(dirpath, f"val/{self.datamodule.headline_metric}"))
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
@@ -320,15 +465,8 @@ def main(args: list[str] | None = None) -> None:
 def run(args: list[str] | None) -> None:
     """`ttc ARGS`: export, or a LightningCLI subcommand; a `TTCError` ends it with one line and status 1."""
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["export"]:
-        from ttc_lightning.run.export import main as export_main
-
-        export_main(argv[1:])
-        return
-    if argv[:1] == ["generate"]:
-        from ttc_lightning.run.generate import main as generate_main
-
-        generate_main(argv[1:])
+    if argv and argv[0] in OTHER_COMMANDS:
+        importlib.import_module(OTHER_COMMANDS[argv[0]]).main(argv[1:])
         return
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     try:

@@ -3,13 +3,16 @@ run's checkpoints.
 
 `ttc fit` without `--ckpt_path` refuses a run directory that already holds checkpoints (resume it with
 `--ckpt_path last`, start over with `--overwrite`, or choose another directory), and a lock keeps a second `ttc fit`
-out of a directory while one runs. `last` is the newest (by modification time) of the run's `last.ckpt`,
-`last-interrupted.ckpt` and `hpc_ckpt_N.ckpt`; `best` is its `checkpoints/best.ckpt`.
+out of a directory while one runs. `--overwrite` deletes the earlier checkpoints only once the new run has loaded
+its model and data, so a run refused before it starts leaves them as they were. `last` is the newest (by
+modification time) of the run's `last.ckpt`, `last-interrupted.ckpt` and `hpc_ckpt_N.ckpt`; `best` is its
+`checkpoints/best.ckpt`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import logging
 import os
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from ttc_lightning.errors import TTCError
@@ -56,6 +60,11 @@ def resolve_ckpt_path(value: str | None, subcommand: str, run: RunDir) -> str | 
     new run under `fit` (so a job can always pass it) and is an error for evaluation, which would otherwise score
     the untrained base model; leave `--ckpt_path` out for that."""
     if value not in ("last", "best"):
+        close = difflib.get_close_matches(str(value).lower(), ("last", "best"), n=1, cutoff=0.6) if value else []
+        if close and not Path(value).exists():  # `lastt`: a typo of a keyword, not a missing file
+            raise TTCError(
+                f"--ckpt_path {value}: no such file; did you mean {close[0]}? (a checkpoint file, last or best)"
+            )
         return value
     path = run.last() if value == "last" else run.checkpoints / "best.ckpt"
     if path is None or not path.is_file():
@@ -85,18 +94,51 @@ def check_checkpoint(path: str, given: str, subcommand: str, max_steps: int) -> 
     log.info("checkpoint %s (step %d)%s", path, step, f", from --ckpt_path {given}" if given != path else "")
 
 
-def claim(run: RunDir, resume: bool, overwrite: bool) -> contextlib.ExitStack:
+class Claim(contextlib.ExitStack):
+    """A run directory claimed by a fit (`claim`): its locks, held until closed, and, with `--overwrite`, the earlier
+    run's checkpoints, deleted by `start_over` once the new run has started (`StartOver`)."""
+
+    def __init__(self, run: RunDir) -> None:
+        super().__init__()
+        self.run = run
+        self.earlier: list[Path] = []
+
+    def start_over(self) -> None:
+        """Delete the earlier run's checkpoints (`--overwrite`): the new run loaded its model and data, so nothing
+        that can refuse it is left, and a run refused before this point keeps them."""
+        earlier, self.earlier = self.earlier, []
+        for path in earlier:
+            path.unlink(missing_ok=True)
+        if earlier:
+            log.warning(
+                "--overwrite: deleted %s of the earlier run in %s", plural(len(earlier), "checkpoint"), self.run.root
+            )
+
+
+class StartOver(L.Callback):
+    """Calls `Claim.start_over` when training starts: after the data and the model are set up and the optimizers
+    built, before the first step."""
+
+    def __init__(self, claimed: Claim) -> None:
+        self.claimed = claimed
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.claimed.start_over()
+
+
+def claim(run: RunDir, resume: bool, overwrite: bool) -> Claim:
     """Make `run` this fit's: lock it against a second `ttc fit` (its checkpoint directory too, when that is
-    elsewhere) and, for a new run (`resume` false), require it to hold no checkpoints, or delete them with
-    `overwrite`. Returns the locks, held until closed (none where the file system has no locks)."""
+    elsewhere) and, for a new run (`resume` false), require it to hold no checkpoints, or with `overwrite` mark them
+    for deletion when the run starts (`Claim.start_over`). Returns the claim, its locks held until closed (none
+    where the file system has no locks)."""
     if resume and overwrite:
         raise TTCError("--overwrite starts the run over and --ckpt_path resumes it: give one of them")
-    lock = contextlib.ExitStack()
+    claimed = Claim(run)
     try:
         for directory, option in _lock_targets(run):
             held_lock = _lock(directory, option)
             if held_lock is not None:
-                lock.enter_context(held_lock)
+                claimed.enter_context(held_lock)
         held = run.checkpoint_files()
         slurm_resume = SLURMEnvironment.detect() and any(p.match(HPC) for p in held)
         if held and not resume and not slurm_resume:  # under SLURM, Lightning resumes hpc_ckpt files by itself
@@ -107,14 +149,12 @@ def claim(run: RunDir, resume: bool, overwrite: bool) -> contextlib.ExitStack:
                     "it with --ckpt_path last, start it over with --overwrite (deletes its checkpoints), or choose "
                     "another --trainer.default_root_dir"
                 )
-            for path in held:
-                path.unlink()
-            log.warning("--overwrite: deleted %s of the earlier run in %s", plural(len(held), "checkpoint"), run.root)
+            claimed.earlier = held
         remove_partial_files(run.checkpoints)
     except BaseException:
-        lock.close()
+        claimed.close()
         raise
-    return lock
+    return claimed
 
 
 def _lock_targets(run: RunDir) -> list[tuple[Path, str]]:
