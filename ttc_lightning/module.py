@@ -322,7 +322,7 @@ class GRPOModule(L.LightningModule):
         hp, rollout, step = self.hparams, sampled.rollout, self.trainer.global_step
         metrics = step_metrics(sampled, hp.num_generations, self.sampler.eos_token_ids, self.score_names, step, seconds)
         lr = self.lr_schedulers().get_last_lr()[0]
-        metrics |= {"skipped_steps": float(self.guard.skipped), "lr": lr, **stats}
+        metrics |= {"skipped_steps": float(self.guard.skipped), "lr": lr, **stats, **self.scorer.take_stats()}
         if self.device.type == "cuda":
             metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         # Lightning all-reduces each value when it is logged (sync_dist), and NCCL reduces tensors on the GPU only.

@@ -52,6 +52,7 @@ class Evaluator:
         repeated = {key: [v for v in values for _ in range(k)] for key, values in columns.items()}
         samples = self.generate(batch["prompt"], k, self.temperature, self.max_new_tokens)
         scores, _ = self.scorer.score(samples.texts, repeated, k)  # [B*k, F]
+        self.scorer.take_stats()  # a reward's own numbers (the oracle's stage times) belong to training steps
         reward = torch.nansum(scores * self.reward_weights, dim=1)  # [B*k]
         lengths = samples.completion_mask.sum(1).tolist()
         records = prompt_records(

@@ -7,6 +7,7 @@ Importing this package loads neither torch nor Lightning: a reward runs in a wor
 
 from ttc_lightning.rewards.classify import char_fraction_reward, format_reward, label_reward
 from ttc_lightning.rewards.command import command_reward
+from ttc_lightning.rewards.oracle import oracle_reward
 from ttc_lightning.rewards.patch import exact_fix_reward, parsed_patch_reward, parses_reward, patch_reward
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "exact_fix_reward",
     "format_reward",
     "label_reward",
+    "oracle_reward",
     "parsed_patch_reward",
     "parses_reward",
     "patch_reward",

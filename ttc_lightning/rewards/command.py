@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import atexit
 import errno
+import functools
 import json
 import logging
 import math
 import numbers
 import os
 import re
-import resource
 import shlex
 import shutil
 import signal
-import subprocess
 import tempfile
 import threading
-import time
-import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ttc_lightning.errors import TTCError
+from ttc_lightning.oracle.sandbox import Limits, run_contained, run_parallel
 from ttc_lightning.rewards.patch import Language, apply_completion, file_language, source_language
 
 log = logging.getLogger("ttc")
@@ -31,18 +28,6 @@ log = logging.getLogger("ttc")
 
 _SUFFIX: dict[Language, str] = {"c": ".c", "cpp": ".cpp"}
 _PLACEHOLDER = re.compile(r"\{(dir|file)\}")
-_OUTPUT_TAIL = 4096  # bytes of a failing command's output kept for the debug log (its last ones)
-_MARKER = "TTC_CHECK_ID"  # set to a fresh id in each check's environment, which every process it starts inherits
-# The check runs under /bin/sh, which sets its limits and then execs it: the same process, and the fast way to start
-# one (a `preexec_fn` would make Python fork the whole training process, page tables and all, for each check).
-# POSIX counts `ulimit -f` in blocks of 512 bytes.
-_LIMITS = 'ulimit -S -t {cpu} && ulimit -H -t {cpu_hard} && ulimit -f {blocks} && exec "$@"'
-_SHELL = "/bin/sh"
-
-# Checks running now, by id: their process, the stop flag of the `command_reward` call they belong to, and their
-# directory.
-_live: dict[str, tuple[subprocess.Popen, threading.Event, Path]] = {}
-_live_lock = threading.Lock()
 _warned: set[tuple[str, int]] = set()
 
 
@@ -57,6 +42,8 @@ def command_reward(
     timeout_reward: float | None = 0.0,
     max_cpu_seconds: float | None = None,
     max_file_size: int = 1 << 30,
+    max_memory: int | None = None,
+    max_processes: int | None = 256,
     **columns: list[Any],
 ) -> list[float | None]:
     """Score each patched function by running an external check (a compiler, a test suite, a proof of concept).
@@ -71,8 +58,9 @@ def command_reward(
        columns as one JSON object (`vulnerable_func` and `file_name` included).
     3. `command` runs there: `{dir}` and `{file}` are replaced by the directory's and the file's paths, already
        shell-quoted (do not quote them again), the result split with `shlex.split` and run without a shell
-       reading it (a `/bin/sh` sets the limits below, then execs it), in its own session, stdin empty, at most
-       `max_concurrency` commands at once. Other relative paths in the command resolve in that directory: give
+       reading it (a `/bin/sh` sets the limits below, then execs it), in its own session, stdin empty, without
+       network where the machine allows it, at most `max_concurrency` commands at once (the runner it shares with
+       the oracle: `ttc_lightning.oracle.sandbox`). Other relative paths in the command resolve in that directory: give
        your own scripts by absolute path. The function's text and the row reach the command in these files only,
        never on its command line or in its environment.
     4. The exit status maps to the reward through `exit_rewards` (default `{0: 1.0}`); a status it does not list
@@ -87,9 +75,11 @@ def command_reward(
     it), and those still running when the program exits. The directory is always removed.
     Each process of a check may use `max_cpu_seconds` of CPU time (RLIMIT_CPU; null: `timeout`, rounded up; one
     past it is killed by SIGXCPU, status -24) and write files of at most `max_file_size` bytes (RLIMIT_FSIZE, in
-    whole 512-byte blocks; a write past it fails, or kills the writer with SIGXFSZ, status -25). The command's
-    output (stdout and stderr) is discarded, but for its last 4 KB in the debug log when it fails; it is never
-    written to a file.
+    whole 512-byte blocks; a write past it fails, or kills the writer with SIGXFSZ, status -25), use `max_memory`
+    bytes of address space (RLIMIT_AS; null, the default: no limit, as a program built with AddressSanitizer needs)
+    and start `max_processes` processes or threads beyond what this user runs when it starts (RLIMIT_NPROC; null: no
+    limit). The command's output (stdout and stderr) is discarded, but for its last 4 KB in the debug log when it
+    fails; it is never written to a file.
 
     Completions of one row that patch the function identically run once and share the reward. A command that
     cannot be started (no such program, not executable) is a configuration mistake: TTCError.
@@ -97,7 +87,8 @@ def command_reward(
     rewards_by_status = _check_command_config(
         command, timeout, max_concurrency, exit_rewards, timeout_reward, max_cpu_seconds, max_file_size
     )
-    limits = _limits(max_cpu_seconds or timeout, max_file_size)
+    _check_counts(max_memory, max_processes)
+    limits = Limits(max_cpu_seconds or timeout, max_file_size, max_memory, max_processes)
     for name, values in {"vulnerable_func": vulnerable_func, **columns}.items():
         if len(values) != len(completions):
             raise TTCError(
@@ -113,7 +104,8 @@ def command_reward(
         row = {name: values[i] for name, values in columns.items()} | {"vulnerable_func": vulnerable}
         language = file_language(row.get("file_name")) or source_language(vulnerable) or "c"
         jobs.setdefault((patched, language, json.dumps(row, default=str)), []).append(i)
-    statuses = _run_checks(command, timeout, limits, list(jobs), max_concurrency)
+    run = functools.partial(_run_check, command, timeout, limits)
+    statuses = run_parallel(lambda job, stop: run(stop, *job), list(jobs), max_concurrency)
     for indices, status in zip(jobs.values(), statuses, strict=True):
         for i in indices:
             rewards[i] = timeout_reward if status is None else rewards_by_status.get(status, 0.0)
@@ -176,66 +168,16 @@ def _check_command_config(
     return by_status
 
 
-def _limits(cpu_seconds: float, file_size: int) -> str:
-    """The shell line that sets a check's resource limits, within the hard limits this process has, and execs it."""
-
-    def within(wanted: int, kind: int) -> int:
-        hard = resource.getrlimit(kind)[1]
-        return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-
-    cpu = within(math.ceil(cpu_seconds), resource.RLIMIT_CPU)
-    cpu_hard = within(cpu + 1, resource.RLIMIT_CPU)  # SIGXCPU at the soft limit, SIGKILL a second later
-    blocks = within(file_size // 512 * 512, resource.RLIMIT_FSIZE) // 512
-    return _LIMITS.format(cpu=cpu, cpu_hard=cpu_hard, blocks=blocks)
-
-
-def _run_checks(
-    command: str, timeout: float, limits: str, jobs: list[tuple[str, Language, str]], concurrency: int
-) -> list[int | None]:
-    """`_run_check` on each job, `concurrency` at once on daemon threads (which never hold the program's exit);
-    their statuses in order. An exception in the calling thread (Ctrl-C, SIGTERM) or in a check (TTCError) kills
-    the checks of this call still running and starts no more."""
-    statuses: list[int | None] = [None] * len(jobs)
-    failures: list[BaseException] = []
-    stop = threading.Event()
-    queue = iter(range(len(jobs)))
-    queue_lock = threading.Lock()
-
-    def work() -> None:
-        while not stop.is_set():
-            with queue_lock:
-                k = next(queue, None)
-            if k is None:
-                return
-            try:
-                statuses[k] = _run_check(command, timeout, limits, stop, *jobs[k])
-            except BaseException as e:
-                failures.append(e)
-                _stop_checks(stop)
-                return
-
-    threads = [threading.Thread(target=work, name="ttc-check", daemon=True) for _ in range(min(concurrency, len(jobs)))]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    except BaseException:
-        _stop_checks(stop)
-        deadline = time.monotonic() + 5.0  # the killed checks end at once; their threads remove the directories
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        raise
-    if failures:
-        raise failures[0]
-    return statuses
+def _check_counts(max_memory: Any, max_processes: Any) -> None:
+    for name, value, least in (("max_memory", max_memory, 1 << 20), ("max_processes", max_processes, 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise TTCError(f"command_reward: {name} must be an integer of at least {least}, or null, got {value!r}")
 
 
 def _run_check(
-    command: str, timeout: float, limits: str, stop: threading.Event, patched: str, language: Language, record: str
+    command: str, timeout: float, limits: Limits, stop: threading.Event, patched: str, language: Language, record: str
 ) -> int | None:
     """Exit status of `command` on `patched` in a fresh directory; None when it timed out or `stop` was set."""
-    check_id = uuid.uuid4().hex
     directory = Path(tempfile.mkdtemp(prefix="ttc-check-"))
     try:
         file = directory / f"func{_SUFFIX[language]}"
@@ -244,43 +186,17 @@ def _run_check(
         paths = {"dir": shlex.quote(str(directory)), "file": shlex.quote(str(file))}
         argv = shlex.split(_PLACEHOLDER.sub(lambda m: paths[m.group(1)], command))
         program = _program(argv[0], directory, command)
-        debug = log.isEnabledFor(logging.DEBUG)
-        if stop.is_set():
-            return None
         try:
-            process = subprocess.Popen(
-                [_SHELL, "-c", limits, "ttc-check", program, *argv[1:]],
-                cwd=directory,
-                env={**os.environ, _MARKER: check_id},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if debug else subprocess.DEVNULL,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+            finished = run_contained(
+                [program, *argv[1:]], directory, timeout=timeout, limits=limits, stop=stop, remove_at_exit=directory
             )
         except OSError as e:
-            raise _cannot_run(command, _SHELL, e.strerror or str(e)) from None
-        with _live_lock:
-            _live[check_id] = (process, stop, directory)
-            stopped = stop.is_set()  # set before this check was listed: `_stop_checks` did not see it
-        tail = _Tail(process.stdout) if process.stdout is not None else None
-        try:
-            status: int | None = None if stopped else process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            status = None
-        finally:
-            with _live_lock:
-                _live.pop(check_id, None)
-            # The group id outlives the command while any process in it lives, and is not handed out again
-            # while in use: this reaches the command and what it left behind in its group, nothing else.
-            _kill_group(process.pid)
-            _kill_marked([check_id])
-            process.wait()
-        output = tail.text() if tail is not None else ""
-        _warn_on_limit(status, command)
-        if status != 0 and debug:
-            what = "timed out" if status is None else f"exit {status}"
-            log.debug("command_reward: %s %s:\n%s", argv, what, output)
-        return None if stopped else status
+            raise _cannot_run(command, "/bin/sh", e.strerror or str(e)) from None
+        _warn_on_limit(finished.status, command)
+        if finished.status != 0 and not finished.stopped:
+            what = "timed out" if finished.status is None else f"exit {finished.status}"
+            log.debug("command_reward: %s %s:\n%s", argv, what, finished.output)
+        return finished.status
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -320,104 +236,3 @@ def _warn_on_limit(status: int | None, command: str) -> None:
             status,
             limits[status],
         )
-
-
-class _Tail:
-    """The last `_OUTPUT_TAIL` bytes of a pipe, read to its end by a daemon thread: memory stays bounded however
-    much a check writes, and the check never blocks on a full pipe."""
-
-    def __init__(self, pipe: Any) -> None:
-        self._pipe = pipe
-        self._data = bytearray()
-        self._thread = threading.Thread(target=self._read, name="ttc-check-output", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        fd = self._pipe.fileno()
-        while chunk := os.read(fd, 1 << 16):
-            self._data += chunk
-            if len(self._data) > 4 * _OUTPUT_TAIL:
-                del self._data[:-_OUTPUT_TAIL]
-
-    def text(self) -> str:
-        """What was read, once every process holding the pipe ended (or after a second)."""
-        self._thread.join(1.0)
-        if not self._thread.is_alive():  # closing a pipe another thread still reads would hand its number on
-            self._pipe.close()
-        return bytes(self._data[-_OUTPUT_TAIL:]).decode(errors="replace")
-
-
-def _stop_checks(stop: threading.Event) -> None:
-    """Sets `stop` and kills the checks of its call that are running now."""
-    with _live_lock:
-        stop.set()
-        ids = [check_id for check_id, (_, flag, _) in _live.items() if flag is stop]
-        for check_id in ids:
-            _kill_group(_live[check_id][0].pid)
-    _kill_marked(ids)
-
-
-@atexit.register
-def _stop_all_checks() -> None:
-    """At exit, the checks of calls left running on daemon threads (a reward call past its time limit, or one the
-    main thread stopped waiting for on Ctrl-C or SIGTERM), and their directories, which those threads may not get
-    to remove."""
-    with _live_lock:
-        flags = {id(flag): flag for _, flag, _ in _live.values()}
-        directories = [directory for _, _, directory in _live.values()]
-    for flag in flags.values():
-        _stop_checks(flag)
-    for directory in directories:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill_marked(check_ids: Collection[str]) -> None:
-    """SIGKILL every process whose environment holds `TTC_CHECK_ID` set to one of `check_ids`, again until none is
-    left (one may fork while it is being found)."""
-    if not check_ids:
-        return
-    markers = [f"\0{_MARKER}={check_id}\0".encode() for check_id in check_ids]
-    for _ in range(50):
-        found = False
-        for pid in _processes():
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    environment = b"\0" + f.read()
-            except OSError:  # gone, or not ours to read
-                continue
-            if any(marker in environment for marker in markers):
-                found = True
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        if not found:
-            return
-        time.sleep(0.005)  # a killed process keeps its environment until it has died
-    log.debug("command_reward: processes of check %s outlived 50 rounds of SIGKILL", ", ".join(check_ids))
-
-
-def _processes() -> list[int]:
-    """Ids of the processes of this user (all, for root), but this one."""
-    me, uid = os.getpid(), os.getuid()
-    pids = []
-    try:
-        entries = list(os.scandir("/proc"))
-    except OSError:  # no /proc: only the process group is reached
-        return []
-    for entry in entries:
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            if uid == 0 or entry.stat(follow_symlinks=False).st_uid == uid:
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids

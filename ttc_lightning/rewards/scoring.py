@@ -189,6 +189,21 @@ class RewardScorer:
         self._warn_unscored(scores, failed, n)
         return scores, failed if self.errors == "skip" else None
 
+    def take_stats(self) -> dict[str, float]:
+        """`rewards/<name>/<stat>`: the numbers a reward function keeps about its own work (its `take_stats`
+        attribute, returning them since its last call, as `oracle_reward` does), for the step's metrics."""
+        stats: dict[str, float] = {}
+        taken: set[int] = set()
+        for reward in self.rewards:
+            fn = reward.fn
+            while isinstance(fn, functools.partial):
+                fn = fn.func
+            take = getattr(fn, "take_stats", None)
+            if callable(take) and id(fn) not in taken:  # two entries of one function: the first reports both
+                taken.add(id(fn))
+                stats |= {f"rewards/{reward.name}/{k}": float(v) for k, v in take().items()}
+        return stats
+
     def _problem(
         self, reward: Reward, outcome: Future | None, completions: list[str], columns: dict[str, list], g: int
     ) -> str | None:

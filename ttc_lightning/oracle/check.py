@@ -1,0 +1,174 @@
+"""One function against its harness: build it under the sanitizers, run the proof and the tests, grade the outcome;
+verdicts cached by (harness, function) for the whole run."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from ttc_lightning.errors import TTCError
+from ttc_lightning.oracle.harness import Harness, Language
+from ttc_lightning.oracle.sandbox import Limits, run_contained
+
+COMPILERS: dict[Language, tuple[str, ...]] = {"c": ("gcc", "-std=gnu11"), "cpp": ("g++", "-std=gnu++17")}
+SANITIZE = ("-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
+PROGRAM = "check"
+
+# The grades of the scale (`grade`).
+NO_BUILD, STILL_VULNERABLE, PROOF_FIXED, PASSED = 0.0, 0.25, 0.5, 1.0
+_TEST_SHARE = 0.4  # what the tests a proof-fixing patch passes add to PROOF_FIXED, all but one of them at most
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The limits of one check's stages."""
+
+    compile_seconds: float = 60.0
+    """Wall-clock (and CPU) seconds the compiler may take."""
+    memory_mb: int = 2048
+    """Memory of the compiler (address space) and of each case (resident, through the sanitizer's own limit)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one function did with its harness."""
+
+    compiled: bool
+    proof_fixed: bool
+    """The proof case passed: the vulnerability no longer shows."""
+    passed_tests: tuple[str, ...]
+    failed_tests: tuple[str, ...]
+    """Failed, or never run: tests run only when the proof passes, unless every case was asked for."""
+    output: str
+    """The tail of the compiler's output when it failed, else of the first failing case's."""
+    compile_seconds: float
+    run_seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.compiled and self.proof_fixed and not self.failed_tests
+
+
+def grade(verdict: Verdict) -> float:
+    """The oracle's reward for one patched function, highest for what the task wants most:
+
+    - 0.0: it does not compile with the harness (or the compiler ran out of time);
+    - 0.25: it compiles, and the proof of vulnerability still fails;
+    - 0.5 + 0.4 * (tests passed / tests): the proof passes but a test fails: the patch stops the exploit by
+      breaking behaviour the fix keeps (returning early, deleting the body), worth less than any real fix;
+    - 1.0: the proof and every test pass.
+
+    Compiling is the first thing a patch must do, and a vulnerable function that compiles is closer to a fix than
+    one that does not; the proof is the point of the task; the tests tell a fix from a function that no longer does
+    its job, and their share orders such patches among themselves without ever reaching a real fix's 1.0.
+    """
+    if not verdict.compiled:
+        return NO_BUILD
+    if not verdict.proof_fixed:
+        return STILL_VULNERABLE
+    if not verdict.failed_tests:
+        return PASSED
+    total = len(verdict.passed_tests) + len(verdict.failed_tests)
+    return PROOF_FIXED + _TEST_SHARE * len(verdict.passed_tests) / total
+
+
+def check_function(
+    harness: Harness, function: str, budget: Budget, stop: threading.Event | None = None, every_case: bool = False
+) -> Verdict:
+    """Build `function` with `harness` in a fresh directory and run its cases: the proof, then (when it passed, or
+    with `every_case`) the tests, each alone. TTCError when the compiler is missing."""
+    compiler, *std = COMPILERS[harness.language]
+    if shutil.which(compiler) is None:
+        raise TTCError(f"{harness.directory}: the oracle needs {compiler} on PATH to build this harness")
+    directory = Path(tempfile.mkdtemp(prefix="ttc-oracle-"))
+    try:
+        shutil.copytree(harness.directory, directory, dirs_exist_ok=True)
+        (directory / harness.function_file).write_text(function, encoding="utf-8", errors="surrogatepass")
+        argv = [compiler, *std, *SANITIZE, *harness.flags, harness.source, "-o", PROGRAM]
+        limits = Limits(budget.compile_seconds, memory=budget.memory_mb << 20)
+        built = run_contained(
+            argv, directory, timeout=budget.compile_seconds, limits=limits, stop=stop, remove_at_exit=directory
+        )
+        if built.status != 0:
+            return Verdict(False, False, (), harness.tests, built.output, built.seconds, 0.0)
+        results: dict[str, bool] = {}
+        output, seconds = "", 0.0
+        for case in harness.cases:
+            if case != harness.proof and not results[harness.proof] and not every_case:
+                break
+            ran = _run_case(harness, directory, case, budget, stop)
+            results[case] = ran.status == 0
+            seconds += ran.seconds
+            if not results[case] and not output:
+                output = f"{case}: " + ("timed out" if ran.status is None else f"exit {ran.status}") + "\n" + ran.output
+        passed = tuple(t for t in harness.tests if results.get(t))
+        failed = tuple(t for t in harness.tests if not results.get(t))
+        return Verdict(True, results[harness.proof], passed, failed, output, built.seconds, seconds)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _run_case(harness: Harness, directory: Path, case: str, budget: Budget, stop: threading.Event | None):
+    # AddressSanitizer reserves terabytes of address space for its shadow memory, so RLIMIT_AS would stop every
+    # sanitized program: its own allocator limits bound the memory instead.
+    sanitizer = f"detect_leaks=1:hard_rss_limit_mb={budget.memory_mb}:malloc_limit_mb={budget.memory_mb}"
+    env = {"ASAN_OPTIONS": sanitizer, "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+    limits = Limits(harness.timeout, file_size=64 << 20, memory=None, processes=64)
+    return run_contained(
+        [f"./{PROGRAM}", case],
+        directory,
+        timeout=harness.timeout,
+        limits=limits,
+        stop=stop,
+        env=env,
+        remove_at_exit=directory,
+    )
+
+
+class VerdictCache:
+    """Verdicts by (harness digest, function), the `size` most recently used kept; safe across threads."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self.size = size
+        self._verdicts: OrderedDict[tuple[str, str], Verdict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(harness: Harness, function: str) -> tuple[str, str]:
+        return harness.digest, hashlib.sha256(function.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def get(self, key: tuple[str, str]) -> Verdict | None:
+        with self._lock:
+            verdict = self._verdicts.get(key)
+            if verdict is not None:
+                self._verdicts.move_to_end(key)
+            return verdict
+
+    def put(self, key: tuple[str, str], verdict: Verdict) -> None:
+        with self._lock:
+            self._verdicts[key] = verdict
+            self._verdicts.move_to_end(key)
+            while len(self._verdicts) > self.size:
+                self._verdicts.popitem(last=False)
+
+
+def constant_body(function: str, language: Language) -> str:
+    """`function` with its body replaced by a constant return (`return 0;`, `return {};` in C++, nothing for a
+    `void` function): the do-nothing patch that a harness's tests must catch."""
+    open_paren = function.index("(")
+    depth, end = 0, open_paren
+    for end in range(open_paren, len(function)):
+        depth += {"(": 1, ")": -1}.get(function[end], 0)
+        if depth == 0:
+            break
+    body = function.index("{", end)
+    head = function[:body]
+    words = function[:open_paren].replace("*", " * ").split()
+    void = len(words) >= 2 and words[-2] == "void"
+    statement = "" if void else ("return {};" if language == "cpp" else "return 0;")
+    return f"{head}{{ {statement} }}\n"
