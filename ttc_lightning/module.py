@@ -171,6 +171,11 @@ class GRPOModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_trainer(self.trainer, stage, lora=self.lora is not None)
+        # The data module has read its rows (Lightning sets it up first); the model is not loaded yet.
+        data = self.trainer.datamodule
+        rows = [row for split in ("train_rows", "val_rows", "test_rows") for row in getattr(data, split, None) or []]
+        if rows:
+            self.scorer.check_rows(rows)
 
     def on_fit_start(self) -> None:
         # Every rank starts from the same random state (Lightning's seed, for the same initial weights, or the

@@ -1,7 +1,6 @@
 """Both PrimeVul tasks through `ttc fit`, `validate`, `test` and `predict` on the tiny model and shipped sample."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -100,22 +99,13 @@ SAMPLE_RUN += ["--trainer.val_check_interval", "2", "--model.max_new_tokens", "8
 
 @pytest.mark.slow
 def test_patch_sample_config_trains_and_validates(run_ttc, tmp_path):
-    overrides = []
-    if shutil.which("gcc") is None:  # the config's `compiles` reward runs gcc: leave it out
-        overrides = [
-            "--model.rewards",
-            "[ttc_lightning.rewards.parsed_patch_reward, ttc_lightning.rewards.char_fraction_reward]",
-        ]
-        overrides += ["--model.reward_weights", "[1.0, 1.0]"]
-    code, _, err = run_ttc("fit", "--config", str(REPO / "configs" / "patch_sample.yaml"), *SAMPLE_RUN, *overrides)
+    code, _, err = run_ttc("fit", "--config", str(REPO / "configs" / "patch_sample.yaml"), *SAMPLE_RUN)
     assert code == 0, err
     rows = read_metrics(tmp_path / "run")
     logged = {key for row in rows for key, value in row.items() if value}
     assert {"val/patch_reward", "val/applied_pass@1", "val/rewards/parsed_patch_reward/mean"} <= logged
     # the random tiny model writes no well-formed answer: -1 (malformed) from the syntax-gated patch reward
     assert [float(row["rewards/parsed_patch_reward/mean"]) for row in rows if row["loss"]] == [-1.0] * 2
-    if not overrides:
-        assert "rewards/compiles/mean" in logged
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ttc_lightning.data.base import Task
-from ttc_lightning.evaluation.records import prompt_records, reward_metrics
+from ttc_lightning.evaluation.records import oracle_metrics, prompt_records, reward_metrics
 from ttc_lightning.rewards.scoring import RewardScorer
 from ttc_lightning.sampling.sampler import Samples
 
@@ -67,7 +67,11 @@ class Evaluator:
 
     def metrics(self, records: list[Record], task: Task) -> dict[str, Any]:
         """Reward means over every sample and the task's own metrics."""
-        return {**reward_metrics(records, self.scorer.names), **task.evaluate(records)}
+        metrics = {**reward_metrics(records, self.scorer.names), **task.evaluate(records)}
+        if all("vulnerable_func" in r["columns"] for r in records):  # patches: the oracle's verdicts on them
+            for name in self.scorer.oracle_names:
+                metrics |= oracle_metrics(records, name)
+        return metrics
 
     def finish(self, stage: str, trainer: L.Trainer, log_dir: Path) -> dict[str, float]:
         """The epoch's metrics as `stage/name` scalars for every rank to log (none in the sanity check or without

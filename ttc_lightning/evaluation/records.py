@@ -19,6 +19,7 @@ from ttc_lightning.evaluation.metrics import (
     pass_at_k,
     vd_score,
 )
+from ttc_lightning.oracle.check import PASSED, PROOF_FIXED
 from ttc_lightning.rewards.answers import normalize_label, parse_answer, split_think_answer
 from ttc_lightning.rewards.patch import score_patch
 
@@ -87,7 +88,8 @@ def patch_prediction(record: Record) -> dict[str, Any]:
     applied = [s.patched for s in scores if s.applied]
     votes = Counter("".join(patched.split()) for patched in applied)
     final = next((p for p in applied if votes["".join(p.split())] == max(votes.values())), None)
-    chosen = next((s for s in scores if s.patched == final), None) if final is not None else None
+    index = next((i for i, s in enumerate(scores) if final is not None and s.patched == final), None)
+    chosen = scores[index] if index is not None else None
     return {
         "patches": [s.patched for s in scores],
         "errors": [s.error for s in scores],
@@ -95,6 +97,7 @@ def patch_prediction(record: Record) -> dict[str, Any]:
         "applied": [s.applied for s in scores],
         "exact": [s.exact for s in scores],
         "final": final,
+        "chosen": index,
         "score": chosen.reward if chosen is not None else -1.0,
         "final_exact": bool(chosen and chosen.exact),
     }
@@ -114,6 +117,32 @@ def patch_metrics(records: Sequence[Record]) -> dict[str, float]:
     metrics["final_exact"] = fmean(p["final_exact"] for p in predictions)
     metrics["format_valid"] = fmean(split_think_answer(text) is not None for r in records for text in r["completions"])
     metrics["mean_length"] = _mean_length(records)
+    return metrics
+
+
+def oracle_metrics(records: Sequence[Record], name: str) -> dict[str, float]:
+    """The oracle reward `name`'s verdicts (`ttc_lightning.oracle.check.grade`) on the prompts it scored (those
+    with a harness): `oracle/<name>/final_pass` and `final_proof_fixed`, the share whose final (voted) patch passes
+    everything and the share whose final patch fixes the proof (a prompt without a patch that applies counts as
+    neither), and the unbiased pass@1 / pass@k of passing everything over the k samples."""
+    judged = [r for r in records if any(v is not None for v in r["rewards"][name])]
+    if not judged:
+        return {}
+    k = min(len(r["completions"]) for r in judged)
+    final, passes = [], []
+    for record in judged:
+        grades = record["rewards"][name]
+        chosen = patch_prediction(record)["chosen"]
+        final.append(grades[chosen] if chosen is not None and grades[chosen] is not None else -1.0)
+        passes.append(sum(g is not None and g >= PASSED for g in grades))
+    metrics = {
+        f"oracle/{name}/final_pass": fmean(g >= PASSED for g in final),
+        f"oracle/{name}/final_proof_fixed": fmean(g >= PROOF_FIXED for g in final),
+    }
+    for at in sorted({1, k}):
+        metrics[f"oracle/{name}/pass@{at}"] = fmean(
+            pass_at_k(len(r["completions"]), c, at) for r, c in zip(judged, passes, strict=True)
+        )
     return metrics
 
 

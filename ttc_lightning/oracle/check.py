@@ -130,6 +130,37 @@ def _run_case(harness: Harness, directory: Path, case: str, budget: Budget, stop
     )
 
 
+def harness_problem(
+    harness: Harness, fixed: Verdict, vulnerable: Verdict, do_nothing: Verdict | None = None
+) -> str | None:
+    """What makes `harness` no oracle, in one line, or None: the real fix must compile and pass the proof and every
+    test, the vulnerable function must compile and fail the proof, and a do-nothing patch (`constant_body`; when
+    its verdict is given, with every case run) must fail a test."""
+    if not fixed.compiled:
+        return f"the real fix does not compile: {_first_line(fixed.output)}"
+    if not fixed.proof_fixed:
+        return f"the real fix fails the proof {harness.proof!r}: {_first_line(fixed.output)}"
+    if fixed.failed_tests:
+        return f"the real fix fails test {fixed.failed_tests[0]!r}: {_first_line(fixed.output)}"
+    if not vulnerable.compiled:
+        return f"the vulnerable function does not compile: {_first_line(vulnerable.output)}"
+    if vulnerable.proof_fixed:
+        return f"the vulnerable function passes the proof {harness.proof!r}: it proves nothing"
+    if do_nothing is not None and do_nothing.compiled and not do_nothing.failed_tests:
+        return "a do-nothing patch (the body replaced by a constant return) passes every test: add a test it fails"
+    return None
+
+
+def _first_line(output: str) -> str:
+    """The line of a build's or case's output that says most: a sanitizer's or compiler's error, else the first."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for marker in ("ERROR:", "runtime error:", "error:", "Assertion", "timed out"):
+        hit = next((line for line in lines if marker in line), None)
+        if hit is not None:
+            return hit[:200]
+    return lines[0][:200] if lines else "(no output)"
+
+
 class VerdictCache:
     """Verdicts by (harness digest, function), the `size` most recently used kept; safe across threads."""
 

@@ -4,19 +4,22 @@ harness and run against the proof of vulnerability and the functional tests (`tt
 from __future__ import annotations
 
 import functools
+import logging
 import numbers
 import os
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ttc_lightning.errors import TTCError
-from ttc_lightning.oracle.check import Budget, Verdict, VerdictCache, check_function, grade
+from ttc_lightning.oracle.check import Budget, Verdict, VerdictCache, check_function, grade, harness_problem
 from ttc_lightning.oracle.harness import HARNESSES, Harness, find_harnesses
 from ttc_lightning.oracle.sandbox import run_parallel
 from ttc_lightning.rewards.patch import apply_completion
 
+log = logging.getLogger("ttc")
 _verdicts = VerdictCache()
 _stats_lock = threading.Lock()
 _stats: dict[str, float] = {}
@@ -91,6 +94,53 @@ def oracle_reward(
     return rewards
 
 
+def check_rows(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    harnesses: str | None = None,
+    workers: int | None = None,
+    compile_timeout: float = 60.0,
+    max_memory_mb: int = 2048,
+    **_: Any,
+) -> None:
+    """Before a run: every harness of the rows' records holds for them (the real fix passes the proof and every
+    test, the vulnerable function fails the proof; `ttc oracle check` also tries a do-nothing patch), and at least
+    one record has a harness. TTCError naming the harness otherwise. The verdicts seed the cache."""
+    budget = _budget(workers, compile_timeout, max_memory_mb)
+    by_idx = _harnesses(harnesses)
+    found: dict[str, tuple[Harness, str, str]] = {}
+    for row in rows:
+        if not {"id", "vulnerable_func", "fixed_func"} <= set(row):
+            raise TTCError(
+                "oracle_reward scores the patch task's rows (columns id, vulnerable_func, fixed_func): use it with "
+                "ttc_lightning.data.PrimeVulPatchDataModule"
+            )
+        harness = by_idx.get(str(row["id"]))
+        if harness is not None:
+            found[harness.idx] = (harness, row["vulnerable_func"], row["fixed_func"])
+    if not found:
+        root = HARNESSES if harnesses is None else harnesses
+        raise TTCError(
+            f"oracle_reward: none of the data's {len(rows)} records has a harness in {root}: it would score nothing; "
+            "give `harnesses` a directory holding harnesses for them (`ttc oracle check DIR --data FILE` checks one)"
+        )
+    started = time.monotonic()
+
+    def judge(job: tuple[Harness, str, str], stop: threading.Event) -> str | None:
+        harness, vulnerable, fixed = job
+        verdicts = [check_function(harness, f, budget, stop) for f in (fixed, vulnerable)]
+        for function, verdict in zip((fixed, vulnerable), verdicts, strict=True):
+            _verdicts.put(VerdictCache.key(harness, function), verdict)
+        problem = harness_problem(harness, *verdicts)
+        return None if problem is None else f"{harness.directory}: {problem}"
+
+    problems = run_parallel(judge, list(found.values()), workers or _cores())
+    problem = next((p for p in problems if p is not None), None)
+    if problem is not None:
+        raise TTCError(f"oracle_reward: harness {problem} (`ttc oracle check` shows every harness)")
+    log.info("oracle: %d harnesses hold for their records (%.1f s)", len(found), time.monotonic() - started)
+
+
 def take_stats() -> dict[str, float]:
     """The oracle's numbers since the last call, summed over its calls: `checks` (functions built),
     `cache_hits` (completions scored from an earlier verdict), `compile_s` and `run_s` (seconds spent in the
@@ -101,7 +151,9 @@ def take_stats() -> dict[str, float]:
     return taken
 
 
-oracle_reward.take_stats = take_stats  # type: ignore[attr-defined]  # read by the scorer, logged per step
+# Read by the scorer (`ttc_lightning.rewards.scoring`): the rows checked before a run, the numbers logged per step.
+oracle_reward.check_rows = check_rows  # type: ignore[attr-defined]
+oracle_reward.take_stats = take_stats  # type: ignore[attr-defined]
 
 
 def _count(verdicts: list[Verdict], hits: int, checks: int, wall: float) -> None:

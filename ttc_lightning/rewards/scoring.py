@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ttc_lightning.errors import TTCError
+from ttc_lightning.rewards.oracle import oracle_reward
 
 log = logging.getLogger("ttc")
 
@@ -189,15 +190,27 @@ class RewardScorer:
         self._warn_unscored(scores, failed, n)
         return scores, failed if self.errors == "skip" else None
 
+    @property
+    def oracle_names(self) -> list[str]:
+        """The names of the entries that are `oracle_reward` (whose scores evaluation reads as verdicts)."""
+        return [reward.name for reward in self.rewards if _unwrapped(reward.fn)[0] is oracle_reward]
+
+    def check_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Before a run: each reward function's own check of the rows it will score (its `check_rows` attribute,
+        called with the rows and the entry's `args`, as `oracle_reward` checks its harnesses)."""
+        for reward in self.rewards:
+            fn, args = _unwrapped(reward.fn)
+            check = getattr(fn, "check_rows", None)
+            if callable(check):
+                check(rows, **args)
+
     def take_stats(self) -> dict[str, float]:
         """`rewards/<name>/<stat>`: the numbers a reward function keeps about its own work (its `take_stats`
         attribute, returning them since its last call, as `oracle_reward` does), for the step's metrics."""
         stats: dict[str, float] = {}
         taken: set[int] = set()
         for reward in self.rewards:
-            fn = reward.fn
-            while isinstance(fn, functools.partial):
-                fn = fn.func
+            fn, _ = _unwrapped(reward.fn)
             take = getattr(fn, "take_stats", None)
             if callable(take) and id(fn) not in taken:  # two entries of one function: the first reports both
                 taken.add(id(fn))
@@ -266,6 +279,15 @@ class RewardScorer:
                 "teaches nothing",
                 n,
             )
+
+
+def _unwrapped(fn: Any) -> tuple[Any, dict[str, Any]]:
+    """The function under `functools.partial` layers, and the keyword arguments they bind."""
+    args: dict[str, Any] = {}
+    while isinstance(fn, functools.partial):
+        args = {**fn.keywords, **args}
+        fn = fn.func
+    return fn, args
 
 
 def run_calls(calls: Sequence[Callable[[], Any]], workers: int, timeout: float | None) -> list[Future | None]:

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ttc_lightning.data.base import Task
+from ttc_lightning.data.tasks import PrimeVulPatchDataModule
 from ttc_lightning.errors import TTCError, sharded_strategy_error
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.run import directory as runs
@@ -276,7 +277,11 @@ SUBCOMMANDS = {
     "predict": "Write predictions.jsonl: the policy's completions, answers or patches for the test split.",
 }
 # Commands run outside LightningCLI (`run`), by the module whose `main(argv)` runs each.
-OTHER_COMMANDS = {"export": "ttc_lightning.run.export", "generate": "ttc_lightning.run.generate"}
+OTHER_COMMANDS = {
+    "export": "ttc_lightning.run.export",
+    "generate": "ttc_lightning.run.generate",
+    "oracle": "ttc_lightning.run.oracle",
+}
 COMMANDS = (*SUBCOMMANDS, *OTHER_COMMANDS)
 
 
@@ -416,6 +421,14 @@ class TTCCLI(LightningCLI):
             trainer.limit_val_batches = 0
         wandb_defaults(config)
 
+    def best_metric(self) -> str:
+        """What picks best.ckpt: the task's headline metric, or with `oracle_reward` on the patch task, the share of
+        prompts whose final patch passes the (first) oracle."""
+        oracles = self.model.scorer.oracle_names if isinstance(self.model, GRPOModule) else []
+        if oracles and isinstance(self.datamodule, PrimeVulPatchDataModule):
+            return f"oracle/{oracles[0]}/final_pass"
+        return self.datamodule.headline_metric
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """ttc's progress (`progress_callback`) unless the config turns progress bars off or brings its own;
         checkpoints written atomically, and none at all with `trainer.enable_checkpointing: false`."""
@@ -430,7 +443,7 @@ class TTCCLI(LightningCLI):
             if self.lock is not None:  # rank zero claimed the run directory: --overwrite deletes when training starts
                 callbacks.append(runs.StartOver(self.lock))
             if config.get("limit_val_batches") != 0 and isinstance(self.datamodule, Task):
-                callbacks.append(BestCheckpoint(dirpath, f"val/{self.datamodule.headline_metric}"))
+                callbacks.append(BestCheckpoint(dirpath, f"val/{self.best_metric()}"))
         extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if not checkpointing:
             # The `checkpoint` section's ModelCheckpoint, which Lightning refuses beside enable_checkpointing false.

@@ -1,0 +1,106 @@
+"""`ttc oracle check`: validates harnesses on PrimeVul records, as a researcher writing one runs it, and as `ttc fit`
+does before training with `oracle_reward`.
+
+    ttc oracle check                                     # the shipped harnesses on the shipped sample
+    ttc oracle check my_harnesses --data primevul_train_paired.jsonl primevul_valid_paired.jsonl
+
+A harness passes when (1) the real fix (its `fixed_idx` record) compiles with it and passes the proof and every test,
+(2) the vulnerable function (its `idx` record) compiles and fails the proof, and (3) the function with its body
+replaced by a constant return fails at least one test (a do-nothing patch must not pass). A harness whose records
+are not in the data is listed as not checked. Exit status 0 when every harness checked passes, 1 when one fails or
+none could be checked.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ttc_lightning.data.base import SAMPLE_DIR
+from ttc_lightning.data.primevul import PrimeVulRecord, read_records
+from ttc_lightning.errors import TTCError
+from ttc_lightning.oracle.check import Budget, check_function, constant_body, harness_problem
+from ttc_lightning.oracle.harness import HARNESSES, Harness, find_harnesses
+from ttc_lightning.oracle.sandbox import run_parallel
+from ttc_lightning.run.export import CommandParser
+
+SAMPLE_FILES = tuple(sorted(Path(SAMPLE_DIR).glob("*_paired.jsonl")))
+
+
+@dataclass(frozen=True)
+class HarnessReport:
+    """What `check_harness` found: `problem` is None when the harness passes; `skipped` when the data lacks its
+    records."""
+
+    harness: Harness
+    problem: str | None
+    seconds: float = 0.0
+    skipped: bool = False
+
+
+def check_harness(harness: Harness, records: dict[str, PrimeVulRecord], budget: Budget) -> HarnessReport:
+    """The three builds of one harness, judged (`harness_problem`); a problem too when its records are missing."""
+    vulnerable, fixed = records.get(harness.idx), records.get(harness.fixed_idx)
+    if vulnerable is None or fixed is None:
+        missing = harness.idx if vulnerable is None else harness.fixed_idx
+        return HarnessReport(harness, f"not checked: no record with idx {missing} in --data", skipped=True)
+    if vulnerable.target != 1 or fixed.target != 0:
+        return HarnessReport(harness, "idx must name the vulnerable record (target 1) and fixed_idx its fix (target 0)")
+    verdicts = [
+        check_function(harness, fixed.func, budget, every_case=True),
+        check_function(harness, vulnerable.func, budget),
+        check_function(harness, constant_body(vulnerable.func, harness.language), budget, every_case=True),
+    ]
+    seconds = sum(v.compile_seconds + v.run_seconds for v in verdicts)
+    return HarnessReport(harness, harness_problem(harness, *verdicts), seconds)
+
+
+def check_harnesses(root: Path, data: list[Path], workers: int) -> list[HarnessReport]:
+    """Every harness under `root` checked against the records of `data`, `workers` harnesses at once."""
+    harnesses = find_harnesses(root)
+    records: dict[str, PrimeVulRecord] = {}
+    for path in data:
+        records |= {str(r.idx): r for r in read_records(path)}
+    return run_parallel(
+        lambda harness, stop: check_harness(harness, records, Budget()), list(harnesses.values()), workers
+    )
+
+
+def table(reports: list[HarnessReport]) -> str:
+    """One line per harness: idx, language, CWE, cases, seconds, and `ok` or its problem."""
+    lines = [f"{'idx':>8}  {'lang':4}  {'cwe':9}  {'cases':>5}  {'seconds':>7}  verdict"]
+    for r in reports:
+        h = r.harness
+        verdict = "ok" if r.problem is None else r.problem if r.skipped else f"FAIL: {r.problem}"
+        cwe = ",".join(h.cwe) or "-"
+        lines.append(f"{h.idx:>8}  {h.language:4}  {cwe:9}  {len(h.cases):>5}  {r.seconds:>7.1f}  {verdict}")
+    checked = [r for r in reports if not r.skipped]
+    failed = sum(r.problem is not None for r in checked)
+    summary = f"{len(checked) - failed} of {len(checked)} harnesses checked pass"
+    if len(checked) < len(reports):
+        summary += f"; {len(reports) - len(checked)} not checked (their records are not in --data)"
+    lines.append(summary)
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = CommandParser(prog="ttc oracle", description=__doc__.split("\n\n")[0])
+    actions = parser.add_subparsers(dest="action", required=True)
+    check = actions.add_parser("check", help="validate harnesses on the records they test")
+    check.add_argument("directory", nargs="?", default=str(HARNESSES), help="harnesses (default: ttc's own)")
+    check.add_argument(
+        "--data", nargs="+", default=[str(p) for p in SAMPLE_FILES], help="PrimeVul JSONL files holding the records"
+    )
+    check.add_argument("--workers", type=int, default=2, help="harnesses checked at once (default 2)")
+    args = parser.parse_args(argv)
+    try:
+        if args.workers < 1:
+            raise TTCError(f"--workers must be at least 1, got {args.workers}")
+        reports = check_harnesses(Path(args.directory), [Path(p) for p in args.data], args.workers)
+    except TTCError as e:
+        print(f"ttc: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1)
+    print(table(reports))
+    checked = [r for r in reports if not r.skipped]
+    sys.exit(0 if checked and all(r.problem is None for r in checked) else 1)
