@@ -228,3 +228,33 @@ def write(path: Path, rows: list[dict]) -> Path:
 def block(search: str, replace: str) -> str:
     """One search/replace block of a patch answer."""
     return f"<<<<<<< SEARCH\n{search}=======\n{replace}>>>>>>> REPLACE"
+
+
+def fix_answer(vulnerable: str, fixed: str) -> str:
+    """A well-formed patch answer whose edits turn `vulnerable` into `fixed`."""
+    from ttc_lightning.rewards.patch import make_oracle_edits
+
+    return f"<think>x</think><answer>\n{make_oracle_edits(vulnerable, fixed)}\n</answer>"
+
+
+def oracle_on_scripted_patches(
+    completions: list[str], *, vulnerable_func: list[str], fixed_func: list[str], **columns
+) -> list[float | None]:
+    """`oracle_reward` on patches written for the tiny model, which writes none: the real fix for the first
+    completion of each group of 2 (G), the function with one space added (still vulnerable) for the second."""
+    from ttc_lightning.rewards.oracle import oracle_reward
+
+    answers = [
+        fix_answer(v, f if i % G == 0 else v.replace("{", "{ ", 1))
+        for i, (v, f) in enumerate(zip(vulnerable_func, fixed_func, strict=True))
+    ]
+    return oracle_reward(answers, vulnerable_func=vulnerable_func, **columns)
+
+
+def _take_oracle_stats() -> dict[str, float]:
+    from ttc_lightning.rewards.oracle import take_stats
+
+    return take_stats()
+
+
+oracle_on_scripted_patches.take_stats = _take_oracle_stats  # type: ignore[attr-defined]

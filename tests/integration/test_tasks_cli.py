@@ -1,13 +1,16 @@
 """Both PrimeVul tasks through `ttc fit`, `validate`, `test` and `predict` on the tiny model and shipped sample."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import REPO, read_metrics
+from tests.helpers import HELPERS, REPO, G, read_metrics
 from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.data.tasks import PrimeVulClassificationDataModule
+from ttc_lightning.oracle.harness import HARNESSES
 
 SMALL = [
     "--trainer.accelerator",
@@ -124,3 +127,84 @@ def test_classify_sample_config_trains_on_whole_pairs_and_validates(run_ttc, tmp
     assert sorted(pairs) == [(step, p) for step in (1, 2) for p in range(4)]  # labelled with the steps done
     for step in (1, 2):
         assert pairs[step, 0] == pairs[step, 1] != pairs[step, 2] == pairs[step, 3]  # 4 prompts: two whole pairs
+
+
+@pytest.mark.slow
+def test_patch_oracle_config_checks_its_harnesses_and_logs_the_oracle(run_ttc, tmp_path):
+    code, _, err = run_ttc("fit", "--config", str(REPO / "configs" / "patch_oracle.yaml"), *SAMPLE_RUN)
+    assert code == 0, err
+    # 12 train + 3 valid records, each with a harness, checked before the first step
+    assert "ttc: oracle: 15 harnesses hold for their records" in err
+    rows = read_metrics(tmp_path / "run")
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {
+        "rewards/oracle_reward/checks",
+        "rewards/oracle_reward/wall_s",
+        "val/oracle/oracle_reward/final_pass",
+    } <= logged
+    # the tiny model writes no patch: every completion is malformed (-1) and nothing is built
+    assert [float(row["rewards/oracle_reward/mean"]) for row in rows if row["loss"]] == [-1.0] * 2
+    assert [float(row["rewards/oracle_reward/checks"]) for row in rows if row["loss"]] == [0.0] * 2
+
+
+@pytest.mark.slow
+def test_the_oracle_scores_patches_in_a_run(run_ttc, tmp_path):
+    reward = f"[{{function: {HELPERS}.oracle_on_scripted_patches, name: oracle}}]"
+    code, _, err = run_ttc(
+        "fit",
+        "--config",
+        str(REPO / "configs" / "patch_sample.yaml"),
+        *SAMPLE_RUN,
+        "--model.rewards",
+        reward,
+        "--model.reward_weights",
+        "[1.0]",
+        "--model.num_generations",
+        str(G),
+        "--trainer.max_steps",
+        "3",
+        "--trainer.limit_val_batches",
+        "0",
+    )
+    assert code == 0, err
+    steps = [row for row in read_metrics(tmp_path / "run") if row["loss"]]
+    # each group: the real fix (1.0) and a still-vulnerable copy (0.25): mean (1.0 + 0.25) / 2 = 0.625
+    assert [float(row["rewards/oracle/mean"]) for row in steps] == [0.625] * 3
+    # 2 prompts a step, 2 distinct functions each: 4 a step, built or found in the verdict cache (which lives as long
+    # as the process: an earlier run in this one may have seeded it with the real fixes)
+    assert [float(row["rewards/oracle/checks"]) + float(row["rewards/oracle/cache_hits"]) for row in steps] == [4.0] * 3
+    assert all(float(row["rewards/oracle/compile_s"]) > 0 for row in steps if float(row["rewards/oracle/checks"]))
+
+
+def oracle_run(run_ttc, harnesses: Path) -> tuple[int, str]:
+    reward = f"[{{function: ttc_lightning.rewards.oracle_reward, args: {{harnesses: {harnesses}}}}}]"
+    config = str(REPO / "configs" / "patch_sample.yaml")
+    code, _, err = run_ttc(
+        "fit", "--config", config, *SAMPLE_RUN, "--model.rewards", reward, "--model.reward_weights", "[1.0]"
+    )
+    return code, err
+
+
+@pytest.mark.slow
+def test_a_harness_that_proves_nothing_stops_the_run_before_training(run_ttc, tmp_path):
+    harness = tmp_path / "harnesses" / "900097"
+    shutil.copytree(HARNESSES / "900097", harness)
+    manifest = harness / "harness.toml"
+    # the proof becomes a case the vulnerable function passes (a short value fits the buffer)
+    manifest.write_text(
+        manifest.read_text()
+        .replace('proof = "long_value"', 'proof = "short_value"')
+        .replace('"short_value", ', '"long_value", ')
+    )
+    code, err = oracle_run(run_ttc, tmp_path / "harnesses")
+    assert code == 1
+    [line] = [line for line in err.splitlines() if line.startswith("ttc: error:")]
+    assert f"{harness}: the vulnerable function passes the proof 'short_value'" in line
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_data_without_any_harness_stops_the_run_before_training(run_ttc, tmp_path):
+    shutil.copytree(HARNESSES / "195017", tmp_path / "harnesses" / "195017")  # a real pair's: not in the sample
+    code, err = oracle_run(run_ttc, tmp_path / "harnesses")
+    assert code == 1
+    assert "none of the data's 15 records has a harness in" in err

@@ -3,6 +3,7 @@ import pytest
 from ttc_lightning.evaluation.records import (
     classification_metrics,
     classify_prediction,
+    oracle_metrics,
     patch_metrics,
     patch_prediction,
 )
@@ -100,6 +101,36 @@ def test_patch_metrics():
 def test_no_patch_applies():
     m = patch_prediction({**PATCH_RECORD, "completions": ["nothing"] * 2})
     assert m["final"] is None and m["score"] == -1.0
+
+
+SLIGHTLY_OFF = FIX.replace("return 0;", "return -1;")  # applies, proof fixed, one test of two fails
+
+
+def oracle_record(completions: list[str], grades: list[float | None]) -> dict:
+    return {**PATCH_RECORD, "completions": completions, "rewards": {"oracle": grades}}
+
+
+def test_oracle_metrics_read_the_final_patchs_verdict():
+    records = [
+        # final = FIX (2 votes of 3), its grade 1.0: passes, proof fixed; 2 of 3 samples pass
+        oracle_record([FIX, SLIGHTLY_OFF, FIX], [1.0, 0.7, 1.0]),
+        # final = SLIGHTLY_OFF (2 votes), grade 0.7 = 0.5 + 0.4 * 1/2: proof fixed, does not pass; 1 of 3 passes
+        oracle_record([SLIGHTLY_OFF, FIX, SLIGHTLY_OFF], [0.7, 1.0, 0.7]),
+        # nothing applies: no final patch, counts as neither
+        oracle_record(["no patch", "no patch", "no patch"], [-1.0, -1.0, -1.0]),
+        # no harness: every grade None, left out
+        oracle_record([FIX, FIX, FIX], [None, None, None]),
+    ]
+    m = oracle_metrics(records, "oracle")
+    assert m["oracle/oracle/final_pass"] == pytest.approx(1 / 3)  # of the 3 judged prompts, the first
+    assert m["oracle/oracle/final_proof_fixed"] == pytest.approx(2 / 3)  # the first two
+    # pass@1 per prompt = passing / 3: (2/3 + 1/3 + 0) / 3 = 1/3; pass@3: (1 + 1 + 0) / 3 = 2/3
+    assert m["oracle/oracle/pass@1"] == pytest.approx(1 / 3)
+    assert m["oracle/oracle/pass@3"] == pytest.approx(2 / 3)
+
+
+def test_oracle_metrics_are_empty_without_a_judged_prompt():
+    assert oracle_metrics([oracle_record([FIX], [None])], "oracle") == {}
 
 
 def test_piped_metrics_keep_their_whole_names_and_four_decimals():
