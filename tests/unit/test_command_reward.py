@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import gone
+from tests.helpers import DOUBLE_FORK, assert_all_gone, gone, pids_in
 from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.data.primevul import load_pairs
 from ttc_lightning.data.tasks import patch_row
@@ -226,37 +226,6 @@ def test_gcc_checks_the_syntax_of_a_sample_function():
 
 
 # ---------------------------------------------------------------- containment: processes, output, resources
-
-
-def pids_in(path: Path, count: int = 1, within: float = 5.0) -> list[int]:
-    """The `count` process ids a check wrote to `path`, one a line, once it has written them all."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if path.exists() and len(lines := path.read_text().split()) >= count:
-            return [int(pid) for pid in lines[:count]]
-        time.sleep(0.02)
-    raise AssertionError(f"the check wrote no {count} pids to {path}")
-
-
-def assert_all_gone(pids: list[int]) -> None:
-    """Every one of `pids` has ended; those that have not are killed (a failing test leaves nothing running)."""
-    alive = [pid for pid in pids if not gone(pid)]
-    for pid in alive:
-        os.kill(pid, signal.SIGKILL)
-    assert alive == []
-
-
-DOUBLE_FORK = """\
-import os, sys, time
-if os.fork():
-    os._exit(0)
-os.setsid()
-if os.fork():
-    os._exit(0)
-with open(sys.argv[1], "a") as f:
-    f.write(f"{os.getpid()}\\n")
-time.sleep(300)
-"""
 
 
 def escaping(tmp_path: Path, then: str) -> tuple[str, Path]:

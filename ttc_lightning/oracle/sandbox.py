@@ -11,7 +11,9 @@ What it guarantees, per `run_contained` call:
   SIGKILL a second later), file size (RLIMIT_FSIZE), address space (RLIMIT_AS; None for sanitized programs, whose
   shadow memory reserves terabytes of it: bound those through the sanitizer's own options), and processes
   (RLIMIT_NPROC counts all of the user's processes and threads: the limit is their count when the check starts plus
-  `processes`; set through util-linux's `prlimit`, and not set where it is missing);
+  `processes`; where the user namespace of a check without network counts its own processes only, as Linux 5.14 and
+  later do, the limit is `processes`; set through util-linux's `prlimit`, not set where it is missing; root is never
+  bound by it);
 - no network where the machine lets an unprivileged user make a network namespace (`unshare -rn`: only a loopback
   interface, down); elsewhere the check has the machine's network;
 - stdin empty; stdout and stderr read through a pipe of which only the last `OUTPUT_TAIL` bytes are kept in memory:
@@ -89,7 +91,7 @@ class Limits:
         if self.processes is None or prlimit is None:
             return ()
         hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-        count = _user_tasks() + self.processes
+        count = self.processes if _counts_own_processes() else _user_tasks() + self.processes
         return (prlimit, f"--nproc={count if hard == resource.RLIM_INFINITY else min(count, hard)}", "--")
 
 
@@ -153,7 +155,7 @@ def run_contained(
         kill_marked([check_id])
         process.wait()
     seconds = time.monotonic() - started
-    stopped = stopped or (status is None and stop.is_set())
+    stopped = stopped or (stop.is_set() and status in (None, -signal.SIGKILL))  # `stop_checks` kills it
     return Finished(None if stopped else status, tail.text(), seconds, stopped)
 
 
@@ -217,6 +219,22 @@ def _no_network() -> tuple[str, ...]:
     if not ok:
         log.debug("checks run with the machine's network: `unshare -rn` is not allowed here")
     return (unshare, "-rn", "--") if ok else ()
+
+
+@functools.cache
+def _counts_own_processes() -> bool:
+    """Whether RLIMIT_NPROC counts only the processes of a check's own user namespace (`_no_network`; Linux 5.14
+    and later), not all of the user's: then adding the user's count to the limit would let a check start that many
+    more. Checked once per process: a check limited to 2 processes can start one while this user has at least 3
+    (this one, the check, its child) only if its namespace counts its own."""
+    prlimit = _program("prlimit")
+    if not _no_network() or prlimit is None:
+        return False
+    try:
+        probe = [*_no_network(), prlimit, "--nproc=2", "--", _SHELL, "-c", "true & wait"]
+        return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 class _Tail:
