@@ -499,11 +499,12 @@ def run(args: list[str] | None) -> None:
             parser_kwargs={
                 "prog": "ttc",
                 "description": "GRPO for code LLMs on PrimeVul. Subcommands: fit, validate, test, predict (below), "
-                "export and generate (at the end). `ttc SUBCOMMAND --help` lists a subcommand's options.",
+                "export, generate and oracle (at the end). `ttc SUBCOMMAND --help` lists a subcommand's options.",
                 "epilog": "export: `ttc export --ckpt_path CKPT --output_dir DIR [--merge]` writes a checkpoint as a "
                 "Hugging Face model directory (LoRA adapter or merged model, with the tokenizer). generate: `ttc "
                 "generate --ckpt_path CKPT --file FUNC.c` runs a checkpoint's policy on one function (`ttc generate "
-                "--help`).",
+                "--help`). oracle: `ttc oracle check [DIR] [--data FILE ...]` validates the patch oracle's harnesses "
+                "on their PrimeVul records.",
             },
             args=args,
         )
