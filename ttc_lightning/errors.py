@@ -21,3 +21,11 @@ def sharded_strategy_error(strategy: str) -> TTCError:
         f"trainer.strategy: {strategy} shards the weights, and generate() would gather them for every new token "
         "(very slow, or a hang). Use `ddp` (a LoRA policy fits on each GPU) or `deepspeed_stage_2`."
     )
+
+
+def error_line(message: object) -> str:
+    """`ttc: error: MESSAGE` on one line, whatever the message holds: a report of several lines (a library's, an
+    exception a reward function raised) has its lines joined with " | ", blank lines and indentation dropped, so a
+    log reader or a script that takes the line gets all of it."""
+    lines = [line.strip() for line in str(message).splitlines()]
+    return "ttc: error: " + " | ".join(line for line in lines if line)

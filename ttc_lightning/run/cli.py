@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ttc_lightning.data.base import Task
-from ttc_lightning.errors import TTCError, sharded_strategy_error
+from ttc_lightning.errors import TTCError, error_line, sharded_strategy_error
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.run import directory as runs
 from ttc_lightning.run.console import library_notices_hidden, ttc_log_lines
@@ -90,7 +90,7 @@ class TTCArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         options = [name for action in parser._actions for name in action.option_strings]
-        print(f"ttc: error: {one_line_error(message, options, self.argv)}", file=sys.stderr)
+        print(error_line(one_line_error(message, options, self.argv)), file=sys.stderr)
         sys.exit(2)
 
 
@@ -328,7 +328,7 @@ def run(args: list[str] | None) -> None:
         if cause is None:
             raise
         where = {MisconfigurationException: "trainer: ", UnicodeDecodeError: "a config file is not UTF-8 text: "}
-        print(f"ttc: error: {where.get(type(cause), '')}{cause}", file=sys.stderr)
+        print(error_line(f"{where.get(type(cause), '')}{cause}"), file=sys.stderr)
         sys.exit(1)
 
 
