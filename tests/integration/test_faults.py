@@ -80,6 +80,23 @@ def failing_a_reward(completions: list[str], **_) -> list[float]:
     return [c.count("a") / max(len(c), 1) for c in completions]
 
 
+def exiting_reward(completions: list[str], **_) -> list[float]:
+    """Distinct characters; its third call (step 2's rewards) calls sys.exit(TTC_TEST_EXIT), as a library under a
+    reward may."""
+    _calls["n"] += 1
+    if _calls["n"] == 3:
+        sys.exit(int(os.environ["TTC_TEST_EXIT"]))
+    return [float(len(set(c))) for c in completions]
+
+
+class RewardsOwnStop(BaseException):
+    """A BaseException of a reward's own: neither an Exception nor one of Python's ways to stop."""
+
+
+def base_exception_reward(completions: list[str], **_) -> list[float]:
+    raise RewardsOwnStop("the reward's own stop\nover two lines")
+
+
 def sleeping_reward(completions: list[str], **_) -> list[float]:
     """Distinct characters at steps 0 and 1; at step 2 it creates the file TTC_TEST_SLEEPING names and sleeps 300 s."""
     _calls["n"] += 1
@@ -679,6 +696,31 @@ def test_the_optimizer_is_set_by_model_options_only(run_ttc, tmp_path):
 def test_completion_longer_than_the_context_is_refused(run_ttc, tmp_path):
     code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--model.max_new_tokens", "8192"))
     assert_one_line_error(code, err, "model.max_new_tokens=8192 leaves no room for a prompt: the context of 'tiny'")
+
+
+# --- rewards that exit or raise what is not an Exception ------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["0", "3"])
+def test_a_reward_that_calls_sys_exit_is_a_reward_error(run_ttc, tmp_path, monkeypatch, status):
+    # A run that did not finish must not exit 0 (nor with the status a library under a reward chose), and it keeps
+    # its last completed step as any reward error does.
+    _calls["n"] = 0
+    monkeypatch.setenv("TTC_TEST_EXIT", status)
+    args = run_args(tmp_path / "run", "--trainer.max_steps", "4", "--model.rewards", f"[{HERE}.exiting_reward]")
+    code, _, err = run_ttc("fit", *args)
+    assert_one_line_error(code, err, f"reward function exiting_reward called sys.exit({status}) on ")
+    assert "interrupted at step 2; saved" in err
+    checkpoint = tmp_path / "run" / "checkpoints" / "last-interrupted.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
+
+
+def test_a_reward_that_raises_a_base_exception_is_one_line(run_ttc, tmp_path):
+    args = run_args(tmp_path / "run", "--trainer.max_steps", "2", "--model.rewards", f"[{HERE}.base_exception_reward]")
+    code, _, err = run_ttc("fit", *args)
+    assert_one_line_error(
+        code, err, "reward function base_exception_reward raised RewardsOwnStop: the reward's own stop | over two"
+    )
 
 
 # --- signals and kill -9 ----------------------------------------------------------------------------------------------
