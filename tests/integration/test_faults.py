@@ -97,6 +97,11 @@ def base_exception_reward(completions: list[str], **_) -> list[float]:
     raise RewardsOwnStop("the reward's own stop\nover two lines")
 
 
+def tied_reward(completions: list[str], **_) -> list[float]:
+    """The same score for every completion: no group has an advantage to learn from."""
+    return [0.5 for _ in completions]
+
+
 def sleeping_reward(completions: list[str], **_) -> list[float]:
     """Distinct characters at steps 0 and 1; at step 2 it creates the file TTC_TEST_SLEEPING names and sleeps 300 s."""
     _calls["n"] += 1
@@ -137,6 +142,17 @@ class PoisonWeights(L.Callback):
                 next(p for p in pl_module.parameters() if p.requires_grad).view(-1)[0] = self.value
 
 
+class ExitAt(L.Callback):
+    """Calls sys.exit(0) once training reaches step `at`, as a library under a callback or a data module may."""
+
+    def __init__(self, at: int = 2) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.at:
+            sys.exit(0)
+
+
 # --- helpers ------------------------------------------------------------------------------------------------------
 
 
@@ -155,8 +171,8 @@ def assert_kept(before: dict[str, str], root: Path) -> None:
     assert [name for name, digest in before.items() if after.get(name) != digest] == []
 
 
-def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
-    assert code == 1, err[-3000:]
+def assert_one_line_error(code: int, err: str, *fragments: str, status: int = 1) -> str:
+    assert code == status, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("ttc: error: ")]
     assert len(lines) == 1, err[-3000:]
@@ -721,6 +737,56 @@ def test_a_reward_that_raises_a_base_exception_is_one_line(run_ttc, tmp_path):
     assert_one_line_error(
         code, err, "reward function base_exception_reward raised RewardsOwnStop: the reward's own stop | over two"
     )
+
+
+def test_a_sys_exit_under_the_run_is_an_error_not_a_finished_run(run_ttc, tmp_path):
+    exiting = f"--trainer.callbacks+={{class_path: {HERE}.ExitAt, init_args: {{at: 2}}}}"
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--trainer.max_steps", "4", exiting))
+    assert_one_line_error(code, err, "`ttc fit` stopped before it finished: sys.exit(0) was called at ", __file__)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last-interrupted.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
+
+
+# --- a run that trains nothing ------------------------------------------------------------------------------------
+
+NOTHING_TRAINED = {
+    "tied": (
+        ["--model.rewards", f"[{HERE}.tied_reward]", "--model.dynamic_sampling", "true", "--trainer.max_steps", "4"],
+        "nothing trained: every group's rewards tied (the run's 1 rollout): no advantage to learn from",
+    ),
+    "max-steps-0": (["--trainer.max_steps", "0"], "nothing trained: trainer.max_steps is 0"),
+    "all-skipped": (
+        ["--model.rewards", f"[{HERE}.huge_reward]", "--trainer.max_steps", "2"],
+        "nothing trained: every optimizer step of the run (2) had a NaN or infinite loss or gradient norm",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NOTHING_TRAINED))
+def test_a_run_that_trains_nothing_exits_3(run_ttc, tmp_path, case):
+    settings, message = NOTHING_TRAINED[case]
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", *settings))
+    assert_one_line_error(code, err, message, status=3)
+    assert ("ttc run summary" in err) == (case != "max-steps-0")  # the summary, when there was a rollout
+
+
+# --- a command that fails before it logs anything -------------------------------------------------------------------
+
+
+def test_a_failed_evaluation_leaves_no_log_directory(run_ttc, run, tmp_path, val):
+    # A checkpoint that does not fit (found once the run has set up and written its config), and bad data.
+    args = run_args(run, "--model.lora", "{r: 8, alpha: 8}", *val, "--ckpt_path", "last")
+    code, _, err = run_ttc("validate", *args)
+    assert_one_line_error(code, err, "model.lora.r: the checkpoint's adapters were trained")
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"pro')
+    code, _, err = run_ttc("validate", *run_args(tmp_path / "fresh", "--data.val_path", str(bad)))
+    assert_one_line_error(code, err, f"{bad}:2: malformed JSON")
+    assert not (tmp_path / "fresh").exists()
+    code, _, err = run_ttc("validate", *run_args(run, *LORA, *val, "--ckpt_path", "last"))
+    assert code == 0, err
+    assert (run / "logs" / "version_1" / "metrics.json").exists()  # a run that logs keeps its directory
 
 
 # --- signals and kill -9 ----------------------------------------------------------------------------------------------

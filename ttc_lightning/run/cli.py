@@ -1,15 +1,14 @@
 """`ttc`: the LightningCLI with ttc's defaults (automatic precision, run directory layout, clean user errors, checks
 before anything slow starts, a run directory that one run owns, atomic checkpoints, a quiet console).
 
-Exit status: 0 done, 1 a user error (one line `ttc: error: ...`), 2 a command line that does not parse, 130
-interrupted (Ctrl-C), 143 stopped by SIGTERM.
+Exit status (`ending`): 0 done, 1 a user error (one line `ttc: error: ...`), 2 a command line that does not parse, 3 a
+`fit` that trained nothing, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -29,6 +28,17 @@ from ttc_lightning.errors import TTCError, error_line, sharded_strategy_error
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.run import directory as runs
 from ttc_lightning.run.console import library_notices_hidden, ttc_log_lines
+from ttc_lightning.run.ending import (
+    INTERRUPTED,
+    STOPPED,
+    USER_ERROR,
+    NewLogDirectory,
+    NothingTrained,
+    TrainingCheck,
+    nothing_trained,
+    stopped_by_user,
+    stray_exit,
+)
 from ttc_lightning.run.preflight import check_before_start
 from ttc_lightning.run.progress import ParameterCount, Progress, SummaryTable, progress_callback
 from ttc_lightning.run.saving import AtomicCheckpointIO, BestCheckpoint, CheckpointOnInterrupt
@@ -115,6 +125,8 @@ class TTCCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", TTCArgumentParser)
         self.lock: runs.Claim | None = None
+        self.new_logs: NewLogDirectory | None = None
+        self.training_check: TrainingCheck | None = None
         try:
             super().__init__(*args, **kwargs)
         finally:
@@ -174,6 +186,24 @@ class TTCCLI(LightningCLI):
             for option in parser._actions:
                 if option.dest == "ckpt_path":
                     option.help = ckpt_path_help(name)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """The subcommand; when it fails, the log directory it made goes if it logged nothing, and a `sys.exit`
+        from code under the run is an error, not the end of a run that did not finish."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException as e:
+            if self.new_logs is not None:
+                self.new_logs.remove_if_unused()
+            if isinstance(e, SystemExit) and not stopped_by_user(e):
+                raise stray_exit(e, subcommand) from e
+            raise
+
+    def after_fit(self) -> None:
+        """A `fit` that trained nothing ends with status 3 and one line saying why, after its summary."""
+        reason = None if self.training_check is None else nothing_trained(self.trainer, self.training_check)
+        if reason is not None:
+            raise NothingTrained(f"nothing trained: {reason}")
 
     def validate(self, **kwargs: Any) -> Any:
         """`trainer.validate`, its metrics printed by ttc (whole names, 4 decimals) instead of Lightning's table."""
@@ -238,6 +268,9 @@ class TTCCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(progress_callback(self._get(self.config_init, "progress", default=Progress())))
         checkpointing = config.get("enable_checkpointing") is not False
+        if self.subcommand == "fit":
+            self.training_check = TrainingCheck()
+            callbacks.append(self.training_check)
         if self.subcommand == "fit" and checkpointing:
             dirpath = self._get(self.config, "checkpoint").dirpath
             callbacks.append(CheckpointOnInterrupt(dirpath))
@@ -255,6 +288,7 @@ class TTCCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         trainer = self._instantiate_trainer({**config, **kwargs, "callbacks": callbacks, "plugins": plugins}, extra)
         quiet_wandb_start(trainer.loggers)
+        self.new_logs = NewLogDirectory(trainer)
         return trainer
 
 
@@ -310,14 +344,14 @@ def run(args: list[str] | None) -> None:
         )
     except SIGTERMException:
         # Lightning turns SIGTERM into a clean exit (status 0); a script or scheduler must see the run was stopped.
-        sys.exit(128 + signal.SIGTERM)
+        sys.exit(STOPPED)
     except KeyboardInterrupt:
         print("ttc: interrupted", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        sys.exit(INTERRUPTED)
     except SystemExit as e:
         # Lightning answers Ctrl-C during a run with exit(1): the shell's convention is 128 + SIGINT.
         if isinstance(e.__context__, KeyboardInterrupt):
-            sys.exit(128 + signal.SIGINT)
+            sys.exit(INTERRUPTED)
         raise
     except Exception as e:
         # jsonargparse wraps errors raised while building the model or data module: find ours in the chain.
@@ -329,7 +363,7 @@ def run(args: list[str] | None) -> None:
             raise
         where = {MisconfigurationException: "trainer: ", UnicodeDecodeError: "a config file is not UTF-8 text: "}
         print(error_line(f"{where.get(type(cause), '')}{cause}"), file=sys.stderr)
-        sys.exit(1)
+        sys.exit(getattr(cause, "exit_status", USER_ERROR))
 
 
 def check_config_files(argv: list[str]) -> None:
