@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,6 +101,15 @@ def base_exception_reward(completions: list[str], **_) -> list[float]:
 def tied_reward(completions: list[str], **_) -> list[float]:
     """The same score for every completion: no group has an advantage to learn from."""
     return [0.5 for _ in completions]
+
+
+def thread_leaving_reward(completions: list[str], **_) -> list[float]:
+    """Distinct characters; its first call starts a thread that is no daemon and never ends, as a reward's own pool
+    of workers (or a library's) may."""
+    _calls["n"] += 1
+    if _calls["n"] == 1:
+        threading.Thread(target=threading.Event().wait, name="reward-worker").start()
+    return [float(len(set(c))) for c in completions]
 
 
 def sleeping_reward(completions: list[str], **_) -> list[float]:
@@ -747,7 +757,7 @@ def test_a_sys_exit_under_the_run_is_an_error_not_a_finished_run(run_ttc, tmp_pa
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
 
 
-# --- a run that trains nothing ------------------------------------------------------------------------------------
+# --- a run that trains nothing, threads left running ----------------------------------------------------------------
 
 NOTHING_TRAINED = {
     "tied": (
@@ -768,6 +778,16 @@ def test_a_run_that_trains_nothing_exits_3(run_ttc, tmp_path, case):
     code, _, err = run_ttc("fit", *run_args(tmp_path / "run", *settings))
     assert_one_line_error(code, err, message, status=3)
     assert ("ttc run summary" in err) == (case != "max-steps-0")  # the summary, when there was a rollout
+
+
+@pytest.mark.slow
+def test_threads_a_reward_leaves_running_do_not_hold_the_exit(tmp_path, kill_on_exit):
+    proc = start_ttc(tmp_path, "--trainer.max_steps", "2", "--model.rewards", f"[{HERE}.thread_leaving_reward]")
+    kill_on_exit(proc)
+    code, out = finish(proc, tmp_path, timeout=150)
+    assert code == 0, out[-3000:]
+    assert "ttc: 2 rollouts in this run (to step 2)" in out
+    assert "ttc: warning: exiting without waiting for 1 thread still running (reward-worker)" in out
 
 
 # --- a command that fails before it logs anything -------------------------------------------------------------------

@@ -29,12 +29,15 @@ from ttc_lightning.module import GRPOModule
 from ttc_lightning.run import directory as runs
 from ttc_lightning.run.console import library_notices_hidden, ttc_log_lines
 from ttc_lightning.run.ending import (
+    DONE,
     INTERRUPTED,
     STOPPED,
     USER_ERROR,
     NewLogDirectory,
     NothingTrained,
     TrainingCheck,
+    exit_despite_threads,
+    exit_status,
     nothing_trained,
     stopped_by_user,
     stray_exit,
@@ -310,6 +313,20 @@ def main(args: list[str] | None = None) -> None:
             finish_wandb()
 
 
+def entry_point() -> None:
+    """The `ttc` command and `python -m ttc_lightning`: `main`, then an exit that threads left running cannot hold
+    (`exit_despite_threads`)."""
+    status = USER_ERROR  # an exception that escapes main: Python prints it and exits 1
+    try:
+        main()
+        status = DONE
+    except SystemExit as e:
+        status = exit_status(e.code)
+        raise
+    finally:
+        exit_despite_threads(status)
+
+
 def run(args: list[str] | None) -> None:
     """`ttc ARGS`: export, or a LightningCLI subcommand; a `TTCError` ends it with one line and status 1."""
     argv = sys.argv[1:] if args is None else args
@@ -392,4 +409,4 @@ def _in_chain(error: BaseException, kind: type[BaseException]) -> BaseException 
 
 
 if __name__ == "__main__":
-    main()
+    entry_point()

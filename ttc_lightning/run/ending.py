@@ -8,7 +8,12 @@ ended without training (no optimizer step, or every one skipped); 130 interrupte
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,7 @@ from ttc_lightning.run.progress import plural
 
 DONE, USER_ERROR, COMMAND_LINE, NOTHING_TRAINED = 0, 1, 2, 3
 INTERRUPTED, STOPPED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+EXIT_GRACE_S = 5.0  # how long the command waits at its end for threads it did not start as daemons
 # What a command writes in its log directory before it has run anything (`SaveConfigToWandb`, the CSV logger's
 # hyperparameters, `RunInfo`): a directory that holds nothing else recorded nothing of the run.
 STARTUP_FILES = frozenset({"config.yaml", "hparams.yaml", "run_info.json"})
@@ -128,3 +134,41 @@ class NewLogDirectory:
                 directory.rmdir()
             except OSError:  # not empty: another command writes there too
                 return
+
+
+def exit_status(code: object) -> int:
+    """The status the interpreter makes of `sys.exit(code)`: 0 for None, an int as it is, 1 for anything else (a
+    message it prints)."""
+    if code is None:
+        return DONE
+    return code if isinstance(code, int) else USER_ERROR
+
+
+def exit_despite_threads(status: int, grace: float = EXIT_GRACE_S) -> None:
+    """Makes sure the process ends with `status`: Python waits for every thread that is not a daemon before it exits,
+    so one that a reward function or a library under it left running would hold the process forever after the run
+    finished. Should such threads still run `grace` seconds from now, one line names them, the exit handlers run
+    (logs flushed, checks killed, temporary files removed) and the process ends without them. Only for the `ttc`
+    command itself: a program that runs `main` keeps its threads."""
+
+    def end() -> None:
+        time.sleep(grace)
+        main = threading.main_thread()
+        left = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon and t is not main]
+        if not left:  # the interpreter is past its threads, in its own exit handlers: let it finish
+            return
+        print(
+            f"ttc: warning: exiting without waiting for {plural(len(left), 'thread')} still running "
+            f"({', '.join(left)}): a reward function, or a library it uses, started them and did not end them; end "
+            "such threads, or start them as daemons",
+            file=sys.stderr,
+        )
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # closed, or a broken pipe: nothing more can reach it
+                pass
+        os._exit(status)
+
+    threading.Thread(target=end, name="ttc-exit", daemon=True).start()
