@@ -695,6 +695,15 @@ def test_an_accelerator_the_machine_lacks_is_one_line(run_ttc, tmp_path, acceler
     assert_one_line_error(code, err, "trainer: ")
 
 
+def test_a_precision_whose_package_is_missing_is_one_line(run_ttc, tmp_path):
+    from lightning.fabric.plugins.precision.transformer_engine import _TRANSFORMER_ENGINE_AVAILABLE
+
+    if _TRANSFORMER_ENGINE_AVAILABLE:
+        pytest.skip("transformer_engine is installed")
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--trainer.precision", "transformer-engine"))
+    assert_one_line_error(code, err, "trainer.precision transformer-engine needs NVIDIA's transformer_engine package")
+
+
 def test_a_config_file_that_is_not_utf8_is_one_line(run_ttc, tmp_path):
     config = tmp_path / "binary.yaml"
     config.write_bytes(b"\xff\xfe\x00")

@@ -1,7 +1,6 @@
 """What `ttc` checks before anything slow starts: that the model and the data can be found (offline too), that the
-reward functions import, that the module's settings hold and that W&B can start. Every problem is reported together,
-in one `TTCError`.
-
+reward functions import, that the module's settings hold, that the precision's package is installed and that W&B
+can start. Every problem is reported together, in one `TTCError`.
 A Hugging Face Hub id needs the Hub or the local cache. Unless HF_HUB_OFFLINE is set, one short request asks whether
 the Hub (HF_ENDPOINT, default huggingface.co) answers; when it does not, the run goes on offline (HF_HUB_OFFLINE=1),
 so that the libraries read their cache instead of retrying the network, and whatever is not cached is reported here,
@@ -274,6 +273,21 @@ def checkpoint_problems(checkpoint: Any) -> list[str]:
     return problems
 
 
+def precision_problems(trainer: Any) -> list[str]:
+    """A `trainer.precision` whose package is missing, which Lightning reports with a traceback once the model is
+    being built."""
+    precision = str(trainer.get("precision") if trainer is not None else "")
+    if precision.startswith("transformer-engine"):
+        from lightning.fabric.plugins.precision.transformer_engine import _TRANSFORMER_ENGINE_AVAILABLE
+
+        if not _TRANSFORMER_ENGINE_AVAILABLE:
+            return [
+                f"trainer.precision {precision} needs NVIDIA's transformer_engine package, which is not installed "
+                "(pip install 'transformer_engine[pytorch]' on a machine with CUDA); or use bf16-mixed"
+            ]
+    return []
+
+
 def check_before_start(config: Any, subcommand: str | None) -> None:
     """Every problem found in the parsed config that would otherwise show late: one `TTCError` listing them all
     ("2 problems: (1) ...; (2) ...").
@@ -293,6 +307,7 @@ def check_before_start(config: Any, subcommand: str | None) -> None:
     problems += reward_problems(init_args(model).get("rewards") if model is not None else None)
     problems += settings_problems(model)
     problems += checkpoint_problems(config.get("checkpoint"))
+    problems += precision_problems(config.get("trainer"))
     try:
         prepare_wandb(config)
     except TTCError as e:
