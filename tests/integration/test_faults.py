@@ -704,6 +704,21 @@ def test_a_precision_whose_package_is_missing_is_one_line(run_ttc, tmp_path):
     assert_one_line_error(code, err, "trainer.precision transformer-engine needs NVIDIA's transformer_engine package")
 
 
+@pytest.mark.parametrize("where", ["checkpoints", "parent"])
+def test_an_unwritable_checkpoint_directory_is_refused_before_training(run_ttc, tmp_path, monkeypatch, where):
+    # Read-only: the mode bits, and for root (whom they do not stop) the answer the kernel gives on a read-only mount.
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    dirpath = locked if where == "checkpoints" else locked / "checkpoints"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    args = run_args(tmp_path / "run", "--checkpoint.dirpath", str(dirpath), "--trainer.max_steps", "1")
+    code, _, err = run_ttc("fit", *args)
+    message = "is not writable" if where == "checkpoints" else f"cannot be created: {locked} is not writable"
+    assert_one_line_error(code, err, f"checkpoint.dirpath: {dirpath} {message}")
+    assert "ttc: policy:" not in err  # refused before the model loaded
+
+
 def test_a_config_file_that_is_not_utf8_is_one_line(run_ttc, tmp_path):
     config = tmp_path / "binary.yaml"
     config.write_bytes(b"\xff\xfe\x00")
@@ -714,7 +729,7 @@ def test_a_config_file_that_is_not_utf8_is_one_line(run_ttc, tmp_path):
 def test_a_run_directory_that_is_a_file_is_one_line(run_ttc, tmp_path):
     (tmp_path / "afile").write_text("")
     code, _, err = run_ttc("fit", *run_args(tmp_path / "afile"))
-    assert_one_line_error(code, err, "File exists", "afile")
+    assert_one_line_error(code, err, f"{tmp_path / 'afile'}/checkpoints cannot be created: ", "afile is a file")
 
 
 def test_lora_on_modules_the_model_lacks_is_one_line(run_ttc, tmp_path):
