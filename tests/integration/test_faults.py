@@ -8,6 +8,7 @@ signals and kill -9 start `ttc` as a subprocess.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -513,6 +514,17 @@ def test_checkpoints_directory_holds_what_the_readme_says(run_ttc, tmp_path):
     code, _, err = run_ttc("fit", *args)
     assert code == 0, err
     assert checkpoint_names(tmp_path / "run") == ["last.ckpt", "step=2.ckpt", "step=3.ckpt", "step=4.ckpt"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file(run_ttc, tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    args = run_args(tmp_path / "run", "--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "1")
+    code, _, err = run_ttc("fit", *args)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert_one_line_error(code, err, f"cannot write {checkpoints / 'step=1.ckpt'}: No space left on device")
 
 
 # --- non-finite loss, gradients and weights -----------------------------------------------------------------------

@@ -50,6 +50,7 @@ from ttc_lightning.run.tracking import (
     SaveConfigToWandb,
     class_path_of,
     finish_wandb,
+    name_metrics_file,
     quiet_wandb_start,
     wandb_defaults,
 )
@@ -291,6 +292,7 @@ class TTCCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         trainer = self._instantiate_trainer({**config, **kwargs, "callbacks": callbacks, "plugins": plugins}, extra)
         quiet_wandb_start(trainer.loggers)
+        name_metrics_file(trainer.loggers)
         self.new_logs = NewLogDirectory(trainer)
         return trainer
 
