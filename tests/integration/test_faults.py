@@ -569,6 +569,19 @@ def test_non_finite_weights_are_never_saved(run_ttc, trained, tmp_path, kind, va
     assert checkpoint_names(run) == ["last.ckpt", "step=1.ckpt", "step=2.ckpt"]  # no step=3, no last-interrupted
 
 
+def test_non_finite_half_precision_weights_blame_the_precision(run_ttc, tmp_path):
+    # bf16-true keeps LoRA's adapters in bfloat16 (16-true is refused for training before it starts)
+    poison = f"--trainer.callbacks+={{class_path: {HERE}.PoisonWeights, init_args: {{at: 2}}}}"
+    half = ["--trainer.precision", "bf16-true", "--checkpoint.every_n_train_steps", "1", "--trainer.max_steps", "3"]
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", *LORA, *half, poison))
+    assert_one_line_error(
+        code,
+        err,
+        "not saving a checkpoint at step 2",
+        "trainer.precision bf16-true keeps the trained weights in bfloat16: use bf16-mixed or 32-true",
+    )
+
+
 def test_max_skipped_steps_below_one_is_refused(run_ttc, tmp_path):
     code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--model.max_skipped_steps", "0"))
     assert_one_line_error(code, err, "model.max_skipped_steps must be >= 1")
