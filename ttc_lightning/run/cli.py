@@ -29,6 +29,7 @@ from ttc_lightning.module import GRPOModule
 from ttc_lightning.run import directory as runs
 from ttc_lightning.run.console import library_notices_hidden, ttc_log_lines
 from ttc_lightning.run.ending import (
+    COMMAND_LINE,
     DONE,
     INTERRUPTED,
     STOPPED,
@@ -105,7 +106,7 @@ class TTCArgumentParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         options = [name for action in parser._actions for name in action.option_strings]
         print(error_line(one_line_error(message, options, self.argv)), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(COMMAND_LINE)
 
 
 def ckpt_path_help(subcommand: str) -> str:
@@ -307,7 +308,7 @@ def _no_validation_split(data: Any) -> bool:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the `ttc` command."""
+    """`ttc ARGS` in this process (`args`: the command line when None); the `ttc` command itself is `entry_point`."""
     with library_notices_hidden(), ttc_log_lines():
         try:
             run(args)
