@@ -331,7 +331,8 @@ def entry_point() -> None:
 
 
 def run(args: list[str] | None) -> None:
-    """`ttc ARGS`: export, or a LightningCLI subcommand; a `TTCError` ends it with one line and status 1."""
+    """`ttc ARGS`: export, or a LightningCLI subcommand; a `TTCError` ends it with one line and status 1 (3 for a `fit`
+    that trained nothing)."""
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in OTHER_COMMANDS:
         importlib.import_module(OTHER_COMMANDS[argv[0]]).main(argv[1:])
