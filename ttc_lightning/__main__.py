@@ -1,3 +1,3 @@
-from ttc_lightning.run.cli import main
+from ttc_lightning.run.cli import entry_point
 
-main()
+entry_point()

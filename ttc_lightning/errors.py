@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -21,3 +23,23 @@ def sharded_strategy_error(strategy: str) -> TTCError:
         f"trainer.strategy: {strategy} shards the weights, and generate() would gather them for every new token "
         "(very slow, or a hang). Use `ddp` (a LoRA policy fits on each GPU) or `deepspeed_stage_2`."
     )
+
+
+@contextmanager
+def naming_file(path: str | Path) -> Iterator[None]:
+    """An OSError while writing `path` that does not say which file (a full disk's `[Errno 28] No space left on
+    device`, raised by a write or a flush) becomes a `TTCError` that names it."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:  # the error names its file already
+            raise
+        raise TTCError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def error_line(message: object) -> str:
+    """`ttc: error: MESSAGE` on one line, whatever the message holds: a report of several lines (a library's, an
+    exception a reward function raised) has its lines joined with " | ", blank lines and indentation dropped, so a
+    log reader or a script that takes the line gets all of it."""
+    lines = [line.strip() for line in str(message).splitlines()]
+    return "ttc: error: " + " | ".join(line for line in lines if line)

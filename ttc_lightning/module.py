@@ -382,8 +382,9 @@ class GRPOModule(L.LightningModule):
             {name for name, p in self.named_parameters() if p.requires_grad},
             checkpoint.get("global_step", 0),
         )
+        precision = str(self.trainer.precision) if self._trainer is not None else None
         checkpoint["state_dict"] = checkpoints.trim_state(
-            checkpoint["state_dict"], trainable, self.lora is not None, step
+            checkpoint["state_dict"], trainable, self.lora is not None, step, precision
         )
         checkpoint["ttc"] = checkpoints.ttc_section(self._identity(), self.guard.skipped, self._rng_at_step)
 

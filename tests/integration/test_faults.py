@@ -8,6 +8,7 @@ signals and kill -9 start `ttc` as a subprocess.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -16,6 +17,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -80,6 +82,37 @@ def failing_a_reward(completions: list[str], **_) -> list[float]:
     return [c.count("a") / max(len(c), 1) for c in completions]
 
 
+def exiting_reward(completions: list[str], **_) -> list[float]:
+    """Distinct characters; its third call (step 2's rewards) calls sys.exit(TTC_TEST_EXIT), as a library under a
+    reward may."""
+    _calls["n"] += 1
+    if _calls["n"] == 3:
+        sys.exit(int(os.environ["TTC_TEST_EXIT"]))
+    return [float(len(set(c))) for c in completions]
+
+
+class RewardsOwnStop(BaseException):
+    """A BaseException of a reward's own: neither an Exception nor one of Python's ways to stop."""
+
+
+def base_exception_reward(completions: list[str], **_) -> list[float]:
+    raise RewardsOwnStop("the reward's own stop\nover two lines")
+
+
+def tied_reward(completions: list[str], **_) -> list[float]:
+    """The same score for every completion: no group has an advantage to learn from."""
+    return [0.5 for _ in completions]
+
+
+def thread_leaving_reward(completions: list[str], **_) -> list[float]:
+    """Distinct characters; its first call starts a thread that is no daemon and never ends, as a reward's own pool
+    of workers (or a library's) may."""
+    _calls["n"] += 1
+    if _calls["n"] == 1:
+        threading.Thread(target=threading.Event().wait, name="reward-worker").start()
+    return [float(len(set(c))) for c in completions]
+
+
 def sleeping_reward(completions: list[str], **_) -> list[float]:
     """Distinct characters at steps 0 and 1; at step 2 it creates the file TTC_TEST_SLEEPING names and sleeps 300 s."""
     _calls["n"] += 1
@@ -120,6 +153,17 @@ class PoisonWeights(L.Callback):
                 next(p for p in pl_module.parameters() if p.requires_grad).view(-1)[0] = self.value
 
 
+class ExitAt(L.Callback):
+    """Calls sys.exit(0) once training reaches step `at`, as a library under a callback or a data module may."""
+
+    def __init__(self, at: int = 2) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.at:
+            sys.exit(0)
+
+
 # --- helpers ------------------------------------------------------------------------------------------------------
 
 
@@ -138,8 +182,8 @@ def assert_kept(before: dict[str, str], root: Path) -> None:
     assert [name for name, digest in before.items() if after.get(name) != digest] == []
 
 
-def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
-    assert code == 1, err[-3000:]
+def assert_one_line_error(code: int, err: str, *fragments: str, status: int = 1) -> str:
+    assert code == status, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("ttc: error: ")]
     assert len(lines) == 1, err[-3000:]
@@ -472,6 +516,17 @@ def test_checkpoints_directory_holds_what_the_readme_says(run_ttc, tmp_path):
     assert checkpoint_names(tmp_path / "run") == ["last.ckpt", "step=2.ckpt", "step=3.ckpt", "step=4.ckpt"]
 
 
+def test_a_full_disk_is_one_line_naming_the_file(run_ttc, tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    args = run_args(tmp_path / "run", "--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "1")
+    code, _, err = run_ttc("fit", *args)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert_one_line_error(code, err, f"cannot write {checkpoints / 'step=1.ckpt'}: No space left on device")
+
+
 # --- non-finite loss, gradients and weights -----------------------------------------------------------------------
 
 
@@ -512,6 +567,19 @@ def test_non_finite_weights_are_never_saved(run_ttc, trained, tmp_path, kind, va
     )
     assert_kept(before, run)
     assert checkpoint_names(run) == ["last.ckpt", "step=1.ckpt", "step=2.ckpt"]  # no step=3, no last-interrupted
+
+
+def test_non_finite_half_precision_weights_blame_the_precision(run_ttc, tmp_path):
+    # bf16-true keeps LoRA's adapters in bfloat16 (16-true is refused for training before it starts)
+    poison = f"--trainer.callbacks+={{class_path: {HERE}.PoisonWeights, init_args: {{at: 2}}}}"
+    half = ["--trainer.precision", "bf16-true", "--checkpoint.every_n_train_steps", "1", "--trainer.max_steps", "3"]
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", *LORA, *half, poison))
+    assert_one_line_error(
+        code,
+        err,
+        "not saving a checkpoint at step 2",
+        "trainer.precision bf16-true keeps the trained weights in bfloat16: use bf16-mixed or 32-true",
+    )
 
 
 def test_max_skipped_steps_below_one_is_refused(run_ttc, tmp_path):
@@ -652,6 +720,30 @@ def test_an_accelerator_the_machine_lacks_is_one_line(run_ttc, tmp_path, acceler
     assert_one_line_error(code, err, "trainer: ")
 
 
+def test_a_precision_whose_package_is_missing_is_one_line(run_ttc, tmp_path):
+    from lightning.fabric.plugins.precision.transformer_engine import _TRANSFORMER_ENGINE_AVAILABLE
+
+    if _TRANSFORMER_ENGINE_AVAILABLE:
+        pytest.skip("transformer_engine is installed")
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--trainer.precision", "transformer-engine"))
+    assert_one_line_error(code, err, "trainer.precision transformer-engine needs NVIDIA's transformer_engine package")
+
+
+@pytest.mark.parametrize("where", ["checkpoints", "parent"])
+def test_an_unwritable_checkpoint_directory_is_refused_before_training(run_ttc, tmp_path, monkeypatch, where):
+    # Read-only: the mode bits, and for root (whom they do not stop) the answer the kernel gives on a read-only mount.
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    dirpath = locked if where == "checkpoints" else locked / "checkpoints"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    args = run_args(tmp_path / "run", "--checkpoint.dirpath", str(dirpath), "--trainer.max_steps", "1")
+    code, _, err = run_ttc("fit", *args)
+    message = "is not writable" if where == "checkpoints" else f"cannot be created: {locked} is not writable"
+    assert_one_line_error(code, err, f"checkpoint.dirpath: {dirpath} {message}")
+    assert "ttc: policy:" not in err  # refused before the model loaded
+
+
 def test_a_config_file_that_is_not_utf8_is_one_line(run_ttc, tmp_path):
     config = tmp_path / "binary.yaml"
     config.write_bytes(b"\xff\xfe\x00")
@@ -662,7 +754,7 @@ def test_a_config_file_that_is_not_utf8_is_one_line(run_ttc, tmp_path):
 def test_a_run_directory_that_is_a_file_is_one_line(run_ttc, tmp_path):
     (tmp_path / "afile").write_text("")
     code, _, err = run_ttc("fit", *run_args(tmp_path / "afile"))
-    assert_one_line_error(code, err, "File exists", "afile")
+    assert_one_line_error(code, err, f"{tmp_path / 'afile'}/checkpoints cannot be created: ", "afile is a file")
 
 
 def test_lora_on_modules_the_model_lacks_is_one_line(run_ttc, tmp_path):
@@ -679,6 +771,91 @@ def test_the_optimizer_is_set_by_model_options_only(run_ttc, tmp_path):
 def test_completion_longer_than_the_context_is_refused(run_ttc, tmp_path):
     code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--model.max_new_tokens", "8192"))
     assert_one_line_error(code, err, "model.max_new_tokens=8192 leaves no room for a prompt: the context of 'tiny'")
+
+
+# --- rewards that exit or raise what is not an Exception ------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["0", "3"])
+def test_a_reward_that_calls_sys_exit_is_a_reward_error(run_ttc, tmp_path, monkeypatch, status):
+    # A run that did not finish must not exit 0 (nor with the status a library under a reward chose), and it keeps
+    # its last completed step as any reward error does.
+    _calls["n"] = 0
+    monkeypatch.setenv("TTC_TEST_EXIT", status)
+    args = run_args(tmp_path / "run", "--trainer.max_steps", "4", "--model.rewards", f"[{HERE}.exiting_reward]")
+    code, _, err = run_ttc("fit", *args)
+    assert_one_line_error(code, err, f"reward function exiting_reward called sys.exit({status}) on ")
+    assert "interrupted at step 2; saved" in err
+    checkpoint = tmp_path / "run" / "checkpoints" / "last-interrupted.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
+
+
+def test_a_reward_that_raises_a_base_exception_is_one_line(run_ttc, tmp_path):
+    args = run_args(tmp_path / "run", "--trainer.max_steps", "2", "--model.rewards", f"[{HERE}.base_exception_reward]")
+    code, _, err = run_ttc("fit", *args)
+    assert_one_line_error(
+        code, err, "reward function base_exception_reward raised RewardsOwnStop: the reward's own stop | over two"
+    )
+
+
+def test_a_sys_exit_under_the_run_is_an_error_not_a_finished_run(run_ttc, tmp_path):
+    exiting = f"--trainer.callbacks+={{class_path: {HERE}.ExitAt, init_args: {{at: 2}}}}"
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", "--trainer.max_steps", "4", exiting))
+    assert_one_line_error(code, err, "`ttc fit` stopped before it finished: sys.exit(0) was called at ", __file__)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last-interrupted.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
+
+
+# --- a run that trains nothing, threads left running ----------------------------------------------------------------
+
+NOTHING_TRAINED = {
+    "tied": (
+        ["--model.rewards", f"[{HERE}.tied_reward]", "--model.dynamic_sampling", "true", "--trainer.max_steps", "4"],
+        "nothing trained: every group's rewards tied (the run's 1 rollout): no advantage to learn from",
+    ),
+    "max-steps-0": (["--trainer.max_steps", "0"], "nothing trained: trainer.max_steps is 0"),
+    "all-skipped": (
+        ["--model.rewards", f"[{HERE}.huge_reward]", "--trainer.max_steps", "2"],
+        "nothing trained: every optimizer step of the run (2) had a NaN or infinite loss or gradient norm",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NOTHING_TRAINED))
+def test_a_run_that_trains_nothing_exits_3(run_ttc, tmp_path, case):
+    settings, message = NOTHING_TRAINED[case]
+    code, _, err = run_ttc("fit", *run_args(tmp_path / "run", *settings))
+    assert_one_line_error(code, err, message, status=3)
+    assert ("ttc run summary" in err) == (case != "max-steps-0")  # the summary, when there was a rollout
+
+
+@pytest.mark.slow
+def test_threads_a_reward_leaves_running_do_not_hold_the_exit(tmp_path, kill_on_exit):
+    proc = start_ttc(tmp_path, "--trainer.max_steps", "2", "--model.rewards", f"[{HERE}.thread_leaving_reward]")
+    kill_on_exit(proc)
+    code, out = finish(proc, tmp_path, timeout=150)
+    assert code == 0, out[-3000:]
+    assert "ttc: 2 rollouts in this run (to step 2)" in out
+    assert "ttc: warning: exiting without waiting for 1 thread still running (reward-worker)" in out
+
+
+# --- a command that fails before it logs anything -------------------------------------------------------------------
+
+
+def test_a_failed_evaluation_leaves_no_log_directory(run_ttc, run, tmp_path, val):
+    # A checkpoint that does not fit (found once the run has set up and written its config), and bad data.
+    args = run_args(run, "--model.lora", "{r: 8, alpha: 8}", *val, "--ckpt_path", "last")
+    code, _, err = run_ttc("validate", *args)
+    assert_one_line_error(code, err, "model.lora.r: the checkpoint's adapters were trained")
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"pro')
+    code, _, err = run_ttc("validate", *run_args(tmp_path / "fresh", "--data.val_path", str(bad)))
+    assert_one_line_error(code, err, f"{bad}:2: malformed JSON")
+    assert not (tmp_path / "fresh").exists()
+    code, _, err = run_ttc("validate", *run_args(run, *LORA, *val, "--ckpt_path", "last"))
+    assert code == 0, err
+    assert (run / "logs" / "version_1" / "metrics.json").exists()  # a run that logs keeps its directory
 
 
 # --- signals and kill -9 ----------------------------------------------------------------------------------------------

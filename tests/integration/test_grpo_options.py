@@ -64,8 +64,9 @@ def test_a_run_whose_prompts_all_tie_stops_after_an_epoch_of_batches(run_ttc, tm
     args = ["--data.train_path", str(prompts), "--model.rewards", f"[{HELPERS}.tie_or_first_char]"]
     run = ["--trainer.default_root_dir", "run", "--model.dynamic_sampling", "true", *FAST]
     code, _, err = run_ttc("fit", "--config", TINY, *run, *args)  # tiny.yaml's max_steps is 40
-    assert code == 0, err
+    assert code == 3, err  # it trained nothing
     assert "ttc: warning: dynamic sampling: no prompt in the last 8 batches (an epoch's worth)" in err
+    assert "ttc: error: nothing trained: every group's rewards tied (the run's 2 rollouts)" in err
     rows = read_metrics(tmp_path / "run")
     assert [float(r["groups_kept"]) for r in rows] == [0.0, 0.0]  # 2 steps of 4 rounds: the 8 batches of an epoch
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 0

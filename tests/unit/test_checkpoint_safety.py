@@ -2,6 +2,7 @@
 base-model fingerprint and the checks a loaded checkpoint must pass."""
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,24 @@ def test_non_finite_weights_are_refused(bad):
         TTCError, match=r"not saving a checkpoint at step 7: 1 weights are NaN or infinite \(first: b\)"
     ):
         check_finite(state, 7)
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype", "advice"),
+    [
+        ("16-true", torch.float16, "trainer.precision 16-true keeps the trained weights in float16: use bf16-mixed or"),
+        ("bf16-true", torch.bfloat16, "trainer.precision bf16-true keeps the trained weights in bfloat16: use bf16"),
+        ("32-true", torch.float16, "b is float16: train the weights in float32 (model.dtype auto"),
+        ("bf16-mixed", torch.float32, "Lower model.learning_rate or check the reward functions"),
+        (None, torch.float32, "Lower model.learning_rate or check the reward functions"),
+    ],
+)
+def test_the_advice_for_non_finite_weights_names_a_half_precision(precision, dtype, advice):
+    # In half precision the loss and gradient norm can stay finite while the weights turn NaN: the learning rate and
+    # the rewards are not the first suspects there.
+    state = {"a": torch.zeros(3), "b": torch.tensor([1.0, float("nan")], dtype=dtype)}
+    with pytest.raises(TTCError, match=re.escape(advice) + ".*, then resume with --ckpt_path last$"):
+        check_finite(state, 7, precision)
 
 
 def test_finite_and_integer_tensors_pass():
@@ -77,7 +96,7 @@ def test_a_save_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypatch)
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", dies)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(TTCError, match=f"cannot write {re.escape(str(path))}: No space left"):
         io.save_checkpoint(ttc_checkpoint(2), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

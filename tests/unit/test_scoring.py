@@ -4,6 +4,7 @@ import functools
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,40 @@ def test_reward_that_raises_names_function_and_prompt():
         TTCError, match=r"reward function picky raised KeyError: 'boom' on prompt 1 of the batch \(id p1\)"
     ):
         scorer(picky).score(["a", "b", "c", "d"], columns, group_size=2)
+
+
+class Exotic(BaseException):
+    """A BaseException that is neither an Exception nor one of Python's own ways to stop."""
+
+
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [
+        (SystemExit(0), "called sys.exit(0)"),
+        (SystemExit(3), "called sys.exit(3)"),
+        (SystemExit(), "called sys.exit()"),
+        (Exotic("odd"), "raised Exotic: odd"),
+    ],
+    ids=["exit-0", "exit-3", "exit", "base-exception"],
+)
+@pytest.mark.parametrize("workers", [1, 2], ids=["here", "threads"])
+def test_a_reward_that_exits_is_a_reward_error(raised, said, workers):
+    # sys.exit(0) deep in a reward must not end the run as if it had finished
+    def leaving(completions, **_):
+        raise raised
+
+    with pytest.raises(TTCError, match=rf"^reward function leaving {re.escape(said)} on prompt 0 of the batch$"):
+        scorer(leaving, workers=workers).score(["a", "b"], {}, group_size=2)
+    scores, errors = scorer(leaving, workers=workers, errors="skip").score(["a", "b"], {}, group_size=2)
+    assert errors.tolist() == [1.0] and scores.isnan().all()
+
+
+def test_ctrl_c_in_a_reward_stops_the_run():
+    def interrupted(completions, **_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        scorer(interrupted).score(["a"], {}, group_size=1)
 
 
 def test_reward_with_wrong_length_is_an_error():

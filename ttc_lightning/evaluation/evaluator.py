@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ttc_lightning.data.base import Task
+from ttc_lightning.errors import naming_file
 from ttc_lightning.evaluation.records import oracle_metrics, prompt_records, reward_metrics
 from ttc_lightning.rewards.scoring import RewardScorer
 from ttc_lightning.sampling.sampler import Samples
@@ -126,7 +127,8 @@ def write_metrics(
     summary = {"stage": stage, "ckpt_path": ckpt_path, "num_prompts": num_prompts, **sampling, "metrics": metrics}
     path = Path(log_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    with naming_file(path):
+        path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     return path
 
 
@@ -136,7 +138,7 @@ def write_predictions(
     """`predictions.jsonl`: one line per input with its k completions, their rewards and the task's final answer."""
     path = Path(log_dir) / "predictions.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    with naming_file(path), path.open("w", encoding="utf-8") as f:
         for i, record in enumerate(records):
             line = {
                 "id": record["columns"].get("id", i),

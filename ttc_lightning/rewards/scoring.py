@@ -146,9 +146,10 @@ class RewardScorer:
     """Scores a batch's completions with every reward function.
 
     The functions run in parallel, at most `workers` at once, each call given `timeout` seconds (None: no limit).
-    With one worker and no limit they run one after the other in the calling thread. A call that raises or runs
-    out of time stops training (`errors="raise"`) or leaves its completions unscored (`errors="skip"`), counted in
-    the step's `rewards/<name>/errors`. A `TTCError` (a configuration mistake) and a malformed value always stop it.
+    With one worker and no limit they run one after the other in the calling thread. A call that raises (sys.exit
+    included) or runs out of time stops training (`errors="raise"`) or leaves its completions unscored
+    (`errors="skip"`), counted in the step's `rewards/<name>/errors`. A `TTCError` (a configuration mistake) and a
+    malformed value always stop it.
 
     A call past its limit cannot be stopped (Python cannot kill a thread): it runs on in a daemon thread, which
     does not hold the step or the exit of the program, and what it returns is dropped.
@@ -234,7 +235,7 @@ class RewardScorer:
             return None
         if isinstance(error, TTCError):
             raise error
-        problem = f"reward function {reward.name} raised {type(error).__name__}: {error}"
+        problem = f"reward function {reward.name} {_failure(error)}"
         if self.errors == "raise":
             raise TTCError(f"{problem}{self._where_it_fails(reward, completions, columns, g)}") from error
         return f"{problem}{_ids(columns, g)}"
@@ -305,7 +306,7 @@ def run_calls(calls: Sequence[Callable[[], Any]], workers: int, timeout: float |
     """
     with _stopped_by_sigterm(inside_calls=workers == 1 and timeout is None) as sigterm:
         if workers == 1 and timeout is None:
-            futures = [_call_here(call) for call in calls]
+            futures = [_call_here(call, sigterm) for call in calls]
             if sigterm.is_set():  # a call that caught the exception and returned
                 raise _sigterm_exception()
             return futures
@@ -370,11 +371,25 @@ def _sigterm_exception() -> BaseException:
     return SIGTERMException(128 + signal.SIGTERM)
 
 
-def _call_here(call: Callable[[], Any]) -> Future:
+def _failure(error: BaseException) -> str:
+    """What a call that failed did: `raised ValueError: ...`, or `called sys.exit(3)`."""
+    if isinstance(error, SystemExit):
+        return f"called sys.exit({'' if error.code is None else repr(error.code)})"
+    return f"raised {type(error).__name__}: {error}"
+
+
+def _call_here(call: Callable[[], Any], stopped: threading.Event) -> Future:
+    """`call` in this thread. Whatever it raises is its failure, `sys.exit` and other `BaseException`s included (a
+    reward that exits has not finished the run), except Ctrl-C and the SIGTERM exception that `stopped` says
+    the handler raised inside it: those stop the run."""
     future: Future = Future()
     try:
         future.set_result(call())
-    except Exception as e:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        if stopped.is_set():
+            raise
         future.set_exception(e)
     return future
 

@@ -40,16 +40,26 @@ CONFIG_KEYS = (
 # of one model differ by rounding (at most 2^-9 per element, averaging out over a sum).
 FINGERPRINT_RTOL = 1e-3
 LORA_SHAPE_FIELDS = ("r", "target_modules")
+# The precisions that keep the trained weights themselves in half precision, and in which dtype.
+HALF_PRECISIONS = {
+    "16-true": "float16",
+    "bf16-true": "bfloat16",
+    "transformer-engine-float16": "float16",
+    "transformer-engine": "bfloat16",
+}
 
 
-def trim_state(state: dict[str, Any], trainable: set[str], lora: bool, step: int) -> dict[str, Any]:
+def trim_state(
+    state: dict[str, Any], trainable: set[str], lora: bool, step: int, precision: str | None = None
+) -> dict[str, Any]:
     """The state dict to save at optimizer step `step`: the trainable weights under LoRA, the policy otherwise, never
-    the reference; weights that are NaN or infinite are refused (`check_finite`)."""
+    the reference; weights that are NaN or infinite are refused (`check_finite`, whose advice names a half
+    `precision`)."""
     if lora:
         kept = {k: v for k, v in state.items() if k in trainable}
     else:
         kept = {k: v for k, v in state.items() if not k.startswith(REFERENCE_PREFIX)}
-    check_finite(kept, step)
+    check_finite(kept, step, precision)
     return kept
 
 
@@ -292,15 +302,28 @@ def task_difference(saved: str, now: str) -> str:
     return f"was trained with {prompts(saved_prompts)}, and this run has {prompts(now_prompts)}"
 
 
-def check_finite(state: Mapping[str, Any], step: int) -> None:
-    """Refuse to save weights that are NaN or infinite: the file would replace the last good checkpoint."""
+def check_finite(state: Mapping[str, Any], step: int, precision: str | None = None) -> None:
+    """Refuse to save weights that are NaN or infinite: the file would replace the last good checkpoint. The advice
+    blames half-precision weights when they are (`trainer.precision`, or the weights' own dtype), else the learning
+    rate and the rewards: in half precision the loss and the gradient norm can stay finite while updates that
+    underflow or overflow turn the weights NaN."""
     bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
-    if bad:
-        raise TTCError(
-            f"not saving a checkpoint at step {step}: {len(bad)} weights are NaN or infinite (first: {bad[0]}); the "
-            "previous checkpoint is kept. Lower model.learning_rate or check the reward functions, then resume with "
-            "--ckpt_path last"
+    if not bad:
+        return
+    dtype = str(state[bad[0]].dtype).removeprefix("torch.")
+    if precision in HALF_PRECISIONS:
+        advice = (
+            f"trainer.precision {precision} keeps the trained weights in {HALF_PRECISIONS[precision]}: use "
+            "bf16-mixed or 32-true"
         )
+    elif dtype in ("float16", "bfloat16"):
+        advice = f"{bad[0]} is {dtype}: train the weights in float32 (model.dtype auto, trainer.precision 32-true)"
+    else:
+        advice = "Lower model.learning_rate or check the reward functions"
+    raise TTCError(
+        f"not saving a checkpoint at step {step}: {len(bad)} weights are NaN or infinite (first: {bad[0]}); the "
+        f"previous checkpoint is kept. {advice}, then resume with --ckpt_path last"
+    )
 
 
 def rng_states() -> dict[str, Any]:

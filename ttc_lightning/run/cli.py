@@ -1,20 +1,15 @@
 """`ttc`: the LightningCLI with ttc's defaults (automatic precision, run directory layout, clean user errors, checks
 before anything slow starts, a run directory that one run owns, atomic checkpoints, a quiet console).
 
-Exit status: 0 done, 1 a user error (one line `ttc: error: ...`), 2 a command line that does not parse, 130
-interrupted (Ctrl-C), 143 stopped by SIGTERM.
+Exit status (`ending`): 0 done, 1 a user error (one line `ttc: error: ...`), 2 a command line that does not parse, 3 a
+`fit` that trained nothing, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib
-import inspect
 import re
-import signal
 import sys
-import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,10 +25,25 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ttc_lightning.data.base import Task
 from ttc_lightning.data.tasks import PrimeVulPatchDataModule
-from ttc_lightning.errors import TTCError, sharded_strategy_error
+from ttc_lightning.errors import TTCError, error_line, sharded_strategy_error
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.run import directory as runs
 from ttc_lightning.run.console import library_notices_hidden, ttc_log_lines
+from ttc_lightning.run.ending import (
+    COMMAND_LINE,
+    DONE,
+    INTERRUPTED,
+    STOPPED,
+    USER_ERROR,
+    NewLogDirectory,
+    NothingTrained,
+    TrainingCheck,
+    exit_despite_threads,
+    exit_status,
+    nothing_trained,
+    stopped_by_user,
+    stray_exit,
+)
 from ttc_lightning.run.preflight import check_before_start
 from ttc_lightning.run.progress import ParameterCount, Progress, SummaryTable, progress_callback
 from ttc_lightning.run.saving import AtomicCheckpointIO, BestCheckpoint, CheckpointOnInterrupt
@@ -42,9 +52,11 @@ from ttc_lightning.run.tracking import (
     SaveConfigToWandb,
     class_path_of,
     finish_wandb,
+    name_metrics_file,
     quiet_wandb_start,
     wandb_defaults,
 )
+from ttc_lightning.run.usage import OTHER_COMMANDS, SUBCOMMANDS, one_line_error, subcommand_parsing
 
 
 def auto_precision(accelerator: Any) -> str:
@@ -71,7 +83,7 @@ class TTCArgumentParser(LightningArgumentParser):
         help_for = re.match(r"Help for (--[\w.]+)\.help=", str(kwargs.get("description", "")))
         if help_for:  # `ttc fit --model.help CLASS`: a short usage, not one entry per option of the class
             kwargs.setdefault(
-                "usage", f"ttc {_subcommand_parsing()} [--config FILE] [{help_for.group(1)}.OPTION VALUE ...]"
+                "usage", f"ttc {subcommand_parsing()} [--config FILE] [{help_for.group(1)}.OPTION VALUE ...]"
             )
         super().__init__(*args, **kwargs)
         self.argv: list[str] = []
@@ -94,195 +106,8 @@ class TTCArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         options = [name for action in parser._actions for name in action.option_strings]
-        print(f"ttc: error: {one_line_error(message, options, self.argv)}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _subcommand_parsing() -> str:
-    """The subcommand whose command line jsonargparse is parsing (`SUBCOMMAND` when it cannot tell)."""
-    try:
-        from jsonargparse._common import parent_parser
-
-        return str(getattr(parent_parser.get(), "subcommand", None) or "SUBCOMMAND")
-    except (ImportError, AttributeError, LookupError):  # a jsonargparse release without it
-        return "SUBCOMMAND"
-
-
-def one_line_error(message: str, options: list[str], argv: list[str] | tuple[str, ...] = ()) -> str:
-    """jsonargparse's `message` about a command line, as one line naming the option, with a suggestion where one of
-    `options` (or of the named class's arguments, or of a choice's values) is close to what was given; `argv` is
-    the command line, to name the option whose value is missing."""
-
-    def key_before(position: int) -> str:  # "--model.lora." from the nested 'Parser key "..."' lines before it
-        return "--" + "".join(k + "." for k in re.findall(r'Parser key "([\w.]+)"', message[:position]))
-
-    command = re.search(r"argument subcommand: invalid choice: '(.*?)'", message)
-    if command:
-        return _unknown_command(command.group(1))
-    if re.match(r'expected "subcommand" to be one of', message):
-        return f"no command given; give one of {', '.join(COMMANDS)} (`ttc --help` says what each does)"
-    value_missing = re.match(r"argument ([-\w./]+): expected (?:one|at least one) argument", message)
-    if value_missing:
-        return f"{_option_given(value_missing.group(1), argv)}: expected a value"
-    unknown = re.search(
-        r"class_path '([\w.]+)':\s+(?:Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+))", message
-    )
-    if unknown:
-        prefix = key_before(unknown.start())
-        known = [prefix + name for name in class_options(unknown.group(1))]
-        return _unknown(prefix + (unknown.group(2) or unknown.group(3)), known)
-    group = re.search(r"class_path '([\w.]+)':.*?Group '(\w+)' does not accept option '(\w+)'", message, re.S)
-    if group:
-        prefix = key_before(group.start()) + group.group(2) + "."
-        return _unknown(prefix + group.group(3), [prefix + f for f in group_fields(group.group(1), group.group(2))])
-    not_imported = re.search(
-        r"Problem with given class_path '([\w.]+)':\s+((?:module '[\w.]+' has no attribute|No module named) .*)",
-        message,
-    ) or re.search(r"Expected a dot import path string: ()([A-Za-z_][\w.]*)$", message, re.M)
-    if not_imported:
-        key = key_before(not_imported.start()).rstrip(".")
-        return _class_not_imported(key, not_imported.group(1) or not_imported.group(2))
-    choices = re.findall(r"Expected a typing\.Literal\[(.*?)\]", message)
-    given = re.findall(r"Got value: (.*)", message) or re.findall(r"Given value: (.*)", message)
-    if choices and given:
-        allowed = list(dict.fromkeys(v.strip(" '\"") for c in choices for v in c.split(",")))
-        key = key_before(message.index("Expected a typing.Literal")).rstrip(".")
-        value = given[-1].strip()
-        close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6)
-        if close:
-            return f"{key}: {value!r} is not a choice; did you mean {close[0]}? ({', '.join(allowed)})"
-        return f"{key}: {value!r} is not one of {', '.join(allowed)}"
-    typed = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message)
-    if typed:
-        key = key_before(typed.start()).rstrip(".")
-        return f"{key}: expected {_article(typed.group(1))} {typed.group(1)}, got {typed.group(2).strip()!r}"
-    union = re.search(
-        r"Subtypes: \[(.*?)\]\s+Errors:\s+(?:- Expected a <class '\w+'>\s+)+Given value type: .*\n\s*Given value: (.*)",
-        message,
-    )
-    if union:  # an optional int or the like, given something else: "expected an int or null"
-        key = key_before(union.start()).rstrip(".")
-        kinds = ["null" if k == "NoneType" else k for k in re.findall(r"<class '(\w+)'>", union.group(1))]
-        return f"{key}: expected {_article(kinds[0])} {' or '.join(kinds)}, got {union.group(2).strip()!r}"
-    unrecognized = re.search(r"unrecognized arguments: (\S+)", message)
-    if unrecognized:
-        return _unknown(unrecognized.group(1).split("=")[0], options)
-    missing = re.search(r"File does not exist: '(.*?)'", message)
-    if missing:
-        return f"--config {missing.group(1)}: no such file"
-    keys = list(dict.fromkeys(re.findall(r'Parser key "([\w.]+)"', message)))  # a nested report repeats its key
-    lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
-    detail = next((line for line in reversed(lines) if not line.startswith(("Given value", "Expected a <class"))), "")
-    detail = re.sub(r'^Parser key "[\w.]+": ', "", detail)
-    detail = re.sub(r"\b([Ee]xpected) a (?=[aeiou])", r"\1 an ", detail)  # jsonargparse's "Expected a int"
-    return f"--{'.'.join(keys)}: {detail}" if keys else " ".join(lines)
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
-
-
-def _option_given(option: str, argv: list[str] | tuple[str, ...]) -> str:
-    """The option on the command line that argparse reports as `option` ("--model", "-c/--config"): the first
-    `--model.beta` without a value after it names it better than the `--model` it was parsed as."""
-    names = option.split("/")
-    for i, arg in enumerate(argv):
-        if "=" in arg or not any(arg == name or arg.startswith(name + ".") for name in names if name.startswith("--")):
-            continue
-        following = argv[i + 1] if i + 1 < len(argv) else None
-        if following is None or re.match(r"--?[A-Za-z_]", following):
-            return arg
-    return names[-1]
-
-
-def _unknown_command(given: str) -> str:
-    close = difflib.get_close_matches(given, COMMANDS, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}? ({', '.join(COMMANDS)})" if close else f"give one of {', '.join(COMMANDS)}"
-    return f"unknown command {given!r}; {hint}"
-
-
-def _class_not_imported(key: str, class_path: str) -> str:
-    """`key`'s class_path does not import: the closest of ttc's classes for that key (by class name), else all."""
-    known = ttc_classes(key.lstrip("-"))
-    what = f"{key}.class_path: cannot import {class_path}"
-    names = {path.rpartition(".")[2].lower(): path for path in known}
-    close = difflib.get_close_matches(class_path.rpartition(".")[2].lower(), names, n=1, cutoff=0.6)
-    if close:
-        return f"{what}; did you mean {names[close[0]]}?"
-    return f"{what}; ttc's classes for {key}: {', '.join(known)}" if known else what
-
-
-def _unknown(option: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(option, known, n=1, cutoff=0.75)
-    hint = f"; did you mean {close[0]}?" if close else "; `ttc SUBCOMMAND --help` lists the options"
-    return f"unknown option {option}{hint}"
-
-
-def group_fields(class_path: str, argument: str) -> list[str]:
-    """The fields of the dataclass that the constructor argument `argument` of `class_path`'s class takes."""
-    module, _, name = class_path.rpartition(".")
-    try:
-        hints = typing.get_type_hints(getattr(importlib.import_module(module), name).__init__)
-    except (ImportError, AttributeError, ValueError, NameError):
-        return []
-    kind = hints.get(argument)
-    candidates = [kind, *typing.get_args(kind)]
-    return next(([f.name for f in dataclasses.fields(c)] for c in candidates if dataclasses.is_dataclass(c)), [])
-
-
-def init_arguments(class_path: str) -> list[str]:
-    """The constructor arguments of the class at `class_path` (empty when it cannot be imported)."""
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return []
-    names: list[str] = []
-    for klass in cls.__mro__:  # a subclass that passes **kwargs on takes its bases' arguments too
-        parameters = inspect.signature(klass.__init__).parameters
-        names += [p for p, v in parameters.items() if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
-        if not any(v.kind == v.VAR_KEYWORD for v in parameters.values()):
-            break
-    return list(dict.fromkeys(names))
-
-
-def class_options(class_path: str) -> list[str]:
-    """The options of the class at `class_path`: its constructor arguments, and `ARG.FIELD` for each field of an
-    argument that takes a dataclass (`levers.cuda_graph`)."""
-    names = init_arguments(class_path)
-    return names + [f"{name}.{field}" for name in names for field in group_fields(class_path, name)]
-
-
-# Where ttc's classes for a class_path option are, and what they derive from.
-CLASS_HOMES = {"data": ("ttc_lightning.data", L.LightningDataModule), "model": ("ttc_lightning", L.LightningModule)}
-
-
-def ttc_classes(key: str) -> list[str]:
-    """The import paths of ttc's classes that the `key` option ("data", "model") can name; bases of others left out
-    (`TaskDataModule`)."""
-    if key not in CLASS_HOMES:
-        return []
-    home, base = CLASS_HOMES[key]
-    module = importlib.import_module(home)
-    found = [getattr(module, name) for name in getattr(module, "__all__", [])]
-    classes = [c for c in found if isinstance(c, type) and issubclass(c, base)]
-    leaves = [c for c in classes if not any(o is not c and issubclass(o, c) for o in classes)]
-    return [f"{home}.{c.__name__}" for c in leaves]
-
-
-SUBCOMMANDS = {
-    "fit": "Train the policy with GRPO (resume with --ckpt_path last).",
-    "validate": "Evaluate the policy (or a checkpoint: --ckpt_path) on the validation split.",
-    "test": "Evaluate the policy (or a checkpoint: --ckpt_path) on the test split.",
-    "predict": "Write predictions.jsonl: the policy's completions, answers or patches for the test split.",
-}
-# Commands run outside LightningCLI (`run`), by the module whose `main(argv)` runs each.
-OTHER_COMMANDS = {
-    "export": "ttc_lightning.run.export",
-    "generate": "ttc_lightning.run.generate",
-    "oracle": "ttc_lightning.run.oracle",
-}
-COMMANDS = (*SUBCOMMANDS, *OTHER_COMMANDS)
+        print(error_line(one_line_error(message, options, self.argv)), file=sys.stderr)
+        sys.exit(COMMAND_LINE)
 
 
 def ckpt_path_help(subcommand: str) -> str:
@@ -306,6 +131,8 @@ class TTCCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", TTCArgumentParser)
         self.lock: runs.Claim | None = None
+        self.new_logs: NewLogDirectory | None = None
+        self.training_check: TrainingCheck | None = None
         try:
             super().__init__(*args, **kwargs)
         finally:
@@ -365,6 +192,24 @@ class TTCCLI(LightningCLI):
             for option in parser._actions:
                 if option.dest == "ckpt_path":
                     option.help = ckpt_path_help(name)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """The subcommand; when it fails, the log directory it made goes if it logged nothing, and a `sys.exit`
+        from code under the run is an error, not the end of a run that did not finish."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException as e:
+            if self.new_logs is not None:
+                self.new_logs.remove_if_unused()
+            if isinstance(e, SystemExit) and not stopped_by_user(e):
+                raise stray_exit(e, subcommand) from e
+            raise
+
+    def after_fit(self) -> None:
+        """A `fit` that trained nothing ends with status 3 and one line saying why, after its summary."""
+        reason = None if self.training_check is None else nothing_trained(self.trainer, self.training_check)
+        if reason is not None:
+            raise NothingTrained(f"nothing trained: {reason}")
 
     def validate(self, **kwargs: Any) -> Any:
         """`trainer.validate`, its metrics printed by ttc (whole names, 4 decimals) instead of Lightning's table."""
@@ -437,6 +282,9 @@ class TTCCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(progress_callback(self._get(self.config_init, "progress", default=Progress())))
         checkpointing = config.get("enable_checkpointing") is not False
+        if self.subcommand == "fit":
+            self.training_check = TrainingCheck()
+            callbacks.append(self.training_check)
         if self.subcommand == "fit" and checkpointing:
             dirpath = self._get(self.config, "checkpoint").dirpath
             callbacks.append(CheckpointOnInterrupt(dirpath))
@@ -454,6 +302,8 @@ class TTCCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         trainer = self._instantiate_trainer({**config, **kwargs, "callbacks": callbacks, "plugins": plugins}, extra)
         quiet_wandb_start(trainer.loggers)
+        name_metrics_file(trainer.loggers)
+        self.new_logs = NewLogDirectory(trainer)
         return trainer
 
 
@@ -467,7 +317,7 @@ def _no_validation_split(data: Any) -> bool:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the `ttc` command."""
+    """`ttc ARGS` in this process (`args`: the command line when None); the `ttc` command itself is `entry_point`."""
     with library_notices_hidden(), ttc_log_lines():
         try:
             run(args)
@@ -475,8 +325,23 @@ def main(args: list[str] | None = None) -> None:
             finish_wandb()
 
 
+def entry_point() -> None:
+    """The `ttc` command and `python -m ttc_lightning`: `main`, then an exit that threads left running cannot hold
+    (`exit_despite_threads`)."""
+    status = USER_ERROR  # an exception that escapes main: Python prints it and exits 1
+    try:
+        main()
+        status = DONE
+    except SystemExit as e:
+        status = exit_status(e.code)
+        raise
+    finally:
+        exit_despite_threads(status)
+
+
 def run(args: list[str] | None) -> None:
-    """`ttc ARGS`: export, or a LightningCLI subcommand; a `TTCError` ends it with one line and status 1."""
+    """`ttc ARGS`: export, or a LightningCLI subcommand; a `TTCError` ends it with one line and status 1 (3 for a `fit`
+    that trained nothing)."""
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in OTHER_COMMANDS:
         importlib.import_module(OTHER_COMMANDS[argv[0]]).main(argv[1:])
@@ -510,14 +375,14 @@ def run(args: list[str] | None) -> None:
         )
     except SIGTERMException:
         # Lightning turns SIGTERM into a clean exit (status 0); a script or scheduler must see the run was stopped.
-        sys.exit(128 + signal.SIGTERM)
+        sys.exit(STOPPED)
     except KeyboardInterrupt:
         print("ttc: interrupted", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        sys.exit(INTERRUPTED)
     except SystemExit as e:
         # Lightning answers Ctrl-C during a run with exit(1): the shell's convention is 128 + SIGINT.
         if isinstance(e.__context__, KeyboardInterrupt):
-            sys.exit(128 + signal.SIGINT)
+            sys.exit(INTERRUPTED)
         raise
     except Exception as e:
         # jsonargparse wraps errors raised while building the model or data module: find ours in the chain.
@@ -528,8 +393,8 @@ def run(args: list[str] | None) -> None:
         if cause is None:
             raise
         where = {MisconfigurationException: "trainer: ", UnicodeDecodeError: "a config file is not UTF-8 text: "}
-        print(f"ttc: error: {where.get(type(cause), '')}{cause}", file=sys.stderr)
-        sys.exit(1)
+        print(error_line(f"{where.get(type(cause), '')}{cause}"), file=sys.stderr)
+        sys.exit(getattr(cause, "exit_status", USER_ERROR))
 
 
 def check_config_files(argv: list[str]) -> None:
@@ -558,4 +423,4 @@ def _in_chain(error: BaseException, kind: type[BaseException]) -> BaseException 
 
 
 if __name__ == "__main__":
-    main()
+    entry_point()

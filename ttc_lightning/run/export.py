@@ -41,7 +41,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from ttc_lightning.errors import TTCError
+from ttc_lightning.errors import TTCError, error_line
 from ttc_lightning.model.loading import LoRA, load_policy, load_tokenizer, materialise, quiet_transformers
 from ttc_lightning.model.tiny import TINY
 from ttc_lightning.run.checkpoints import REFERENCE_PREFIX, base_fingerprint, check_complete, fingerprint_difference
@@ -364,7 +364,7 @@ class CommandParser(argparse.ArgumentParser):
             known = [name for action in self._actions for name in action.option_strings]
             close = difflib.get_close_matches(option, known, n=1, cutoff=0.75)
             message = f"unknown option {option}" + (f"; did you mean {close[0]}?" if close else "")
-        print(f"ttc: error: {message}", file=sys.stderr)
+        print(error_line(message), file=sys.stderr)
         sys.exit(2)
 
 
@@ -389,6 +389,6 @@ def main(argv: list[str]) -> None:
     try:
         out = export(args.ckpt_path, args.output_dir, args.merge, args.overwrite, args.push_to_hub)
     except (TTCError, OSError) as e:  # OSError: the file system's (read-only, full); nothing earlier was removed
-        print(f"ttc: error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         sys.exit(1)
     print(f"ttc: exported {args.ckpt_path} to {out}", file=sys.stderr)

@@ -17,7 +17,7 @@ import torch
 
 from ttc_lightning.data.base import check_system_prompt, check_template, prompt_hash, prompt_text
 from ttc_lightning.data.tasks import BINARY_LABELS, classification_prompt, patch_prompt
-from ttc_lightning.errors import TTCError
+from ttc_lightning.errors import TTCError, error_line
 from ttc_lightning.levers import Levers
 from ttc_lightning.model.loading import Policy, eos_token_ids
 from ttc_lightning.rewards.answers import parse_answer, split_think_answer
@@ -168,5 +168,5 @@ def main(argv: list[str]) -> None:
     try:
         print(generate(args))
     except TTCError as e:
-        print(f"ttc: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         sys.exit(1)

@@ -1,6 +1,6 @@
 """What `ttc` checks before anything slow starts: that the model and the data can be found (offline too), that the
-reward functions import, that the module's settings hold and that W&B can start. Every problem is reported together,
-in one `TTCError`.
+reward functions import, that the module's settings hold, that `fit` can write its checkpoints, that the precision's
+package is installed and that W&B can start. Every problem is reported together, in one `TTCError`.
 
 A Hugging Face Hub id needs the Hub or the local cache. Unless HF_HUB_OFFLINE is set, one short request asks whether
 the Hub (HF_ENDPOINT, default huggingface.co) answers; when it does not, the run goes on offline (HF_HUB_OFFLINE=1),
@@ -274,6 +274,49 @@ def checkpoint_problems(checkpoint: Any) -> list[str]:
     return problems
 
 
+def checkpoint_dir_problems(config: Any, subcommand: str | None) -> list[str]:
+    """`fit` saves checkpoints in `checkpoint.dirpath`: one it can neither write nor create would stop the run only at
+    its first save, after the model loaded and steps ran."""
+    checkpoint, trainer = config.get("checkpoint"), config.get("trainer")
+    checkpointing = trainer is None or trainer.get("enable_checkpointing") is not False
+    if subcommand != "fit" or checkpoint is None or not checkpointing:
+        return []
+    dirpath = checkpoint.get("dirpath")
+    if not isinstance(dirpath, str) or "://" in dirpath:  # remote storage: its own client says what is wrong
+        return []
+    problem = unwritable(Path(dirpath))
+    return [f"checkpoint.dirpath: {problem}; give a --trainer.default_root_dir you can write"] if problem else []
+
+
+def unwritable(path: Path) -> str | None:
+    """Why the directory `path` can neither be written nor created, or None when it can be."""
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{path} cannot be created: {existing} is a file, not a directory"
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    if existing == path:
+        return f"{path} is not writable (read-only, or another user's)"
+    return f"{path} cannot be created: {existing} is not writable (read-only, or another user's)"
+
+
+def precision_problems(trainer: Any) -> list[str]:
+    """A `trainer.precision` whose package is missing, which Lightning reports with a traceback once the model is
+    being built."""
+    precision = str(trainer.get("precision") if trainer is not None else "")
+    if precision.startswith("transformer-engine"):
+        from lightning.fabric.plugins.precision.transformer_engine import _TRANSFORMER_ENGINE_AVAILABLE
+
+        if not _TRANSFORMER_ENGINE_AVAILABLE:
+            return [
+                f"trainer.precision {precision} needs NVIDIA's transformer_engine package, which is not installed "
+                "(pip install 'transformer_engine[pytorch]' on a machine with CUDA); or use bf16-mixed"
+            ]
+    return []
+
+
 def check_before_start(config: Any, subcommand: str | None) -> None:
     """Every problem found in the parsed config that would otherwise show late: one `TTCError` listing them all
     ("2 problems: (1) ...; (2) ...").
@@ -293,6 +336,8 @@ def check_before_start(config: Any, subcommand: str | None) -> None:
     problems += reward_problems(init_args(model).get("rewards") if model is not None else None)
     problems += settings_problems(model)
     problems += checkpoint_problems(config.get("checkpoint"))
+    problems += checkpoint_dir_problems(config, subcommand)
+    problems += precision_problems(config.get("trainer"))
     try:
         prepare_wandb(config)
     except TTCError as e:

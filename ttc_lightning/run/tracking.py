@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from ttc_lightning.errors import TTCError
+from ttc_lightning.errors import TTCError, naming_file
 
 PACKAGES = ("torch", "lightning", "transformers", "peft", "bitsandbytes", "wandb", "ttc-lightning")
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
@@ -193,6 +193,25 @@ def quiet_wandb_start(loggers: Sequence[Any]) -> None:
             Path(init["dir"]).mkdir(parents=True, exist_ok=True)
 
 
+def name_metrics_file(loggers: Sequence[Any]) -> None:
+    """Each CSV logger's failed write of `metrics.csv` names the file (`naming_file`): Lightning writes it after
+    every step, where a full disk says only `[Errno 28] No space left on device`. Wrapped on the instance, so the
+    config keeps naming Lightning's own class."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            logger.save = _named_save(logger, logger.save)
+
+
+def _named_save(logger: Any, save: Any) -> Any:
+    def named_save() -> None:
+        with naming_file(Path(logger.log_dir) / "metrics.csv"):
+            save()
+
+    return named_save
+
+
 # --- tables --------------------------------------------------------------------------------------------------
 
 
@@ -262,7 +281,8 @@ class RunInfo(L.Callback):
         info = run_info(trainer)
         path = Path(log_dir) / "run_info.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        with naming_file(path):
+            path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         for logger in trainer.loggers:
             logger.log_hyperparams({"run_info": info})
 

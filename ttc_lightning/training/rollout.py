@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ttc_lightning.errors import naming_file
 from ttc_lightning.training.grpo import ScaleRewards, group_advantages, overlong_penalty
 
 if TYPE_CHECKING:
@@ -339,5 +340,5 @@ def write_rollouts(log_dir: str | Path, rank: int, records: list[dict[str, Any]]
     """Rank 0 appends to rollouts.jsonl in the log directory, rank k to rollouts.rank<k>.jsonl: no interleaving."""
     path = Path(log_dir) / ("rollouts.jsonl" if rank == 0 else f"rollouts.rank{rank}.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
+    with naming_file(path), path.open("a", encoding="utf-8") as f:
         f.writelines(json.dumps(record, default=str) + "\n" for record in records)

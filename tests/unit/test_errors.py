@@ -1,0 +1,68 @@
+"""ttc's error lines: one line each, whatever the message holds, naming the file that could not be written."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from ttc_lightning.errors import TTCError, error_line, naming_file
+from ttc_lightning.run.saving import AtomicCheckpointIO
+from ttc_lightning.run.tracking import name_metrics_file
+from ttc_lightning.training.rollout import write_rollouts
+
+
+@pytest.mark.parametrize(
+    ("message", "line"),
+    [
+        ("one line", "ttc: error: one line"),
+        ("first\nsecond", "ttc: error: first | second"),
+        ("report:\n\n  - indented\r\n  - more\n", "ttc: error: report: | - indented | - more"),
+        (ValueError("a\u2028b"), "ttc: error: a | b"),
+    ],
+)
+def test_an_error_is_one_line(message, line):
+    assert error_line(message) == line
+    assert len(error_line(message).splitlines()) == 1
+
+
+# --- a full disk names the file being written --------------------------------------------------------------------
+
+full_disk = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, whose writes fail with ENOSPC")
+
+
+@full_disk
+def test_a_full_disk_names_the_checkpoint_being_saved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    target.parent.mkdir()
+    (target.parent / f".last.ckpt.{os.getpid()}.partial").symlink_to("/dev/full")  # the file the save writes first
+    with pytest.raises(TTCError, match=f"^cannot write {re.escape(str(target))}: No space left on device$"):
+        AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1_000_000)}, target)
+    assert list(target.parent.iterdir()) == []
+
+
+@full_disk
+def test_a_full_disk_names_the_rollouts_file(tmp_path):
+    (tmp_path / "rollouts.jsonl").symlink_to("/dev/full")
+    with pytest.raises(TTCError, match=f"^cannot write {re.escape(str(tmp_path))}/rollouts.jsonl: No space left"):
+        write_rollouts(tmp_path, 0, [{"step": 1, "completion": "x" * 10_000}])
+
+
+@full_disk
+@pytest.mark.filterwarnings("ignore:Experiment logs directory")  # the directory holds the /dev/full link
+def test_a_full_disk_names_the_metrics_file(tmp_path):
+    logger = CSVLogger(save_dir=tmp_path, name="logs")
+    name_metrics_file([logger])
+    Path(logger.log_dir).mkdir(parents=True)
+    (Path(logger.log_dir) / "metrics.csv").symlink_to("/dev/full")
+    logger.log_metrics({"reward": 0.5}, step=0)
+    with pytest.raises(TTCError, match=f"^cannot write {re.escape(logger.log_dir)}/metrics.csv: No space left"):
+        logger.save()
+
+
+def test_an_os_error_that_names_its_file_is_left_as_it_is(tmp_path):
+    with pytest.raises(FileNotFoundError), naming_file(tmp_path / "a"):
+        (tmp_path / "missing" / "a").write_text("x")

@@ -1,0 +1,200 @@
+"""A command line that does not parse, said in one line: jsonargparse's report turned into the option at fault and,
+where one is close, what was meant (`--trainer.max_step` -> `--trainer.max_steps`); and the commands `ttc` knows."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import re
+import typing
+
+import lightning as L
+
+
+def subcommand_parsing() -> str:
+    """The subcommand whose command line jsonargparse is parsing (`SUBCOMMAND` when it cannot tell)."""
+    try:
+        from jsonargparse._common import parent_parser
+
+        return str(getattr(parent_parser.get(), "subcommand", None) or "SUBCOMMAND")
+    except (ImportError, AttributeError, LookupError):  # a jsonargparse release without it
+        return "SUBCOMMAND"
+
+
+def one_line_error(message: str, options: list[str], argv: list[str] | tuple[str, ...] = ()) -> str:
+    """jsonargparse's `message` about a command line, as one line naming the option, with a suggestion where one of
+    `options` (or of the named class's arguments, or of a choice's values) is close to what was given; `argv` is
+    the command line, to name the option whose value is missing."""
+
+    def key_before(position: int) -> str:  # "--model.lora." from the nested 'Parser key "..."' lines before it
+        return "--" + "".join(k + "." for k in re.findall(r'Parser key "([\w.]+)"', message[:position]))
+
+    command = re.search(r"argument subcommand: invalid choice: '(.*?)'", message)
+    if command:
+        return _unknown_command(command.group(1))
+    if re.match(r'expected "subcommand" to be one of', message):
+        return f"no command given; give one of {', '.join(COMMANDS)} (`ttc --help` says what each does)"
+    value_missing = re.match(r"argument ([-\w./]+): expected (?:one|at least one) argument", message)
+    if value_missing:
+        return f"{_option_given(value_missing.group(1), argv)}: expected a value"
+    unknown = re.search(
+        r"class_path '([\w.]+)':\s+(?:Option '([\w.]+)' is not accepted|unrecognized arguments: --([\w.]+))", message
+    )
+    if unknown:
+        prefix = key_before(unknown.start())
+        known = [prefix + name for name in class_options(unknown.group(1))]
+        return _unknown(prefix + (unknown.group(2) or unknown.group(3)), known)
+    group = re.search(r"class_path '([\w.]+)':.*?Group '(\w+)' does not accept option '(\w+)'", message, re.S)
+    if group:
+        prefix = key_before(group.start()) + group.group(2) + "."
+        return _unknown(prefix + group.group(3), [prefix + f for f in group_fields(group.group(1), group.group(2))])
+    not_imported = re.search(
+        r"Problem with given class_path '([\w.]+)':\s+((?:module '[\w.]+' has no attribute|No module named) .*)",
+        message,
+    ) or re.search(r"Expected a dot import path string: ()([A-Za-z_][\w.]*)$", message, re.M)
+    if not_imported:
+        key = key_before(not_imported.start()).rstrip(".")
+        return _class_not_imported(key, not_imported.group(1) or not_imported.group(2))
+    choices = re.findall(r"Expected a typing\.Literal\[(.*?)\]", message)
+    given = re.findall(r"Got value: (.*)", message) or re.findall(r"Given value: (.*)", message)
+    if choices and given:
+        allowed = list(dict.fromkeys(v.strip(" '\"") for c in choices for v in c.split(",")))
+        key = key_before(message.index("Expected a typing.Literal")).rstrip(".")
+        value = given[-1].strip()
+        close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6)
+        if close:
+            return f"{key}: {value!r} is not a choice; did you mean {close[0]}? ({', '.join(allowed)})"
+        return f"{key}: {value!r} is not one of {', '.join(allowed)}"
+    typed = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message)
+    if typed:
+        key = key_before(typed.start()).rstrip(".")
+        return f"{key}: expected {_article(typed.group(1))} {typed.group(1)}, got {typed.group(2).strip()!r}"
+    union = re.search(
+        r"Subtypes: \[(.*?)\]\s+Errors:\s+(?:- Expected a <class '\w+'>\s+)+Given value type: .*\n\s*Given value: (.*)",
+        message,
+    )
+    if union:  # an optional int or the like, given something else: "expected an int or null"
+        key = key_before(union.start()).rstrip(".")
+        kinds = ["null" if k == "NoneType" else k for k in re.findall(r"<class '(\w+)'>", union.group(1))]
+        return f"{key}: expected {_article(kinds[0])} {' or '.join(kinds)}, got {union.group(2).strip()!r}"
+    unrecognized = re.search(r"unrecognized arguments: (\S+)", message)
+    if unrecognized:
+        return _unknown(unrecognized.group(1).split("=")[0], options)
+    missing = re.search(r"File does not exist: '(.*?)'", message)
+    if missing:
+        return f"--config {missing.group(1)}: no such file"
+    keys = list(dict.fromkeys(re.findall(r'Parser key "([\w.]+)"', message)))  # a nested report repeats its key
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
+    detail = next((line for line in reversed(lines) if not line.startswith(("Given value", "Expected a <class"))), "")
+    detail = re.sub(r'^Parser key "[\w.]+": ', "", detail)
+    detail = re.sub(r"\b([Ee]xpected) a (?=[aeiou])", r"\1 an ", detail)  # jsonargparse's "Expected a int"
+    return f"--{'.'.join(keys)}: {detail}" if keys else " ".join(lines)
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _option_given(option: str, argv: list[str] | tuple[str, ...]) -> str:
+    """The option on the command line that argparse reports as `option` ("--model", "-c/--config"): the first
+    `--model.beta` without a value after it names it better than the `--model` it was parsed as."""
+    names = option.split("/")
+    for i, arg in enumerate(argv):
+        if "=" in arg or not any(arg == name or arg.startswith(name + ".") for name in names if name.startswith("--")):
+            continue
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if following is None or re.match(r"--?[A-Za-z_]", following):
+            return arg
+    return names[-1]
+
+
+def _unknown_command(given: str) -> str:
+    close = difflib.get_close_matches(given, COMMANDS, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? ({', '.join(COMMANDS)})" if close else f"give one of {', '.join(COMMANDS)}"
+    return f"unknown command {given!r}; {hint}"
+
+
+def _class_not_imported(key: str, class_path: str) -> str:
+    """`key`'s class_path does not import: the closest of ttc's classes for that key (by class name), else all."""
+    known = ttc_classes(key.lstrip("-"))
+    what = f"{key}.class_path: cannot import {class_path}"
+    names = {path.rpartition(".")[2].lower(): path for path in known}
+    close = difflib.get_close_matches(class_path.rpartition(".")[2].lower(), names, n=1, cutoff=0.6)
+    if close:
+        return f"{what}; did you mean {names[close[0]]}?"
+    return f"{what}; ttc's classes for {key}: {', '.join(known)}" if known else what
+
+
+def _unknown(option: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(option, known, n=1, cutoff=0.75)
+    hint = f"; did you mean {close[0]}?" if close else "; `ttc SUBCOMMAND --help` lists the options"
+    return f"unknown option {option}{hint}"
+
+
+def group_fields(class_path: str, argument: str) -> list[str]:
+    """The fields of the dataclass that the constructor argument `argument` of `class_path`'s class takes."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        hints = typing.get_type_hints(getattr(importlib.import_module(module), name).__init__)
+    except (ImportError, AttributeError, ValueError, NameError):
+        return []
+    kind = hints.get(argument)
+    candidates = [kind, *typing.get_args(kind)]
+    return next(([f.name for f in dataclasses.fields(c)] for c in candidates if dataclasses.is_dataclass(c)), [])
+
+
+def init_arguments(class_path: str) -> list[str]:
+    """The constructor arguments of the class at `class_path` (empty when it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names: list[str] = []
+    for klass in cls.__mro__:  # a subclass that passes **kwargs on takes its bases' arguments too
+        parameters = inspect.signature(klass.__init__).parameters
+        names += [p for p, v in parameters.items() if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+        if not any(v.kind == v.VAR_KEYWORD for v in parameters.values()):
+            break
+    return list(dict.fromkeys(names))
+
+
+def class_options(class_path: str) -> list[str]:
+    """The options of the class at `class_path`: its constructor arguments, and `ARG.FIELD` for each field of an
+    argument that takes a dataclass (`levers.cuda_graph`)."""
+    names = init_arguments(class_path)
+    return names + [f"{name}.{field}" for name in names for field in group_fields(class_path, name)]
+
+
+# Where ttc's classes for a class_path option are, and what they derive from.
+CLASS_HOMES = {"data": ("ttc_lightning.data", L.LightningDataModule), "model": ("ttc_lightning", L.LightningModule)}
+
+
+def ttc_classes(key: str) -> list[str]:
+    """The import paths of ttc's classes that the `key` option ("data", "model") can name; bases of others left out
+    (`TaskDataModule`)."""
+    if key not in CLASS_HOMES:
+        return []
+    home, base = CLASS_HOMES[key]
+    module = importlib.import_module(home)
+    found = [getattr(module, name) for name in getattr(module, "__all__", [])]
+    classes = [c for c in found if isinstance(c, type) and issubclass(c, base)]
+    leaves = [c for c in classes if not any(o is not c and issubclass(o, c) for o in classes)]
+    return [f"{home}.{c.__name__}" for c in leaves]
+
+
+SUBCOMMANDS = {
+    "fit": "Train the policy with GRPO (resume with --ckpt_path last).",
+    "validate": "Evaluate the policy (or a checkpoint: --ckpt_path) on the validation split.",
+    "test": "Evaluate the policy (or a checkpoint: --ckpt_path) on the test split.",
+    "predict": "Write predictions.jsonl: the policy's completions, answers or patches for the test split.",
+}
+# Commands run outside LightningCLI (`run`), by the module whose `main(argv)` runs each.
+OTHER_COMMANDS = {
+    "export": "ttc_lightning.run.export",
+    "generate": "ttc_lightning.run.generate",
+    "oracle": "ttc_lightning.run.oracle",
+}
+COMMANDS = (*SUBCOMMANDS, *OTHER_COMMANDS)
