@@ -22,7 +22,8 @@ from ttc_lightning.levers import Levers
 from ttc_lightning.model import loading
 from ttc_lightning.model.loading import LoRA, Prompt
 from ttc_lightning.model.tiny import TINY
-from ttc_lightning.rewards.scoring import RewardErrors, RewardScorer, RewardSpec, load_rewards
+from ttc_lightning.rewards.entries import RewardSpec, load_rewards
+from ttc_lightning.rewards.scoring import RewardErrors, RewardScorer
 from ttc_lightning.run import checkpoints
 from ttc_lightning.sampling.fast import transformers_refusal
 from ttc_lightning.sampling.sampler import Sampler, Samples

@@ -19,7 +19,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ttc_lightning.errors import TTCError
 from ttc_lightning.rewards import command_reward, label_reward, patch, scoring
-from ttc_lightning.rewards.scoring import Reward, RewardScorer, RewardSpec, load_rewards, run_calls
+from ttc_lightning.rewards.entries import Reward, RewardSpec, load_rewards
+from ttc_lightning.rewards.scoring import RewardScorer, run_calls
 from ttc_lightning.training.rollout import Rollout, rollout_metrics
 
 COMMAND = "ttc_lightning.rewards.command_reward"
@@ -311,7 +312,8 @@ def test_a_function_that_never_scores_warns_once_and_an_empty_batch_every_time(c
 
 EXIT_WITH_A_STUCK_REWARD = """
 import threading
-from ttc_lightning.rewards.scoring import Reward, RewardScorer
+from ttc_lightning.rewards.entries import Reward
+from ttc_lightning.rewards.scoring import RewardScorer
 
 def stuck(completions, **_):
     threading.Event().wait()  # forever

@@ -1,5 +1,5 @@
-"""Reward functions at work: loading `model.rewards` (import paths, or functions with options bound to them) and
-scoring a batch with them (in parallel, each call under a time limit, every value checked).
+"""Reward functions at work: scoring a batch with the loaded `model.rewards` (`entries.py`), in parallel, each call
+under a time limit, every value checked.
 
 A reward function is `fn(completions: list[str], **columns) -> list[float | None]`. A value may be any real number
 (Python, numpy or a 0-d torch tensor) or None (no score); the list may be a tuple or a 1-d numpy array or tensor.
@@ -10,8 +10,6 @@ reward would turn the loss into NaN.
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 import logging
 import math
 import numbers
@@ -22,124 +20,21 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from ttc_lightning.errors import TTCError
+from ttc_lightning.rewards.entries import Reward, unwrapped
 from ttc_lightning.rewards.oracle import oracle_reward
 
 log = logging.getLogger("ttc")
 
-RewardFn = Callable[..., Sequence[float | None]]
 RewardErrors = Literal["raise", "skip"]
-_SPEC_KEYS = ("function", "args", "name")
 _ONE_EACH = "it must return one float or None per completion"
 _FLOAT32_MAX = torch.finfo(torch.float32).max  # rewards are kept in float32
-_ENTRY = "an entry is an import path, or a mapping with `function` (an import path), `args` and `name`"
 _SLICE = 0.2  # seconds the runner waits at a time for calls on worker threads, so that it notices a SIGTERM
-
-
-@dataclass(frozen=True)
-class RewardSpec:
-    """A reward function with options bound to it once (`functools.partial`), e.g. `command_reward`'s command."""
-
-    function: str
-    """Import path of the function, e.g. ttc_lightning.rewards.command_reward."""
-    args: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments bound to the function; each must be a parameter it names."""
-    name: str | None = None
-    """Name in the logs (rewards/<name>/mean); null for the function's own name."""
-
-
-@dataclass(frozen=True)
-class Reward:
-    """A loaded reward function and the name its scores are logged under."""
-
-    name: str
-    fn: RewardFn
-
-
-def import_reward(path: str, where: str) -> Any:
-    """`package.module.function` -> the function; a clear error when it cannot be imported."""
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        raise TTCError(f"{where}: {path!r} is not an import path like 'package.module.function'; {_ENTRY}")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise TTCError(f"{where}: cannot import {path!r} ({type(e).__name__}: {e})") from None
-    if not callable(fn):
-        raise TTCError(f"{where}: {path!r} is not callable")
-    return fn
-
-
-def load_rewards(entries: Sequence[str | RewardSpec | Mapping[str, Any]]) -> list[Reward]:
-    """The reward functions of `model.rewards`, named as logged (`rewards/<name>/mean`): an entry's `name`, else the
-    imported function's `__name__` (for an object without one, such as a `functools.partial`, the import path's
-    last part)."""
-    rewards = [load_reward(entry, f"model.rewards[{i}]") for i, entry in enumerate(entries)]
-    first: dict[str, int] = {}
-    for i, reward in enumerate(rewards):
-        if reward.name in first:
-            raise TTCError(
-                f"model.rewards[{first[reward.name]}] and model.rewards[{i}] are both logged as {reward.name!r}: "
-                "give one of them another `name`"
-            )
-        first[reward.name] = i
-    return rewards
-
-
-def load_reward(entry: str | RewardSpec | Mapping[str, Any], where: str) -> Reward:
-    """One `model.rewards` entry (an import path or `{function, args, name}`), imported and its options bound."""
-    if isinstance(entry, str):
-        fn = import_reward(entry, where)
-        return Reward(getattr(fn, "__name__", entry.rpartition(".")[2]), fn)
-    spec = _spec(entry, where)
-    fn = import_reward(spec.function, f"{where}.function")
-    _check_args(fn, spec.args, spec.function, where)
-    name = spec.name or getattr(fn, "__name__", spec.function.rpartition(".")[2])
-    return Reward(name, functools.partial(fn, **spec.args) if spec.args else fn)
-
-
-def _spec(entry: RewardSpec | Mapping[str, Any], where: str) -> RewardSpec:
-    """`entry` as a `RewardSpec`; TTCError naming `where` for anything that is not one."""
-    if isinstance(entry, Mapping):
-        unknown = [key for key in entry if key not in _SPEC_KEYS]
-        if unknown:
-            raise TTCError(f"{where}: unknown key {unknown[0]!r}; {_ENTRY}")
-        if "function" not in entry:
-            raise TTCError(f"{where}: no `function`; {_ENTRY}")
-        entry = RewardSpec(entry["function"], entry.get("args") or {}, entry.get("name"))
-    elif not isinstance(entry, RewardSpec):
-        raise TTCError(f"{where}: got {type(entry).__name__} {entry!r}; {_ENTRY}")
-    if not isinstance(entry.function, str):
-        raise TTCError(f"{where}.function: expected an import path, got {entry.function!r}")
-    if not isinstance(entry.args, Mapping) or not all(isinstance(key, str) for key in entry.args):
-        raise TTCError(f"{where}.args: expected a mapping of argument names to values, got {entry.args!r}")
-    if entry.name is not None and (not isinstance(entry.name, str) or not entry.name.strip()):
-        raise TTCError(f"{where}.name: expected a non-empty name or null, got {entry.name!r}")
-    return entry
-
-
-def _check_args(fn: Any, args: Mapping[str, Any], path: str, where: str) -> None:
-    """Each bound argument must be a parameter `fn` names, other than its first (the completions): a name that only
-    `**kwargs` would take is a typo, since `**kwargs` receives the batch's columns."""
-    try:
-        parameters = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # no signature to read (some builtins): the first call will say what is wrong
-        return
-    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    named = [p.name for i, p in enumerate(parameters) if p.kind in by_keyword and (i or p.kind != by_keyword[0])]
-    for arg in args:
-        if arg not in named:
-            accepted = ", ".join(named) or "none"
-            raise TTCError(
-                f"{where}.args: {path} has no parameter {arg!r} (it names: {accepted}); the completions and the "
-                "batch's columns are passed at each call"
-            )
 
 
 class RewardScorer:
@@ -194,13 +89,13 @@ class RewardScorer:
     @property
     def oracle_names(self) -> list[str]:
         """The names of the entries that are `oracle_reward` (whose scores evaluation reads as verdicts)."""
-        return [reward.name for reward in self.rewards if _unwrapped(reward.fn)[0] is oracle_reward]
+        return [reward.name for reward in self.rewards if unwrapped(reward.fn)[0] is oracle_reward]
 
     def check_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Before a run: each reward function's own check of the rows it will score (its `check_rows` attribute,
         called with the rows and the entry's `args`, as `oracle_reward` checks its harnesses)."""
         for reward in self.rewards:
-            fn, args = _unwrapped(reward.fn)
+            fn, args = unwrapped(reward.fn)
             check = getattr(fn, "check_rows", None)
             if callable(check):
                 check(rows, **args)
@@ -211,7 +106,7 @@ class RewardScorer:
         stats: dict[str, float] = {}
         taken: set[int] = set()
         for reward in self.rewards:
-            fn, _ = _unwrapped(reward.fn)
+            fn, _ = unwrapped(reward.fn)
             take = getattr(fn, "take_stats", None)
             if callable(take) and id(fn) not in taken:  # two entries of one function: the first reports both
                 taken.add(id(fn))
@@ -280,15 +175,6 @@ class RewardScorer:
                 "teaches nothing",
                 n,
             )
-
-
-def _unwrapped(fn: Any) -> tuple[Any, dict[str, Any]]:
-    """The function under `functools.partial` layers, and the keyword arguments they bind."""
-    args: dict[str, Any] = {}
-    while isinstance(fn, functools.partial):
-        args = {**fn.keywords, **args}
-        fn = fn.func
-    return fn, args
 
 
 def run_calls(calls: Sequence[Callable[[], Any]], workers: int, timeout: float | None) -> list[Future | None]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.data.primevul import PrimeVulRecord, read_records
-from ttc_lightning.errors import TTCError
+from ttc_lightning.errors import TTCError, error_line
 from ttc_lightning.oracle.check import Budget, check_function, constant_body, harness_problem
 from ttc_lightning.oracle.harness import HARNESSES, Harness, find_harnesses
 from ttc_lightning.oracle.sandbox import run_parallel
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
             raise TTCError(f"--workers must be at least 1, got {args.workers}")
         reports = check_harnesses(Path(args.directory), [Path(p) for p in args.data], args.workers)
     except TTCError as e:
-        print(f"ttc: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         sys.exit(1)
     print(table(reports))
     checked = [r for r in reports if not r.skipped]

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ttc_lightning.data.primevul import HF_PREFIX
 from ttc_lightning.errors import TTCError
 from ttc_lightning.model.tiny import TINY
-from ttc_lightning.rewards.scoring import load_reward
+from ttc_lightning.rewards.entries import load_reward
 from ttc_lightning.run.tracking import prepare_wandb
 from ttc_lightning.settings import check_settings
 
