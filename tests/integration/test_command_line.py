@@ -58,8 +58,14 @@ def test_a_command_line_that_does_not_parse_is_one_line(run_ttc, args, expected)
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["fitt"], "unknown command 'fitt'; did you mean fit? (fit, validate, test, predict, export, generate)"),
-        (["exprot"], "unknown command 'exprot'; did you mean export? (fit, validate, test, predict, export, generate)"),
+        (
+            ["fitt"],
+            "unknown command 'fitt'; did you mean fit? (fit, validate, test, predict, export, generate, oracle)",
+        ),
+        (
+            ["exprot"],
+            "unknown command 'exprot'; did you mean export? (fit, validate, test, predict, export, generate, oracle)",
+        ),
         (["bogus"], "unknown command 'bogus'; give one of fit, validate, test, predict, export, generate"),
         ([], "no command given; give one of fit, validate, test, predict, export, generate"),
     ],

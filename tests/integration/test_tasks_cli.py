@@ -77,7 +77,11 @@ def test_patch_fit_validate_predict(run_ttc, tmp_path):
 
 @pytest.mark.slow
 def test_classification_fit_test_predict(run_ttc, tmp_path):
-    code, _, err = run_ttc("fit", *CLASSIFY, "--trainer.max_steps", "2", "--data.val_split", "null")
+    # classify.yaml samples again while groups tie (dynamic sampling): the random tiny model ties every group, and a
+    # run that trains nothing exits 3; this test is about the commands that follow a run that trained
+    code, _, err = run_ttc(
+        "fit", *CLASSIFY, "--trainer.max_steps", "2", "--data.val_split", "null", "--model.dynamic_sampling", "false"
+    )
     assert code == 0, err
     assert {"rewards/format_reward/mean", "rewards/label_reward/mean"} <= set(read_metrics(tmp_path / "run")[0])
 
