@@ -103,6 +103,22 @@ def test_the_scale_on_the_sample_pair():
     assert stats["compile_s"] > 0 and stats["run_s"] > 0 and stats["wall_s"] > 0
 
 
+FIRST = "    size_t pos = *offset;\n"
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "extern void _exit(int); _exit(0);",  # ends the process with status 0 before any check can fail
+        "extern void exit(int); exit(0);",
+    ],
+)
+def test_a_patch_that_ends_the_process_early_passes_nothing(ending):
+    # the case's status is 0, but the entry that writes the case's token never ran: the proof fails, as for the
+    # vulnerable function it still is: 0.25
+    assert rewards([answer(edited(V, FIRST, FIRST + "    " + ending + "\n"))]) == [0.25]
+
+
 def test_identical_patches_are_checked_once():
     assert rewards([FIX, FIX, NO_OP, FIX]) == [1.0, 1.0, 0.25, 1.0]
     assert (take_stats()["checks"], take_stats()) == (2, {})  # FIX and NO_OP; taking the stats clears them
@@ -137,8 +153,9 @@ def test_a_missing_harness_directory_is_a_configuration_error(tmp_path):
     [
         ({"workers": 0}, "workers must be an integer of at least 1, or null"),
         ({"workers": 2.0}, "workers must be an integer"),
-        ({"compile_timeout": -1}, "compile_timeout must be a number of seconds above 0"),
-        ({"compile_timeout": "60"}, "compile_timeout must be a number of seconds above 0"),
+        ({"compile_timeout": -1}, "compile_timeout must be seconds above 0, at most 3600"),
+        ({"compile_timeout": "60"}, "compile_timeout must be seconds above 0, at most 3600"),
+        ({"compile_timeout": float("inf")}, "compile_timeout must be seconds above 0, at most 3600"),
         ({"max_memory_mb": 1}, "max_memory_mb must be an integer of at least 64"),
         ({"max_memory_mb": 2048.0}, "max_memory_mb must be an integer"),
     ],

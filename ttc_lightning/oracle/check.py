@@ -7,17 +7,50 @@ import hashlib
 import shutil
 import tempfile
 import threading
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from ttc_lightning.errors import TTCError
 from ttc_lightning.oracle.harness import Harness, Language
-from ttc_lightning.oracle.sandbox import Limits, run_contained
+from ttc_lightning.oracle.sandbox import Finished, Limits, run_contained
 
 COMPILERS: dict[Language, tuple[str, ...]] = {"c": ("gcc", "-std=gnu11"), "cpp": ("g++", "-std=gnu++17")}
 SANITIZE = ("-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
 PROGRAM = "check"
+PASSED_FILE = ".ttc-passed"
+# The program's real entry, built beside every harness and linked with `--wrap=main`: the C runtime starts
+# `__wrap_main`, which runs the harness's own `main` (`__real_main`); a case passes only when that returns 0 here, and
+# this entry then writes the case's token (fresh for each run, taken out of the environment before the harness runs)
+# to PASSED_FILE. A patched function that ends the process early with a status of 0 (`exit(0)`, `_exit(0)`, a
+# constructor that exits) never reaches it, and one that writes the file does not know the token.
+ENTRY = """#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+int __real_main(int argc, char **argv);
+int __wrap_main(int argc, char **argv) {
+    char token[64] = "", path[4096] = "";
+    const char *given = getenv("TTC_CASE_TOKEN"), *file = getenv("TTC_CASE_PASSED");
+    if (given != NULL) strncpy(token, given, sizeof token - 1);
+    if (file != NULL) strncpy(path, file, sizeof path - 1);  /* absolute: the harness may change directory */
+    unsetenv("TTC_CASE_TOKEN");
+    unsetenv("TTC_CASE_PASSED");
+    int status = __real_main(argc, argv);
+    if (status == 0 && token[0] != 0 && path[0] != 0) {
+        FILE *f = fopen(path, "w");
+        if (f != NULL) { fputs(token, f); fclose(f); }
+    }
+    return status;
+}
+#ifdef __cplusplus
+}
+#endif
+"""
+ENTRY_FILES: dict[Language, str] = {"c": "ttc_entry.c", "cpp": "ttc_entry.cpp"}
 
 # The grades of the scale (`grade`).
 NO_BUILD, STILL_VULNERABLE, PROOF_FIXED, PASSED = 0.0, 0.25, 0.5, 1.0
@@ -87,9 +120,14 @@ def check_function(
         raise TTCError(f"{harness.directory}: the oracle needs {compiler} on PATH to build this harness")
     directory = Path(tempfile.mkdtemp(prefix="ttc-oracle-"))
     try:
-        shutil.copytree(harness.directory, directory, dirs_exist_ok=True)
+        try:
+            shutil.copytree(harness.directory, directory, dirs_exist_ok=True)
+        except (OSError, shutil.Error) as e:
+            raise TTCError(f"{harness.directory}: cannot copy the harness ({e})") from None
         (directory / harness.function_file).write_text(function, encoding="utf-8", errors="surrogatepass")
-        argv = [compiler, *std, *SANITIZE, *harness.flags, harness.source, "-o", PROGRAM]
+        entry = ENTRY_FILES[harness.language]
+        (directory / entry).write_text(ENTRY, encoding="utf-8")
+        argv = [compiler, *std, *SANITIZE, *harness.flags, harness.source, entry, "-Wl,--wrap=main", "-o", PROGRAM]
         limits = Limits(budget.compile_seconds, memory=budget.memory_mb << 20)
         built = run_contained(
             argv, directory, timeout=budget.compile_seconds, limits=limits, stop=stop, remove_at_exit=directory
@@ -101,8 +139,8 @@ def check_function(
         for case in harness.cases:
             if case != harness.proof and not results[harness.proof] and not every_case:
                 break
-            ran = _run_case(harness, directory, case, budget, stop)
-            results[case] = ran.status == 0
+            ran, passed = _run_case(harness, directory, case, budget, stop)
+            results[case] = passed
             seconds += ran.seconds
             if not results[case] and not output:
                 output = f"{case}: " + ("timed out" if ran.status is None else f"exit {ran.status}") + "\n" + ran.output
@@ -113,13 +151,23 @@ def check_function(
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _run_case(harness: Harness, directory: Path, case: str, budget: Budget, stop: threading.Event | None):
+def _run_case(
+    harness: Harness, directory: Path, case: str, budget: Budget, stop: threading.Event | None
+) -> tuple[Finished, bool]:
+    """One case, and whether it passed: exit status 0 and the case's token written by the entry (`ENTRY`)."""
+    token = uuid.uuid4().hex
+    (directory / PASSED_FILE).unlink(missing_ok=True)
     # AddressSanitizer reserves terabytes of address space for its shadow memory, so RLIMIT_AS would stop every
     # sanitized program: its own allocator limits bound the memory instead.
     sanitizer = f"detect_leaks=1:hard_rss_limit_mb={budget.memory_mb}:malloc_limit_mb={budget.memory_mb}"
-    env = {"ASAN_OPTIONS": sanitizer, "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+    env = {
+        "ASAN_OPTIONS": sanitizer,
+        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+        "TTC_CASE_TOKEN": token,
+        "TTC_CASE_PASSED": str(directory.resolve() / PASSED_FILE),
+    }
     limits = Limits(harness.timeout, file_size=64 << 20, memory=None, processes=64)
-    return run_contained(
+    ran = run_contained(
         [f"./{PROGRAM}", case],
         directory,
         timeout=harness.timeout,
@@ -128,6 +176,11 @@ def _run_case(harness: Harness, directory: Path, case: str, budget: Budget, stop
         env=env,
         remove_at_exit=directory,
     )
+    try:
+        written = (directory / PASSED_FILE).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        written = ""
+    return ran, ran.status == 0 and written == token
 
 
 def harness_problem(

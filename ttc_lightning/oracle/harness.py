@@ -4,7 +4,6 @@ own, read from `<idx>/harness.toml` and checked field by field."""
 from __future__ import annotations
 
 import hashlib
-import math
 import numbers
 import re
 import sys
@@ -77,6 +76,8 @@ def load_harness(directory: Path) -> Harness:
         text = manifest.read_text(encoding="utf-8")
     except OSError as e:
         raise TTCError(f"{where}: cannot read the harness manifest ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise TTCError(f"{where}: not UTF-8 text (byte {e.start})") from None
     try:
         fields = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -97,7 +98,7 @@ def load_harness(directory: Path) -> Harness:
     if not source.is_file():
         raise TTCError(f"{source}: missing; a {language} harness is compiled from {_SOURCE[language]}")
     include = f'#include "{"function.c" if language == "c" else "function.cpp"}"'
-    if include not in source.read_text(encoding="utf-8", errors="replace"):
+    if not any(line.strip() == include for line in source.read_text(encoding="utf-8", errors="replace").splitlines()):
         raise TTCError(f"{source}: has no line {include}, where the patched function goes")
     proof = _case(fields["proof"], "proof", where)
     tests = fields["tests"]
@@ -107,8 +108,8 @@ def load_harness(directory: Path) -> Harness:
     if proof in tests or len(set(tests)) < len(tests):
         raise TTCError(f"{where}: field 'tests' repeats a case (or the proof's): each case is named once")
     timeout = fields.get("timeout", 5.0)
-    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or not 0 < timeout < math.inf:
-        raise TTCError(f"{where}: field 'timeout' must be a number of seconds above 0, got {timeout!r}")
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or not 0 < timeout <= 3600:
+        raise TTCError(f"{where}: field 'timeout' must be seconds above 0, at most 3600, got {timeout!r}")
     return Harness(
         directory=directory,
         idx=idx,
@@ -170,6 +171,9 @@ def _strings(fields: dict[str, Any], name: str, where: str) -> tuple[str, ...]:
 
 def _digest(directory: Path) -> str:
     sha = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        sha.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(directory.rglob("*")):
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise TTCError(f"{path}: a harness holds plain files and directories only (no links or special files)")
+        if path.is_file():
+            sha.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes() + b"\0")
     return sha.hexdigest()

@@ -35,7 +35,8 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -184,6 +185,15 @@ def run_parallel(work: Callable[[Job, threading.Event], Result], jobs: Sequence[
                 return
 
     threads = [threading.Thread(target=worker, name="ttc-check", daemon=True) for _ in range(min(workers, len(jobs)))]
+    with _sigterm_raises():
+        _join(threads, stop)
+    if failures:
+        raise failures[0]
+    return results
+
+
+def _join(threads: list[threading.Thread], stop: threading.Event) -> None:
+    """Start and join `threads`; on an exception in this thread, kill the checks under `stop` first."""
     try:
         for thread in threads:
             thread.start()
@@ -195,9 +205,27 @@ def run_parallel(work: Callable[[Job, threading.Event], Result], jobs: Sequence[
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         raise
-    if failures:
-        raise failures[0]
-    return results
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """On the main thread of a program that leaves SIGTERM to its default (ending at once, no clean-up: `ttc oracle
+    check`, the checks before a run starts), SIGTERM raises SystemExit(143) instead for the time of the block, so that
+    the checks it waits for are killed and their directories removed. Elsewhere (a reward's worker thread, a run that
+    handles SIGTERM itself) nothing changes."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @functools.cache

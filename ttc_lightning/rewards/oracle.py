@@ -173,8 +173,12 @@ def _budget(workers: Any, compile_timeout: Any, max_memory_mb: Any) -> Budget:
         raise TTCError(
             f"oracle_reward: workers must be an integer of at least 1, or null (every core), got {workers!r}"
         )
-    if not isinstance(compile_timeout, numbers.Real) or isinstance(compile_timeout, bool) or not compile_timeout > 0:
-        raise TTCError(f"oracle_reward: compile_timeout must be a number of seconds above 0, got {compile_timeout!r}")
+    if (
+        not isinstance(compile_timeout, numbers.Real)
+        or isinstance(compile_timeout, bool)
+        or not 0 < compile_timeout <= 3600
+    ):
+        raise TTCError(f"oracle_reward: compile_timeout must be seconds above 0, at most 3600, got {compile_timeout!r}")
     if not isinstance(max_memory_mb, int) or isinstance(max_memory_mb, bool) or max_memory_mb < 64:
         raise TTCError(f"oracle_reward: max_memory_mb must be an integer of at least 64, got {max_memory_mb!r}")
     return Budget(float(compile_timeout), max_memory_mb)

@@ -13,6 +13,7 @@ none could be checked.
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,9 @@ def main(argv: list[str]) -> None:
     except TTCError as e:
         print(error_line(e), file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # the checks are killed and their directories removed on the way out
+        print("ttc: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     print(table(reports))
     checked = [r for r in reports if not r.skipped]
     sys.exit(0 if checked and all(r.problem is None for r in checked) else 1)
