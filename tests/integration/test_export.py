@@ -151,7 +151,7 @@ def test_base_reference_and_card_name(tmp_path, monkeypatch):
 def test_top_level_help_lists_export(run_ttc):
     code, out, _ = run_ttc("--help")
     assert code == 0
-    assert "Subcommands: fit, validate, test, predict (below), export and generate" in " ".join(out.split())
+    assert "Subcommands: fit, validate, test, predict (below), export, generate and oracle" in " ".join(out.split())
     assert "export: `ttc export --ckpt_path CKPT --output_dir DIR [--merge]`" in " ".join(out.split())
 
 
