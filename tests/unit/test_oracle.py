@@ -2,6 +2,7 @@
 (idx 900097, fixed in 910089: `if (len >= out_size) return TLV_ERR_TOO_LONG;` before the copy). Its harness runs
 the proof `long_value` and the tests short_value, exact_fit, two_records, truncated and wrong_type."""
 
+import os
 import shutil
 
 import pytest
@@ -10,8 +11,9 @@ from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.data.primevul import load_pairs
 from ttc_lightning.data.tasks import patch_row
 from ttc_lightning.errors import TTCError
-from ttc_lightning.oracle.check import Verdict, VerdictCache, grade
-from ttc_lightning.oracle.harness import HARNESSES
+from ttc_lightning.oracle.check import Budget, Verdict, VerdictCache, check_function, ending, grade
+from ttc_lightning.oracle.harness import HARNESSES, load_harness
+from ttc_lightning.oracle.sandbox import Finished
 from ttc_lightning.rewards import oracle
 from ttc_lightning.rewards.oracle import oracle_reward, take_stats
 from ttc_lightning.rewards.patch import make_oracle_edits
@@ -175,3 +177,37 @@ def test_a_missing_compiler_is_a_configuration_error_naming_the_harness(tmp_path
     with pytest.raises(TTCError, match="the oracle needs gcc on PATH to build this harness") as e:
         rewards([FIX])
     assert str(e.value).startswith(f"{HARNESSES / IDX}: ")
+
+
+# ---------------------------------------------------------------- how a build or case ended, in words
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (None, "timed out after 2.5 s"),
+        (1, "exit 1"),
+        (-25, "killed by SIGXFSZ (wrote past the file size limit)"),  # 25: SIGXFSZ on Linux
+        (-9, "killed by SIGKILL (its CPU time or memory limit, or stopped)"),
+        (-11, "killed by SIGSEGV"),
+    ],
+)
+def test_endings_are_words(status, expected):
+    assert ending(Finished(status, "", 0.1), 2.5) == expected
+
+
+def test_a_compiler_past_its_time_says_so_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """A compiler killed at `compile_timeout` leaves its assembler files in the check's directory, which is removed,
+    not in the user's TMPDIR."""
+    bin_dir, user_tmp = tmp_path / "bin", tmp_path / "tmp"
+    bin_dir.mkdir()
+    user_tmp.mkdir()
+    gcc = bin_dir / "gcc"
+    gcc.write_text('#!/bin/sh\necho partial > "${TMPDIR:-/tmp}/ccTTC.s"\nexec sleep 30\n')
+    gcc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("TMPDIR", str(user_tmp))
+    verdict = check_function(load_harness(HARNESSES / IDX), V, Budget(compile_seconds=1.0))
+    assert not verdict.compiled
+    assert verdict.output.startswith("build: timed out after 1 s")
+    assert list(user_tmp.iterdir()) == []

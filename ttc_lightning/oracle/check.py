@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
 import tempfile
 import threading
 import uuid
@@ -129,11 +130,19 @@ def check_function(
         (directory / entry).write_text(ENTRY, encoding="utf-8")
         argv = [compiler, *std, *SANITIZE, *harness.flags, harness.source, entry, "-Wl,--wrap=main", "-o", PROGRAM]
         limits = Limits(budget.compile_seconds, memory=budget.memory_mb << 20)
+        # TMPDIR in the check's directory: the assembler files of a compiler killed at its limit go with it.
         built = run_contained(
-            argv, directory, timeout=budget.compile_seconds, limits=limits, stop=stop, remove_at_exit=directory
+            argv,
+            directory,
+            timeout=budget.compile_seconds,
+            limits=limits,
+            stop=stop,
+            env={"TMPDIR": str(directory.resolve())},
+            remove_at_exit=directory,
         )
         if built.status != 0:
-            return Verdict(False, False, (), harness.tests, built.output, built.seconds, 0.0)
+            output = f"build: {ending(built, budget.compile_seconds)}\n{built.output}"
+            return Verdict(False, False, (), harness.tests, output, built.seconds, 0.0)
         results: dict[str, bool] = {}
         output, seconds = "", 0.0
         for case in harness.cases:
@@ -143,12 +152,32 @@ def check_function(
             results[case] = passed
             seconds += ran.seconds
             if not results[case] and not output:
-                output = f"{case}: " + ("timed out" if ran.status is None else f"exit {ran.status}") + "\n" + ran.output
+                output = f"{case}: {ending(ran, harness.timeout)}\n{ran.output}"
         passed = tuple(t for t in harness.tests if results.get(t))
         failed = tuple(t for t in harness.tests if not results.get(t))
         return Verdict(True, results[harness.proof], passed, failed, output, built.seconds, seconds)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+_SIGNALS = {
+    signal.SIGXFSZ: "wrote past the file size limit",
+    signal.SIGXCPU: "ran past its CPU time limit",
+    signal.SIGKILL: "its CPU time or memory limit, or stopped",
+}
+
+
+def ending(finished: Finished, timeout: float) -> str:
+    """How a build or case ended, in words: `timed out after 5 s`, `killed by SIGXFSZ (wrote past the file size
+    limit)`, `exit 1`."""
+    if finished.status is None:
+        return f"timed out after {timeout:g} s"
+    if finished.status < 0:
+        number = -finished.status
+        name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else f"signal {number}"
+        why = _SIGNALS.get(number)  # type: ignore[call-overload]
+        return f"killed by {name}" + (f" ({why})" if why else "")
+    return f"exit {finished.status}"
 
 
 def _run_case(
@@ -207,7 +236,7 @@ def harness_problem(
 def _first_line(output: str) -> str:
     """The line of a build's or case's output that says most: a sanitizer's or compiler's error, else the first."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    for marker in ("ERROR:", "runtime error:", "error:", "Assertion", "timed out"):
+    for marker in ("ERROR:", "runtime error:", "error:", "Assertion", "timed out", "killed by"):
         hit = next((line for line in lines if marker in line), None)
         if hit is not None:
             return hit[:200]

@@ -48,8 +48,11 @@ def check_harness(harness: Harness, records: dict[str, PrimeVulRecord], budget: 
         return HarnessReport(harness, f"not checked: no record with idx {missing} in --data", skipped=True)
     if vulnerable.target != 1 or fixed.target != 0:
         return HarnessReport(harness, "idx must name the vulnerable record (target 1) and fixed_idx its fix (target 0)")
+    fix = check_function(harness, fixed.func, budget, every_case=True)
+    if not fix.compiled or not fix.proof_fixed or fix.failed_tests:  # no oracle whatever the other builds do
+        return HarnessReport(harness, harness_problem(harness, fix, fix), fix.compile_seconds + fix.run_seconds)
     verdicts = [
-        check_function(harness, fixed.func, budget, every_case=True),
+        fix,
         check_function(harness, vulnerable.func, budget),
         check_function(harness, constant_body(vulnerable.func, harness.language), budget, every_case=True),
     ]
@@ -57,14 +60,14 @@ def check_harness(harness: Harness, records: dict[str, PrimeVulRecord], budget: 
     return HarnessReport(harness, harness_problem(harness, *verdicts), seconds)
 
 
-def check_harnesses(root: Path, data: list[Path], workers: int) -> list[HarnessReport]:
+def check_harnesses(root: Path, data: list[Path], workers: int, budget: Budget) -> list[HarnessReport]:
     """Every harness under `root` checked against the records of `data`, `workers` harnesses at once."""
     harnesses = find_harnesses(root)
     records: dict[str, PrimeVulRecord] = {}
     for path in data:
         records |= {str(r.idx): r for r in read_records(path)}
     return run_parallel(
-        lambda harness, stop: check_harness(harness, records, Budget()), list(harnesses.values()), workers
+        lambda harness, stop: check_harness(harness, records, budget), list(harnesses.values()), workers
     )
 
 
@@ -94,11 +97,22 @@ def main(argv: list[str]) -> None:
         "--data", nargs="+", default=[str(p) for p in SAMPLE_FILES], help="PrimeVul JSONL files holding the records"
     )
     check.add_argument("--workers", type=int, default=2, help="harnesses checked at once (default 2)")
+    check.add_argument(
+        "--compile_timeout", type=float, default=60.0, help="seconds each build may take (default 60, at most 3600)"
+    )
+    check.add_argument(
+        "--max_memory_mb", type=int, default=2048, help="memory of each build and case, MiB (default 2048)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.workers < 1:
             raise TTCError(f"--workers must be at least 1, got {args.workers}")
-        reports = check_harnesses(Path(args.directory), [Path(p) for p in args.data], args.workers)
+        if not 0 < args.compile_timeout <= 3600:
+            raise TTCError(f"--compile_timeout must be seconds above 0, at most 3600, got {args.compile_timeout:g}")
+        if args.max_memory_mb < 64:
+            raise TTCError(f"--max_memory_mb must be at least 64, got {args.max_memory_mb}")
+        budget = Budget(args.compile_timeout, args.max_memory_mb)
+        reports = check_harnesses(Path(args.directory), [Path(p) for p in args.data], args.workers, budget)
     except TTCError as e:
         print(error_line(e), file=sys.stderr)
         sys.exit(1)
