@@ -209,6 +209,21 @@ def test_checks_have_no_network(tmp_path):
     assert re.search(r"Network is unreachable|Connection refused", finished.output), finished.output
 
 
+def test_checks_with_the_network_say_so_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(sandbox, "_program", lambda name: None if name == "unshare" else shutil.which(name))
+    sandbox._no_network.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="ttc"):
+            for _ in range(2):
+                assert run(sh("true"), tmp_path).status == 0
+    finally:
+        sandbox._no_network.cache_clear()
+        sandbox._counts_own_processes.cache_clear()
+    assert [r.getMessage() for r in caplog.records] == [
+        "checks run with the machine's network (no unshare on PATH); every other limit holds"
+    ]
+
+
 def test_each_check_and_all_it_starts_carry_a_fresh_check_id(tmp_path):
     argv = sh(f'echo "${MARKER}"; sh -c \'echo "${MARKER}"\'')
     first, second = run(argv, tmp_path), run(argv, tmp_path)
