@@ -3,8 +3,10 @@ import os
 import signal
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -105,3 +107,12 @@ def probes(monkeypatch):
 
     monkeypatch.setattr(preflight, "hub_reachable", counted)
     return calls
+
+
+@pytest.fixture
+def process_group_cleanup():
+    """Restores the environment and destroys the process group an in-process distributed run leaves behind."""
+    with mock.patch.dict(os.environ):
+        yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -18,10 +18,11 @@ def data_error(path: str | Path, line: int | None, field: str | None, message: s
 
 
 def sharded_strategy_error(strategy: str) -> TTCError:
-    """Why ttc refuses FSDP and DeepSpeed stage 3, and what to use instead."""
+    """Why ttc refuses FSDP (the first version) and DeepSpeed stage 3, and what to use instead."""
     return TTCError(
-        f"trainer.strategy: {strategy} shards the weights, and generate() would gather them for every new token "
-        "(very slow, or a hang). Use `ddp` (a LoRA policy fits on each GPU) or `deepspeed_stage_2`."
+        f"trainer.strategy: ttc does not run under {strategy}; to shard the model use FSDP2 through "
+        "lightning.pytorch.strategies.ModelParallelStrategy (configs/fsdp.yaml), or keep a whole model on each GPU "
+        "with ddp"
     )
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from ttc_lightning import cpu
 from ttc_lightning.evaluation.evaluator import Evaluator
 from ttc_lightning.levers import Levers
-from ttc_lightning.model import loading
+from ttc_lightning.model import loading, sharding
 from ttc_lightning.model.loading import LoRA, Prompt
 from ttc_lightning.model.tiny import TINY
 from ttc_lightning.rewards.entries import RewardSpec, load_rewards
@@ -143,11 +143,15 @@ class GRPOModule(L.LightningModule):
         )
         # The random states as the step in flight began: an interrupt checkpoint keeps these, to sample it again.
         self._rng_at_step: dict[str, Any] | None = None
+        # Whether a checkpoint gave this rank its own random states (Lightning's hooks leave no other way to say it).
+        self._own_rng = False
 
     def configure_model(self) -> None:
-        """Load the policy (and, for full fine-tuning with beta > 0, a frozen reference copy) once."""
+        """Load the policy (and, for full fine-tuning with beta > 0, a frozen reference copy) once; under
+        `ModelParallelStrategy` shard both with FSDP2 on its data-parallel mesh (`ttc_lightning.model.sharding`)."""
         if self.policy is not None:
             return
+        mesh = self.device_mesh  # ModelParallelStrategy's, None under any other strategy
         hp = self.hparams
         # A GPU run: the trainer's accelerator, or without a trainer (scripts) whether this machine has one.
         cuda = isinstance(self.trainer.accelerator, CUDAAccelerator) if self._trainer else torch.cuda.is_available()
@@ -165,13 +169,25 @@ class GRPOModule(L.LightningModule):
             autocast=self._trainer is not None and "mixed" in str(self.trainer.precision),
         )
         self.policy, self.ref_model = policy.model, policy.reference
-        # Of the base as loaded, before training changes it.
+        # Of the base as loaded, before training changes it (and before sharding leaves each rank a part of it).
         self.fingerprint = checkpoints.base_fingerprint(self.policy)
+        if mesh is not None:
+            compute = sharding.compute_dtype(str(self.trainer.precision), cuda)
+            for model in (self.policy, self.ref_model):
+                if model is not None:
+                    sharding.shard(model, mesh["data_parallel"], compute)
+            self.prompt_once = False  # `training_passes` says why
+            # The strategy loads a checkpoint's weights itself, each by name: the frozen ones ttc does not save are
+            # left as loaded (complete: `check_before_loading` below).
+            self.strict_loading = False
+            if self.trainer.ckpt_path:  # before Lightning loads it into the shards: ttc's checks, one line each
+                checkpoints.check_before_loading(self.trainer.ckpt_path, self._checked_state())
         lora, quantized = self.lora is not None, hp.load_in_4bit
         self.sampler = Sampler(policy, self.levers, lora=lora, quantized=quantized, top_p=hp.top_p, top_k=hp.top_k)
 
     def setup(self, stage: str) -> None:
-        check_trainer(self.trainer, stage, lora=self.lora is not None)
+        hp = self.hparams
+        check_trainer(self.trainer, stage, self.lora is not None, hp.load_in_4bit, hp.dynamic_sampling)
         # The data module has read its rows (Lightning sets it up first); the model is not loaded yet.
         data = self.trainer.datamodule
         rows = [row for split in ("train_rows", "val_rows", "test_rows") for row in getattr(data, split, None) or []]
@@ -180,9 +196,11 @@ class GRPOModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # Every rank starts from the same random state (Lightning's seed, for the same initial weights, or the
-        # checkpoint's, which rank 0 wrote); sampling from it on every rank would tie the completions of different
-        # ranks' prompts to each other. Each rank goes on from its own seed, drawn from that state.
-        if self.trainer.world_size > 1:
+        # states of rank 0 in a checkpoint of another world size); sampling from it on every rank would tie the
+        # completions of different ranks' prompts to each other. Each rank goes on from its own seed, drawn from that
+        # state. A checkpoint with each rank's own states continues them instead (exact resume). Under FSDP2 the
+        # checkpoint is restored after this hook, and its states replace the seeds drawn here.
+        if self.trainer.world_size > 1 and not self._own_rng:
             torch.manual_seed(int(torch.randint(2**62, ())) + self.global_rank)
         if cpu.enabled(self.levers.cpu, self.device):
             cpu.keep_freed_memory()
@@ -203,7 +221,7 @@ class GRPOModule(L.LightningModule):
         """Per-token log-probs `[n, C]` of the rollout's completions under `model` (and their entropies)."""
         hp = self.hparams
         options = dict(prompt_once=self.prompt_once, checkpointed=hp.gradient_checkpointing, with_entropy=with_entropy)
-        return completion_logps(model, rollout, temperature=hp.temperature, **options)
+        return sharding.as_forward(model, completion_logps, model, rollout, temperature=hp.temperature, **options)
 
     def old_and_reference_logps(self, rollout: Rollout) -> tuple[Tensor | None, Tensor | None]:
         """Old-policy log-probs (num_iterations > 1) and reference log-probs (beta > 0), micro-batched, no grad."""
@@ -390,10 +408,16 @@ class GRPOModule(L.LightningModule):
         checkpoint["ttc"] = checkpoints.ttc_section(self._identity(), self.guard.skipped, self._rng_at_step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        identity, allow = self._identity(), self.hparams.allow_checkpoint_mismatch
-        checkpoints.complete_state(checkpoint, self.state_dict(), trainable, identity, allow)
+        if "state_dict" in checkpoint:
+            self._own_rng = checkpoints.complete_state(checkpoint, *self._checked_state())
+        else:  # under FSDP2 the strategy has loaded the weights already, checked in `configure_model`
+            self._own_rng = checkpoints.restore_states(checkpoint)
         self.guard.skipped = checkpoint["ttc"].get("skipped_steps", 0)
+
+    def _checked_state(self) -> tuple[dict[str, Any], set[str], dict[str, Any], bool]:
+        """What a checkpoint is checked against: this model's weights, its trainable names, the run's identity."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return self.state_dict(), trainable, self._identity(), self.hparams.allow_checkpoint_mismatch
 
     def _identity(self) -> dict[str, Any]:
         # No task outside a Trainer (a module built in a script).

@@ -7,8 +7,11 @@ import logging
 import math
 from typing import Any
 
+from lightning.pytorch.strategies import ModelParallelStrategy
+
 from ttc_lightning.data.base import Task
 from ttc_lightning.errors import TTCError, sharded_strategy_error
+from ttc_lightning.model import sharding
 from ttc_lightning.training.rollout import as_overlong_buffer
 
 log = logging.getLogger("ttc")
@@ -162,7 +165,9 @@ def lora_problems(lora: Any) -> list[str]:
     return problems
 
 
-def check_trainer(trainer: Any, stage: str, lora: bool) -> None:
+def check_trainer(
+    trainer: Any, stage: str, lora: bool, load_in_4bit: bool = False, dynamic_sampling: bool = False
+) -> None:
     """What the module refuses of the trainer it runs under, each with what to use instead."""
     precision = str(trainer.precision) if stage == "fit" else ""
     if precision == "16-true":
@@ -181,7 +186,9 @@ def check_trainer(trainer: Any, stage: str, lora: bool) -> None:
             "decays over all of them; set trainer.max_steps (optimizer steps) to say how long it trains"
         )
     strategy = trainer.strategy
-    if "FSDP" in type(strategy).__name__ or getattr(strategy, "zero_stage_3", False):
+    if isinstance(strategy, ModelParallelStrategy):
+        sharding.check_strategy(strategy, load_in_4bit, dynamic_sampling)
+    elif "FSDP" in type(strategy).__name__ or getattr(strategy, "zero_stage_3", False):
         raise sharded_strategy_error(type(strategy).__name__)
     datamodule = trainer.datamodule
     if datamodule is not None and not isinstance(datamodule, Task):

@@ -10,7 +10,6 @@ import signal
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import lightning as L
 import pytest
@@ -321,29 +320,13 @@ def test_sigusr1_under_slurm_saves_hpc_checkpoint_and_requeues(tmp_path, kill_on
     assert torch.load(interrupted, weights_only=False)["global_step"] >= hpc_step
 
 
-@pytest.fixture
-def process_group_cleanup():
-    """Restores the environment and destroys the process group an in-process distributed run leaves behind."""
-    with mock.patch.dict(os.environ):
-        yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def test_sharded_strategy_is_refused_with_one_line_error(run_ttc, tmp_path, process_group_cleanup):
+def test_fsdp1_is_refused_with_one_line_error(run_ttc, tmp_path, process_group_cleanup):
     strategy = f"{{class_path: {HERE}.CPUFSDPStrategy}}"
     code, _, err = run_ttc("fit", "--config", TINY, "--trainer.strategy", strategy, *FAST)
     assert code == 1
-    assert "ttc: error: trainer.strategy: CPUFSDPStrategy shards the weights" in err
+    assert "ttc: error: trainer.strategy: ttc does not run under CPUFSDPStrategy; to shard the model use FSDP2" in err
     assert "Traceback" not in err
     assert not list(tmp_path.rglob("rollouts*.jsonl"))  # refused before the first step
-
-
-def test_fsdp_by_name_is_refused_with_one_line_error(run_ttc):
-    code, _, err = run_ttc("fit", "--config", TINY, "--trainer.strategy", "fsdp", *FAST)
-    assert code == 1
-    assert "ttc: error: trainer.strategy:" in err
-    assert "Traceback" not in err
 
 
 def stub_trainer(world_size: int, saved: list) -> SimpleNamespace:

@@ -64,10 +64,22 @@ def trim_state(
 
 
 def ttc_section(identity: dict[str, Any], skipped_steps: int, rng: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint's "ttc" section: the run's `run_identity`, the random states (`rng`, else the current ones)
-    and the skipped-step count."""
-    # Lightning does not save RNG states; sampling after a resume must continue the same random stream.
-    return {**identity, "rng": rng or rng_states(), "skipped_steps": skipped_steps}
+    """The checkpoint's "ttc" section: the run's `run_identity`, the random states (`rng`, else the current ones;
+    `rng_ranks`: every rank's, in rank order, when there are several) and the skipped-step count.
+
+    Called on every rank (all save together): gathering the ranks' states is collective."""
+    # Lightning does not save RNG states; sampling after a resume must continue each rank's random stream.
+    rng = rng or rng_states()
+    section = {**identity, "rng": rng, "skipped_steps": skipped_steps}
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        ranks: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(ranks, rng)
+        section["rng_ranks"] = ranks
+    return section
 
 
 def run_identity(
@@ -136,10 +148,11 @@ def complete_state(
     trainable: set[str],
     identity: dict[str, Any],
     allow_mismatch: bool = False,
-) -> None:
+    restore: bool = True,
+) -> bool:
     """Check a checkpoint against this model and fill in what was not saved (frozen weights), in place, so that
-    Lightning's loading is complete; restores the random states; resets a finished epoch's batch counts
-    (`start_next_epoch_afresh`).
+    Lightning's loading is complete; with `restore`, restores the random states and resets a finished epoch's batch
+    counts (`restore_states`, whose answer it returns: whether this rank took its own random states).
 
     `identity` is this run's `run_identity`; a task of None is not compared. A different base model, LoRA alpha or
     dropout, or task is refused unless `allow_mismatch` (then warned); different weight names or shapes always are.
@@ -158,17 +171,16 @@ def complete_state(
     check_lora_shape(ttc.get("lora_settings"), identity["lora_settings"])
     check_identity(ttc, identity, allow_mismatch)
     check_shapes(checkpoint["state_dict"], current, trainable, lora)
-    if "rng" in ttc:
-        set_rng_states(ttc["rng"])
-    start_next_epoch_afresh(checkpoint)
+    own_rng = restore_states(checkpoint) if restore else False
     if not lora:
         # The frozen reference is never saved: it is the base model, loaded again when the model is configured.
         reference = {k: v for k, v in current.items() if k.startswith(REFERENCE_PREFIX)}
         checkpoint["state_dict"] = {**reference, **checkpoint["state_dict"]}
-        return
+        return own_rng
     # Frozen base weights are not in the checkpoint: put the current ones back so loading is complete.
     frozen = {k: v for k, v in current.items() if k not in trainable}
     checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}
+    return own_rng
 
 
 def start_next_epoch_afresh(checkpoint: dict[str, Any]) -> None:
@@ -199,6 +211,33 @@ def check_lora_shape(saved: Mapping[str, Any] | None, current: Mapping[str, Any]
                 f"model.lora.{field}: the checkpoint's adapters were trained with {field}={saved.get(field)!r}, this "
                 f"run has {current.get(field)!r}; use the LoRA settings of the run that wrote it"
             )
+
+
+def restore_states(checkpoint: dict[str, Any]) -> bool:
+    """The random states of the step in flight, and a finished epoch's batch counts reset. True when this rank took
+    its own states (a checkpoint of as many ranks as this run has), False when it took rank 0's or none."""
+    ttc = checkpoint["ttc"]
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    ranks = ttc.get("rng_ranks")
+    own = ranks is not None and len(ranks) == world
+    states = ranks[rank] if own else ttc.get("rng")
+    if states is not None:
+        set_rng_states(states)
+    start_next_epoch_afresh(checkpoint)
+    return own
+
+
+def check_before_loading(path: str | Path, state: tuple[dict[str, Any], set[str], dict[str, Any], bool]) -> None:
+    """`complete_state`'s checks of the checkpoint at `path` (read without loading its tensors), for a strategy that
+    loads the weights before `on_load_checkpoint` sees it (FSDP2). `state`: the module's `_checked_state()`."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:
+        raise unreadable(path, e) from None
+    current, trainable, identity, allow = state
+    probe = {"ttc": checkpoint.get("ttc"), "state_dict": checkpoint.get("state_dict", {})}
+    complete_state(probe, current, trainable, identity, allow, restore=False)
 
 
 def check_shapes(saved: Mapping[str, Any], current: Mapping[str, Any], trainable: set[str], lora: bool) -> None:

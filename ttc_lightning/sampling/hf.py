@@ -17,8 +17,11 @@ class GenerateBackend:
     name = "generate()"
     keeps_logps = False
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, synced: bool = False) -> None:
         self.model = model
+        # A sharded model (FSDP2): every rank runs as many forward passes as the one with the longest completions,
+        # since each pass gathers weights from all of them.
+        self.synced = synced
 
     def describe(self) -> str:
         return "generate()"
@@ -27,5 +30,7 @@ class GenerateBackend:
         """Completions of B prompts `[B, P]`, `num_samples` rows each -> `[N, C]` ids, no log-probs."""
         ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [N, P]
         mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [N, P]
-        sequences = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)  # [N, P+C]
+        sequences = self.model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=self.synced
+        )  # [N, P+C]
         return Decoded(sequences[:, ids.size(1) :], None)  # [N, C]

@@ -15,9 +15,16 @@ from transformers import GenerationConfig
 
 from ttc_lightning.levers import Levers
 from ttc_lightning.model.loading import Policy, Prompt, encode_prompts
+from ttc_lightning.model.sharding import is_sharded
 from ttc_lightning.sampling.decoding import Decoded
 from ttc_lightning.sampling.fast import FastBackend, refusal
 from ttc_lightning.sampling.hf import GenerateBackend
+
+# Why a sharded policy samples through generate(): correct first. Each rank samples its own prompts, each layer's
+# weights gathered from the other ranks as it runs, once per new token; a rank whose rows are done keeps running
+# forward passes until every rank's are (the gathers are collective). The levers of ttc's backend are off with it;
+# the training levers (one prompt pass per group, fused LoRA) stay on.
+SHARDED = "the policy is sharded (FSDP2): each layer's weights are gathered as it runs, every rank in step"
 
 
 class Backend(Protocol):
@@ -53,9 +60,10 @@ class Sampler:
         self.model, self.tokenizer, self.eos_token_ids = policy.model, policy.tokenizer, policy.eos_token_ids
         self.top_p, self.top_k = top_p, top_k
         # The sampling settings but the temperature and length are the run's: one config decides for every call.
-        self.refusal = refusal(self.model, levers, self.generation_config(1.0, 1))
+        sharded = is_sharded(self.model)
+        self.refusal = SHARDED if sharded else refusal(self.model, levers, self.generation_config(1.0, 1))
         self.backend: Backend = (
-            GenerateBackend(self.model)
+            GenerateBackend(self.model, synced=sharded)
             if self.refusal
             else FastBackend(self.model, levers, lora=lora, quantized=quantized)
         )

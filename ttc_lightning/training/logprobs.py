@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ttc_lightning.model.sharding import is_sharded
 from ttc_lightning.sampling.decoding import fast_decode_model
 from ttc_lightning.sampling.fast import transformers_refusal
 from ttc_lightning.sampling.kv_cache import cache_keyword, prefill, prefix_cache, recording_cache, select_rows
@@ -24,6 +25,12 @@ LOGITS_CHUNK_BYTES = 128 << 20
 CHECKPOINTS_WITH_CACHE = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
 
 
+# Why a sharded policy makes one pass per completion: FSDP2 gathers a layer's weights again for its backward when
+# the gradient reaches the layer's outputs, and the prompt's keys/values reach the completions' pass another way
+# (through the cache), so the prompt pass's backward would find the weights freed.
+SHARDED = "the policy is sharded (FSDP2), whose backward follows a layer's outputs only"
+
+
 def training_passes(model: torch.nn.Module, lever: bool, checkpointed: bool) -> str:
     """The run's line on the training passes of `model`: one per distinct prompt, or one per completion and why (the
     lever `model.levers.prompt_once` off, a transformers release ttc's cache layers were not tested with, a model
@@ -33,6 +40,8 @@ def training_passes(model: torch.nn.Module, lever: bool, checkpointed: bool) -> 
     why = None
     if not lever:
         why = "the lever is off"
+    elif is_sharded(lm):
+        why = SHARDED
     elif transformers_refusal():
         why = transformers_refusal()
     elif not known and checkpointed:

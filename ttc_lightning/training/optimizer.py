@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 from ttc_lightning.errors import TTCError
+from ttc_lightning.model.sharding import full_norm
 
 log = logging.getLogger("ttc")
 
@@ -107,7 +108,8 @@ def clip_and_step(
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     scale = float(scaler.get_scale()) if scaler is not None else 1.0
     max_norm = (max_grad_norm or float("inf")) * scale
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach() / scale
+    # Over sharded gradients (FSDP2) the norm is computed across ranks and returned as a DTensor.
+    grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm)).detach() / scale
     # Under DDP the gradients (and so their norm) are all-reduced already; the loss is per rank: all must agree.
     finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
     finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
