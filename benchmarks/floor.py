@@ -92,18 +92,25 @@ def sampling_floor(
 
 
 def training_flops(
-    shape: Shape, prompts: list[int], group: int, new_tokens: int, reference: bool, checkpointed: bool
+    shape: Shape,
+    prompts: list[int],
+    group: int,
+    new_tokens: int,
+    reference: bool,
+    checkpointed: bool,
+    weight_gradients: bool = False,
 ) -> float:
     """FLOPs of one optimizer step's log-prob passes and backward over a rollout (LoRA: no weight gradients of the
-    frozen base, whose backward costs one more product; the gradient of the adapters is in `layer_flops`)."""
+    frozen base, whose backward costs one more product; the gradient of the adapters is in `layer_flops`; with
+    `weight_gradients`, a full fine-tune's, that product too)."""
     prompt_pass = sum((p - 1) * (shape.layer_flops() + shape.attention_flops(p / 2)) for p in prompts)
     completions = sum(
         group * (new_tokens + 1) * (shape.layer_flops() + shape.attention_flops(p + new_tokens / 2)) for p in prompts
     )
     head = len(prompts) * group * new_tokens * shape.head_flops()
     forward = prompt_pass + completions
-    passes = 2 + checkpointed  # forward, backward (input gradients), the recomputed forward
-    return (forward * passes + 2 * head) + (forward + head if reference else 0.0)
+    passes = 2 + checkpointed + weight_gradients  # forward, input gradients, recomputed forward, weight gradients
+    return (forward * passes + (2 + weight_gradients) * head) + (forward + head if reference else 0.0)
 
 
 def measure(seconds: float = 1.0, device: str = "cpu") -> Machine:

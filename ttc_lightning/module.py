@@ -24,7 +24,7 @@ from ttc_lightning.model.loading import LoRA, Prompt
 from ttc_lightning.model.tiny import TINY
 from ttc_lightning.rewards.entries import RewardSpec, load_rewards
 from ttc_lightning.rewards.scoring import RewardErrors, RewardScorer
-from ttc_lightning.run import checkpoints
+from ttc_lightning.run import checkpoints, saving
 from ttc_lightning.sampling.fast import transformers_refusal
 from ttc_lightning.sampling.sampler import Sampler, Samples
 from ttc_lightning.settings import MODULE_DOC, check_settings, check_trainer
@@ -210,6 +210,9 @@ class GRPOModule(L.LightningModule):
             logging.getLogger("ttc").warning(
                 "model.tis_cap has no effect: sampling through generate(), which keeps no log-probs of its own"
             )
+
+    def on_train_start(self) -> None:
+        saving.sigterm_between_steps(self.trainer)  # Lightning has set its signal handlers by now
 
     def generate(self, prompts: list[Prompt], num_samples: int, temperature: float, max_new_tokens: int) -> Samples:
         """`num_samples` completions per prompt, rows grouped by prompt; temperature 0 is greedy."""

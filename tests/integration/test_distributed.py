@@ -10,11 +10,13 @@ import signal
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose, _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tests.helpers import (
@@ -35,7 +37,7 @@ from tests.helpers import (
     wait_for,
 )
 from ttc_lightning.errors import TTCError
-from ttc_lightning.run.saving import CheckpointOnInterrupt
+from ttc_lightning.run.saving import CheckpointOnInterrupt, sigterm_between_steps
 from ttc_lightning.training.grpo import group_advantages
 
 HERE = "tests.integration.test_distributed"
@@ -327,6 +329,29 @@ def test_fsdp1_is_refused_with_one_line_error(run_ttc, tmp_path, process_group_c
     assert "ttc: error: trainer.strategy: ttc does not run under CPUFSDPStrategy; to shard the model use FSDP2" in err
     assert "Traceback" not in err
     assert not list(tmp_path.rglob("rollouts*.jsonl"))  # refused before the first step
+
+
+def test_sigterm_under_several_processes_is_recorded_without_a_collective(monkeypatch):
+    """Lightning's handler broadcasts from inside the signal handler, which deadlocks a rank caught in another
+    collective (FSDP2 gathers weights on every pass); ttc's only records the signal and passes it to the launched
+    processes, and the training loop's broadcast at the next step's start stops every rank."""
+    killed: list[int] = []
+    launcher = SimpleNamespace(kill=killed.append)
+    trainer = SimpleNamespace(
+        world_size=2, strategy=SimpleNamespace(launcher=launcher, root_device=torch.device("cpu"))
+    )
+    trainer._signal_connector = _SignalConnector(trainer)
+    other = mock.Mock()
+    composed = _HandlersCompose([trainer._signal_connector._sigterm_notifier_fn, other])
+    monkeypatch.setattr(signal, "getsignal", lambda signum: composed)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "broadcast", mock.Mock(side_effect=AssertionError("a collective")))
+    sigterm_between_steps(trainer)
+    composed(signal.SIGTERM, None)
+    composed(signal.SIGTERM, None)
+    assert trainer._signal_connector.received_sigterm
+    assert killed == [signal.SIGTERM]  # passed on once
+    assert other.call_count == 2  # the handlers beside Lightning's still run
 
 
 def stub_trainer(world_size: int, saved: list) -> SimpleNamespace:

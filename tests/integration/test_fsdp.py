@@ -2,6 +2,8 @@
 SIGTERM leaves a resumable checkpoint, exports load, and what ttc cannot shard is refused in one line."""
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,10 @@ from tests.helpers import (
     DEMO_PROMPTS,
     FAST,
     HELPERS,
+    REPO,
     TINY,
     finish,
+    process_env,
     read_metrics,
     read_rollouts,
     rollout_steps,
@@ -28,6 +32,10 @@ STRATEGY = (
     "init_args: {data_parallel_size: %d, tensor_parallel_size: %d, save_distributed_checkpoint: %s}}"
 )
 FSDP = ["--trainer.devices", "2", "--trainer.strategy", STRATEGY % (2, 1, "false")]
+# The sizes left to ttc: every device shards (data_parallel_size = devices x nodes, tensor_parallel_size 1).
+AUTO = (
+    "{class_path: lightning.pytorch.strategies.ModelParallelStrategy, init_args: {save_distributed_checkpoint: false}}"
+)
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
 LORA = ["--model.lora", "{r: 4, alpha: 8}"]
 # generate() on both sides: a sharded policy samples with it, so DDP must too for the same completions.
@@ -110,10 +118,21 @@ def test_a_resume_equals_the_unbroken_run_on_every_rank(tmp_path, kill_on_exit, 
 
 
 @pytest.mark.slow
+def test_the_fsdp_config_trains_on_two_processes_and_resumes(tmp_path):
+    command = [sys.executable, "-m", "ttc_lightning", "fit", "--config", str(REPO / "configs" / "fsdp.yaml")]
+    command += ["--trainer.default_root_dir", "run", "--trainer.enable_progress_bar", "false"]
+    for args in (["--trainer.max_steps", "2"], ["--trainer.max_steps", "3", "--ckpt_path", "last"]):
+        done = subprocess.run([*command, *args], cwd=tmp_path, env=process_env(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "run", version=1)] == [3]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+@pytest.mark.slow
 def test_sigterm_under_fsdp_exits_143_with_a_resumable_checkpoint(tmp_path, kill_on_exit):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(DEMO_PROMPTS.read_text() * 4)
-    data = ["--data.train_path", str(prompts), *FSDP, *LORA]
+    data = ["--data.train_path", str(prompts), "--trainer.devices", "2", "--trainer.strategy", AUTO, *LORA]
     proc = start_ttc(tmp_path, "--trainer.max_steps", "1000", *data)
     kill_on_exit(proc)
     wait_for(
@@ -142,9 +161,13 @@ def test_sigterm_under_fsdp_exits_143_with_a_resumable_checkpoint(tmp_path, kill
             "ttc: error: model.dynamic_sampling: under FSDP2 every rank must run the same training passes",
         ),
         (["--trainer.strategy", "deepspeed_stage_3"], "ttc: error: trainer.strategy: ttc does not run under"),
+        (
+            ["--trainer.strategy", AUTO, "--trainer.devices", "auto"],
+            "ttc: error: trainer.devices: 'auto' with ModelParallelStrategy: give the number of devices of each node",
+        ),
         (["--trainer.strategy", "fsdp"], "ttc: error: trainer.strategy: ttc does not run under fsdp; to shard"),
     ],
-    ids=["distributed-checkpoint", "dynamic-sampling", "deepspeed", "fsdp1"],
+    ids=["distributed-checkpoint", "dynamic-sampling", "deepspeed", "devices-auto", "fsdp1"],
 )
 def test_what_fsdp_cannot_do_is_one_line(run_ttc, tmp_path, process_group_cleanup, args, message):
     code, _, err = run_ttc("fit", "--config", TINY, *FAST, *args)

@@ -49,7 +49,9 @@ def shard(model: torch.nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype |
     precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
     for layer in decoder_layers(lm):
         fully_shard(layer, mesh=mesh, mp_policy=precision)
-    fully_shard(lm, mesh=mesh, mp_policy=precision)
+    # The root too frees its gathered weights after each forward (FSDP2 keeps a root's by default, until its backward):
+    # a reference and a sampling pass have no backward, and would keep the whole embedding and head on every rank.
+    fully_shard(lm, mesh=mesh, mp_policy=precision, reshard_after_forward=True)
     setattr(lm, RUN_METHOD, types.MethodType(_run, lm))
     register_fsdp_forward_method(lm, RUN_METHOD)
     register_fsdp_forward_method(lm, "generate")

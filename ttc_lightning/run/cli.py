@@ -264,6 +264,7 @@ class TTCCLI(LightningCLI):
         if _no_validation_split(config.data):
             # An empty validation loader still counts as a loop in Lightning and shifts logged steps on resume.
             trainer.limit_val_batches = 0
+        _shard_over_every_device(trainer)
         wandb_defaults(config)
 
     def best_metric(self) -> str:
@@ -305,6 +306,29 @@ class TTCCLI(LightningCLI):
         name_metrics_file(trainer.loggers)
         self.new_logs = NewLogDirectory(trainer)
         return trainer
+
+
+def _shard_over_every_device(trainer: Namespace) -> None:
+    """ModelParallelStrategy's sizes left at "auto" mean tensor parallelism over a node's devices and data
+    parallelism over nodes; ttc shards with FSDP2 over every device (data_parallel_size = devices x nodes,
+    tensor_parallel_size 1), so a job script that sets devices and nodes needs no other change."""
+    strategy = trainer.strategy
+    if not class_path_of(strategy).endswith("ModelParallelStrategy") or not hasattr(strategy, "init_args"):
+        return
+    sizes = strategy.init_args
+    if sizes.get("tensor_parallel_size", "auto") == "auto":
+        sizes.tensor_parallel_size = 1
+    if sizes.get("data_parallel_size", "auto") != "auto":
+        return
+    devices = trainer.devices  # "2" from a command line, 2 from a YAML file
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if not isinstance(devices, int) or devices < 1:
+        raise TTCError(
+            f"trainer.devices: {devices!r} with ModelParallelStrategy: give the number of devices of each node (ttc "
+            "shards over all of them), or the strategy's data_parallel_size"
+        )
+    sizes.data_parallel_size = devices * int(trainer.num_nodes or 1)
 
 
 def _no_validation_split(data: Any) -> bool:

@@ -72,6 +72,10 @@ LIBRARY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.utilities.rank_zero", "`Trainer.fit` stopped:"),
     ("lightning.pytorch.utilities.rank_zero", "You are using a CUDA device"),
     ("lightning.pytorch.accelerators.cuda", "LOCAL_RANK:"),
+    # A line per rank, then a banner in dashes, as the processes of a multi-device run connect (run_info records them).
+    ("lightning.fabric.utilities.distributed", "Initializing distributed:"),
+    ("lightning.fabric.utilities.rank_zero", "-" * 100 + "\ndistributed_backend="),
+    ("lightning.pytorch.utilities.rank_zero", "-" * 100 + "\ndistributed_backend="),
     ("lightning.pytorch.trainer.connectors.signal_connector", "Received SIGTERM"),
     # ttc's LR schedule asks for the run's length; ttc prints what the interrupt saved (`CheckpointOnInterrupt`).
     ("lightning.pytorch.utilities.rank_zero", "Loading `train_dataloader` to estimate number of stepping batches"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,29 @@ def remove_partial_files(directory: str | Path) -> None:
     """Temporary files left by a save that was killed (`AtomicCheckpointIO`); only while no run writes there."""
     for path in Path(directory).glob(".*.partial"):
         path.unlink(missing_ok=True)
+
+
+def sigterm_between_steps(trainer: L.Trainer) -> None:
+    """Under several processes, make SIGTERM stop every rank together at the next step's start.
+
+    Lightning's SIGTERM handler broadcasts the signal from rank 0 from inside the handler, wherever the process is:
+    in the middle of another collective (FSDP2 gathers weights on every pass; DDP all-reduces gradients) the ranks'
+    collectives no longer pair up and the run hangs. Its training loop also broadcasts the flag at each step's start,
+    where every rank is at the same point; ttc's handler only records the signal (and passes it on to the processes
+    the launcher started, as Lightning's does), and that broadcast stops the run.
+    """
+    handler, connector = signal.getsignal(signal.SIGTERM), trainer._signal_connector
+    handlers = getattr(handler, "signal_handlers", None)
+    if trainer.world_size < 2 or handlers is None:
+        return
+
+    def record(signum: int, frame: Any) -> None:
+        launcher = trainer.strategy.launcher
+        if not connector.received_sigterm and launcher is not None:
+            launcher.kill(signum)
+        connector.received_sigterm = True
+
+    handler.signal_handlers = [record if h == connector._sigterm_notifier_fn else h for h in handlers]
 
 
 class CheckpointOnInterrupt(L.Callback):
