@@ -18,7 +18,7 @@ def data_error(path: str | Path, line: int | None, field: str | None, message: s
 
 
 def sharded_strategy_error(strategy: str) -> TTCError:
-    """Why ttc refuses FSDP (the first version) and DeepSpeed stage 3, and what to use instead."""
+    """Why ttc refuses FSDP (the first version) and DeepSpeed, and what to use instead."""
     return TTCError(
         f"trainer.strategy: ttc does not run under {strategy}; to shard the model use FSDP2 through "
         "lightning.pytorch.strategies.ModelParallelStrategy (configs/fsdp.yaml), or keep a whole model on each GPU "

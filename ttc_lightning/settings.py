@@ -188,7 +188,7 @@ def check_trainer(
     strategy = trainer.strategy
     if isinstance(strategy, ModelParallelStrategy):
         sharding.check_strategy(strategy, load_in_4bit, dynamic_sampling)
-    elif "FSDP" in type(strategy).__name__ or getattr(strategy, "zero_stage_3", False):
+    elif any(name in type(strategy).__name__ for name in ("FSDP", "DeepSpeed")):
         raise sharded_strategy_error(type(strategy).__name__)
     datamodule = trainer.datamodule
     if datamodule is not None and not isinstance(datamodule, Task):

@@ -161,13 +161,18 @@ def test_sigterm_under_fsdp_exits_143_with_a_resumable_checkpoint(tmp_path, kill
             "ttc: error: model.dynamic_sampling: under FSDP2 every rank must run the same training passes",
         ),
         (["--trainer.strategy", "deepspeed_stage_3"], "ttc: error: trainer.strategy: ttc does not run under"),
+        (["--trainer.strategy", "deepspeed_stage_2"], "ttc: error: trainer.strategy: ttc does not run under"),
+        (
+            ["--trainer.strategy", STRATEGY % (1, 1, "false"), "--model.load_in_4bit", "true", *LORA],
+            "ttc: error: model.load_in_4bit: 4-bit weights cannot be sharded with FSDP2; train QLoRA with strategy ddp",
+        ),
         (
             ["--trainer.strategy", AUTO, "--trainer.devices", "auto"],
             "ttc: error: trainer.devices: 'auto' with ModelParallelStrategy: give the number of devices of each node",
         ),
         (["--trainer.strategy", "fsdp"], "ttc: error: trainer.strategy: ttc does not run under fsdp; to shard"),
     ],
-    ids=["distributed-checkpoint", "dynamic-sampling", "deepspeed", "devices-auto", "fsdp1"],
+    ids=["distributed-checkpoint", "dynamic-sampling", "deepspeed-3", "deepspeed-2", "4-bit", "devices-auto", "fsdp1"],
 )
 def test_what_fsdp_cannot_do_is_one_line(run_ttc, tmp_path, process_group_cleanup, args, message):
     code, _, err = run_ttc("fit", "--config", TINY, *FAST, *args)

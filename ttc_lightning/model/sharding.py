@@ -49,9 +49,9 @@ def shard(model: torch.nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype |
     precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
     for layer in decoder_layers(lm):
         fully_shard(layer, mesh=mesh, mp_policy=precision)
-    # The root too frees its gathered weights after each forward (FSDP2 keeps a root's by default, until its backward):
-    # a reference and a sampling pass have no backward, and would keep the whole embedding and head on every rank.
-    fully_shard(lm, mesh=mesh, mp_policy=precision, reshard_after_forward=True)
+    # The root keeps its gathered weights from one forward to the next (FSDP2's default for a root) so that sampling
+    # gathers them once, not at every new token; `release` frees them after a pass that has no backward.
+    fully_shard(lm, mesh=mesh, mp_policy=precision)
     setattr(lm, RUN_METHOD, types.MethodType(_run, lm))
     register_fsdp_forward_method(lm, RUN_METHOD)
     register_fsdp_forward_method(lm, "generate")
@@ -103,9 +103,21 @@ def as_forward(model: torch.nn.Module, function: Callable[..., T], *args: Any, *
     """`function(*args, **kwargs)`, as a forward of `model`'s root when it is sharded (its weights gathered, its
     gradients reduced in the backward pass); a plain call otherwise."""
     lm = base_model(model)
+    if not isinstance(lm, FSDPModule):
+        return function(*args, **kwargs)
+    result = getattr(lm, RUN_METHOD)(function, *args, **kwargs)
+    if not torch.is_grad_enabled():
+        release(model)
+    return result
+
+
+def release(model: torch.nn.Module) -> None:
+    """Free the sharded `model`'s gathered weights after a pass without a backward (sampling, a reference or
+    old-policy pass): FSDP2 frees a root's only after its backward, and the embedding and output head would stay whole
+    on every rank until then. A backward frees them itself."""
+    lm = base_model(model)
     if isinstance(lm, FSDPModule):
-        return getattr(lm, RUN_METHOD)(function, *args, **kwargs)
-    return function(*args, **kwargs)
+        lm.reshard()
 
 
 def full_norm(norm: torch.Tensor) -> torch.Tensor:

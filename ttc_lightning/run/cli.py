@@ -223,7 +223,7 @@ class TTCCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         strategy = str(getattr(trainer.strategy, "class_path", trainer.strategy)).rpartition(".")[2]
-        if any(name in strategy.lower() for name in ("fsdp", "stage_3", "stage3")):
+        if any(name in strategy.lower() for name in ("fsdp", "deepspeed")):
             raise sharded_strategy_error(strategy)
         self.resolve_defaults(config)
         # Before anything is built: the model, data, rewards, settings and W&B, every problem in one line.

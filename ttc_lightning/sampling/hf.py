@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
+from ttc_lightning.model.sharding import release
 from ttc_lightning.sampling.decoding import Decoded
 
 
@@ -33,4 +34,5 @@ class GenerateBackend:
         sequences = self.model.generate(
             input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=self.synced
         )  # [N, P+C]
+        release(self.model)
         return Decoded(sequences[:, ids.size(1) :], None)  # [N, C]
