@@ -167,12 +167,25 @@ def test_sigterm_under_fsdp_exits_143_with_a_resumable_checkpoint(tmp_path, kill
             "ttc: error: model.load_in_4bit: 4-bit weights cannot be sharded with FSDP2; train QLoRA with strategy ddp",
         ),
         (
+            ["--trainer.strategy", STRATEGY % (2, 1, "false")],
+            "ttc: error: trainer.strategy: data_parallel_size 2 x tensor_parallel_size 1 must equal the 1 devices",
+        ),
+        (
             ["--trainer.strategy", AUTO, "--trainer.devices", "auto"],
             "ttc: error: trainer.devices: 'auto' with ModelParallelStrategy: give the number of devices of each node",
         ),
         (["--trainer.strategy", "fsdp"], "ttc: error: trainer.strategy: ttc does not run under fsdp; to shard"),
     ],
-    ids=["distributed-checkpoint", "dynamic-sampling", "deepspeed-3", "deepspeed-2", "4-bit", "devices-auto", "fsdp1"],
+    ids=[
+        "distributed-checkpoint",
+        "dynamic-sampling",
+        "deepspeed-3",
+        "deepspeed-2",
+        "4-bit",
+        "sizes",
+        "devices-auto",
+        "fsdp1",
+    ],
 )
 def test_what_fsdp_cannot_do_is_one_line(run_ttc, tmp_path, process_group_cleanup, args, message):
     code, _, err = run_ttc("fit", "--config", TINY, *FAST, *args)

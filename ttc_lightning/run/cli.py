@@ -311,24 +311,31 @@ class TTCCLI(LightningCLI):
 def _shard_over_every_device(trainer: Namespace) -> None:
     """ModelParallelStrategy's sizes left at "auto" mean tensor parallelism over a node's devices and data
     parallelism over nodes; ttc shards with FSDP2 over every device (data_parallel_size = devices x nodes,
-    tensor_parallel_size 1), so a job script that sets devices and nodes needs no other change."""
+    tensor_parallel_size 1), so a job script that sets devices and nodes needs no other change. Sizes given that do
+    not cover the devices are refused here, before Lightning starts the processes."""
     strategy = trainer.strategy
     if not class_path_of(strategy).endswith("ModelParallelStrategy") or not hasattr(strategy, "init_args"):
         return
     sizes = strategy.init_args
     if sizes.get("tensor_parallel_size", "auto") == "auto":
         sizes.tensor_parallel_size = 1
-    if sizes.get("data_parallel_size", "auto") != "auto":
-        return
     devices = trainer.devices  # "2" from a command line, 2 from a YAML file
-    if isinstance(devices, str) and devices.isdigit():
-        devices = int(devices)
-    if not isinstance(devices, int) or devices < 1:
+    devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
+    nodes = int(trainer.num_nodes or 1)
+    known = isinstance(devices, int) and devices >= 1
+    if sizes.get("data_parallel_size", "auto") == "auto":
+        if not known:
+            raise TTCError(
+                f"trainer.devices: {devices!r} with ModelParallelStrategy: give the number of devices of each node "
+                "(ttc shards over all of them), or the strategy's data_parallel_size"
+            )
+        sizes.data_parallel_size = devices * nodes
+    elif known and sizes.data_parallel_size * sizes.tensor_parallel_size != devices * nodes:
         raise TTCError(
-            f"trainer.devices: {devices!r} with ModelParallelStrategy: give the number of devices of each node (ttc "
-            "shards over all of them), or the strategy's data_parallel_size"
+            f"trainer.strategy: data_parallel_size {sizes.data_parallel_size} x tensor_parallel_size "
+            f"{sizes.tensor_parallel_size} must equal the {devices * nodes} devices ({devices} x {nodes} nodes); "
+            "leave both out and ttc sets them"
         )
-    sizes.data_parallel_size = devices * int(trainer.num_nodes or 1)
 
 
 def _no_validation_split(data: Any) -> bool:
