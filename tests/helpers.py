@@ -286,10 +286,10 @@ def oracle_on_scripted_patches(
     return oracle_reward(answers, vulnerable_func=vulnerable_func, **columns)
 
 
-def _take_oracle_stats() -> dict[str, float]:
+def _take_oracle_stats(**args) -> dict[str, float]:
     from ttc_lightning.rewards.oracle import take_stats
 
-    return take_stats()
+    return take_stats(**args)
 
 
 oracle_on_scripted_patches.take_stats = _take_oracle_stats  # type: ignore[attr-defined]

@@ -11,6 +11,13 @@ class TTCError(Exception):
     """A mistake the user can fix (bad config value, bad data file, bad reward function)."""
 
 
+class Terminated(SystemExit):
+    """SIGTERM, where ttc answers it by raising (exit status 143): a stop the user asked for, not a failure."""
+
+    def __init__(self) -> None:
+        super().__init__(143)
+
+
 def data_error(path: str | Path, line: int | None, field: str | None, message: str) -> TTCError:
     """`file:line: field: message`, the form every data error takes so users can jump to the spot."""
     where = f"{path}:{line}" if line is not None else str(path)

@@ -1,11 +1,15 @@
 """`ttc oracle check`: harnesses validated on the records they test, a table, and an exit status a script can read."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REAL_PRIMEVUL
+from tests.helpers import REAL_PRIMEVUL, REPO, finish, gone, process_env, wait_for
 from ttc_lightning.oracle.harness import HARNESSES
 
 SAMPLE_IDXS = ("900097", "900194")  # two of the shipped sample's harnesses
@@ -70,9 +74,47 @@ def test_a_build_past_compile_timeout_is_named(run_ttc, tmp_path):
 
 
 def test_nothing_checked_is_not_a_pass(run_ttc, tmp_path):
-    code, out, _ = run_ttc("oracle", "check", str(harnesses(tmp_path, REAL_IDX)))
+    code, out, err = run_ttc("oracle", "check", str(harnesses(tmp_path, REAL_IDX)))
     assert code == 1
     assert out.splitlines()[-1] == "0 of 0 harnesses checked pass; 1 not checked (their records are not in --data)"
+    assert err.strip() == "ttc: error: no harness was checked: --data holds none of their records"
+
+
+def test_a_bad_manifest_is_a_row_and_the_others_are_checked(run_ttc, tmp_path):
+    root = harnesses(tmp_path, *SAMPLE_IDXS)
+    manifest = root / "900097" / "harness.toml"
+    manifest.write_text(manifest.read_text().replace("proof =", "prof ="))
+    code, out, _ = run_ttc("oracle", "check", str(root))
+    assert code == 1
+    assert rows(out) == {
+        "900097": "FAIL: harness.toml: unknown field 'prof'; did you mean 'proof'?",
+        "900194": "ok",
+    }
+
+
+def test_a_case_the_driver_does_not_know_is_named(run_ttc, tmp_path):
+    root = harnesses(tmp_path, "900097")
+    manifest = root / "900097" / "harness.toml"
+    manifest.write_text(manifest.read_text().replace('proof = "long_value"', 'proof = "long_valeu"'))
+    code, out, _ = run_ttc("oracle", "check", str(root))
+    assert code == 1
+    assert rows(out)["900097"].startswith(
+        "FAIL: the real fix fails the proof 'long_valeu': long_valeu: exit 2 (a driver's status for a case name it "
+        "does not know)"
+    )
+
+
+def test_linked_harnesses_are_followed(run_ttc, tmp_path):
+    # a directory of links to harnesses kept elsewhere, and a harness whose source is a link: both checked
+    elsewhere = harnesses(tmp_path / "elsewhere", *SAMPLE_IDXS)
+    root = tmp_path / "linked"
+    root.mkdir()
+    (root / "900097").symlink_to(elsewhere / "900097")
+    shutil.copytree(elsewhere / "900194", root / "900194")
+    (root / "900194" / "harness.c").unlink()
+    (root / "900194" / "harness.c").symlink_to(elsewhere / "900194" / "harness.c")
+    code, out, _ = run_ttc("oracle", "check", str(root))
+    assert (code, rows(out)) == (0, {"900097": "ok", "900194": "ok"})
 
 
 @pytest.mark.parametrize(
@@ -93,3 +135,29 @@ def test_a_directory_without_harnesses_is_one_line(run_ttc, tmp_path):
     assert code == 1
     [line] = err.strip().splitlines()
     assert line.startswith("ttc: error: ") and str(tmp_path) in line
+
+
+def test_sigterm_while_fit_checks_the_harnesses_is_a_stop(tmp_path):
+    """Before the first step `fit` builds each harness with its records; a SIGTERM then ends the run with 143 (a
+    stop the user asked for, not an error) and kills the build it waited for."""
+    bin_dir, started = tmp_path / "bin", tmp_path / "gcc.pid"
+    bin_dir.mkdir()
+    gcc = bin_dir / "gcc"
+    gcc.write_text(f'#!/bin/sh\necho $$ > "{started}.tmp" && mv "{started}.tmp" "{started}"\nexec sleep 120\n')
+    gcc.chmod(0o755)
+    env = process_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+    command = [sys.executable, "-m", "ttc_lightning", "fit", "--config", str(REPO / "configs" / "patch_oracle.yaml")]
+    with (tmp_path / "ttc.log").open("w") as log:
+        proc = subprocess.Popen(
+            [*command, "--trainer.default_root_dir", "run"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(proc, tmp_path, started.exists, "the first harness build")
+        proc.send_signal(signal.SIGTERM)
+        code, out = finish(proc, tmp_path, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 143, out[-3000:]
+    assert "sys.exit" not in out and "Traceback" not in out
+    assert gone(int(started.read_text()))

@@ -108,6 +108,24 @@ def test_the_digest_follows_every_file(tmp_path):
     assert len({first, second, third, load_harness(directory).digest}) == 4
 
 
+def test_the_digest_follows_links_and_refuses_what_is_not_a_file(tmp_path):
+    directory = make(tmp_path)
+    first = load_harness(directory).digest
+    (tmp_path / "kept.h").write_text("#define N 8\n")
+    (directory / "include").mkdir()
+    (directory / "include" / "stub.h").symlink_to(tmp_path / "kept.h")
+    linked = load_harness(directory).digest
+    (tmp_path / "kept.h").write_text("#define N 9\n")  # what the link points to is what the check copies
+    assert len({first, linked, load_harness(directory).digest}) == 3
+    (directory / "zero").symlink_to("/dev/zero")
+    with pytest.raises(TTCError, match="zero: not a file"):
+        load_harness(directory)
+    (directory / "zero").unlink()
+    (directory / "include" / "loop").symlink_to(directory)
+    with pytest.raises(TTCError, match="a link that leads back into the harness"):
+        load_harness(directory)
+
+
 # ---------------------------------------------------------------- refused: the manifest's file and field named
 
 
@@ -116,7 +134,8 @@ def test_the_digest_follows_every_file(tmp_path):
     [
         ({"proof": DROP}, "missing field 'proof'"),
         ({"triggers": DROP}, "missing field 'triggers'"),
-        ({"prof": "overflow"}, "unknown field 'prof'"),
+        ({"prof": "overflow"}, "unknown field 'prof'; did you mean 'proof'?"),
+        ({"colour": "red"}, "unknown field 'colour'; the fields are idx, fixed_idx"),
         ({"idx": 124}, "idx = 124 but the directory is named '123'"),
         ({"idx": "12a"}, "field 'idx' must be a record idx (an integer), got '12a'"),
         ({"fixed_idx": True}, "field 'fixed_idx' must be a record idx (an integer), got True"),

@@ -48,7 +48,7 @@ NO_BOUNDS_CHECK = answer(edited(F, SHORT_CHECK, ""))  # the fix, with the record
 def fresh_oracle(monkeypatch):
     """No verdict from another test, and the stats counted from this test's start."""
     monkeypatch.setattr(oracle, "_verdicts", VerdictCache())
-    take_stats()
+    monkeypatch.setattr(oracle, "_stats", {})
 
 
 def rewards(completions: list[str], ids: list[str] | None = None, **options) -> list[float | None]:
@@ -121,6 +121,50 @@ def test_a_patch_that_ends_the_process_early_passes_nothing(ending):
     assert rewards([answer(edited(V, FIRST, FIRST + "    " + ending + "\n"))]) == [0.25]
 
 
+LAST = "    return TLV_OK;\n}"  # the function's last lines
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        # a second main, and the harness's own renamed out of the way: the harness's checks never run
+        "int main(int argc, char **argv) { return 0; }\n#define main unused_main",
+        # a constructor that would write the pass file before the harness's main runs, and end the process
+        "__attribute__((constructor)) static void early(void) { _exit(0); }",
+    ],
+)
+def test_a_patch_that_adds_code_around_the_function_is_not_built(after):
+    # refused before the compiler runs (ttc_lightning.oracle.scope): 0.0, as for a patch that does not build
+    assert rewards([answer(edited(V, LAST, LAST + "\n" + after))]) == [0.0]
+
+
+# Read the token the way a process could before the entry kept it out of the environment: TTC_CASE_TOKEN there, or
+# the file TTC_CASE_TOKEN_FILE names, written to the file TTC_CASE_PASSED names; then end the process with status 0.
+FORGE = r"""    {
+        static char env[65536], token[64];
+        FILE *e = fopen("/proc/self/environ", "r");
+        size_t n = e ? fread(env, 1, sizeof env - 1, e) : 0;
+        const char *file = 0, *passed = 0;
+        for (char *p = env; p < env + n; p += strlen(p) + 1) {
+            if (!strncmp(p, "TTC_CASE_TOKEN=", 15)) strncpy(token, p + 15, sizeof token - 1);
+            if (!strncmp(p, "TTC_CASE_TOKEN_FILE=", 20)) file = p + 20;
+            if (!strncmp(p, "TTC_CASE_PASSED=", 16)) passed = p + 16;
+        }
+        FILE *t = file ? fopen(file, "r") : 0;
+        if (t && !fgets(token, sizeof token, t)) token[0] = 0;
+        FILE *o = passed ? fopen(passed, "w") : 0;
+        if (o) { fputs(token, o); fclose(o); }
+        extern void _exit(int); _exit(0);
+    }
+"""
+
+
+def test_a_patch_cannot_read_the_case_token():
+    # the token file is deleted before the harness's main runs, and the environment never held the token: the
+    # forged file holds nothing, the proof fails as for the vulnerable function: 0.25
+    assert rewards([answer(edited(V, FIRST, FIRST + FORGE))]) == [0.25]
+
+
 def test_identical_patches_are_checked_once():
     assert rewards([FIX, FIX, NO_OP, FIX]) == [1.0, 1.0, 0.25, 1.0]
     assert (take_stats()["checks"], take_stats()) == (2, {})  # FIX and NO_OP; taking the stats clears them
@@ -142,6 +186,9 @@ def test_a_harness_directory_of_ones_own(tmp_path):
     )
     got = rewards([NO_BOUNDS_CHECK, FIX, FIX], ids=[IDX, IDX, "900194"], harnesses=str(tmp_path))
     assert got == pytest.approx([0.7, 1.0, None])  # 0.5 + 0.4 * 1/2; 900194's harness is not in tmp_path
+    # the numbers are the directory's: an entry with the shipped harnesses beside it reports its own
+    assert take_stats() == {}
+    assert take_stats(harnesses=str(tmp_path))["checks"] == 2
 
 
 def test_a_missing_harness_directory_is_a_configuration_error(tmp_path):

@@ -16,34 +16,49 @@ from pathlib import Path
 from ttc_lightning.errors import TTCError
 from ttc_lightning.oracle.harness import Harness, Language
 from ttc_lightning.oracle.sandbox import Finished, Limits, run_contained
+from ttc_lightning.oracle.scope import outside_the_function
 
 COMPILERS: dict[Language, tuple[str, ...]] = {"c": ("gcc", "-std=gnu11"), "cpp": ("g++", "-std=gnu++17")}
 SANITIZE = ("-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
 PROGRAM = "check"
 PASSED_FILE = ".ttc-passed"
+TOKEN_FILE = ".ttc-token"
 # The program's real entry, built beside every harness and linked with `--wrap=main`: the C runtime starts
 # `__wrap_main`, which runs the harness's own `main` (`__real_main`); a case passes only when that returns 0 here, and
-# this entry then writes the case's token (fresh for each run, taken out of the environment before the harness runs)
-# to PASSED_FILE. A patched function that ends the process early with a status of 0 (`exit(0)`, `_exit(0)`, a
-# constructor that exits) never reaches it, and one that writes the file does not know the token.
+# this entry then writes the case's token to PASSED_FILE. The token is fresh for each run and reaches the program in
+# a file that the entry reads and deletes in a constructor that runs before any other (priority 101), so neither the
+# environment (`/proc/self/environ` keeps what a process started with) nor the file system holds it while the harness
+# and the function run. A patched function that ends the process early with a status of 0 (`exit(0)`, `_exit(0)`)
+# never reaches the write, and one that writes the file does not know the token: only code that searches the
+# process's own memory for it could forge a pass (the sandbox, not the score, is what holds against such code).
 ENTRY = """#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #ifdef __cplusplus
 extern "C" {
 #endif
+static char ttc_token[64], ttc_passed[4096];
+__attribute__((constructor(101))) static void ttc_take_token(void) {
+    const char *file = getenv("TTC_CASE_TOKEN_FILE"), *passed = getenv("TTC_CASE_PASSED");
+    if (passed != NULL) strncpy(ttc_passed, passed, sizeof ttc_passed - 1);  /* absolute: the harness may cd */
+    if (file != NULL) {
+        FILE *f = fopen(file, "r");
+        if (f != NULL) {
+            if (fgets(ttc_token, sizeof ttc_token, f) == NULL) ttc_token[0] = 0;
+            fclose(f);
+        }
+        unlink(file);
+    }
+    unsetenv("TTC_CASE_TOKEN_FILE");
+    unsetenv("TTC_CASE_PASSED");
+}
 int __real_main(int argc, char **argv);
 int __wrap_main(int argc, char **argv) {
-    char token[64] = "", path[4096] = "";
-    const char *given = getenv("TTC_CASE_TOKEN"), *file = getenv("TTC_CASE_PASSED");
-    if (given != NULL) strncpy(token, given, sizeof token - 1);
-    if (file != NULL) strncpy(path, file, sizeof path - 1);  /* absolute: the harness may change directory */
-    unsetenv("TTC_CASE_TOKEN");
-    unsetenv("TTC_CASE_PASSED");
     int status = __real_main(argc, argv);
-    if (status == 0 && token[0] != 0 && path[0] != 0) {
-        FILE *f = fopen(path, "w");
-        if (f != NULL) { fputs(token, f); fclose(f); }
+    if (status == 0 && ttc_token[0] != 0 && ttc_passed[0] != 0) {
+        FILE *f = fopen(ttc_passed, "w");
+        if (f != NULL) { fputs(ttc_token, f); fclose(f); }
     }
     return status;
 }
@@ -53,6 +68,7 @@ int __wrap_main(int argc, char **argv) {
 """
 ENTRY_FILES: dict[Language, str] = {"c": "ttc_entry.c", "cpp": "ttc_entry.cpp"}
 
+UNKNOWN_CASE = 2  # the status a harness's driver returns for a case name it does not know (the format's README)
 # The grades of the scale (`grade`).
 NO_BUILD, STILL_VULNERABLE, PROOF_FIXED, PASSED = 0.0, 0.25, 0.5, 1.0
 _TEST_SHARE = 0.4  # what the tests a proof-fixing patch passes add to PROOF_FIXED, all but one of them at most
@@ -112,13 +128,23 @@ def grade(verdict: Verdict) -> float:
 
 
 def check_function(
-    harness: Harness, function: str, budget: Budget, stop: threading.Event | None = None, every_case: bool = False
+    harness: Harness,
+    function: str,
+    budget: Budget,
+    stop: threading.Event | None = None,
+    every_case: bool = False,
+    original: str | None = None,
 ) -> Verdict:
     """Build `function` with `harness` in a fresh directory and run its cases: the proof, then (when it passed, or
-    with `every_case`) the tests, each alone. TTCError when the compiler is missing."""
+    with `every_case`) the tests, each alone. With `original`, the function it patches, a `function` that adds code
+    outside the function (`ttc_lightning.oracle.scope`) is not built: its verdict is a failed build that says why.
+    TTCError when the compiler is missing."""
     compiler, *std = COMPILERS[harness.language]
     if shutil.which(compiler) is None:
         raise TTCError(f"{harness.directory}: the oracle needs {compiler} on PATH to build this harness")
+    outside = None if original is None else outside_the_function(function, original)
+    if outside is not None:
+        return Verdict(False, False, (), harness.tests, f"refused: {outside}", 0.0, 0.0)
     directory = Path(tempfile.mkdtemp(prefix="ttc-oracle-"))
     try:
         try:
@@ -152,7 +178,8 @@ def check_function(
             results[case] = passed
             seconds += ran.seconds
             if not results[case] and not output:
-                output = f"{case}: {ending(ran, harness.timeout)}\n{ran.output}"
+                unknown = " (a driver's status for a case name it does not know)" if ran.status == UNKNOWN_CASE else ""
+                output = f"{case}: {ending(ran, harness.timeout)}{unknown}\n{ran.output}"
         passed = tuple(t for t in harness.tests if results.get(t))
         failed = tuple(t for t in harness.tests if not results.get(t))
         return Verdict(True, results[harness.proof], passed, failed, output, built.seconds, seconds)
@@ -186,13 +213,14 @@ def _run_case(
     """One case, and whether it passed: exit status 0 and the case's token written by the entry (`ENTRY`)."""
     token = uuid.uuid4().hex
     (directory / PASSED_FILE).unlink(missing_ok=True)
+    (directory / TOKEN_FILE).write_text(token, encoding="utf-8")
     # AddressSanitizer reserves terabytes of address space for its shadow memory, so RLIMIT_AS would stop every
     # sanitized program: its own allocator limits bound the memory instead.
     sanitizer = f"detect_leaks=1:hard_rss_limit_mb={budget.memory_mb}:malloc_limit_mb={budget.memory_mb}"
     env = {
         "ASAN_OPTIONS": sanitizer,
         "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
-        "TTC_CASE_TOKEN": token,
+        "TTC_CASE_TOKEN_FILE": str(directory.resolve() / TOKEN_FILE),
         "TTC_CASE_PASSED": str(directory.resolve() / PASSED_FILE),
     }
     limits = Limits(harness.timeout, file_size=64 << 20, memory=None, processes=64)
@@ -205,6 +233,7 @@ def _run_case(
         env=env,
         remove_at_exit=directory,
     )
+    (directory / TOKEN_FILE).unlink(missing_ok=True)  # a program that never started leaves it
     try:
         written = (directory / PASSED_FILE).read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -236,7 +265,7 @@ def harness_problem(
 def _first_line(output: str) -> str:
     """The line of a build's or case's output that says most: a sanitizer's or compiler's error, else the first."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    for marker in ("ERROR:", "runtime error:", "error:", "Assertion", "timed out", "killed by"):
+    for marker in ("refused:", "ERROR:", "runtime error:", "error:", "Assertion", "timed out", "killed by"):
         hit = next((line for line in lines if marker in line), None)
         if hit is not None:
             return hit[:200]

@@ -3,8 +3,10 @@ own, read from `<idx>/harness.toml` and checked field by field."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import numbers
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -82,12 +84,14 @@ def load_harness(directory: Path) -> Harness:
         fields = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise TTCError(f"{where}: not valid TOML: {e}") from None
+    unknown = sorted(set(fields) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:  # before the missing ones: a misspelt field is both
+        close = difflib.get_close_matches(unknown[0], _REQUIRED + _OPTIONAL, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"the fields are {', '.join(_REQUIRED + _OPTIONAL)}"
+        raise TTCError(f"{where}: unknown field {unknown[0]!r}; {hint}")
     missing = [name for name in _REQUIRED if name not in fields]
     if missing:
         raise TTCError(f"{where}: missing field {missing[0]!r} (a harness gives {', '.join(_REQUIRED)})")
-    unknown = sorted(set(fields) - set(_REQUIRED) - set(_OPTIONAL))
-    if unknown:
-        raise TTCError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(_REQUIRED + _OPTIONAL)}")
     idx, fixed_idx = _idx(fields, "idx", where), _idx(fields, "fixed_idx", where)
     if directory.name != idx:
         raise TTCError(f"{where}: idx = {idx} but the directory is named {directory.name!r}: name it by the idx")
@@ -127,18 +131,24 @@ def load_harness(directory: Path) -> Harness:
     )
 
 
-def find_harnesses(root: Path) -> dict[str, Harness]:
-    """Every harness under `root` (its subdirectories holding a manifest), by idx; TTCError for a root that is not
-    a directory, or one without any harness."""
+def harness_directories(root: Path) -> list[Path]:
+    """The subdirectories of `root` that hold a manifest, by name; TTCError for a root that is not a directory, or
+    one without any harness."""
     if not root.is_dir():
         raise TTCError(f"{root}: not a directory of harnesses (one directory per record idx, each with {MANIFEST})")
-    harnesses = {}
-    for directory in sorted(root.iterdir()):
-        if (directory / MANIFEST).is_file():
-            harness = load_harness(directory)
-            harnesses[harness.idx] = harness
-    if not harnesses:
+    found = [directory for directory in sorted(root.iterdir()) if (directory / MANIFEST).is_file()]
+    if not found:
         raise TTCError(f"{root}: holds no harness (a directory per record idx, each with {MANIFEST})")
+    return found
+
+
+def find_harnesses(root: Path) -> dict[str, Harness]:
+    """Every harness under `root` (`harness_directories`), by idx; TTCError at the first that is not as the format
+    says."""
+    harnesses = {}
+    for directory in harness_directories(root):
+        harness = load_harness(directory)
+        harnesses[harness.idx] = harness
     return harnesses
 
 
@@ -170,10 +180,19 @@ def _strings(fields: dict[str, Any], name: str, where: str) -> tuple[str, ...]:
 
 
 def _digest(directory: Path) -> str:
+    """SHA-256 of every file under `directory`, links followed (to files and directories alike: what is copied
+    for a check is what they point to)."""
     sha = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        if path.is_symlink() or not (path.is_file() or path.is_dir()):
-            raise TTCError(f"{path}: a harness holds plain files and directories only (no links or special files)")
-        if path.is_file():
+    seen: set[str] = set()
+    for root, directories, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            raise TTCError(f"{root}: a link that leads back into the harness; a harness holds files and directories")
+        seen.add(real)
+        directories.sort()
+        for name in sorted(files):
+            path = Path(root, name)
+            if not path.is_file():
+                raise TTCError(f"{path}: not a file (a special file or a broken link); a harness holds files only")
             sha.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes() + b"\0")
     return sha.hexdigest()

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ttc_lightning.errors import Terminated
+
 log = logging.getLogger("ttc")
 Job = TypeVar("Job")
 Result = TypeVar("Result")
@@ -210,16 +212,16 @@ def _join(threads: list[threading.Thread], stop: threading.Event) -> None:
 @contextmanager
 def _sigterm_raises() -> Iterator[None]:
     """On the main thread of a program that leaves SIGTERM to its default (ending at once, no clean-up: `ttc oracle
-    check`, the checks before a run starts), SIGTERM raises SystemExit(143) instead for the time of the block, so that
-    the checks it waits for are killed and their directories removed. Elsewhere (a reward's worker thread, a run that
-    handles SIGTERM itself) nothing changes."""
+    check`, the checks before a run starts), SIGTERM raises `Terminated` (exit status 143) instead for the time of
+    the block, so that the checks it waits for are killed and their directories removed. Elsewhere (a reward's
+    worker thread, a run that handles SIGTERM itself) nothing changes."""
     main = threading.current_thread() is threading.main_thread()
     if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
 
     def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signal.SIGTERM)
+        raise Terminated()
 
     signal.signal(signal.SIGTERM, stop)
     try:

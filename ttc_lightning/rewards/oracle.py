@@ -22,7 +22,7 @@ from ttc_lightning.rewards.patch import apply_completion
 log = logging.getLogger("ttc")
 _verdicts = VerdictCache()
 _stats_lock = threading.Lock()
-_stats: dict[str, float] = {}
+_stats: dict[str, dict[str, float]] = {}  # by harness directory: two oracle entries report their own numbers
 
 
 def oracle_reward(
@@ -49,8 +49,10 @@ def oracle_reward(
        every process contained by `ttc_lightning.oracle.sandbox` (its own directory, CPU, memory, file size and
        process limits, no network where the machine allows it, killed with all it started) and each case limited
        to the harness's `timeout`; `max_memory_mb` bounds the compiler's and each case's memory.
-    4. The reward (`ttc_lightning.oracle.check.grade`): 0.0 does not compile; 0.25 compiles, the proof still fails;
-       0.5 + 0.4 x the share of tests passed when the proof passes but a test fails; 1.0 when everything passes.
+    4. The reward (`ttc_lightning.oracle.check.grade`): 0.0 does not compile, or changes code outside the function
+       (a definition beside it, a `#define`, `asm` or a constructor: `ttc_lightning.oracle.scope`; never built);
+       0.25 compiles, the proof still fails; 0.5 + 0.4 x the share of tests passed when the proof passes but a test
+       fails; 1.0 when everything passes.
 
     Each distinct patched function is checked once per harness for the whole run (verdicts are cached by the
     harness's files and the function's text), `workers` at once (default: the machine's cores). The reward's
@@ -65,7 +67,7 @@ def oracle_reward(
             "vulnerable_func values; the columns need one value per completion"
         )
     rewards: list[float | None] = [None] * len(completions)
-    jobs: dict[tuple[str, str], tuple[Harness, str, list[int]]] = {}
+    jobs: dict[tuple[str, str], tuple[Harness, str, str, list[int]]] = {}
     hits = 0
     for i, (completion, idx, vulnerable) in enumerate(zip(completions, id, vulnerable_func, strict=True)):
         harness = by_idx.get(str(idx))
@@ -81,16 +83,18 @@ def oracle_reward(
             rewards[i] = grade(cached)
             hits += 1
             continue
-        jobs.setdefault(key, (harness, patched, []))[2].append(i)
+        jobs.setdefault(key, (harness, patched, vulnerable, []))[3].append(i)
     started = time.monotonic()
     verdicts = run_parallel(
-        lambda job, stop: check_function(job[0], job[1], budget, stop), list(jobs.values()), workers or _cores()
+        lambda job, stop: check_function(job[0], job[1], budget, stop, original=job[2]),
+        list(jobs.values()),
+        workers or _cores(),
     )
-    for (key, (_, _, indices)), verdict in zip(jobs.items(), verdicts, strict=True):
+    for (key, (_, _, _, indices)), verdict in zip(jobs.items(), verdicts, strict=True):
         _verdicts.put(key, verdict)
         for i in indices:
             rewards[i] = grade(verdict)
-    _count(verdicts, hits, len(jobs), time.monotonic() - started if jobs else 0.0)
+    _count(_root(harnesses), verdicts, hits, len(jobs), time.monotonic() - started if jobs else 0.0)
     return rewards
 
 
@@ -128,7 +132,7 @@ def check_rows(
 
     def judge(job: tuple[Harness, str, str], stop: threading.Event) -> str | None:
         harness, vulnerable, fixed = job
-        verdicts = [check_function(harness, f, budget, stop) for f in (fixed, vulnerable)]
+        verdicts = [check_function(harness, f, budget, stop, original=vulnerable) for f in (fixed, vulnerable)]
         for function, verdict in zip((fixed, vulnerable), verdicts, strict=True):
             _verdicts.put(VerdictCache.key(harness, function), verdict)
         problem = harness_problem(harness, *verdicts)
@@ -141,14 +145,12 @@ def check_rows(
     log.info("oracle: %d harnesses hold for their records (%.1f s)", len(found), time.monotonic() - started)
 
 
-def take_stats() -> dict[str, float]:
-    """The oracle's numbers since the last call, summed over its calls: `checks` (functions built),
+def take_stats(harnesses: str | None = None, **_: Any) -> dict[str, float]:
+    """The numbers of the oracle's calls with `harnesses` since the last call, summed: `checks` (functions built),
     `cache_hits` (completions scored from an earlier verdict), `compile_s` and `run_s` (seconds spent in the
     compiler and in the cases, summed over workers), `wall_s` (seconds the checks took)."""
     with _stats_lock:
-        taken = dict(_stats)
-        _stats.clear()
-    return taken
+        return _stats.pop(_root(harnesses), {})
 
 
 # Read by the scorer (`ttc_lightning.rewards.scoring`): the rows checked before a run, the numbers logged per step.
@@ -156,8 +158,9 @@ oracle_reward.check_rows = check_rows  # type: ignore[attr-defined]
 oracle_reward.take_stats = take_stats  # type: ignore[attr-defined]
 
 
-def _count(verdicts: list[Verdict], hits: int, checks: int, wall: float) -> None:
+def _count(root: str, verdicts: list[Verdict], hits: int, checks: int, wall: float) -> None:
     with _stats_lock:
+        stats = _stats.setdefault(root, {})
         for name, value in (
             ("checks", checks),
             ("cache_hits", hits),
@@ -165,7 +168,7 @@ def _count(verdicts: list[Verdict], hits: int, checks: int, wall: float) -> None
             ("run_s", sum(v.run_seconds for v in verdicts)),
             ("wall_s", wall),
         ):
-            _stats[name] = _stats.get(name, 0.0) + value
+            stats[name] = stats.get(name, 0.0) + value
 
 
 def _budget(workers: Any, compile_timeout: Any, max_memory_mb: Any) -> Budget:
@@ -184,9 +187,12 @@ def _budget(workers: Any, compile_timeout: Any, max_memory_mb: Any) -> Budget:
     return Budget(float(compile_timeout), max_memory_mb)
 
 
+def _root(directory: str | None) -> str:
+    return str((HARNESSES if directory is None else Path(directory).expanduser()).resolve())
+
+
 def _harnesses(directory: str | None) -> dict[str, Harness]:
-    root = HARNESSES if directory is None else Path(directory).expanduser()
-    return _load(str(root.resolve()))
+    return _load(_root(directory))
 
 
 @functools.cache

@@ -102,15 +102,14 @@ class RewardScorer:
 
     def take_stats(self) -> dict[str, float]:
         """`rewards/<name>/<stat>`: the numbers a reward function keeps about its own work (its `take_stats`
-        attribute, returning them since its last call, as `oracle_reward` does), for the step's metrics."""
+        attribute, called with the entry's `args` and returning them since its last call, as `oracle_reward` does
+        for each harness directory), for the step's metrics."""
         stats: dict[str, float] = {}
-        taken: set[int] = set()
         for reward in self.rewards:
-            fn, _ = unwrapped(reward.fn)
+            fn, args = unwrapped(reward.fn)
             take = getattr(fn, "take_stats", None)
-            if callable(take) and id(fn) not in taken:  # two entries of one function: the first reports both
-                taken.add(id(fn))
-                stats |= {f"rewards/{reward.name}/{k}": float(v) for k, v in take().items()}
+            if callable(take):
+                stats |= {f"rewards/{reward.name}/{k}": float(v) for k, v in take(**args).items()}
         return stats
 
     def _problem(

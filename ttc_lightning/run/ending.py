@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from ttc_lightning.errors import TTCError
+from ttc_lightning.errors import Terminated, TTCError
 from ttc_lightning.run.progress import plural
 
 DONE, USER_ERROR, COMMAND_LINE, NOTHING_TRAINED = 0, 1, 2, 3
@@ -90,8 +90,9 @@ def nothing_trained(trainer: L.Trainer, check: TrainingCheck) -> str | None:
 
 
 def stopped_by_user(error: SystemExit) -> bool:
-    """The exits Lightning makes of a SIGTERM and of Ctrl-C (`sys.exit(1)` while handling the KeyboardInterrupt)."""
-    return isinstance(error, SIGTERMException) or isinstance(error.__context__, KeyboardInterrupt)
+    """The exits Lightning makes of a SIGTERM and of Ctrl-C (`sys.exit(1)` while handling the KeyboardInterrupt), and
+    ttc's own of a SIGTERM during checks it waits for (`Terminated`)."""
+    return isinstance(error, SIGTERMException | Terminated) or isinstance(error.__context__, KeyboardInterrupt)
 
 
 def stray_exit(error: SystemExit, subcommand: str) -> TTCError:

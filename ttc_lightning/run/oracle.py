@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.data.primevul import PrimeVulRecord, read_records
 from ttc_lightning.errors import TTCError, error_line
 from ttc_lightning.oracle.check import Budget, check_function, constant_body, harness_problem
-from ttc_lightning.oracle.harness import HARNESSES, Harness, find_harnesses
+from ttc_lightning.oracle.harness import HARNESSES, Harness, harness_directories, load_harness
 from ttc_lightning.oracle.sandbox import run_parallel
 from ttc_lightning.run.export import CommandParser
 
@@ -32,9 +33,10 @@ SAMPLE_FILES = tuple(sorted(Path(SAMPLE_DIR).glob("*_paired.jsonl")))
 @dataclass(frozen=True)
 class HarnessReport:
     """What `check_harness` found: `problem` is None when the harness passes; `skipped` when the data lacks its
-    records."""
+    records. `harness` is None when its manifest could not be read (`problem` says why)."""
 
-    harness: Harness
+    directory: Path
+    harness: Harness | None
     problem: str | None
     seconds: float = 0.0
     skipped: bool = False
@@ -45,30 +47,40 @@ def check_harness(harness: Harness, records: dict[str, PrimeVulRecord], budget: 
     vulnerable, fixed = records.get(harness.idx), records.get(harness.fixed_idx)
     if vulnerable is None or fixed is None:
         missing = harness.idx if vulnerable is None else harness.fixed_idx
-        return HarnessReport(harness, f"not checked: no record with idx {missing} in --data", skipped=True)
+        return HarnessReport(
+            harness.directory, harness, f"not checked: no record with idx {missing} in --data", skipped=True
+        )
     if vulnerable.target != 1 or fixed.target != 0:
-        return HarnessReport(harness, "idx must name the vulnerable record (target 1) and fixed_idx its fix (target 0)")
-    fix = check_function(harness, fixed.func, budget, every_case=True)
+        why = "idx must name the vulnerable record (target 1) and fixed_idx its fix (target 0)"
+        return HarnessReport(harness.directory, harness, why)
+    fix = check_function(harness, fixed.func, budget, every_case=True, original=vulnerable.func)
     if not fix.compiled or not fix.proof_fixed or fix.failed_tests:  # no oracle whatever the other builds do
-        return HarnessReport(harness, harness_problem(harness, fix, fix), fix.compile_seconds + fix.run_seconds)
+        seconds = fix.compile_seconds + fix.run_seconds
+        return HarnessReport(harness.directory, harness, harness_problem(harness, fix, fix), seconds)
     verdicts = [
         fix,
         check_function(harness, vulnerable.func, budget),
         check_function(harness, constant_body(vulnerable.func, harness.language), budget, every_case=True),
     ]
     seconds = sum(v.compile_seconds + v.run_seconds for v in verdicts)
-    return HarnessReport(harness, harness_problem(harness, *verdicts), seconds)
+    return HarnessReport(harness.directory, harness, harness_problem(harness, *verdicts), seconds)
 
 
 def check_harnesses(root: Path, data: list[Path], workers: int, budget: Budget) -> list[HarnessReport]:
-    """Every harness under `root` checked against the records of `data`, `workers` harnesses at once."""
-    harnesses = find_harnesses(root)
+    """Every harness under `root` checked against the records of `data`, `workers` harnesses at once; one whose
+    manifest is not as the format says is reported, not checked."""
     records: dict[str, PrimeVulRecord] = {}
     for path in data:
         records |= {str(r.idx): r for r in read_records(path)}
-    return run_parallel(
-        lambda harness, stop: check_harness(harness, records, budget), list(harnesses.values()), workers
-    )
+
+    def check(directory: Path, stop: threading.Event) -> HarnessReport:
+        try:
+            harness = load_harness(directory)
+        except TTCError as e:
+            return HarnessReport(directory, None, str(e).removeprefix(f"{directory}/"))
+        return check_harness(harness, records, budget)
+
+    return run_parallel(check, harness_directories(root), workers)
 
 
 def table(reports: list[HarnessReport]) -> str:
@@ -77,8 +89,8 @@ def table(reports: list[HarnessReport]) -> str:
     for r in reports:
         h = r.harness
         verdict = "ok" if r.problem is None else r.problem if r.skipped else f"FAIL: {r.problem}"
-        cwe = ",".join(h.cwe) or "-"
-        lines.append(f"{h.idx:>8}  {h.language:4}  {cwe:9}  {len(h.cases):>5}  {r.seconds:>7.1f}  {verdict}")
+        language, cwe, cases = ("-", "-", "-") if h is None else (h.language, ",".join(h.cwe) or "-", len(h.cases))
+        lines.append(f"{r.directory.name:>8}  {language:4}  {cwe:9}  {cases:>5}  {r.seconds:>7.1f}  {verdict}")
     checked = [r for r in reports if not r.skipped]
     failed = sum(r.problem is not None for r in checked)
     summary = f"{len(checked) - failed} of {len(checked)} harnesses checked pass"
@@ -121,4 +133,6 @@ def main(argv: list[str]) -> None:
         sys.exit(128 + signal.SIGINT)
     print(table(reports))
     checked = [r for r in reports if not r.skipped]
+    if not checked:
+        print(error_line("no harness was checked: --data holds none of their records"), file=sys.stderr)
     sys.exit(0 if checked and all(r.problem is None for r in checked) else 1)
