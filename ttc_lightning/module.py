@@ -176,7 +176,6 @@ class GRPOModule(L.LightningModule):
             for model in (self.policy, self.ref_model):
                 if model is not None:
                     sharding.shard(model, mesh["data_parallel"], compute)
-            self.prompt_once = False  # `training_passes` says why
             # The strategy loads a checkpoint's weights itself, each by name: the frozen ones ttc does not save are
             # left as loaded (complete: `check_before_loading` below).
             self.strict_loading = False
@@ -385,7 +384,8 @@ class GRPOModule(L.LightningModule):
         scalars = self.evaluator.finish("test" if self.trainer.testing else "val", self.trainer, self._log_dir)
         if scalars and self.trainer.state.fn == "fit":  # at the optimizer step, as the training rows of metrics.csv
             scalars["step"] = float(self.trainer.global_step)
-        self.log_dict(scalars)
+        # Every rank computed the same values from every rank's records: their mean over ranks is each one's own.
+        self.log_dict(scalars, sync_dist=True)
 
     on_test_epoch_end = on_validation_epoch_end
 

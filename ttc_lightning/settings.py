@@ -187,7 +187,9 @@ def check_trainer(
         )
     strategy = trainer.strategy
     if isinstance(strategy, ModelParallelStrategy):
-        sharding.check_strategy(strategy, load_in_4bit, dynamic_sampling)
+        mesh = strategy.device_mesh
+        tp, distributed = mesh["tensor_parallel"].size(), strategy._save_distributed_checkpoint
+        sharding.check_strategy(tp, mesh.size(), distributed, load_in_4bit, dynamic_sampling)
     elif any(name in type(strategy).__name__ for name in ("FSDP", "DeepSpeed")):
         raise sharded_strategy_error(type(strategy).__name__)
     datamodule = trainer.datamodule

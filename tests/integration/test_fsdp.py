@@ -1,6 +1,7 @@
 """FSDP2 through Lightning's ModelParallelStrategy on 2 CPU processes (gloo): a step equals DDP's, resume is exact,
 SIGTERM leaves a resumable checkpoint, exports load, and what ttc cannot shard is refused in one line."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from tests.helpers import (
     start_ttc,
     wait_for,
 )
+from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.run.export import main as export
 
 STRATEGY = (
@@ -71,10 +73,13 @@ def exported(checkpoint: Path, out: Path, lora: bool) -> torch.nn.Module:
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_an_fsdp_step_equals_the_ddp_step_and_its_export_loads(tmp_path, kill_on_exit, lora):
-    args = ["--trainer.max_steps", "1", *SAME_SAMPLER, *REWARD, *(LORA if lora else [])]
+    # LoRA under gradient checkpointing, as configs/fsdp.yaml trains; the full fine-tune without
+    checkpointed = ["--model.gradient_checkpointing", "true"] if lora else []
+    args = ["--trainer.max_steps", "1", *SAME_SAMPLER, *REWARD, *(LORA if lora else []), *checkpointed]
     fit(tmp_path, kill_on_exit, "ddp", *DDP, *args)
     out = fit(tmp_path, kill_on_exit, "fsdp", *FSDP, *args)
     assert "sampling with generate() (ttc's backend off: the policy is sharded (FSDP2)" in out
+    assert "training log-probs with one pass per prompt" in out  # a group's prompt shared, sharded too
 
     ddp, fsdp = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "fsdp")
     for name in ("loss", "grad_norm", "kl", "reward"):
@@ -206,4 +211,43 @@ def test_tensor_parallelism_is_refused_naming_the_sizes_to_set(tmp_path, kill_on
         "ttc: error: trainer.strategy: ModelParallelStrategy with tensor_parallel_size 2: ttc shards with FSDP2 only; "
         "set tensor_parallel_size: 1 and data_parallel_size: 2"
     ) in out
+    assert out.count("ttc: error:") == 1  # refused before Lightning starts the second process, which would say it too
     assert "Traceback" not in out
+
+
+def ttc(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """`ttc ARGS` as its own process (Lightning starts the second rank by running the command again)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "ttc_lightning", *args],
+        cwd=tmp_path,
+        env=process_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [FSDP, DDP], ids=["fsdp", "ddp"])
+def test_evaluation_on_two_ranks_counts_each_prompt_once(tmp_path, strategy):
+    # 3 prompts, one per batch, on 2 ranks: each rank runs 2 batches (the second rank's second is the first prompt
+    # again, which sharded sampling needs and the metrics must not count); predict must not leave a rank waiting
+    sample = Path(SAMPLE_DIR)
+    args = [
+        *("--config", str(REPO / "configs" / "patch.yaml"), "--trainer.accelerator", "cpu", *strategy),
+        *("--trainer.default_root_dir", "run", "--model.model_name_or_path", "tiny", "--model.max_new_tokens", "8"),
+        *("--model.overlong_buffer", "{length: 2}", "--model.eval_num_samples", "2", "--model.eval_temperature", "1"),
+        *("--model.gradient_checkpointing", "false", "--data.data_path", str(sample), "--data.val_batch_size", "1"),
+    ]
+    code, out = ttc(tmp_path, "validate", *args)
+    assert code == 0, out[-3000:]
+    assert "sync_dist" not in out
+    summary = json.loads((tmp_path / "run" / "logs" / "version_0" / "metrics.json").read_text())
+    assert summary["num_prompts"] == 3  # the sample's 3 validation pairs
+    code, out = ttc(tmp_path, "predict", *args)
+    assert code == 0, out[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "logs" / "version_1" / "predictions.jsonl").open()]
+    tests = [json.loads(x) for x in (sample / "primevul_test_paired.jsonl").open()]
+    assert sorted(line["id"] for line in lines) == sorted(str(r["idx"]) for r in tests if r["target"] == 1)

@@ -1,5 +1,7 @@
 import pytest
+import torch
 
+from ttc_lightning.evaluation.evaluator import gather_records
 from ttc_lightning.evaluation.records import (
     classification_metrics,
     classify_prediction,
@@ -144,3 +146,16 @@ def test_piped_metrics_keep_their_whole_names_and_four_decimals():
         "test/rewards/char_fraction_reward/mean     24.8333",
         "test/f1                                     0.5000",
     ]
+
+
+def test_gathered_records_come_back_in_the_data_order_each_once(monkeypatch):
+    # 5 rows on 2 ranks: the sampler fills the last round with row 0 again; rank 0 has rows 0, 2, 4 (positions 0, 2,
+    # 4), rank 1 rows 1, 3, 0 (positions 1, 3, 5): position 5 >= 5 is the fill-in
+    shares = [[{"row": 0}, {"row": 2}, {"row": 4}], [{"row": 1}, {"row": 3}, {"row": 0}]]
+
+    def all_gather_object(out, _mine):
+        out[:] = shares
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    assert [r["row"] for r in gather_records(shares[0], 2, total=5)] == [0, 1, 2, 3, 4]
+    assert len(gather_records(shares[0], 2)) == 6  # no length known: every record kept

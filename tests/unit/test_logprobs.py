@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ttc_lightning.training import logprobs
-from ttc_lightning.training.logprobs import selective_log_softmax, token_entropy, token_logps
+from ttc_lightning.training.logprobs import _ZeroGradientTo, selective_log_softmax, token_entropy, token_logps
 
 
 def reference(hidden, head, ids, temperature):
@@ -112,3 +112,15 @@ def test_selective_log_softmax_matches_log_softmax():
 def test_token_entropy_of_uniform_is_log_vocab():
     # uniform over 8 tokens: entropy = ln 8 = 2.07944
     torch.testing.assert_close(token_entropy(torch.zeros(2, 3, 8)), torch.full((2, 3), math.log(8)))
+
+
+def test_the_prompt_pass_link_passes_values_and_gives_a_zero_gradient():
+    # out = hidden, unchanged; d(sum out)/d hidden = 1 each; `other` gets zeros, not None: FSDP2's backward hook on
+    # the prompt pass's outputs fires from it (`_ZeroGradientTo`)
+    hidden = torch.tensor([1.0, 2.0], requires_grad=True)
+    other = torch.tensor([[3.0]], requires_grad=True)
+    out = _ZeroGradientTo.apply(hidden, other)
+    assert out.tolist() == [1.0, 2.0]
+    out.sum().backward()
+    assert hidden.grad.tolist() == [1.0, 1.0]
+    assert other.grad.tolist() == [[0.0]]

@@ -32,7 +32,13 @@ from ttc_lightning.data.common import (
     filter_by_prompt_length,
     seeded_shuffle,
 )
-from ttc_lightning.data.loader import ResumableLoader, draw_train_batch, seeded_generator, trained_batches
+from ttc_lightning.data.loader import (
+    ResumableLoader,
+    draw_train_batch,
+    evaluation_loader,
+    seeded_generator,
+    trained_batches,
+)
 from ttc_lightning.data.primevul import HF_PREFIX, source_name
 from ttc_lightning.errors import TTCError
 
@@ -387,13 +393,7 @@ class TaskDataModule(L.LightningDataModule):
         return self._loader(self.test_rows)
 
     def _loader(self, rows: list[Row]) -> DataLoader:
-        return DataLoader(
-            rows,
-            batch_size=self.val_batch_size,
-            collate_fn=collate_rows,
-            num_workers=self.num_workers,
-            generator=seeded_generator(self.seed),
-        )
+        return evaluation_loader(rows, self.val_batch_size, collate_rows, self.seed, self.trainer, self.num_workers)
 
     def final_prediction(self, record: Record) -> dict[str, Any]:
         return best_completion(record)

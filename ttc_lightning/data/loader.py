@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ttc_lightning.errors import TTCError
 
@@ -18,6 +18,32 @@ def seeded_generator(seed: int) -> torch.Generator:
     """A loader's own generator: without one, every new iterator of a DataLoader draws its base seed from the global
     random state, which sampling uses, so a resumed run would sample other completions than an unbroken one."""
     return torch.Generator().manual_seed(seed)
+
+
+def evaluation_loader(
+    rows: Sequence[Any],
+    batch_size: int,
+    collate_fn: Callable[[list[Any]], Any],
+    seed: int,
+    trainer: L.Trainer | None,
+    num_workers: int = 0,
+) -> DataLoader:
+    """The rows in order, in batches; on several ranks, each rank's share of them, every rank with as many batches
+    (the last round filled with the first rows again): the ranks of a sharded model sample together, so a rank with
+    one batch fewer would leave the others waiting for it. The evaluation drops those fill-ins when it gathers the
+    ranks' records (`ttc_lightning.evaluation.evaluator.gather_records`). Lightning keeps a sampler given here; its
+    own for `predict` deals the rows unevenly."""
+    sampler = None
+    if trainer is not None and trainer.world_size > 1:
+        sampler = DistributedSampler(rows, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+    return DataLoader(
+        rows,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        generator=seeded_generator(seed),
+    )
 
 
 class EpochStream:

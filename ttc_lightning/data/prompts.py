@@ -12,7 +12,12 @@ from torch.utils.data import DataLoader
 
 from ttc_lightning.data.base import Record, best_completion, prompt_length_limit, prompt_tokenizer
 from ttc_lightning.data.common import collate_rows, data_record, file_digest, filter_by_prompt_length, read_jsonl
-from ttc_lightning.data.loader import ResumableLoader, draw_train_batch, seeded_generator, trained_batches
+from ttc_lightning.data.loader import (
+    ResumableLoader,
+    draw_train_batch,
+    evaluation_loader,
+    trained_batches,
+)
 from ttc_lightning.errors import TTCError, data_error
 
 DEMO_PROMPTS = str(Path(__file__).resolve().parent.parent / "assets" / "demo_prompts.jsonl")
@@ -144,10 +149,7 @@ class PromptDataModule(L.LightningDataModule):
         return self._loader(self.splits["test"])
 
     def _loader(self, rows: list[dict[str, Any]]) -> DataLoader:
-        # Its own generator: see `seeded_generator`.
-        return DataLoader(
-            rows, batch_size=self.val_batch_size, collate_fn=collate_rows, generator=seeded_generator(self.seed)
-        )
+        return evaluation_loader(rows, self.val_batch_size, collate_rows, self.seed, self.trainer)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

@@ -62,9 +62,10 @@ class Evaluator:
         self.records.extend(records)
         return records
 
-    def gathered(self, world_size: int) -> list[Record]:
-        """Every rank's records (the metrics are not averages, so they need all the predictions)."""
-        return gather_records(self.records, world_size)
+    def gathered(self, trainer: L.Trainer) -> list[Record]:
+        """Every rank's records (the metrics are not averages, so they need all the predictions), in the data's order,
+        each prompt once."""
+        return gather_records(self.records, trainer.world_size, _dataset_size(trainer))
 
     def metrics(self, records: list[Record], task: Task) -> dict[str, Any]:
         """Reward means over every sample and the task's own metrics."""
@@ -77,7 +78,7 @@ class Evaluator:
     def finish(self, stage: str, trainer: L.Trainer, log_dir: Path) -> dict[str, float]:
         """The epoch's metrics as `stage/name` scalars for every rank to log (none in the sanity check or without
         records); outside fit, rank 0 also writes `metrics.json` and prints them."""
-        records = self.gathered(trainer.world_size)
+        records = self.gathered(trainer)
         if trainer.sanity_checking or not records:
             return {}
         metrics = self.metrics(records, trainer.datamodule)
@@ -90,7 +91,7 @@ class Evaluator:
 
     def finish_predictions(self, trainer: L.Trainer, log_dir: Path) -> None:
         """Rank 0 writes every rank's records to `predictions.jsonl`."""
-        records = self.gathered(trainer.world_size)
+        records = self.gathered(trainer)
         if trainer.global_rank == 0:
             path = write_predictions(log_dir, records, trainer.datamodule.final_prediction)
             rank_zero_info(f"ttc: wrote {len(records)} predictions to {path}")
@@ -106,13 +107,33 @@ class Evaluator:
         return path
 
 
-def gather_records(records: list[Record], world_size: int) -> list[Record]:
-    """Every rank's evaluation records (the metrics are not averages, so they need all the predictions)."""
+def gather_records(records: list[Record], world_size: int, total: int | None = None) -> list[Record]:
+    """Every rank's evaluation records (the metrics are not averages, so they need all the predictions).
+
+    A distributed sampler without shuffling deals the data's row p to rank p % world_size as its (p // world_size)-th
+    row, and fills the last round with the first rows again so that every rank runs as many batches (the ranks of a
+    sharded model sample together). With `total`, the data's length, the records come back in the data's order and
+    those fill-ins are dropped: each prompt counts once."""
     if world_size == 1:
         return records
     gathered: list[list[Record]] = [[] for _ in range(world_size)]
     torch.distributed.all_gather_object(gathered, records)
-    return [record for part in gathered for record in part]
+    if total is None:
+        return [record for part in gathered for record in part]
+    placed = {rank + j * world_size: record for rank, part in enumerate(gathered) for j, record in enumerate(part)}
+    return [placed[p] for p in sorted(placed) if p < total]
+
+
+def _dataset_size(trainer: L.Trainer) -> int | None:
+    """The length of the data the running evaluation reads, or None where it is not one sized dataset."""
+    if trainer.testing:
+        loaders = trainer.test_dataloaders
+    elif trainer.predicting:
+        loaders = trainer.predict_dataloaders
+    else:  # validating, within fit or not
+        loaders = trainer.val_dataloaders
+    dataset = getattr(loaders, "dataset", None)
+    return len(dataset) if hasattr(dataset, "__len__") else None
 
 
 def write_metrics(

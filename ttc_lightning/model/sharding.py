@@ -64,16 +64,18 @@ def _run(self: torch.nn.Module, function: Callable[..., Any], *args: Any, **kwar
     )
 
 
-def check_strategy(strategy: Any, load_in_4bit: bool, dynamic_sampling: bool) -> None:
-    """What ttc needs of a `ModelParallelStrategy` run, each refusal with what to set instead."""
-    mesh = strategy.device_mesh
-    if mesh["tensor_parallel"].size() != 1:
+def check_strategy(
+    tensor_parallel_size: int, devices: int, distributed_checkpoint: bool, load_in_4bit: bool, dynamic_sampling: bool
+) -> None:
+    """What ttc needs of a `ModelParallelStrategy` run over `devices` devices, each refusal with what to set
+    instead. The CLI checks a config before Lightning starts the processes, so that each refusal is said once."""
+    if tensor_parallel_size != 1:
         raise TTCError(
-            f"trainer.strategy: ModelParallelStrategy with tensor_parallel_size {mesh['tensor_parallel'].size()}: "
-            f"ttc shards with FSDP2 only; set tensor_parallel_size: 1 and data_parallel_size: {mesh.size()} "
+            f"trainer.strategy: ModelParallelStrategy with tensor_parallel_size {tensor_parallel_size}: "
+            f"ttc shards with FSDP2 only; set tensor_parallel_size: 1 and data_parallel_size: {devices} "
             "(every device; configs/fsdp.yaml)"
         )
-    if strategy._save_distributed_checkpoint:
+    if distributed_checkpoint:
         raise TTCError(
             "trainer.strategy: ModelParallelStrategy writes a directory of shards as its checkpoint unless "
             "save_distributed_checkpoint: false; set it (ttc's checkpoints are single files, gathered on rank 0)"

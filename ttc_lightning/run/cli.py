@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from ttc_lightning.data.base import Task
 from ttc_lightning.data.tasks import PrimeVulPatchDataModule
 from ttc_lightning.errors import TTCError, error_line, sharded_strategy_error
+from ttc_lightning.model import sharding
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.run import directory as runs
 from ttc_lightning.run.console import library_notices_hidden, ttc_log_lines
@@ -264,7 +265,7 @@ class TTCCLI(LightningCLI):
         if _no_validation_split(config.data):
             # An empty validation loader still counts as a loop in Lightning and shifts logged steps on resume.
             trainer.limit_val_batches = 0
-        _shard_over_every_device(trainer)
+        _shard_over_every_device(trainer, config.model)
         wandb_defaults(config)
 
     def best_metric(self) -> str:
@@ -308,11 +309,12 @@ class TTCCLI(LightningCLI):
         return trainer
 
 
-def _shard_over_every_device(trainer: Namespace) -> None:
+def _shard_over_every_device(trainer: Namespace, model: Namespace) -> None:
     """ModelParallelStrategy's sizes left at "auto" mean tensor parallelism over a node's devices and data
     parallelism over nodes; ttc shards with FSDP2 over every device (data_parallel_size = devices x nodes,
     tensor_parallel_size 1), so a job script that sets devices and nodes needs no other change. Sizes given that do
-    not cover the devices are refused here, before Lightning starts the processes."""
+    not cover the devices, and what FSDP2 cannot run (`sharding.check_strategy`), are refused here, before Lightning
+    starts the processes (which would each say it)."""
     strategy = trainer.strategy
     if not class_path_of(strategy).endswith("ModelParallelStrategy") or not hasattr(strategy, "init_args"):
         return
@@ -336,6 +338,14 @@ def _shard_over_every_device(trainer: Namespace) -> None:
             f"{sizes.tensor_parallel_size} must equal the {devices * nodes} devices ({devices} x {nodes} nodes); "
             "leave both out and ttc sets them"
         )
+    options = getattr(model, "init_args", model)
+    sharding.check_strategy(
+        sizes.tensor_parallel_size,
+        sizes.data_parallel_size * sizes.tensor_parallel_size,
+        sizes.get("save_distributed_checkpoint", True) is not False,
+        bool(options.get("load_in_4bit")),
+        bool(options.get("dynamic_sampling")),
+    )
 
 
 def _no_validation_split(data: Any) -> bool:

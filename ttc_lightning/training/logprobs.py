@@ -25,12 +25,6 @@ LOGITS_CHUNK_BYTES = 128 << 20
 CHECKPOINTS_WITH_CACHE = hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
 
 
-# Why a sharded policy makes one pass per completion: FSDP2 gathers a layer's weights again for its backward when
-# the gradient reaches the layer's outputs, and the prompt's keys/values reach the completions' pass another way
-# (through the cache), so the prompt pass's backward would find the weights freed.
-SHARDED = "the policy is sharded (FSDP2), whose backward follows a layer's outputs only"
-
-
 def training_passes(model: torch.nn.Module, lever: bool, checkpointed: bool) -> str:
     """The run's line on the training passes of `model`: one per distinct prompt, or one per completion and why (the
     lever `model.levers.prompt_once` off, a transformers release ttc's cache layers were not tested with, a model
@@ -40,12 +34,12 @@ def training_passes(model: torch.nn.Module, lever: bool, checkpointed: bool) -> 
     why = None
     if not lever:
         why = "the lever is off"
-    elif is_sharded(lm):
-        why = SHARDED
     elif transformers_refusal():
         why = transformers_refusal()
     elif not known and checkpointed:
         why = f"{lm.config.model_type} under gradient checkpointing"
+    elif not known and is_sharded(lm):
+        why = f"{lm.config.model_type} sharded by FSDP2"
     elif known and recording_cache(lm.config) is None:
         why = "the model's cache has layers other than full attention"
     elif known and checkpointed and not CHECKPOINTS_WITH_CACHE:
@@ -74,7 +68,8 @@ def completion_logps(
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if fast_decode_model(lm) is None:  # another family: its head may do more than a matmul (soft-capping, scaling)
-        shared = prompt_once and not (checkpointed and torch.is_grad_enabled())  # HF drops a written cache there
+        # HF drops a written cache under checkpointing; under FSDP2 its prompt pass could not be linked to the loss
+        shared = prompt_once and not ((checkpointed or is_sharded(lm)) and torch.is_grad_enabled())
         return _logps_from_logits(model, rollout, temperature, shared, with_entropy)
     hidden = _completion_hidden(lm, rollout, prompt_once, checkpointed)  # [n, C, E]
     return token_logps(hidden, lm.lm_head, rollout.completion_ids, temperature, with_entropy)
@@ -100,7 +95,7 @@ def _completion_hidden(lm: torch.nn.Module, rollout: Rollout, prompt_once: bool,
     keyword = cache_keyword(lm)
     with _cache_kept(lm, checkpointed and grad):
         prompt_mask = unique[:, p : 2 * p - 1]  # [u, P-1]: all but the last prompt token, which starts the rest
-        lm.model(
+        prompt = lm.model(
             input_ids=unique[:, : p - 1],
             attention_mask=prompt_mask,
             position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
@@ -114,7 +109,25 @@ def _completion_hidden(lm: torch.nn.Module, rollout: Rollout, prompt_once: bool,
             use_cache=False,
             **{keyword: prefix_cache(cache, inverse)},
         ).last_hidden_state  # [n, C+1, E]
+        if is_sharded(lm) and grad:  # `_ZeroGradientTo` says why
+            hidden = _ZeroGradientTo.apply(hidden, prompt.last_hidden_state)  # [n, C+1, E]
     return hidden[:, :-1]  # [n, C, E]: position t predicts completion token t
+
+
+class _ZeroGradientTo(torch.autograd.Function):
+    """`hidden` unchanged, and a zero gradient for `other` in the backward pass. FSDP2 gathers a layer's weights for
+    its backward when a gradient reaches the layer's outputs; the prompt pass's last layer hands its keys and values
+    to the completions through the cache, and its outputs reach nothing, so without this its weights would stay
+    freed while the gradients of its key and value projections are computed."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, hidden: Tensor, other: Tensor) -> Tensor:
+        ctx.other_shape, ctx.other_dtype = other.shape, other.dtype
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        return grad, grad.new_zeros(ctx.other_shape, dtype=ctx.other_dtype)
 
 
 @contextlib.contextmanager
