@@ -1,8 +1,11 @@
 """A command line that does not parse: one `ttc: error:` line naming the option, a suggestion for a typo, status 2."""
 
-import pytest
+from pathlib import Path
 
-from tests.helpers import DEMO
+import pytest
+import yaml
+
+from tests.helpers import DEMO, REPO
 
 
 @pytest.mark.parametrize(
@@ -154,3 +157,27 @@ def test_generate_runs_a_checkpoint_on_a_function_from_a_file_or_stdin(run_ttc, 
         code, _, err = run_ttc("generate", "--ckpt_path", "run", "--file", str(func), *args)
         last = err.splitlines()[-1]
         assert code == status and last.startswith(f"ttc: error: {message}") and "Traceback" not in err, (args, err)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--data.user_template", "Fix {cwe}: {func}", "--data.system_prompt", "Be brief: {cwe_desc}"],
+        ["--data.user_template=Fix {cwe}: {func}", "--data.system_prompt=Be brief: {cwe_desc}"],
+    ],
+    ids=["separate", "equals"],
+)
+def test_a_prompt_text_is_taken_as_written(run_ttc, given):
+    # "Fix {cwe}: {func}" is a YAML mapping; as an option's value it is the text itself
+    config = str(Path(REPO) / "configs" / "patch_sample.yaml")
+    code, out, err = run_ttc("fit", "--config", config, *given, "--data.batch_size", "2", "--print_config")
+    assert code == 0, err
+    data = yaml.safe_load(out)["data"]["init_args"]
+    assert (data["user_template"], data["system_prompt"], data["batch_size"]) == (
+        "Fix {cwe}: {func}",
+        "Be brief: {cwe_desc}",
+        2,
+    )
+    assert "args parameter" not in err
+    code, out, err = run_ttc("fit", "--config", config, "--data.system_prompt", "null", "--print_config")
+    assert yaml.safe_load(out)["data"]["init_args"]["system_prompt"] is None

@@ -80,6 +80,7 @@ def test_an_fsdp_step_equals_the_ddp_step_and_its_export_loads(tmp_path, kill_on
     out = fit(tmp_path, kill_on_exit, "fsdp", *FSDP, *args)
     assert "sampling with generate() (ttc's backend off: the policy is sharded (FSDP2)" in out
     assert "training log-probs with one pass per prompt" in out  # a group's prompt shared, sharded too
+    assert out.count("ttc: train: 16 prompts") == 1  # the demo prompts, said by rank 0
 
     ddp, fsdp = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "fsdp")
     for name in ("loss", "grad_norm", "kl", "reward"):

@@ -538,3 +538,23 @@ def test_sigterm_leaves_the_ranks_of_a_distributed_run_to_stop_together(flagging
         timer.cancel()
         release.set()
     assert future.result() is True and flagging_sigterm == [signal.SIGTERM]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("def broken(:\n", "cannot import 'ttc_broken_reward.broken': {file}:1: invalid syntax"),
+        (
+            "import os\nraise RuntimeError('no GPU here')\n",
+            "importing 'ttc_broken_reward' raised RuntimeError: no GPU here at {file}:2",
+        ),
+    ],
+    ids=["syntax-error", "error-at-import"],
+)
+def test_a_reward_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch, source, message):
+    module = tmp_path / "ttc_broken_reward.py"
+    module.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TTCError) as e:
+        load_rewards(["ttc_broken_reward.broken"])
+    assert str(e.value) == "model.rewards[0]: " + message.format(file=module)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from ttc_lightning.data.loader import (
     trained_batches,
 )
 from ttc_lightning.errors import TTCError, data_error
+
+log = logging.getLogger("ttc")
 
 DEMO_PROMPTS = str(Path(__file__).resolve().parent.parent / "assets" / "demo_prompts.jsonl")
 
@@ -119,6 +122,7 @@ class PromptDataModule(L.LightningDataModule):
                     "data.max_prompt_tokens or use shorter prompts"
                 )
             self.splits[split] = rows
+            log.info("%s: %d prompts", split, len(rows))
             if split == "train":
                 self.train_data = data_record("data.train_path", str(paths[split]), file_digest(paths[split]))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,12 @@ def import_reward(path: str, where: str) -> Any:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise TTCError(f"{where}: cannot import {path!r} ({type(e).__name__}: {e})") from None
+    except SyntaxError as e:
+        raise TTCError(f"{where}: cannot import {path!r}: {e.filename}:{e.lineno}: {e.msg}") from None
+    except Exception as e:  # the module's own code failed as it was imported
+        frames = traceback.extract_tb(e.__traceback__)
+        at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        raise TTCError(f"{where}: importing {module_name!r} raised {type(e).__name__}: {e}{at}") from None
     if not callable(fn):
         raise TTCError(f"{where}: {path!r} is not callable")
     return fn

@@ -8,6 +8,7 @@ Exit status (`ending`): 0 done, 1 a user error (one line `ttc: error: ...`), 2 a
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -193,6 +194,11 @@ class TTCCLI(LightningCLI):
             for option in parser._actions:
                 if option.dest == "ckpt_path":
                     option.help = ckpt_path_help(name)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's, without its warning about `args` given beside a command line: ttc passes the command line
+        itself, its free-text values rewritten (`text_as_given`)."""
+        self.config = parser.parse_args(args)
 
     def _run_subcommand(self, subcommand: str) -> None:
         """The subcommand; when it fails, the log directory it made goes if it logged nothing, and a `sys.exit`
@@ -412,7 +418,7 @@ def run(args: list[str] | None) -> None:
                 "--help`). oracle: `ttc oracle check [DIR] [--data FILE ...]` validates the patch oracle's harnesses "
                 "on their PrimeVul records.",
             },
-            args=args,
+            args=text_as_given(argv),
         )
     except SIGTERMException:
         # Lightning turns SIGTERM into a clean exit (status 0); a script or scheduler must see the run was stopped.
@@ -436,6 +442,31 @@ def run(args: list[str] | None) -> None:
         where = {MisconfigurationException: "trainer: ", UnicodeDecodeError: "a config file is not UTF-8 text: "}
         print(error_line(f"{where.get(type(cause), '')}{cause}"), file=sys.stderr)
         sys.exit(getattr(cause, "exit_status", USER_ERROR))
+
+
+# Options whose values are free text, taken as given: jsonargparse reads an option of a class as YAML, in which
+# "Fix {cwe}: {func}" is a mapping, so ttc hands each to it as a JSON mapping of the class's arguments.
+TEXT_OPTIONS = ("--data.user_template", "--data.system_prompt")
+
+
+def text_as_given(argv: list[str]) -> list[str]:
+    """`argv` with `--data.user_template TEXT` (and the other `TEXT_OPTIONS`) written as `--data {"init_args":
+    {"user_template": TEXT}}`, which jsonargparse merges into the data module's arguments; `null` stays null."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        option, equals, value = argv[i].partition("=")
+        given = equals or i + 1 < len(argv)
+        if option in TEXT_OPTIONS and given:
+            value = value if equals else argv[i + 1]
+            i += 1 if equals else 2
+            text = None if value == "null" else value
+            group, _, name = option.removeprefix("--").partition(".")
+            out += [f"--{group}", json.dumps({"init_args": {name: text}})]
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
 
 
 def check_config_files(argv: list[str]) -> None:
