@@ -212,6 +212,7 @@ class GRPOModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         saving.sigterm_between_steps(self.trainer)  # Lightning has set its signal handlers by now
+        saving.hangup_as_sigterm()
 
     def generate(self, prompts: list[Prompt], num_samples: int, temperature: float, max_new_tokens: int) -> Samples:
         """`num_samples` completions per prompt, rows grouped by prompt; temperature 0 is greedy."""

@@ -862,7 +862,11 @@ def test_a_failed_evaluation_leaves_no_log_directory(run_ttc, run, tmp_path, val
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    ("sig", "status"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 143)],
+    ids=["ctrl-c", "sigterm", "hangup"],
+)
 def test_signal_saves_an_interrupt_checkpoint_and_keeps_the_others(run, tmp_path, kill_on_exit, sig, status):
     before = hashes(run)
     rollouts = run / "logs" / "version_1" / "rollouts.jsonl"

@@ -3,7 +3,8 @@
 
 Exit status: 0 done; 1 a user error (one line `ttc: error: ...`: a config, data, checkpoint or reward error, a file
 that cannot be written, a run stopped by a `sys.exit` under it); 2 a command line that does not parse; 3 a `fit` that
-ended without training (no optimizer step, or every one skipped); 130 interrupted (Ctrl-C); 143 stopped by SIGTERM.
+ended without training (no optimizer step, or every one skipped); 130 interrupted (Ctrl-C); 143 stopped by SIGTERM
+(or SIGHUP during a fit).
 """
 
 from __future__ import annotations

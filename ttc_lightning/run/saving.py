@@ -102,6 +102,14 @@ def sigterm_between_steps(trainer: L.Trainer) -> None:
     handler.signal_handlers = [record if h == connector._sigterm_notifier_fn else h for h in handlers]
 
 
+def hangup_as_sigterm() -> None:
+    """SIGHUP (the terminal of a run started without `nohup` closed, an ssh session dropped) stops the run as SIGTERM
+    does, with its interrupt checkpoint and exit status 143, instead of killing it at once. A SIGHUP that the user
+    chose to ignore (`nohup`) stays ignored."""
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+
+
 class CheckpointOnInterrupt(L.Callback):
     """Saves `last-interrupted.ckpt` when fit stops on an exception (Ctrl-C, SIGTERM, a crash).
 
