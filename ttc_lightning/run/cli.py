@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import ActionYesNo, Namespace, set_parsing_settings
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -58,7 +59,7 @@ from ttc_lightning.run.tracking import (
     quiet_wandb_start,
     wandb_defaults,
 )
-from ttc_lightning.run.usage import OTHER_COMMANDS, SUBCOMMANDS, one_line_error, subcommand_parsing
+from ttc_lightning.run.usage import OTHER_COMMANDS, SUBCOMMANDS, config_files, one_line_error, subcommand_parsing
 
 
 def auto_precision(accelerator: Any) -> str:
@@ -470,17 +471,20 @@ def text_as_given(argv: list[str]) -> list[str]:
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Each `--config FILE` must be UTF-8 text: the YAML reader's own error would not say which file it was."""
-    given = [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
-    given += [a.removeprefix("--config=") for a in argv if a.startswith("--config=")]
-    for name in given:
+    """Each `--config FILE` must be UTF-8 text and YAML: the YAML reader's own errors would not say which file."""
+    for name in config_files(argv):
         path = Path(name)
         if not path.is_file():
             continue  # a missing file (or a config given inline) is jsonargparse's to report
         try:
-            path.read_text(encoding="utf-8")
+            yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise TTCError(f"--config {name}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise TTCError(f"--config {where}: not valid YAML: {problem}") from None
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (TTCError, MisconfigurationException, OSError, UnicodeDecodeError)

@@ -357,15 +357,55 @@ class CommandParser(argparse.ArgumentParser):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(allow_abbrev=False, **kwargs)
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """argparse's, with an option it does not know reported first: before a required option that is "missing"
+        only because it was mistyped (`--output-dir` for `--output_dir`)."""
+        given = sys.argv[1:] if args is None else list(args)
+        known = self._option_names()
+        for arg in given:
+            if arg == "--":
+                break
+            option = arg.split("=")[0]
+            if option.startswith("--") and option not in known:
+                self.error(f"unrecognized arguments: {arg}")
+        return super().parse_args(given, namespace)
+
     def error(self, message: str) -> NoReturn:
         unknown = re.search(r"unrecognized arguments: (\S+)", message)
+        choice = re.search(r"argument ([-\w/]+): invalid choice: '(.*?)' \(choose from (.*)\)", message)
+        commands = {a.dest: sorted(a.choices) for a in self._actions if isinstance(a, argparse._SubParsersAction)}
+        required = re.fullmatch(r"the following arguments are required: (\w+)", message)
         if unknown:
             option = unknown.group(1).split("=")[0]
-            known = [name for action in self._actions for name in action.option_strings]
-            close = difflib.get_close_matches(option, known, n=1, cutoff=0.75)
+            known = sorted(self._option_names())
+            close = (
+                difflib.get_close_matches(option, known, n=1, cutoff=0.75)
+                or [
+                    name
+                    for name in known
+                    if name.startswith(option)  # an abbreviation, which argparse here refuses
+                ][:1]
+            )
             message = f"unknown option {option}" + (f"; did you mean {close[0]}?" if close else "")
+        elif choice:
+            allowed = [c.strip(" '") for c in choice.group(3).split(",")]
+            close = difflib.get_close_matches(choice.group(2), allowed, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else f"give one of {', '.join(allowed)}"
+            what = "subcommand" if choice.group(1) in commands else choice.group(1)
+            message = f"{self.prog}: unknown {what} {choice.group(2)!r}; {hint}"
+        elif required and required.group(1) in commands:
+            message = f"{self.prog}: give a subcommand: {', '.join(commands[required.group(1)])}"
         print(error_line(message), file=sys.stderr)
         sys.exit(2)
+
+    def _option_names(self) -> set[str]:
+        """The options of this parser and of its subcommands'."""
+        names = {name for action in self._actions for name in action.option_strings}
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    names |= sub._option_names() if isinstance(sub, CommandParser) else set()
+        return names
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,8 +9,10 @@ import importlib
 import inspect
 import re
 import typing
+from pathlib import Path
 
 import lightning as L
+import yaml
 
 
 def subcommand_parsing() -> str:
@@ -79,6 +81,9 @@ def one_line_error(message: str, options: list[str], argv: list[str] | tuple[str
         key = key_before(union.start()).rstrip(".")
         kinds = ["null" if k == "NoneType" else k for k in re.findall(r"<class '(\w+)'>", union.group(1))]
         return f"{key}: expected {_article(kinds[0])} {' or '.join(kinds)}, got {union.group(2).strip()!r}"
+    not_accepted = re.search(r"Subcommand '\w+' does not accept option '([\w.]+)'", message)
+    if not_accepted:  # a key of a config file
+        return _unknown_key(not_accepted.group(1), options, argv)
     unrecognized = re.search(r"unrecognized arguments: (\S+)", message)
     if unrecognized:
         return _unknown(unrecognized.group(1).split("=")[0], options)
@@ -125,6 +130,32 @@ def _class_not_imported(key: str, class_path: str) -> str:
     if close:
         return f"{what}; did you mean {names[close[0]]}?"
     return f"{what}; ttc's classes for {key}: {', '.join(known)}" if known else what
+
+
+def config_files(argv: list[str] | tuple[str, ...]) -> list[str]:
+    """The files of `--config FILE` and `--config=FILE` in `argv`, in order."""
+    given = [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
+    return given + [a.removeprefix("--config=") for a in argv if a.startswith("--config=")]
+
+
+def _unknown_key(key: str, options: list[str], argv: list[str] | tuple[str, ...]) -> str:
+    """A config file's key that is no option: the file that holds it (the last given), and the closest option."""
+    close = difflib.get_close_matches("--" + key, options, n=1, cutoff=0.75)
+    hint = f"; did you mean {close[0].removeprefix('--')}?" if close else "; `ttc SUBCOMMAND --help` lists the options"
+    holder = next((name for name in reversed(config_files(argv)) if _holds(name, key.split("."))), None)
+    return f"{holder or 'a config file'}: unknown key {key}{hint}"
+
+
+def _holds(path: str, keys: list[str]) -> bool:
+    try:
+        node = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
 
 
 def _unknown(option: str, known: list[str]) -> str:
