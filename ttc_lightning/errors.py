@@ -35,13 +35,12 @@ def sharded_strategy_error(strategy: str) -> TTCError:
 
 @contextmanager
 def naming_file(path: str | Path) -> Iterator[None]:
-    """An OSError while writing `path` that does not say which file (a full disk's `[Errno 28] No space left on
-    device`, raised by a write or a flush) becomes a `TTCError` that names it."""
+    """An OSError while writing `path` becomes a `TTCError` that names it: a full disk's `[Errno 28] No space left
+    on device` (raised by a write or a flush) names no file, and a directory that turned read-only names the staging
+    file being written (`.last.ckpt.<pid>.partial`), not the one the user knows."""
     try:
         yield
     except OSError as e:
-        if e.filename is not None:  # the error names its file already
-            raise
         raise TTCError(f"cannot write {path}: {e.strerror or e}") from e
 
 

@@ -226,7 +226,7 @@ def test_a_failed_overwrite_keeps_the_previous_export_and_rewards_need_not_impor
 
     monkeypatch.setattr("ttc_lightning.run.export.write_export", disk_full)
     code, err = run_export(capsys, "--ckpt_path", str(moved), "--output_dir", str(out), "--overwrite")
-    assert code == 1 and "ttc: error: [Errno 28] No space left on device" in err
+    assert code == 1 and f"ttc: error: cannot write {out}: No space left on device" in err
     assert sorted(p.name for p in out.iterdir()) == before  # the previous export, whole
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".exported")] == []  # no staging left
     monkeypatch.undo()

@@ -63,6 +63,8 @@ def test_a_full_disk_names_the_metrics_file(tmp_path):
         logger.save()
 
 
-def test_an_os_error_that_names_its_file_is_left_as_it_is(tmp_path):
-    with pytest.raises(FileNotFoundError), naming_file(tmp_path / "a"):
-        (tmp_path / "missing" / "a").write_text("x")
+def test_an_os_error_names_the_file_written_not_the_one_staged_for_it(tmp_path):
+    # the atomic save writes `.a.partial` first: the error names `a`, which the user knows
+    with pytest.raises(TTCError, match=f"^cannot write {re.escape(str(tmp_path / 'a'))}: No such file or directory$"):
+        with naming_file(tmp_path / "a"):
+            (tmp_path / "missing" / ".a.partial").write_text("x")

@@ -441,6 +441,8 @@ def run(args: list[str] | None) -> None:
         if cause is None:
             raise
         where = {MisconfigurationException: "trainer: ", UnicodeDecodeError: "a config file is not UTF-8 text: "}
+        if isinstance(cause, OSError) and cause.filename is not None and cause.strerror:  # not "[Errno 13] ..."
+            cause = f"{cause.filename}: {cause.strerror}"
         print(error_line(f"{where.get(type(cause), '')}{cause}"), file=sys.stderr)
         sys.exit(getattr(cause, "exit_status", USER_ERROR))
 

@@ -41,7 +41,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from ttc_lightning.errors import TTCError, error_line
+from ttc_lightning.errors import TTCError, error_line, naming_file
 from ttc_lightning.model.loading import LoRA, load_policy, load_tokenizer, materialise, quiet_transformers
 from ttc_lightning.model.tiny import TINY
 from ttc_lightning.run.checkpoints import REFERENCE_PREFIX, base_fingerprint, check_complete, fingerprint_difference
@@ -288,7 +288,7 @@ def export(
     checkpoint = load_ttc_checkpoint(path)
     final = check_output_dir(output_dir, overwrite)
     policy = load_trained_policy(checkpoint, path)
-    with replaced_when_done(final) as out:
+    with replaced_when_done(final) as out, naming_file(final):  # not the staging directory beside it
         write_export(policy, out, final, merge)
     if push_to_hub:
         # Uploads the written directory; needs `hf auth login` (or HF_TOKEN) and network.
