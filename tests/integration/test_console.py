@@ -43,6 +43,14 @@ def test_a_log_gets_progress_lines_and_no_library_warnings(run_ttc):
     for line in lines:
         assert re.fullmatch(rf"ttc: step \d/3 \| {fields}", line), line
     assert "━" not in out  # the rich bar draws on stdout
+    assert re.search(r"^ended by +trainer\.max_steps \(3\) *$", err, re.M), err
+
+
+def test_a_run_stopped_by_max_time_says_so_in_its_summary(run_ttc):
+    code, _, err = run_ttc("fit", "--config", DEMO, *SMALL, "--trainer.max_time", "00:00:00:03")
+    assert code == 0, err
+    assert re.search(r"^ended by +trainer\.max_time \(0:00:01\) *$", err, re.M), err
+    assert "Time limit reached" not in err  # Lightning's line, with its own words
 
 
 def test_resuming_and_validating_a_run_show_no_library_warnings(run_ttc):

@@ -70,6 +70,7 @@ LIBRARY_LOG_RECORDS: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.utilities.rank_zero", "Restored all states from the checkpoint"),
     ("lightning.pytorch.utilities.rank_zero", "Loaded model weights from the checkpoint"),
     ("lightning.pytorch.utilities.rank_zero", "`Trainer.fit` stopped:"),
+    ("lightning.pytorch.utilities.rank_zero", "Time limit reached."),  # the summary's "ended by" says it
     ("lightning.pytorch.utilities.rank_zero", "You are using a CUDA device"),
     ("lightning.pytorch.accelerators.cuda", "LOCAL_RANK:"),
     # A line per rank, then a banner in dashes, as the processes of a multi-device run connect (run_info records them).

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, Timer
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
@@ -306,6 +306,7 @@ class SummaryTable(L.Callback):
         facts.add_row("completion tokens", f"{round(self.tokens):,}")
         facts.add_row("wall time", format_duration(time.perf_counter() - self.started))
         facts.add_row("last checkpoint", ckpt)
+        facts.add_row("ended by", ended_by(trainer))
         console = Console(stderr=True)
         console.print(table, facts)
         start, end = means["reward"]
@@ -314,6 +315,19 @@ class SummaryTable(L.Callback):
             f"reward {start:.3f} -> {end:.3f} (mean of the first and last {n}), last checkpoint: {ckpt}",
             soft_wrap=True,
         )
+
+
+def ended_by(trainer: L.Trainer) -> str:
+    """What ended a fit that stopped without an error: the limit it reached."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining() if timer is not None else None
+    if remaining is not None and remaining <= 0:
+        return f"trainer.max_time ({format_duration(timer._duration)})"  # type: ignore[union-attr]
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return f"trainer.max_steps ({trainer.max_steps})"
+    if trainer.max_epochs is not None and trainer.max_epochs != -1 and trainer.current_epoch >= trainer.max_epochs:
+        return f"trainer.max_epochs ({trainer.max_epochs})"
+    return "a callback that stopped the run (its own line says why)"
 
 
 def first_last(history: Sequence[Mapping[str, float]], window: int) -> dict[str, tuple[float, float]]:
