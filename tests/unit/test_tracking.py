@@ -383,7 +383,13 @@ def test_format_duration():
 def test_summary_table_reports_rewards_tokens_and_checkpoint(capsys):
     summary = SummaryTable(window=2)
     trainer = SimpleNamespace(
-        world_size=2, global_step=3, checkpoint_callback=SimpleNamespace(last_model_path="ckpts/last.ckpt")
+        world_size=2,
+        global_step=3,
+        checkpoint_callback=SimpleNamespace(last_model_path="ckpts/last.ckpt"),
+        callbacks=[],
+        max_steps=3,
+        max_epochs=None,
+        current_epoch=0,
     )
     module, outputs = None, {"rollout": [{}] * 8}  # 8 completions on this rank
     summary.setup(trainer, module, "fit")
@@ -403,6 +409,7 @@ def test_summary_table_reports_rewards_tokens_and_checkpoint(capsys):
     assert "char_fraction_reward" in err and "0.300" in err and "0.500" in err
     assert "std" not in err
     assert "672" in err  # tokens: (10 + 12 + 20) mean lengths x 8 completions x 2 ranks = 672
+    assert "trainer.max_steps (3)" in err  # global_step 3 reached max_steps 3
 
 
 def test_run_info_is_written_and_logged(tmp_path, monkeypatch):
