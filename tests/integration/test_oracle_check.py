@@ -117,6 +117,22 @@ def test_linked_harnesses_are_followed(run_ttc, tmp_path):
     assert (code, rows(out)) == (0, {"900097": "ok", "900194": "ok"})
 
 
+def test_broken_links_are_rows_that_say_so(run_ttc, tmp_path):
+    # a harness directory that links to nowhere is not passed over, and a source that links to nowhere is not called
+    # missing
+    root = harnesses(tmp_path, *SAMPLE_IDXS)
+    shutil.rmtree(root / "900097")
+    (root / "900097").symlink_to(tmp_path / "moved" / "900097")
+    (root / "900194" / "harness.c").unlink()
+    (root / "900194" / "harness.c").symlink_to(tmp_path / "moved" / "harness.c")
+    code, out, _ = run_ttc("oracle", "check", str(root))
+    assert code == 1
+    assert rows(out) == {
+        "900097": f"FAIL: {root / '900097'}: a broken link (to {tmp_path / 'moved' / '900097'}, which does not exist)",
+        "900194": f"FAIL: harness.c: a broken link (to {tmp_path / 'moved' / 'harness.c'}, which does not exist)",
+    }
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -2,6 +2,8 @@
 
 import os
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,18 @@ def test_an_os_error_names_the_file_written_not_the_one_staged_for_it(tmp_path):
     with pytest.raises(TTCError, match=f"^cannot write {re.escape(str(tmp_path / 'a'))}: No such file or directory$"):
         with naming_file(tmp_path / "a"):
             (tmp_path / "missing" / ".a.partial").write_text("x")
+
+
+def test_ctrl_c_while_the_cli_loads_is_one_line(monkeypatch, capsys):
+    # Ctrl-C lands in whatever import is running: stand in for the CLI's module with one whose import raises it
+    import ttc_lightning.__main__ as launcher
+
+    class Interrupted(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "ttc_lightning.run.cli", Interrupted("ttc_lightning.run.cli"))
+    with pytest.raises(SystemExit) as stopped:
+        launcher.main()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == "ttc: interrupted while starting; nothing was run\n"

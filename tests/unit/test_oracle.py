@@ -11,6 +11,7 @@ from ttc_lightning.data.base import SAMPLE_DIR
 from ttc_lightning.data.primevul import load_pairs
 from ttc_lightning.data.tasks import patch_row
 from ttc_lightning.errors import TTCError
+from ttc_lightning.oracle import check
 from ttc_lightning.oracle.check import Budget, Verdict, VerdictCache, check_function, ending, grade
 from ttc_lightning.oracle.harness import HARNESSES, load_harness
 from ttc_lightning.oracle.sandbox import Finished
@@ -136,6 +137,51 @@ LAST = "    return TLV_OK;\n}"  # the function's last lines
 def test_a_patch_that_adds_code_around_the_function_is_not_built(after):
     # refused before the compiler runs (ttc_lightning.oracle.scope): 0.0, as for a patch that does not build
     assert rewards([answer(edited(V, LAST, LAST + "\n" + after))]) == [0.0]
+
+
+SIGNATURE = "int tlv_read_string("
+# Each keeps the overflowing write and returns the status the proof expects, so that only the sanitizer's report
+# tells it from the fix.
+TOO_LONG = "    if (len >= out_size) {\n"
+OVERFLOW = "        for (uint16_t i = 0; i < len; i++)\n            out[i] = buf[pos + i];\n        out[len] = 0;\n"
+
+
+@pytest.mark.parametrize(
+    "patched",
+    [
+        edited(
+            V,
+            COPY,
+            TOO_LONG
+            + "        __asan_unpoison_memory_region(out, 64);\n"
+            + OVERFLOW
+            + "        return TLV_ERR_TOO_LONG;\n    }\n"
+            + COPY,
+        ),
+        edited(
+            edited(V, SIGNATURE, "__attribute__((no_sanitize_address)) " + SIGNATURE),
+            COPY,
+            TOO_LONG + OVERFLOW + "        return TLV_ERR_TOO_LONG;\n    }\n" + COPY,
+        ),
+        edited(
+            V,
+            COPY,
+            "    static void *away[5];\n    void back(void) { __builtin_longjmp(away, 1); }\n"
+            + "    extern void __asan_set_death_callback(void (*)(void));\n"
+            + TOO_LONG
+            + "        __asan_set_death_callback(back);\n"
+            + "        if (__builtin_setjmp(away)) return TLV_ERR_TOO_LONG;\n    }\n"
+            + COPY,
+        ),
+    ],
+)
+def test_a_patch_that_hides_the_overflow_from_the_sanitizer_is_not_built(patched, monkeypatch):
+    # refused before the compiler runs: 0.0
+    assert rewards([answer(patched)]) == [0.0]
+    # what it would have scored without the rule: every case passes, the overflow unreported
+    monkeypatch.setattr(oracle, "_verdicts", VerdictCache())
+    monkeypatch.setattr(check, "outside_the_function", lambda patched, original: None)
+    assert rewards([answer(patched)]) == [1.0]
 
 
 # Read the token the way a process could before the entry kept it out of the environment: TTC_CASE_TOKEN there, or

@@ -71,6 +71,39 @@ def test_what_the_original_holds_stays_allowed():
         ),
         ("__attribute__((constructor)) " + F, "it adds constructor"),
         ("[[gnu::constructor]] " + F, "it adds constructor"),
+        # the GNU spellings with `__` on either side, and blanks between the brackets
+        ("__attribute__((__constructor__)) " + F, "it adds constructor"),
+        ("__attribute__ ( (constructor) ) " + F, "it adds constructor"),
+        ("__attribute__(\n(destructor)) " + F, "it adds destructor"),
+        ("[ [gnu::__constructor__]] " + F, "it adds constructor"),
+        ("__attribute__((__weak__)) " + F, "it adds weak"),
+        (
+            F.replace("    return buf[at];", '    static int k __attribute__((__section__(".init_array"))) = 0;'),
+            "it adds section",
+        ),
+        # blanks the preprocessor reads as spaces, line ends it reads as line ends, splices with blanks, trigraphs
+        (F.replace("    return buf[at];", "\f#define assert(x)\n    return buf[at];"), "it adds #define"),
+        (F.replace("    return buf[at];", "#\vdefine assert(x)\n    return buf[at];"), "it adds #define"),
+        (F.replace("    return buf[at];", "%:\fdefine assert(x)\n    return buf[at];"), "it adds #define"),
+        (F.replace("    return buf[at];", "    return buf[at];\r#define main unused\r"), "it adds #define"),
+        (F.replace("    return buf[at];", "#\\  \ndefine assert(x)\n    return buf[at];"), "it adds #define"),
+        (F.replace("    return buf[at];", "??=define assert(x)\n    return buf[at];"), "it adds #define"),
+        (F.replace("    return buf[at];", '    as\\ \nm("nop");\n    return buf[at];'), "it adds asm"),
+        # the sanitizers taken out of the function, or a report survived
+        ("__attribute__((no_sanitize_address)) " + F, "it adds no_sanitize_address"),
+        ('__attribute__((no_sanitize("address"))) ' + F, "it adds no_sanitize"),
+        ('[[clang::no_sanitize("address")]] ' + F, "it adds no_sanitize"),
+        (
+            F.replace("    return buf[at];", "    __asan_unpoison_memory_region(buf, len + 1);\n    return buf[at];"),
+            "it adds __asan_unpoison_memory_region",
+        ),
+        (
+            F.replace("    return buf[at];", "    __sanitizer_set_death_callback(0);\n    return buf[at];"),
+            "it adds __sanitizer_set_death_callback",
+        ),
+        (F.replace("    return buf[at];", "    if (setjmp(env)) return -1;\n    return buf[at];"), "it adds setjmp"),
+        (F.replace("    return buf[at];", "    signal(11, on_segv);\n    return buf[at];"), "it adds signal"),
+        (F.replace("    return buf[at];", "    if (fork() == 0) return buf[at];\n    return -1;"), "it adds fork"),
     ],
 )
 def test_what_reaches_beyond_the_function_is_named(patched, why):

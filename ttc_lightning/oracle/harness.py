@@ -74,6 +74,8 @@ def load_harness(directory: Path) -> Harness:
     format says."""
     manifest = directory / MANIFEST
     where = str(manifest)
+    _not_a_broken_link(directory)
+    _not_a_broken_link(manifest)
     try:
         text = manifest.read_text(encoding="utf-8")
     except OSError as e:
@@ -99,6 +101,7 @@ def load_harness(directory: Path) -> Harness:
     if language not in _SOURCE:
         raise TTCError(f'{where}: field \'language\' must be "c" or "cpp", got {language!r}')
     source = directory / _SOURCE[language]
+    _not_a_broken_link(source)
     if not source.is_file():
         raise TTCError(f"{source}: missing; a {language} harness is compiled from {_SOURCE[language]}")
     include = f'#include "{"function.c" if language == "c" else "function.cpp"}"'
@@ -136,7 +139,12 @@ def harness_directories(root: Path) -> list[Path]:
     one without any harness."""
     if not root.is_dir():
         raise TTCError(f"{root}: not a directory of harnesses (one directory per record idx, each with {MANIFEST})")
-    found = [directory for directory in sorted(root.iterdir()) if (directory / MANIFEST).is_file()]
+    # A link to nowhere is kept, so that checking it says so rather than passing over a harness the user added.
+    found = [
+        directory
+        for directory in sorted(root.iterdir())
+        if (directory / MANIFEST).is_file() or (directory.is_symlink() and not directory.exists())
+    ]
     if not found:
         raise TTCError(f"{root}: holds no harness (a directory per record idx, each with {MANIFEST})")
     return found
@@ -150,6 +158,11 @@ def find_harnesses(root: Path) -> dict[str, Harness]:
         harness = load_harness(directory)
         harnesses[harness.idx] = harness
     return harnesses
+
+
+def _not_a_broken_link(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise TTCError(f"{path}: a broken link (to {os.readlink(path)}, which does not exist)")
 
 
 def _idx(fields: dict[str, Any], name: str, where: str) -> str:

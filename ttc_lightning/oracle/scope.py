@@ -3,7 +3,8 @@
 The patched function is `#include`d into its harness, so text that is not part of the function changes the harness
 itself: a second definition after the function (`int main() { return 0; }`), a `#define` that rewrites the driver
 below it (`#define main unused`, `#define assert(x)`), a constructor or an `.init_array` entry that runs before the
-driver does. `outside_the_function` finds such additions by comparing the patched function with the one it
+driver does; and a function that turns the sanitizers off, or survives their report, hides the failure that the proof
+looks for as surely. `outside_the_function` finds such additions by comparing the patched function with the one it
 patches, so that what the original already holds (a local `#define`/`#undef` pair, K&R parameter declarations)
 stays allowed. It reads C and C++ as far as this needs: comments, string and character literals, braces, lines.
 """
@@ -17,13 +18,37 @@ from dataclasses import dataclass
 # Directives that change the code after them, or what it links to; `#if`/`#ifdef`/`#endif` and `#error` stay allowed.
 _DIRECTIVES = frozenset({"define", "undef", "include", "include_next", "import", "pragma", "line"})
 # Words that emit code or data outside the function's body, or run it before `main`.
-_WORDS = frozenset({"_Pragma", "asm", "__asm", "__asm__"})
+_WORDS = frozenset({"_Pragma", "asm"})
+# Attributes (compared without their optional `__` on either side) that place code or data where the harness runs it,
+# or that take the sanitizers out of the function, so that its overflow is no longer reported.
 _ATTRIBUTES = frozenset(
-    {"constructor", "destructor", "init_priority", "section", "alias", "weakref", "ifunc", "symver", "weak"}
-)
-_DIRECTIVE = re.compile(r"^[ \t]*(?:#|%:)[ \t]*([A-Za-z_]\w*)", re.MULTILINE)
+    {
+        "constructor", "destructor", "init_priority", "section", "alias", "weakref", "ifunc", "symver", "weak",
+        "no_sanitize", "no_sanitize_address", "no_address_safety_analysis", "no_sanitize_undefined",
+        "no_sanitize_thread", "no_sanitize_memory", "disable_sanitizer_instrumentation",
+    }
+)  # fmt: skip
+# Calls that a fix has no need of and that hide a failing case from its driver: jumping out of a sanitizer's report
+# or a signal handler, running the function in a child process, loading other code, or reaching into the caller.
+_CALLS = frozenset(
+    {
+        "setjmp", "_setjmp", "sigsetjmp", "longjmp", "_longjmp", "siglongjmp", "__builtin_setjmp",
+        "__builtin_longjmp", "signal", "sigaction", "sigset", "bsd_signal", "sysv_signal", "fork", "vfork", "clone",
+        "clone3", "posix_spawn", "posix_spawnp", "system", "popen", "execl", "execle", "execlp", "execv", "execve",
+        "execvp", "execvpe", "fexecve", "dlopen", "dlmopen", "dlsym", "dlvsym", "syscall", "ptrace", "prctl",
+        "mprotect", "__builtin_frame_address", "__builtin_return_address", "__builtin_eh_return",
+    }
+)  # fmt: skip
+# The sanitizers' own interfaces: with them a function unpoisons memory or survives a report.
+_SANITIZER = re.compile(r"__(?:asan|hwasan|lsan|msan|tsan|ubsan|sanitizer)_\w*")
+_DIRECTIVE = re.compile(r"^[ \t\f\v]*(?:#|%:)[ \t\f\v]*([A-Za-z_]\w*)", re.MULTILINE)
 _WORD = re.compile(r"[A-Za-z_]\w*")
-_ATTRIBUTE = re.compile(r"__attribute(?:__)?\s*\(\(|\[\[")
+_ATTRIBUTE = re.compile(r"__attribute(?:__)?\s*\(\s*\(|\[\s*\[")
+# How the compiler joins and ends lines before it reads anything: a trigraph `??/` is a backslash and `??=` a `#`
+# (in the strict `-std=` modes), a backslash with blanks before the newline still joins lines (gcc warns), and a lone
+# carriage return ends a line.
+_LINE_ENDS = re.compile(r"\r\n?")
+_SPLICE = re.compile(r"\\[ \t\f\v]*\n")
 
 
 @dataclass(frozen=True)
@@ -38,12 +63,14 @@ class Outline:
     """The code after the last top-level block, without comments and spaces."""
     directives: Counter[str]
     words: Counter[str]
-    """`_Pragma`, `asm` and the attributes that place code or run it before `main`, by name."""
+    """`_Pragma`, `asm`, the attributes that place code, run it before `main` or turn the sanitizers off, the calls
+    that hide a failing case (`_CALLS`) and the sanitizers' interfaces, by name."""
 
 
 def outline(function: str) -> Outline:
     """`function` read as the module docstring says."""
-    code = _code(function.replace("\\\n", ""))  # a backslash-newline joins lines before anything else is read
+    text = _LINE_ENDS.sub("\n", function).replace("??/", "\\").replace("??=", "#")
+    code = _code(_SPLICE.sub("", text))
     blocks, semicolons, depth, last_close = 0, 0, 0, -1
     for i, char in enumerate(code):
         if char == "{":
@@ -56,9 +83,9 @@ def outline(function: str) -> Outline:
         elif char == ";" and depth == 0:
             semicolons += 1
     directives = Counter(m.group(1) for m in _DIRECTIVE.finditer(code) if m.group(1) in _DIRECTIVES)
-    words = Counter(w for w in _WORD.findall(code) if w in _WORDS)
+    words = Counter(w for w in _WORD.findall(code) if _bare(w) in _WORDS or w in _CALLS or _SANITIZER.fullmatch(w))
     for start in _ATTRIBUTE.finditer(code):
-        words.update(w for w in _WORD.findall(_balanced(code, start.end())) if w in _ATTRIBUTES)
+        words.update(_bare(w) for w in _WORD.findall(_balanced(code, start.end())) if _bare(w) in _ATTRIBUTES)
     tail = "".join(code[last_close + 1 :].split()) if blocks else ""
     return Outline(blocks, semicolons, tail, directives, words)
 
@@ -79,6 +106,11 @@ def outside_the_function(patched: str, original: str) -> str | None:
         shown = f"#{name}" if name in new.directives else name
         return f"it adds {shown}, which changes code beyond the function"
     return None
+
+
+def _bare(word: str) -> str:
+    """`word` without the `__` that GNU spellings may put on either side (`__asm__`, `__constructor__`)."""
+    return word.removeprefix("__").removesuffix("__")
 
 
 def _code(text: str) -> str:
