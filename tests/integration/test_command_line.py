@@ -131,6 +131,10 @@ def test_generate_runs_a_checkpoint_on_a_function_from_a_file_or_stdin(run_ttc, 
     assert code == 0, err
     code, _, err = run_ttc("generate", "--ckpt_path", "run", "--file", str(tmp_path / "missing.c"))
     assert code == 1 and err.startswith("ttc: error: --file ") and err.count("\n") == 1
+    huge = tmp_path / "huge.c"  # 2.4 MB: refused before it is tokenized whole, let alone run
+    huge.write_text("int f(void) {\n" + "    x++;\n" * 240_000 + "}\n")
+    code, _, err = run_ttc("generate", "--ckpt_path", "run", "--file", str(huge))
+    assert code == 1 and f"ttc: error: --file {huge}: the prompt is longer than the " in err, err
     code, _, err = run_ttc("generate", "--ckpt_path", "run", "--file", str(func), "--user_template", "{function}")
     assert code == 1 and "ttc: error: --user_template: {function} is not a field of this task" in err
     # A prompt the checkpoint was not trained with, an option of the other task, values out of range, a typo.

@@ -122,6 +122,20 @@ def sleeping_reward(completions: list[str], **_) -> list[float]:
     return [float(len(set(c))) for c in completions]
 
 
+def swallowing_reward(completions: list[str], **_) -> list[float]:
+    """As `sleeping_reward`, but its sleep at step 2 swallows every exception, the one that stops the run included
+    (a retry loop with a bare `except:`)."""
+    _calls["n"] += 1
+    if _calls["n"] == 3:
+        Path(os.environ["TTC_TEST_SLEEPING"]).touch()
+        while True:
+            try:
+                time.sleep(300)
+            except BaseException:  # noqa: BLE001, S110
+                pass
+    return [float(len(set(c))) for c in completions]
+
+
 def checking_reward(completions: list[str], **_) -> list[float | None]:
     """As `sleeping_reward`, but at step 2 a `command_reward` check sleeps 300 s, after it started another `sleep`
     in a session of its own; it writes both ids to the file TTC_TEST_SLEEPING names."""
@@ -273,7 +287,11 @@ def test_checkpoint_path_that_is_no_ttc_checkpoint(run_ttc, run, tmp_path, val, 
     path = {"missing": tmp_path / "nope.ckpt", "directory": tmp_path, "foreign": tmp_path / "other.ckpt"}[what]
     if what == "foreign":
         torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
-    message = {"missing": "does not exist", "directory": "(it is a directory)", "foreign": "is not a ttc checkpoint"}
+    message = {
+        "missing": "does not exist",
+        "directory": "is a directory; give a checkpoint file",
+        "foreign": "is not a ttc checkpoint",
+    }
     code, _, err = run_ttc("validate", *run_args(run, *LORA, *val), "--ckpt_path", str(path))
     assert_one_line_error(code, err, f"--ckpt_path: {path}", message[what])
 
@@ -883,11 +901,14 @@ def test_signal_saves_an_interrupt_checkpoint_and_keeps_the_others(run, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["2", "1"], ids=["worker-threads", "training-thread"])
-@pytest.mark.parametrize("reward", ["sleeping_reward", "checking_reward"], ids=["python", "command"])
+@pytest.mark.parametrize(
+    "reward", ["sleeping_reward", "checking_reward", "swallowing_reward"], ids=["python", "command", "swallowing"]
+)
 def test_sigterm_while_a_reward_hangs_stops_the_run_at_once(tmp_path, kill_on_exit, reward, workers):
     # reward_workers 2: the step waits for the reward on a worker thread; 1 (no reward_timeout): it runs in the
     # training thread itself. Either way the signal must not wait for the reward's 300 s, and no process a
-    # command_reward check started may outlive the run.
+    # command_reward check started may outlive the run. A reward that swallows the exception in the training thread
+    # is left after STOP_GRACE (15 s): the run saves from another thread and exits.
     sleeping = tmp_path / "sleeping"
     rewards = ["--model.rewards", f"[{HERE}.{reward}]", "--model.reward_workers", workers]
     proc = start_ttc(tmp_path, *rewards, "--trainer.max_steps", "10", env=process_env(TTC_TEST_SLEEPING=str(sleeping)))

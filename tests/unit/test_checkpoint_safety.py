@@ -145,7 +145,7 @@ def test_lightning_loading_a_damaged_checkpoint_is_a_one_line_error(tmp_path, ho
 def test_missing_checkpoint_and_directory(tmp_path):
     with pytest.raises(TTCError, match="nope.ckpt does not exist"):
         read_checkpoint(tmp_path / "nope.ckpt")
-    with pytest.raises(TTCError, match=r"does not exist \(it is a directory\)"):
+    with pytest.raises(TTCError, match=r"is a directory; give a checkpoint file in it, or `last` or `best`"):
         read_checkpoint(tmp_path)
     with pytest.raises(TTCError, match="nope.ckpt does not exist"):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "nope.ckpt")

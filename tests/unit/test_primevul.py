@@ -210,6 +210,9 @@ def test_split_file_resolution(tmp_path):
         split_file(tmp_path, "valid", paired=False)
     with pytest.raises(TTCError, match="no such file or directory"):
         split_file(tmp_path / "missing", "train", paired=False)
+    (tmp_path / "primevul_train.jsonl").mkdir()  # not "file not found" beside a listing that shows its name
+    with pytest.raises(TTCError, match=r"primevul_train.jsonl: not a regular file \(split 'train', paired=False\)"):
+        split_file(tmp_path, "train", paired=False)
 
 
 def test_malformed_json_names_file_and_line(tmp_path):

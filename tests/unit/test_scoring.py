@@ -548,8 +548,10 @@ def test_sigterm_leaves_the_ranks_of_a_distributed_run_to_stop_together(flagging
             "import os\nraise RuntimeError('no GPU here')\n",
             "importing 'ttc_broken_reward' raised RuntimeError: no GPU here at {file}:2",
         ),
+        ("import sys\nsys.exit()\n", "importing 'ttc_broken_reward' called sys.exit() at {file}:2"),
+        ("import sys\nsys.exit(5)\n", "importing 'ttc_broken_reward' called sys.exit(5) at {file}:2"),
     ],
-    ids=["syntax-error", "error-at-import"],
+    ids=["syntax-error", "error-at-import", "exit-at-import", "exit-5-at-import"],
 )
 def test_a_reward_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch, source, message):
     module = tmp_path / "ttc_broken_reward.py"

@@ -30,7 +30,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     memory in proportion to its length, not more."""
     path = Path(path)
     if not path.is_file():
-        raise TTCError(f"{path}: file not found" + (" (it is a directory)" if path.is_dir() else ""))
+        raise TTCError(f"{path}: " + ("not a regular file" if path.exists() else "file not found"))
     with path.open("rb") as f:
         lineno = 0
         for raw in f:  # not enumerate(): it would hold on to the previous line's bytes

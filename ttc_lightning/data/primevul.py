@@ -231,6 +231,8 @@ def split_file(data_path: str | Path, split: str, paired: bool) -> Path:
     if not path.is_dir():
         raise TTCError(f"{path}: no such file or directory (expected a PrimeVul directory or .jsonl file)")
     file = path / f"primevul_{split}{'_paired' if paired else ''}.jsonl"
+    if file.exists() and not file.is_file():
+        raise TTCError(f"{file}: not a regular file (split {split!r}, paired={paired}): a directory or a pipe")
     if not file.is_file():
         present = sorted(p.name for p in path.glob("*.jsonl"))
         raise TTCError(f"{file}: file not found (split {split!r}, paired={paired}); {path} holds {present}")

@@ -56,6 +56,11 @@ def import_reward(path: str, where: str) -> Any:
         frames = traceback.extract_tb(e.__traceback__)
         at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
         raise TTCError(f"{where}: importing {module_name!r} raised {type(e).__name__}: {e}{at}") from None
+    except SystemExit as e:  # a module that ends the program as it is imported has not finished the run
+        frames = traceback.extract_tb(e.__traceback__)
+        at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        code = "" if e.code is None else repr(e.code)
+        raise TTCError(f"{where}: importing {module_name!r} called sys.exit({code}){at}") from None
     if not callable(fn):
         raise TTCError(f"{where}: {path!r} is not callable")
     return fn

@@ -13,7 +13,9 @@ import functools
 import logging
 import math
 import numbers
+import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -35,6 +37,9 @@ RewardErrors = Literal["raise", "skip"]
 _ONE_EACH = "it must return one float or None per completion"
 _FLOAT32_MAX = torch.finfo(torch.float32).max  # rewards are kept in float32
 _SLICE = 0.2  # seconds the runner waits at a time for calls on worker threads, so that it notices a SIGTERM
+# Seconds a call running in the training thread may hold a SIGTERM (a bare `except:` that swallows the exception
+# which stops it) before the run saves without it and exits: under SLURM's default KillWait of 30 s, with time to save.
+STOP_GRACE = 15.0
 
 
 class RewardScorer:
@@ -59,6 +64,8 @@ class RewardScorer:
         self.rewards = list(rewards)
         self.names = [reward.name for reward in self.rewards]
         self.workers, self.timeout, self.errors = workers, timeout, errors
+        self.when_stuck: Callable[[], None] | None = None
+        """What saves the run when a call holds a SIGTERM past `STOP_GRACE` seconds (`run_calls`); set by the run."""
         self._warned: set[str] = set()
 
     def score(self, completions: list[str], columns: dict[str, list], group_size: int) -> tuple[Tensor, Tensor | None]:
@@ -70,7 +77,7 @@ class RewardScorer:
         for reward in self.rewards:
             own_completions, own_columns = _copies(completions, columns)
             calls.append(functools.partial(reward.fn, own_completions, **own_columns))
-        outcomes = run_calls(calls, self.workers, self.timeout)
+        outcomes = run_calls(calls, self.workers, self.timeout, self.when_stuck)
         n = len(completions)
         # Explicit dtypes: under `bf16-true` the default dtype inside a step is bfloat16 (8 bits of mantissa).
         scores = torch.full((n, len(self.rewards)), float("nan"), dtype=torch.float32)
@@ -176,7 +183,12 @@ class RewardScorer:
             )
 
 
-def run_calls(calls: Sequence[Callable[[], Any]], workers: int, timeout: float | None) -> list[Future | None]:
+def run_calls(
+    calls: Sequence[Callable[[], Any]],
+    workers: int,
+    timeout: float | None,
+    when_stuck: Callable[[], None] | None = None,
+) -> list[Future | None]:
     """Run `calls`, at most `workers` at once, each given `timeout` seconds; their futures in order, None for a call
     still running at its deadline (its thread is left behind, and what it returns later is dropped).
 
@@ -188,8 +200,11 @@ def run_calls(calls: Sequence[Callable[[], Any]], workers: int, timeout: float |
     call blocked in C code that does not return to Python when interrupted holds it until it does. Not in a
     process that is one of several ranks (torch.distributed): a rank that left in the middle of a step would leave
     the others waiting in its collectives, so the ranks stop together where Lightning stops them.
+    A call that holds the stop longer than `STOP_GRACE` seconds (it swallows the exception, or does not
+    return from C code) is not waited for: `when_stuck` (saving the run) is called from another thread, and the
+    process exits with status 143.
     """
-    with _stopped_by_sigterm(inside_calls=workers == 1 and timeout is None) as sigterm:
+    with _stopped_by_sigterm(inside_calls=workers == 1 and timeout is None, when_stuck=when_stuck) as sigterm:
         if workers == 1 and timeout is None:
             futures = [_call_here(call, sigterm) for call in calls]
             if sigterm.is_set():  # a call that caught the exception and returned
@@ -218,10 +233,11 @@ def run_calls(calls: Sequence[Callable[[], Any]], workers: int, timeout: float |
 
 
 @contextmanager
-def _stopped_by_sigterm(inside_calls: bool) -> Iterator[threading.Event]:
+def _stopped_by_sigterm(inside_calls: bool, when_stuck: Callable[[], None] | None) -> Iterator[threading.Event]:
     """While the block runs in the main thread and SIGTERM has a Python handler: the handler in its place runs it,
-    then sets the event yielded, and with `inside_calls` raises `SIGTERMException` where the main thread is."""
-    received = threading.Event()
+    then sets the event yielded, and with `inside_calls` raises `SIGTERMException` where the main thread is and
+    starts `_exit_if_held`."""
+    received, left = threading.Event(), threading.Event()
     previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     # Not in another thread (signals reach the main thread only), under SIG_DFL / SIG_IGN, or in one of several ranks.
     if not callable(previous) or _one_of_several_ranks():
@@ -234,14 +250,38 @@ def _stopped_by_sigterm(inside_calls: bool) -> Iterator[threading.Event]:
         finally:
             received.set()
         if inside_calls:
+            if not watching:
+                watching.append(threading.Thread(target=_exit_if_held, args=(left, when_stuck), daemon=True))
+                watching[0].start()
             raise _sigterm_exception()
 
+    watching: list[threading.Thread] = []
     signal.signal(signal.SIGTERM, handler)
     try:
         yield received
     finally:
+        left.set()
         if signal.getsignal(signal.SIGTERM) is handler:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_if_held(left: threading.Event, when_stuck: Callable[[], None] | None) -> None:
+    """Unless the calls are left within `STOP_GRACE` seconds of the SIGTERM: `when_stuck`, then exit 143 at once."""
+    if left.wait(STOP_GRACE):
+        return
+    print(
+        f"ttc: a reward function held the stop for {STOP_GRACE:g} s after SIGTERM (it caught the exception that ends "
+        "it, or is blocked in C code); stopping without it",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        if when_stuck is not None:
+            when_stuck()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signal.SIGTERM)
 
 
 def _one_of_several_ranks() -> bool:

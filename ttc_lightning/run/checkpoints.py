@@ -390,7 +390,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     missing, empty, truncated or foreign file is a `TTCError` naming it."""
     path = Path(path)
     if not path.is_file():
-        raise TTCError(f"--ckpt_path: {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+        if path.is_dir():
+            raise TTCError(
+                f"--ckpt_path: {path} is a directory; give a checkpoint file in it, or `last` or `best` with this "
+                "run's trainer.default_root_dir"
+            )
+        raise TTCError(f"--ckpt_path: {path} does not exist")
     if path.stat().st_size == 0:
         raise TTCError(f"--ckpt_path: {path} is empty (0 bytes): a write was cut short; use another checkpoint")
     try:

@@ -97,6 +97,7 @@ def report(task: str, func: str, completion: str) -> str:
 
 
 def generate(args: argparse.Namespace) -> str:
+    from ttc_lightning.data.common import prompt_fits, token_floor
     from ttc_lightning.model.loading import prompt_limit
     from ttc_lightning.run.export import checkpoint_file, load_trained_policy, load_ttc_checkpoint
 
@@ -120,6 +121,12 @@ def generate(args: argparse.Namespace) -> str:
     max_new_tokens = args.max_new_tokens or hp.get("max_new_tokens", 128)
     if limit is not None and max_new_tokens > limit:
         raise TTCError(f"--max_new_tokens {max_new_tokens}: the model's context holds {limit + 1} tokens in all")
+    room = None if limit is None else limit + 1 - max_new_tokens
+    if room is not None and not prompt_fits(trained.tokenizer, prompt, room, token_floor(trained.tokenizer)):
+        raise TTCError(
+            f"--file {args.file}: the prompt is longer than the {room} tokens the model's context of {limit + 1} "
+            f"leaves beside --max_new_tokens {max_new_tokens}: give a shorter function"
+        )
     policy = Policy(trained.model, None, trained.tokenizer, eos_token_ids(trained.tokenizer, trained.model))
     top = {"top_p": hp.get("top_p", 1.0), "top_k": hp.get("top_k", 0)}  # the run's sampling settings
     if torch.cuda.is_available():

@@ -3,6 +3,7 @@ half; `last-interrupted.ckpt` when fit stops on an exception, `best.ckpt` at the
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -124,6 +125,16 @@ class CheckpointOnInterrupt(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started_at = trainer.global_step
+        scorer = getattr(pl_module, "scorer", None)
+        if scorer is not None and trainer.world_size == 1:  # ranks stop together, at a step's start (scoring.py)
+            scorer.when_stuck = functools.partial(self.save_held, trainer, pl_module)
+
+    def save_held(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The save of a SIGTERM, from another thread, while a reward function holds the training thread (the
+        process then exits without unwinding it): the step's state is as the exception would have found it."""
+        self.on_exception(trainer, pl_module, SIGTERMException(128 + signal.SIGTERM))
+        for logger in trainer.loggers:
+            logger.save()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Saving ends in a barrier: under DDP only SIGTERM reaches every rank together; an error raised on one
