@@ -40,8 +40,15 @@ def naming_file(path: str | Path) -> Iterator[None]:
     file being written (`.last.ckpt.<pid>.partial`), not the one the user knows."""
     try:
         yield
-    except OSError as e:
-        raise TTCError(f"cannot write {path}: {e.strerror or e}") from e
+    except Exception as e:
+        # torch.save meets a full disk inside its zip writer, whose clean-up then raises a RuntimeError of its own
+        # ("unexpected pos"): the OSError is in that one's context.
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise TTCError(f"cannot write {path}: {cause.strerror or cause}") from e
 
 
 def error_line(message: object) -> str:

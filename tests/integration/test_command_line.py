@@ -1,5 +1,7 @@
 """A command line that does not parse: one `ttc: error:` line naming the option, a suggestion for a typo, status 2."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,19 @@ def test_the_other_commands_name_a_typo(run_ttc, args, expected):
     code, out, err = run_ttc(*args)
     assert (code, out, err.count("\n")) == (2, "", 1)
     assert err.startswith(f"ttc: error: {expected}")
+
+
+def test_print_config_to_a_full_disk_is_one_line():
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "ttc_lightning", "fit", "--config", str(DEMO), "--print_config"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+    assert (done.returncode, done.stderr) == (
+        1,
+        "ttc: error: cannot write the printed config to the standard output: No space left on device\n",
+    )

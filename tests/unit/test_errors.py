@@ -72,6 +72,25 @@ def test_an_os_error_names_the_file_written_not_the_one_staged_for_it(tmp_path):
             (tmp_path / "missing" / ".a.partial").write_text("x")
 
 
+def test_a_full_disk_under_torch_save_names_the_checkpoint(tmp_path):
+    # torch.save's zip writer meets the full disk, then its clean-up raises a RuntimeError with the OSError as context
+    target = tmp_path / "last.ckpt"
+    with pytest.raises(TTCError, match=f"^cannot write {re.escape(str(target))}: No space left on device$"):
+        with naming_file(target), open("/dev/full", "wb") as f:
+            torch.save({"w": torch.zeros(100_000)}, f)
+    # on a nearly full file system the zip writer's clean-up fails after the OSError, and its RuntimeError is the one
+    # raised (as torch 2.13 does on a small tmpfs); the OSError is its context
+    with pytest.raises(TTCError, match=f"^cannot write {re.escape(str(target))}: No space left on device$"):
+        with naming_file(target):
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 172160 vs 172112")  # noqa: B904
+    with pytest.raises(RuntimeError, match="not a write"):  # other errors pass as they are
+        with naming_file(target):
+            raise RuntimeError("not a write")
+
+
 def test_ctrl_c_while_the_cli_loads_is_one_line(monkeypatch, capsys):
     # Ctrl-C lands in whatever import is running: stand in for the CLI's module with one whose import raises it
     import ttc_lightning.__main__ as launcher

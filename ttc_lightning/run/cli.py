@@ -443,6 +443,8 @@ def run(args: list[str] | None) -> None:
         where = {MisconfigurationException: "trainer: ", UnicodeDecodeError: "a config file is not UTF-8 text: "}
         if isinstance(cause, OSError) and cause.filename is not None and cause.strerror:  # not "[Errno 13] ..."
             cause = f"{cause.filename}: {cause.strerror}"
+        elif isinstance(cause, OSError) and cause.strerror and any(a.startswith("--print_config") for a in argv):
+            cause = f"cannot write the printed config to the standard output: {cause.strerror}"  # > /dev/full
         print(error_line(f"{where.get(type(cause), '')}{cause}"), file=sys.stderr)
         sys.exit(getattr(cause, "exit_status", USER_ERROR))
 
