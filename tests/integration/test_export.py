@@ -166,7 +166,7 @@ def run_export(capsys, *args: str) -> tuple[int, str]:
 
 
 def fake_checkpoint(path: Path, **content) -> Path:
-    torch.save({"state_dict": {}, **content}, path)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, **content}, path)
     return path
 
 
@@ -318,7 +318,8 @@ def ttc_checkpoint(path: Path, trained_lora: bool = False, state_dict=None, fing
     """A checkpoint of the tiny model as `ttc fit` writes one, with `hparams` (and nothing else) in hyper_parameters."""
     ttc = {"model_name_or_path": "tiny", "lora": trained_lora, "base_fingerprint": fingerprint}
     hparams = {"model_name_or_path": "tiny", "lora": {"r": 4} if trained_lora else None, **hparams}
-    torch.save({"state_dict": state_dict or {}, "ttc": ttc, "hyper_parameters": hparams}, path)
+    weights = state_dict or {"policy.model.norm.weight": torch.ones(64)}  # not empty: an empty one is damaged
+    torch.save({"state_dict": weights, "ttc": ttc, "hyper_parameters": hparams}, path)
     return path
 
 

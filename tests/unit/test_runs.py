@@ -15,7 +15,7 @@ from ttc_lightning.run.directory import LOCK_FILE, RunDir, check_checkpoint, cla
 def write(path: Path, age: int = 0, step: int = 1) -> Path:
     """A minimal ttc checkpoint at `path`, modified `age` seconds before the others."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"global_step": step, "state_dict": {}, "ttc": {"lora": False}}, path)
+    torch.save({"global_step": step, "state_dict": {"w": torch.zeros(1)}, "ttc": {"lora": False}}, path)
     stamp = 1_000_000 - age
     os.utime(path, (stamp, stamp))
     return path
@@ -155,8 +155,12 @@ def test_runs_sharing_a_checkpoint_directory_keep_each_other_out(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    [{"global_step": 3, "ttc": {}}, {"global_step": "3", "state_dict": {}, "ttc": {}}],
-    ids=["no-weights", "step-not-a-number"],
+    [
+        {"global_step": 3, "ttc": {}},
+        {"global_step": 3, "state_dict": {}, "ttc": {}},  # emptied: not "use the model of the run that wrote it"
+        {"global_step": "3", "state_dict": {"w": torch.zeros(1)}, "ttc": {}},
+    ],
+    ids=["no-weights", "empty-weights", "step-not-a-number"],
 )
 def test_a_checkpoint_missing_its_weights_or_step_is_damaged(tmp_path, content):
     torch.save(content, tmp_path / "x.ckpt")

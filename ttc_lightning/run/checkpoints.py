@@ -411,7 +411,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def check_complete(checkpoint: dict[str, Any], path: str | Path) -> None:
     """A ttc checkpoint must hold its weights and its step count: without them it is damaged."""
-    if not isinstance(checkpoint.get("state_dict"), dict) or not isinstance(checkpoint.get("global_step", 0), int):
+    weights = checkpoint.get("state_dict")
+    # Empty too: every ttc checkpoint holds the weights it trained (a LoRA one its adapters).
+    if not isinstance(weights, dict) or not weights or not isinstance(checkpoint.get("global_step", 0), int):
         raise TTCError(f"--ckpt_path: {path} is damaged: it has no weights (state_dict) or no step count")
 
 
