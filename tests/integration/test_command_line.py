@@ -192,8 +192,25 @@ def test_a_prompt_text_is_taken_as_written(run_ttc, given):
 def test_a_config_file_that_is_not_yaml_is_named_with_its_line(run_ttc, tmp_path):
     (tmp_path / "bad.yaml").write_text("trainer:\n  max_steps: 3\n  devices: [1\nmodel:\n")
     code, out, err = run_ttc("fit", "--config", "bad.yaml")
-    assert (code, out) == (1, "")
+    assert (code, out) == (2, "")  # a config file is part of the command line: status 2, as for an unknown key
     assert err.strip() == "ttc: error: --config bad.yaml:4:6: not valid YAML: expected ',' or ']', but got ':'"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            "- just a list\n",
+            "--config extra.yaml: holds a list, not a mapping of options (trainer:, model:, data:, ...)",
+        ),
+        ('trainer:\n  max_steps: "two"\n', "extra.yaml: trainer.max_steps: expected an int, got 'two'"),
+    ],
+    ids=["a-list", "a-bad-value"],
+)
+def test_a_config_file_that_holds_no_options_or_a_bad_value_is_named(run_ttc, tmp_path, content, message):
+    (tmp_path / "extra.yaml").write_text(content)
+    code, _, err = run_ttc("fit", "--config", DEMO, "--config", "extra.yaml")
+    assert (code, err) == (2, f"ttc: error: {message}\n")
 
 
 def test_an_unknown_key_in_a_config_file_names_the_file(run_ttc, tmp_path):

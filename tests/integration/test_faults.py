@@ -766,7 +766,7 @@ def test_a_config_file_that_is_not_utf8_is_one_line(run_ttc, tmp_path):
     config = tmp_path / "binary.yaml"
     config.write_bytes(b"\xff\xfe\x00")
     code, _, err = run_ttc("fit", "--config", str(config))
-    assert_one_line_error(code, err, f"--config {config}: not UTF-8 text (byte 0: invalid start byte)")
+    assert_one_line_error(code, err, f"--config {config}: not UTF-8 text (byte 0: invalid start byte)", status=2)
 
 
 def test_a_run_directory_that_is_a_file_is_one_line(run_ttc, tmp_path):

@@ -474,21 +474,36 @@ def text_as_given(argv: list[str]) -> list[str]:
     return out
 
 
+class ConfigFileError(TTCError):
+    """A `--config` file that cannot be read as options: part of a command line that does not parse (status 2)."""
+
+    exit_status = COMMAND_LINE
+
+
 def check_config_files(argv: list[str]) -> None:
-    """Each `--config FILE` must be UTF-8 text and YAML: the YAML reader's own errors would not say which file."""
+    """Each `--config FILE` must be UTF-8 text and a YAML mapping: the YAML reader's own errors, and jsonargparse's
+    for a list, would not say which file."""
     for name in config_files(argv):
         path = Path(name)
         if not path.is_file():
             continue  # a missing file (or a config given inline) is jsonargparse's to report
         try:
-            yaml.safe_load(path.read_text(encoding="utf-8"))
+            content = yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
-            raise TTCError(f"--config {name}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+            raise ConfigFileError(
+                f"--config {name}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
+            ) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise TTCError(f"--config {where}: not valid YAML: {problem}") from None
+            raise ConfigFileError(f"--config {where}: not valid YAML: {problem}") from None
+        if content is not None and not isinstance(content, dict):
+            what = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false"}
+            raise ConfigFileError(
+                f"--config {name}: holds {what.get(type(content), 'a value')}, not a mapping of options "
+                "(trainer:, model:, data:, ...)"
+            )
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (TTCError, MisconfigurationException, OSError, UnicodeDecodeError)

@@ -28,7 +28,16 @@ def subcommand_parsing() -> str:
 def one_line_error(message: str, options: list[str], argv: list[str] | tuple[str, ...] = ()) -> str:
     """jsonargparse's `message` about a command line, as one line naming the option, with a suggestion where one of
     `options` (or of the named class's arguments, or of a choice's values) is close to what was given; `argv` is
-    the command line, to name the option whose value is missing."""
+    the command line, to name the option whose value is missing, and the config file that gave a bad value."""
+    line = _one_line(message, options, argv)
+    key = re.match(r"--([\w.]+): ", line)
+    if key is None or any(a == "--" + key.group(1) or a.startswith(f"--{key.group(1)}=") for a in argv):
+        return line
+    holder = next((name for name in reversed(config_files(argv)) if _holds(name, key.group(1).split("."))), None)
+    return line if holder is None else f"{holder}: {line.removeprefix('--')}"
+
+
+def _one_line(message: str, options: list[str], argv: list[str] | tuple[str, ...]) -> str:
 
     def key_before(position: int) -> str:  # "--model.lora." from the nested 'Parser key "..."' lines before it
         return "--" + "".join(k + "." for k in re.findall(r'Parser key "([\w.]+)"', message[:position]))
