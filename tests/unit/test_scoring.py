@@ -91,10 +91,21 @@ def test_a_reward_that_exits_is_a_reward_error(raised, said, workers):
 
 def test_ctrl_c_in_a_reward_stops_the_run():
     def interrupted(completions, **_):
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: Python's handler raises KeyboardInterrupt here
+        time.sleep(5)
+        return [1.0]
 
     with pytest.raises(KeyboardInterrupt):
         scorer(interrupted).score(["a"], {}, group_size=1)
+
+
+def test_a_keyboard_interrupt_a_reward_raises_itself_is_its_error():
+    # no SIGINT behind it: the function's own doing, named like any other exception, not taken for Ctrl-C
+    def pretending(completions, **_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(TTCError, match=r"^reward function pretending raised KeyboardInterrupt on prompt 0"):
+        scorer(pretending).score(["a"], {}, group_size=1)
 
 
 def test_reward_with_wrong_length_is_an_error():
@@ -560,3 +571,22 @@ def test_a_reward_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch,
     with pytest.raises(TTCError) as e:
         load_rewards(["ttc_broken_reward.broken"])
     assert str(e.value) == "model.rewards[0]: " + message.format(file=module)
+
+
+def test_a_reward_cannot_switch_off_the_runs_signal_handlers():
+    # a reward (or a library under it) that ignores SIGTERM and SIGINT: the run's handlers are back after the call
+    def ignoring(completions, **_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return [1.0]
+
+    def stop(signum, frame):
+        raise AssertionError("not called")
+
+    before = signal.signal(signal.SIGTERM, stop), signal.getsignal(signal.SIGINT)
+    try:
+        scorer(ignoring).score(["a"], {}, group_size=1)
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == (stop, before[1])
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])

@@ -206,7 +206,8 @@ def run_calls(
     """
     with _stopped_by_sigterm(inside_calls=workers == 1 and timeout is None, when_stuck=when_stuck) as sigterm:
         if workers == 1 and timeout is None:
-            futures = [_call_here(call, sigterm) for call in calls]
+            with _ctrl_c_seen() as ctrl_c:
+                futures = [_call_here(call, sigterm, ctrl_c) for call in calls]
             if sigterm.is_set():  # a call that caught the exception and returned
                 raise _sigterm_exception()
             return futures
@@ -261,8 +262,7 @@ def _stopped_by_sigterm(inside_calls: bool, when_stuck: Callable[[], None] | Non
         yield received
     finally:
         left.set()
-        if signal.getsignal(signal.SIGTERM) is handler:
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous)  # also where a reward function set one of its own (SIG_IGN)
 
 
 def _exit_if_held(left: threading.Event, when_stuck: Callable[[], None] | None) -> None:
@@ -284,6 +284,29 @@ def _exit_if_held(left: threading.Event, when_stuck: Callable[[], None] | None) 
         os._exit(128 + signal.SIGTERM)
 
 
+@contextmanager
+def _ctrl_c_seen() -> Iterator[threading.Event]:
+    """An event set when SIGINT arrives while the block runs (its handler is then run as before); set from the start
+    where this thread cannot see it (not the main thread, or no Python handler), so that every KeyboardInterrupt
+    counts as Ctrl-C there."""
+    seen = threading.Event()
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):
+        seen.set()
+        yield seen
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        seen.set()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _one_of_several_ranks() -> bool:
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -300,18 +323,20 @@ def _failure(error: BaseException) -> str:
     """What a call that failed did: `raised ValueError: ...`, or `called sys.exit(3)`."""
     if isinstance(error, SystemExit):
         return f"called sys.exit({'' if error.code is None else repr(error.code)})"
-    return f"raised {type(error).__name__}: {error}"
+    return f"raised {type(error).__name__}" + (f": {error}" if str(error) else "")
 
 
-def _call_here(call: Callable[[], Any], stopped: threading.Event) -> Future:
+def _call_here(call: Callable[[], Any], stopped: threading.Event, ctrl_c: threading.Event) -> Future:
     """`call` in this thread. Whatever it raises is its failure, `sys.exit` and other `BaseException`s included (a
-    reward that exits has not finished the run), except Ctrl-C and the SIGTERM exception that `stopped` says
-    the handler raised inside it: those stop the run."""
+    reward that exits has not finished the run), except Ctrl-C (a `KeyboardInterrupt` with a SIGINT behind it, which
+    `ctrl_c` says) and the SIGTERM exception that `stopped` says the handler raised inside it: those stop the run."""
     future: Future = Future()
     try:
         future.set_result(call())
-    except KeyboardInterrupt:
-        raise
+    except KeyboardInterrupt as e:
+        if ctrl_c.is_set():
+            raise
+        future.set_exception(e)  # raised by the function itself
     except BaseException as e:
         if stopped.is_set():
             raise
