@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -57,13 +58,23 @@ def import_reward(path: str, where: str) -> Any:
         at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
         raise TTCError(f"{where}: importing {module_name!r} raised {type(e).__name__}: {e}{at}") from None
     except SystemExit as e:  # a module that ends the program as it is imported has not finished the run
+        # The module's own line, not that of a library that wraps sys.exit (wandb does, once imported).
         frames = traceback.extract_tb(e.__traceback__)
-        at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        own = [f for f in frames if f.filename == _origin(module_name)] or frames
+        at = f" at {own[-1].filename}:{own[-1].lineno}" if own else ""
         code = "" if e.code is None else repr(e.code)
         raise TTCError(f"{where}: importing {module_name!r} called sys.exit({code}){at}") from None
     if not callable(fn):
         raise TTCError(f"{where}: {path!r} is not callable")
     return fn
+
+
+def _origin(module_name: str) -> str | None:
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    return None if spec is None else spec.origin
 
 
 def load_rewards(entries: Sequence[str | RewardSpec | Mapping[str, Any]]) -> list[Reward]:
