@@ -43,12 +43,18 @@ def naming_file(path: str | Path) -> Iterator[None]:
     except Exception as e:
         # torch.save meets a full disk inside its zip writer, whose clean-up then raises a RuntimeError of its own
         # ("unexpected pos"): the OSError is in that one's context.
-        cause = e
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
+        cause = in_chain(e, OSError)
         if cause is None:
             raise
         raise TTCError(f"cannot write {path}: {cause.strerror or cause}") from e
+
+
+def in_chain(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type `kind` in `error`'s chain of causes and contexts (`error` itself first)."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, kind):
+        cause = cause.__cause__ or cause.__context__
+    return cause
 
 
 def error_line(message: object) -> str:

@@ -64,6 +64,46 @@ def _run(self: torch.nn.Module, function: Callable[..., Any], *args: Any, **kwar
     )
 
 
+def fill_strategy_sizes(trainer: Any, model: Any) -> None:
+    """ModelParallelStrategy's sizes left at "auto" mean tensor parallelism over a node's devices and data
+    parallelism over nodes; ttc shards with FSDP2 over every device (data_parallel_size = devices x nodes,
+    tensor_parallel_size 1), so a job script that sets devices and nodes needs no other change. Sizes given that do
+    not cover the devices, and what FSDP2 cannot run (`sharding.check_strategy`), are refused here, before Lightning
+    starts the processes (which would each say it)."""
+    strategy = trainer.strategy  # a Namespace with class_path and init_args, or a name ("ddp")
+    class_path = str(strategy.get("class_path") or "") if hasattr(strategy, "get") else ""
+    if not class_path.endswith("ModelParallelStrategy") or not hasattr(strategy, "init_args"):
+        return
+    sizes = strategy.init_args
+    if sizes.get("tensor_parallel_size", "auto") == "auto":
+        sizes.tensor_parallel_size = 1
+    devices = trainer.devices  # "2" from a command line, 2 from a YAML file
+    devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
+    nodes = int(trainer.num_nodes or 1)
+    known = isinstance(devices, int) and devices >= 1
+    if sizes.get("data_parallel_size", "auto") == "auto":
+        if not known:
+            raise TTCError(
+                f"trainer.devices: {devices!r} with ModelParallelStrategy: give the number of devices of each node "
+                "(ttc shards over all of them), or the strategy's data_parallel_size"
+            )
+        sizes.data_parallel_size = devices * nodes
+    elif known and sizes.data_parallel_size * sizes.tensor_parallel_size != devices * nodes:
+        raise TTCError(
+            f"trainer.strategy: data_parallel_size {sizes.data_parallel_size} x tensor_parallel_size "
+            f"{sizes.tensor_parallel_size} must equal the {devices * nodes} devices ({devices} x {nodes} nodes); "
+            "leave both out and ttc sets them"
+        )
+    options = getattr(model, "init_args", model)
+    check_strategy(
+        sizes.tensor_parallel_size,
+        sizes.data_parallel_size * sizes.tensor_parallel_size,
+        sizes.get("save_distributed_checkpoint", True) is not False,
+        bool(options.get("load_in_4bit")),
+        bool(options.get("dynamic_sampling")),
+    )
+
+
 def check_strategy(
     tensor_parallel_size: int, devices: int, distributed_checkpoint: bool, load_in_4bit: bool, dynamic_sampling: bool
 ) -> None:

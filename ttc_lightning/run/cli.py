@@ -8,15 +8,12 @@ Exit status (`ending`): 0 done, 1 a user error (one line `ttc: error: ...`), 2 a
 from __future__ import annotations
 
 import importlib
-import json
 import re
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
 import torch
-import yaml
 from jsonargparse import ActionYesNo, Namespace, set_parsing_settings
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -27,7 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ttc_lightning.data.base import Task
 from ttc_lightning.data.tasks import PrimeVulPatchDataModule
-from ttc_lightning.errors import TTCError, error_line, sharded_strategy_error
+from ttc_lightning.errors import TTCError, error_line, in_chain, sharded_strategy_error
 from ttc_lightning.model import sharding
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.run import directory as runs
@@ -59,7 +56,14 @@ from ttc_lightning.run.tracking import (
     quiet_wandb_start,
     wandb_defaults,
 )
-from ttc_lightning.run.usage import OTHER_COMMANDS, SUBCOMMANDS, config_files, one_line_error, subcommand_parsing
+from ttc_lightning.run.usage import (
+    OTHER_COMMANDS,
+    SUBCOMMANDS,
+    check_config_files,
+    one_line_error,
+    subcommand_parsing,
+    text_as_given,
+)
 
 
 def auto_precision(accelerator: Any) -> str:
@@ -272,7 +276,7 @@ class TTCCLI(LightningCLI):
         if _no_validation_split(config.data):
             # An empty validation loader still counts as a loop in Lightning and shifts logged steps on resume.
             trainer.limit_val_batches = 0
-        _shard_over_every_device(trainer, config.model)
+        sharding.fill_strategy_sizes(trainer, config.model)
         wandb_defaults(config)
 
     def best_metric(self) -> str:
@@ -314,45 +318,6 @@ class TTCCLI(LightningCLI):
         name_metrics_file(trainer.loggers)
         self.new_logs = NewLogDirectory(trainer)
         return trainer
-
-
-def _shard_over_every_device(trainer: Namespace, model: Namespace) -> None:
-    """ModelParallelStrategy's sizes left at "auto" mean tensor parallelism over a node's devices and data
-    parallelism over nodes; ttc shards with FSDP2 over every device (data_parallel_size = devices x nodes,
-    tensor_parallel_size 1), so a job script that sets devices and nodes needs no other change. Sizes given that do
-    not cover the devices, and what FSDP2 cannot run (`sharding.check_strategy`), are refused here, before Lightning
-    starts the processes (which would each say it)."""
-    strategy = trainer.strategy
-    if not class_path_of(strategy).endswith("ModelParallelStrategy") or not hasattr(strategy, "init_args"):
-        return
-    sizes = strategy.init_args
-    if sizes.get("tensor_parallel_size", "auto") == "auto":
-        sizes.tensor_parallel_size = 1
-    devices = trainer.devices  # "2" from a command line, 2 from a YAML file
-    devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices
-    nodes = int(trainer.num_nodes or 1)
-    known = isinstance(devices, int) and devices >= 1
-    if sizes.get("data_parallel_size", "auto") == "auto":
-        if not known:
-            raise TTCError(
-                f"trainer.devices: {devices!r} with ModelParallelStrategy: give the number of devices of each node "
-                "(ttc shards over all of them), or the strategy's data_parallel_size"
-            )
-        sizes.data_parallel_size = devices * nodes
-    elif known and sizes.data_parallel_size * sizes.tensor_parallel_size != devices * nodes:
-        raise TTCError(
-            f"trainer.strategy: data_parallel_size {sizes.data_parallel_size} x tensor_parallel_size "
-            f"{sizes.tensor_parallel_size} must equal the {devices * nodes} devices ({devices} x {nodes} nodes); "
-            "leave both out and ttc sets them"
-        )
-    options = getattr(model, "init_args", model)
-    sharding.check_strategy(
-        sizes.tensor_parallel_size,
-        sizes.data_parallel_size * sizes.tensor_parallel_size,
-        sizes.get("save_distributed_checkpoint", True) is not False,
-        bool(options.get("load_in_4bit")),
-        bool(options.get("dynamic_sampling")),
-    )
 
 
 def _no_validation_split(data: Any) -> bool:
@@ -437,7 +402,7 @@ def run(args: list[str] | None) -> None:
         # Lightning's MisconfigurationException is its user-error type (an accelerator this machine lacks, ...); an
         # OSError is the machine's (a read-only or full disk, a file where a directory should be); a config file
         # that is not UTF-8 fails in the YAML reader.
-        cause = next(filter(None, (_in_chain(e, kind) for kind in USER_ERRORS)), None)
+        cause = next(filter(None, (in_chain(e, kind) for kind in USER_ERRORS)), None)
         if cause is None:
             raise
         where = {MisconfigurationException: "trainer: ", UnicodeDecodeError: "a config file is not UTF-8 text: "}
@@ -449,72 +414,7 @@ def run(args: list[str] | None) -> None:
         sys.exit(getattr(cause, "exit_status", USER_ERROR))
 
 
-# Options whose values are free text, taken as given: jsonargparse reads an option of a class as YAML, in which
-# "Fix {cwe}: {func}" is a mapping, so ttc hands each to it as a JSON mapping of the class's arguments.
-TEXT_OPTIONS = ("--data.user_template", "--data.system_prompt")
-
-
-def text_as_given(argv: list[str]) -> list[str]:
-    """`argv` with `--data.user_template TEXT` (and the other `TEXT_OPTIONS`) written as `--data {"init_args":
-    {"user_template": TEXT}}`, which jsonargparse merges into the data module's arguments; `null` stays null."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        option, equals, value = argv[i].partition("=")
-        given = equals or i + 1 < len(argv)
-        if option in TEXT_OPTIONS and given:
-            value = value if equals else argv[i + 1]
-            i += 1 if equals else 2
-            text = None if value == "null" else value
-            group, _, name = option.removeprefix("--").partition(".")
-            out += [f"--{group}", json.dumps({"init_args": {name: text}})]
-            continue
-        out.append(argv[i])
-        i += 1
-    return out
-
-
-class ConfigFileError(TTCError):
-    """A `--config` file that cannot be read as options: part of a command line that does not parse (status 2)."""
-
-    exit_status = COMMAND_LINE
-
-
-def check_config_files(argv: list[str]) -> None:
-    """Each `--config FILE` must be UTF-8 text and a YAML mapping: the YAML reader's own errors, and jsonargparse's
-    for a list, would not say which file."""
-    for name in config_files(argv):
-        path = Path(name)
-        if not path.is_file():
-            continue  # a missing file (or a config given inline) is jsonargparse's to report
-        try:
-            content = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise ConfigFileError(
-                f"--config {name}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
-            ) from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigFileError(f"--config {where}: not valid YAML: {problem}") from None
-        if content is not None and not isinstance(content, dict):
-            what = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false"}
-            raise ConfigFileError(
-                f"--config {name}: holds {what.get(type(content), 'a value')}, not a mapping of options "
-                "(trainer:, model:, data:, ...)"
-            )
-
-
 USER_ERRORS: tuple[type[BaseException], ...] = (TTCError, MisconfigurationException, OSError, UnicodeDecodeError)
-
-
-def _in_chain(error: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of type `kind` in `error`'s chain of causes and contexts."""
-    cause: BaseException | None = error
-    while cause is not None and not isinstance(cause, kind):
-        cause = cause.__cause__ or cause.__context__
-    return cause
 
 
 if __name__ == "__main__":

@@ -7,12 +7,16 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import json
 import re
 import typing
 from pathlib import Path
 
 import lightning as L
 import yaml
+
+from ttc_lightning.errors import TTCError
+from ttc_lightning.run.ending import COMMAND_LINE
 
 
 def subcommand_parsing() -> str:
@@ -238,3 +242,60 @@ OTHER_COMMANDS = {
     "oracle": "ttc_lightning.run.oracle",
 }
 COMMANDS = (*SUBCOMMANDS, *OTHER_COMMANDS)
+
+
+# Options whose values are free text, taken as given: jsonargparse reads an option of a class as YAML, in which
+# "Fix {cwe}: {func}" is a mapping, so ttc hands each to it as a JSON mapping of the class's arguments.
+TEXT_OPTIONS = ("--data.user_template", "--data.system_prompt")
+
+
+def text_as_given(argv: list[str]) -> list[str]:
+    """`argv` with `--data.user_template TEXT` (and the other `TEXT_OPTIONS`) written as `--data {"init_args":
+    {"user_template": TEXT}}`, which jsonargparse merges into the data module's arguments; `null` stays null."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        option, equals, value = argv[i].partition("=")
+        given = equals or i + 1 < len(argv)
+        if option in TEXT_OPTIONS and given:
+            value = value if equals else argv[i + 1]
+            i += 1 if equals else 2
+            text = None if value == "null" else value
+            group, _, name = option.removeprefix("--").partition(".")
+            out += [f"--{group}", json.dumps({"init_args": {name: text}})]
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+class ConfigFileError(TTCError):
+    """A `--config` file that cannot be read as options: part of a command line that does not parse (status 2)."""
+
+    exit_status = COMMAND_LINE
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Each `--config FILE` must be UTF-8 text and a YAML mapping: the YAML reader's own errors, and jsonargparse's
+    for a list, would not say which file."""
+    for name in config_files(argv):
+        path = Path(name)
+        if not path.is_file():
+            continue  # a missing file (or a config given inline) is jsonargparse's to report
+        try:
+            content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigFileError(
+                f"--config {name}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
+            ) from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigFileError(f"--config {where}: not valid YAML: {problem}") from None
+        if content is not None and not isinstance(content, dict):
+            what = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false"}
+            raise ConfigFileError(
+                f"--config {name}: holds {what.get(type(content), 'a value')}, not a mapping of options "
+                "(trainer:, model:, data:, ...)"
+            )
