@@ -16,8 +16,7 @@ from ttc_lightning.training.rollout import as_overlong_buffer
 
 log = logging.getLogger("ttc")
 
-MODULE_DOC = """GRPO on a causal LM: sample G completions per prompt, score them, push the policy towards the better
-    ones.
+MODULE_DOC = """GRPO on a causal LM: sample G completions per prompt, score them, favour the better ones.
 
     One `training_step` is one rollout followed by `num_iterations` optimizer steps on it, so `trainer.max_steps`
     counts optimizer steps.

@@ -50,7 +50,11 @@ from tests.helpers import DEMO, REPO
             "--model.class_path: cannot import ttc_lightning.GRPOModul; did you mean ttc_lightning.GRPOModule?",
         ),
         (["--bogus", "1"], "unknown option --bogus; `ttc SUBCOMMAND --help` lists the options"),
-        (["--config", "missing.yaml"], "missing.yaml: no such file"),  # the path as jsonargparse resolved it
+        (["--model.dtype", "fp16"], "--model.dtype: 'fp16' is not a choice; did you mean float16? (auto, float32,"),
+        (["--model.dtype", "BF16"], "--model.dtype: 'BF16' is not a choice; did you mean bfloat16? (auto, float32,"),
+        # A missing config file as it was given, and the file beside it with the closest name.
+        (["--config", "missing.yaml"], "ttc: error: --config missing.yaml: no such file\n"),
+        (["--config", DEMO.replace("demo.yaml", "demoo.yaml")], f"demoo.yaml: no such file; did you mean {DEMO}?"),
     ],
 )
 def test_a_command_line_that_does_not_parse_is_one_line(run_ttc, args, expected):

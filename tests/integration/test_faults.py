@@ -469,6 +469,15 @@ def test_overwrite_refused_before_it_starts_keeps_the_earlier_run(run_ttc, run, 
     assert_kept(before, run)
 
 
+def test_a_new_run_refused_while_it_is_built_leaves_no_directory(run_ttc, tmp_path):
+    """A value only the data module checks (found after the run directory was claimed) leaves no run directory with
+    nothing in it but a lock file."""
+    new = tmp_path / "runs" / "new"
+    code, _, err = run_ttc("fit", *run_args(new, "--data.batch_size", "0"))
+    assert_one_line_error(code, err, "data.batch_size and data.val_batch_size must be >= 1")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_overwrite_with_resume_is_refused(run_ttc, run):
     before = hashes(run)
     code, _, err = run_ttc("fit", *run_args(run, *LORA, "--overwrite", "--ckpt_path", "last"))

@@ -1,5 +1,7 @@
 """`ttc fit` end to end on the tiny model, in-process, on CPU."""
 
+import importlib
+import inspect
 import json
 
 import pytest
@@ -37,7 +39,7 @@ def test_demo_fit_writes_checkpoint_metrics_and_rollouts(run_ttc, tmp_path):
         "--trainer.max_steps",
         "3",
         "--trainer.default_root_dir",
-        "run",
+        "[lr 1e-5]/run",  # brackets, which rich would read as markup in the summary
         "--model.beta",
         "0.04",
         *FAST,
@@ -46,7 +48,7 @@ def test_demo_fit_writes_checkpoint_metrics_and_rollouts(run_ttc, tmp_path):
     # The run names the sampling backend that ran, with its levers, once, and how the training passes go.
     assert err.count("ttc: sampling with ttc's decoding loop, shared prompt cache") == 1
     assert "ttc: training log-probs with one pass per prompt" in err
-    run = tmp_path / "run"
+    run = tmp_path / "[lr 1e-5]" / "run"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     rows = read_metrics(run)
     assert len(rows) == 3
@@ -57,6 +59,9 @@ def test_demo_fit_writes_checkpoint_metrics_and_rollouts(run_ttc, tmp_path):
     assert [r["step"] for r in rollouts[::8]] == [int(r["step"]) for r in rows] == [1, 2, 3]
     assert {"step", "prompt", "completion", "rewards", "reward", "advantage"} <= set(rollouts[0])
     assert "reward 0." in err  # the end-of-run summary line
+    assert f"last checkpoint    {run / 'checkpoints' / 'last.ckpt'}\n" in err
+    assert f"last checkpoint: {run / 'checkpoints' / 'last.ckpt'}\n" in err
+    assert not [line for line in err.splitlines() if line.endswith(" ")]  # piped: no padding to a table's width
 
 
 @pytest.mark.slow
@@ -269,6 +274,24 @@ def test_help_shows_documented_fields(run_ttc):
     code, out, _ = run_ttc("fit", "--data.help", "ttc_lightning.data.PrimeVulClassificationDataModule")
     assert code == 0
     assert "Train on whole pairs" in out
+
+
+@pytest.mark.parametrize(
+    "class_path",
+    [
+        "ttc_lightning.GRPOModule",
+        "ttc_lightning.data.PrimeVulPatchDataModule",
+        "ttc_lightning.data.PrimeVulClassificationDataModule",
+        "ttc_lightning.data.PromptDataModule",
+    ],
+)
+def test_a_class_help_is_headed_by_its_whole_first_paragraph(run_ttc, class_path):
+    # The heading is the docstring's first line alone: a first paragraph wrapped over two lines loses its end.
+    module, _, name = class_path.rpartition(".")
+    first = " ".join(inspect.getdoc(getattr(importlib.import_module(module), name)).split("\n\n")[0].split())
+    code, out, _ = run_ttc("fit", f"--{'model' if name == 'GRPOModule' else 'data'}.help", class_path)
+    assert code == 0
+    assert f"\n{first.removesuffix('.')}:\n" in out, out[:400]
 
 
 OLD_SETTINGS = ["--model.beta", "0.04", *FAST]  # those the checkpoints of the first layout (OLD_LORA, OLD_FULL) had

@@ -134,6 +134,25 @@ def test_local_paths_are_never_probed_and_every_problem_is_listed(hub_env, probe
     assert probes == []
 
 
+def test_prompt_options_are_checked_with_the_rest(probes, tmp_path):
+    bad = config(str(tmp_path / "no-model"))
+    bad.data.init_args.system_prompt = str(tmp_path / "missing.txt")
+    bad.data.init_args.user_template = "Fix {cwe} in {function}"
+    with pytest.raises(TTCError) as info:
+        preflight.check_before_start(bad, "fit")
+    problems = [p.strip().removesuffix(";") for p in re.split(r"\(\d\) ", str(info.value))[1:]]
+    named = ["model.model_name_or_path", "data.system_prompt", "data.user_template"]
+    assert [p.split(":")[0] for p in problems] == named
+    assert problems[1].endswith("missing.txt does not exist; give a file that holds the text, or the text itself")
+    assert problems[2] == "data.user_template: {function} is not a field of this task; it has {func}, {cwe}, {cve_desc}"
+
+    good = config("tiny")
+    (tmp_path / "system.txt").write_text("Fix the function.")
+    good.data.init_args.system_prompt = str(tmp_path / "system.txt")
+    good.data.init_args.user_template = "Fix {cwe} in {func}"
+    preflight.check_before_start(good, "fit")  # no TTCError
+
+
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
 def test_the_sample_data_and_tiny_pass(probes, tmp_path, subcommand):
     checked = config("tiny")

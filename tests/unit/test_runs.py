@@ -81,6 +81,22 @@ def test_paths_and_none_pass_through(run):
     assert resolve_ckpt_path("hpc", "fit", run) == "hpc"
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluating_without_a_checkpoint_says_it_runs_the_base_model(run, caplog, subcommand):
+    with caplog.at_level(logging.INFO, logger="ttc"):
+        assert resolve_ckpt_path(None, subcommand, run) is None
+    assert caplog.messages == [f"no --ckpt_path: {subcommand} runs the base model, not a trained policy"]
+    caplog.clear()
+    last = write(run.checkpoints / "last.ckpt")
+    with caplog.at_level(logging.INFO, logger="ttc"):
+        assert resolve_ckpt_path(None, subcommand, run) is None
+    assert caplog.messages[0].endswith(f"not a trained policy; --ckpt_path last takes {last}")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ttc"):
+        assert resolve_ckpt_path(None, "fit", run) is None  # a new run: nothing to say
+    assert caplog.messages == []
+
+
 def test_fit_from_a_finished_checkpoint_says_how_to_continue(tmp_path):
     path = str(write(tmp_path / "last.ckpt", step=40))
     with pytest.raises(TTCError, match=r"already at max_steps 40 \(step 40\); raise --trainer.max_steps to continue"):
@@ -146,9 +162,7 @@ def test_runs_sharing_a_checkpoint_directory_keep_each_other_out(tmp_path):
     for overwrite in (False, True):
         with pytest.raises(TTCError, match=r"shared-checkpoints is in use by .* choose another --checkpoint.dirpath"):
             claim(RunDir(tmp_path / "b", shared), resume=False, overwrite=overwrite)
-    with (tmp_path / "b" / LOCK_FILE).open("a+") as b_lock:
-        fcntl.flock(b_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # b's own lock was let go with the refusal
-        fcntl.flock(b_lock, fcntl.LOCK_UN)
+    assert not (tmp_path / "b").exists()  # b's own lock was let go with the refusal, and the directory it made
     first.close()
     claim(RunDir(tmp_path / "b", shared), resume=False, overwrite=False).close()
 
@@ -166,3 +180,38 @@ def test_a_checkpoint_missing_its_weights_or_step_is_damaged(tmp_path, content):
     torch.save(content, tmp_path / "x.ckpt")
     with pytest.raises(TTCError, match="is damaged: it has no weights"):
         check_checkpoint(str(tmp_path / "x.ckpt"), "x.ckpt", "fit", max_steps=10)
+
+
+def test_a_run_that_wrote_nothing_leaves_no_directory_it_made(tmp_path):
+    # A fit refused after its claim (a bad option value found while the data module is built) wrote only locks.
+    made = RunDir(tmp_path / "runs" / "new", tmp_path / "runs" / "new" / "checkpoints")
+    claimed = claim(made, resume=False, overwrite=False)
+    assert (made.root / LOCK_FILE).is_file()
+    claimed.close()
+    assert list(tmp_path.iterdir()) == []  # runs/ too: this fit made it
+
+    existing = RunDir(tmp_path / "mine", tmp_path / "mine" / "checkpoints")
+    existing.root.mkdir()
+    claim(existing, resume=False, overwrite=False).close()
+    assert existing.root.is_dir()  # the user's directory stays, with only the lock file in it
+    assert [p.name for p in existing.root.iterdir()] == [LOCK_FILE]
+
+
+def test_a_run_that_wrote_something_keeps_its_directory(tmp_path):
+    run = RunDir(tmp_path / "run", tmp_path / "run" / "checkpoints")
+    claimed = claim(run, resume=False, overwrite=False)
+    (run.root / "logs" / "version_0").mkdir(parents=True)
+    write(run.checkpoints / "last.ckpt")
+    claimed.close()
+    assert sorted(p.name for p in run.root.iterdir()) == [LOCK_FILE, "checkpoints", "logs"]  # all of it, even empty
+
+
+def test_a_refused_claim_removes_the_directory_it_made(tmp_path):
+    run = RunDir(tmp_path / "run", tmp_path / "elsewhere" / "checkpoints")
+    with pytest.raises(TTCError, match="--overwrite starts the run over"):
+        claim(run, resume=True, overwrite=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "checkpoints").symlink_to(tmp_path / "gone")  # a broken link: not a directory to lock
+    with pytest.raises(OSError):
+        claim(run, resume=False, overwrite=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["elsewhere"]  # run/ was made, then removed; elsewhere/ was not

@@ -165,18 +165,19 @@ def test_no_validation_split():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
-        ({"max_val_prompts": 0}, "max_val_prompts must be >= 1, got 0; use val_split: null"),
-        ({"num_workers": -1}, "num_workers must be >= 0"),
-        ({"label_mode": "multi"}, "label_mode must be binary or cwe"),
-        ({"label_mode": "cwe", "top_k": 0}, "top_k must be >= 1"),
-        ({"cwe_labels": ["CWE-787"]}, "cwe_labels needs label_mode: cwe"),
-        ({"label_mode": "cwe", "cwe_labels": ["787"]}, "cwe_labels must be distinct CWE ids"),
-        ({"data_path": "/nonexistent/primevul"}, "data_path: /nonexistent/primevul does not exist"),
-        ({"train_split": " "}, "train_split: empty split name"),
+        ({"batch_size": 0}, "^data\\.batch_size must be >= 1, got 0"),
+        ({"max_val_prompts": 0}, "^data\\.max_val_prompts must be >= 1, got 0; use val_split: null"),
+        ({"num_workers": -1}, "^data\\.num_workers must be >= 0"),
+        ({"label_mode": "multi"}, "^data\\.label_mode must be binary or cwe"),
+        ({"label_mode": "cwe", "top_k": 0}, "^data\\.top_k must be >= 1"),
+        ({"cwe_labels": ["CWE-787"]}, "^data\\.cwe_labels needs data\\.label_mode: cwe"),
+        ({"label_mode": "cwe", "cwe_labels": ["787"]}, "^data\\.cwe_labels must be distinct CWE ids"),
+        ({"data_path": "/nonexistent/primevul"}, "^data\\.data_path: /nonexistent/primevul does not exist"),
+        ({"train_split": " "}, "^data\\.train_split: empty split name"),
     ],
 )
 def test_bad_arguments_say_how_to_fix_them(kwargs, message):
+    # Each message starts with the option as a config names it (data.X), so a user can find the line to change.
     with pytest.raises(TTCError, match=message):
         PrimeVulClassificationDataModule(**kwargs)
 
@@ -270,9 +271,9 @@ def test_pair_batches_give_ranks_whole_pairs():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({}, "pair_batches needs paired: true"),
-        ({"paired": True, "label_mode": "cwe"}, "pair_batches needs label_mode: binary"),
-        ({"paired": True, "batch_size": 3}, "pair_batches needs an even batch_size .*got 3"),
+        ({}, "^data\\.pair_batches needs paired: true"),
+        ({"paired": True, "label_mode": "cwe"}, "^data\\.pair_batches needs label_mode: binary"),
+        ({"paired": True, "batch_size": 3}, "^data\\.pair_batches needs an even data\\.batch_size .*got 3"),
     ],
 )
 def test_pair_batches_need_paired_binary_rows_and_an_even_batch(kwargs, message):

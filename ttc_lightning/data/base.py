@@ -268,13 +268,13 @@ class TaskDataModule(L.LightningDataModule):
         data_path = SAMPLE_DIR if data_path is None else data_path
         if not data_path.startswith(HF_PREFIX) and not Path(data_path).exists():
             raise TTCError(
-                f"data_path: {data_path} does not exist; give a directory with primevul_*.jsonl files, "
+                f"data.data_path: {data_path} does not exist; give a directory with primevul_*.jsonl files, "
                 f"a .jsonl file, or {HF_PREFIX}<repo_id>"
             )
         splits = {"train_split": train_split, "val_split": val_split, "test_split": test_split}
         for name, split in splits.items():
             if split is not None and not split.strip():
-                raise TTCError(f"{name}: empty split name")
+                raise TTCError(f"data.{name}: empty split name")
         for name, value, least in (
             ("batch_size", batch_size, 1),
             ("val_batch_size", val_batch_size, 1),
@@ -284,7 +284,7 @@ class TaskDataModule(L.LightningDataModule):
         ):
             if value is not None and value < least:
                 hint = "; use val_split: null to skip validation" if name == "max_val_prompts" else ""
-                raise TTCError(f"{name} must be >= {least}, got {value}{hint}")
+                raise TTCError(f"data.{name} must be >= {least}, got {value}{hint}")
         self.data_path = data_path
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
@@ -292,17 +292,24 @@ class TaskDataModule(L.LightningDataModule):
         self.seed, self.num_workers = seed, num_workers
         self.labels_inverted, self.check_labels = labels_inverted, check_labels
         self.system_prompt, self.user_template = system_prompt, user_template
-        self.system_text = prompt_text("system_prompt", system_prompt)
-        self.user_text = prompt_text("user_template", user_template)
-        if self.user_text is not None:
-            check_template(self.user_text, self.template_fields)
-        if self.system_text is not None:
-            check_system_prompt(self.system_text, self.system_fields)
+        self.system_text, self.user_text = self.prompt_texts(system_prompt, user_template)
         self.tokenizer: Any = None
         self.train_rows: list[Row] = []
         self.val_rows: list[Row] = []
         self.test_rows: list[Row] = []
         self.train_data: dict[str, Any] | None = None  # `data_identity`, once the train split is read
+
+    @classmethod
+    def prompt_texts(cls, system_prompt: str | None, user_template: str | None) -> tuple[str | None, str | None]:
+        """The texts of `system_prompt` and `user_template` (each given, or read from the file it names), checked
+        against this task's fields; also read by the checks before a run starts, to report a problem beside others."""
+        system_text = prompt_text("system_prompt", system_prompt)
+        user_text = prompt_text("user_template", user_template)
+        if user_text is not None:
+            check_template(user_text, cls.template_fields)
+        if system_text is not None:
+            check_system_prompt(system_text, cls.system_fields)
+        return system_text, user_text
 
     def prompt_identity(self) -> str | None:
         """A short hash of the prompt options when either is set (what a checkpoint's task records), else None."""

@@ -130,16 +130,21 @@ def balance_rows(rows: list[Row], seed: int) -> list[Row]:
 
 def _check_pair_batches(paired: bool, label_mode: str, batch_size: int) -> None:
     if not paired:
-        raise TTCError("pair_batches needs paired: true (the pairs come from the primevul_*_paired.jsonl files)")
+        raise TTCError("data.pair_batches needs paired: true (the pairs come from the primevul_*_paired.jsonl files)")
     if label_mode != "binary":
-        raise TTCError("pair_batches needs label_mode: binary (cwe mode keeps only the vulnerable function of a pair)")
+        raise TTCError(
+            "data.pair_batches needs label_mode: binary (cwe mode keeps only the vulnerable function of a pair)"
+        )
     if batch_size % 2:
-        raise TTCError(f"pair_batches needs an even batch_size (whole pairs in every batch), got {batch_size}")
+        raise TTCError(
+            f"data.pair_batches needs an even data.batch_size (whole pairs in every batch), got {batch_size}"
+        )
 
 
 class PrimeVulClassificationDataModule(TaskDataModule):
-    """PrimeVul functions to classify: vulnerable or benign, or which CWE. Pair with `format_reward` and
-    `label_reward` from `ttc_lightning.rewards`.
+    """PrimeVul functions to classify: vulnerable or benign, or which CWE.
+
+    Pair with `format_reward` and `label_reward` from `ttc_lightning.rewards`.
 
     Row columns: `prompt`, `id` (record idx), `label` (gold label), `target` (1 vulnerable, 0 not), `cwe` (first CWE
     id or ""), `pair_id` ("" unless read from a paired file).
@@ -176,15 +181,15 @@ class PrimeVulClassificationDataModule(TaskDataModule):
     ) -> None:
         super().__init__(**options)
         if label_mode not in ("binary", "cwe"):
-            raise TTCError(f"label_mode must be binary or cwe, got {label_mode!r}")
+            raise TTCError(f"data.label_mode must be binary or cwe, got {label_mode!r}")
         if top_k < 1:
-            raise TTCError(f"top_k must be >= 1, got {top_k}")
+            raise TTCError(f"data.top_k must be >= 1, got {top_k}")
         if cwe_labels is not None:
             if label_mode != "cwe":
-                raise TTCError("cwe_labels needs label_mode: cwe")
+                raise TTCError("data.cwe_labels needs data.label_mode: cwe")
             bad = [c for c in cwe_labels if not is_cwe_id(c)]
             if bad or not cwe_labels or len(set(cwe_labels)) < len(cwe_labels):
-                raise TTCError(f"cwe_labels must be distinct CWE ids like CWE-787, got {cwe_labels}")
+                raise TTCError(f"data.cwe_labels must be distinct CWE ids like CWE-787, got {cwe_labels}")
         if pair_batches:
             _check_pair_batches(paired, label_mode, self.batch_size)
         self.label_mode = label_mode
@@ -257,8 +262,9 @@ class PrimeVulClassificationDataModule(TaskDataModule):
 
 
 class PrimeVulPatchDataModule(TaskDataModule):
-    """Vulnerable functions from PrimeVul's paired files, to fix with SEARCH/REPLACE edits; the patch rewards in
-    `ttc_lightning.rewards.patch` compare them with the real fix.
+    """Vulnerable functions from PrimeVul's paired files, to fix with SEARCH/REPLACE edits.
+
+    The patch rewards in `ttc_lightning.rewards.patch` compare the edits with the real fix.
 
     Row columns: `prompt`, `id` (idx of the vulnerable record), `cve` (or ""), `cwe` (first CWE id or ""),
     `vulnerable_func`, `fixed_func`, `file_name` (None when the release has none).

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ttc_lightning.data.base import Task
@@ -173,12 +174,12 @@ def write_predictions(
 
 def print_per_class(per_class: dict[str, dict[str, float]]) -> None:
     """Precision, recall, F1 and support per class, on stderr."""
-    table = Table(title="per class")
+    table = Table()  # titled on its own line: rich would pad a title with blanks to the table's width
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, row in per_class.items():
-        table.add_row(name, *(f"{row[c]:.3f}" for c in ("precision", "recall", "f1")), str(int(row["support"])))
-    Console(stderr=True).print(table)
+        table.add_row(escape(name), *(f"{row[c]:.3f}" for c in ("precision", "recall", "f1")), str(int(row["support"])))
+    Console(stderr=True).print("per class", table)
 
 
 def print_metrics(stage: str, metrics: dict[str, float], stream: TextIO | None = None) -> None:
@@ -190,7 +191,7 @@ def print_metrics(stage: str, metrics: dict[str, float], stream: TextIO | None =
         table.add_column("metric", no_wrap=True)
         table.add_column("value", justify="right", no_wrap=True)
         for name, value in metrics.items():
-            table.add_row(name, f"{value:.4f}")
+            table.add_row(escape(name), f"{value:.4f}")
         Console(file=stream).print(table)
         return
     width = max(map(len, metrics), default=0)

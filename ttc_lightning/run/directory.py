@@ -59,6 +59,12 @@ def resolve_ckpt_path(value: str | None, subcommand: str, run: RunDir) -> str | 
     """`--ckpt_path` as a file: `last` and `best` within `run`, said in the log. `last` with no checkpoint starts a
     new run under `fit` (so a job can always pass it) and is an error for evaluation, which would otherwise score
     the untrained base model; leave `--ckpt_path` out for that."""
+    if value is None and subcommand != "fit":
+        # A run's directory in the config does not mean its checkpoint: say which model this is, and how to pick one.
+        last = run.last()
+        hint = f"; --ckpt_path last takes {last}" if last is not None else ""
+        log.info("no --ckpt_path: %s runs the base model, not a trained policy%s", subcommand, hint)
+        return None
     if value not in ("last", "best"):
         close = difflib.get_close_matches(str(value).lower(), ("last", "best"), n=1, cutoff=0.6) if value else []
         if close and not Path(value).exists():  # `lastt`: a typo of a keyword, not a missing file
@@ -136,9 +142,13 @@ def claim(run: RunDir, resume: bool, overwrite: bool) -> Claim:
     claimed = Claim(run)
     try:
         for directory, option in _lock_targets(run):
+            made = _first_missing(directory)
             held_lock = _lock(directory, option)
             if held_lock is not None:
                 claimed.enter_context(held_lock)
+            if made is not None:
+                # Runs while the lock is still held (last in, first out), so no other fit is using the directory.
+                claimed.callback(_remove_if_unused, made)
         held = run.checkpoint_files()
         slurm_resume = SLURMEnvironment.detect() and any(p.match(HPC) for p in held)
         if held and not resume and not slurm_resume:  # under SLURM, Lightning resumes hpc_ckpt files by itself
@@ -163,6 +173,33 @@ def _lock_targets(run: RunDir) -> list[tuple[Path, str]]:
     if run.checkpoints.resolve() != (run.root / "checkpoints").resolve():
         targets.append((run.checkpoints, "--checkpoint.dirpath"))
     return targets
+
+
+def _first_missing(directory: Path) -> Path | None:
+    """The outermost directory on the way to `directory` that does not exist yet (None when it exists)."""
+    missing = None
+    path = directory.absolute()
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+def _remove_if_unused(made: Path) -> None:
+    """Remove `made`, a directory this fit created, when it holds nothing but lock files and empty directories: a
+    run refused before it wrote anything (a bad option value, a missing file) leaves no directory behind."""
+    if not made.is_dir():
+        return
+    tree = list(os.walk(made, topdown=False))
+    if any(name != LOCK_FILE for _, _, files in tree for name in files):
+        return
+    for parent, directories, files in tree:
+        for name in files:
+            Path(parent, name).unlink(missing_ok=True)
+        for name in directories:
+            with contextlib.suppress(OSError):  # a link to a directory stays, and so then does `made`
+                Path(parent, name).rmdir()
+    with contextlib.suppress(OSError):
+        made.rmdir()
 
 
 def _lock(root: Path, option: str = "--trainer.default_root_dir") -> IO[str] | None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from ttc_lightning.data.base import TaskDataModule
 from ttc_lightning.data.primevul import HF_PREFIX
 from ttc_lightning.errors import TTCError
 from ttc_lightning.model.tiny import TINY
@@ -198,6 +199,13 @@ def data_problems(data: Any, subcommand: str | None, online: bool, cache_dir: Pa
         path = args.get(key)
         if isinstance(path, str) and not Path(path).is_file():
             problems.append(f"data.{key}: {path} is not a file (JSON lines with a `prompt` per line)")
+    task = subclass_of(data.get("class_path"), TaskDataModule) if data is not None else None
+    for system_prompt, user_template in ((args.get("system_prompt"), None), (None, args.get("user_template"))):
+        try:
+            if task is not None:  # one option at a time, so that a problem in each is reported
+                task.prompt_texts(system_prompt, user_template)
+        except TTCError as e:
+            problems.append(str(e))
     return problems
 
 
@@ -235,20 +243,22 @@ def reward_problems(rewards: Any) -> list[str]:
     return problems
 
 
-def is_grpo_module(class_path: str | None) -> bool:
-    from ttc_lightning.module import GRPOModule
-
+def subclass_of(class_path: str | None, base: type) -> type | None:
+    """The class `class_path` names when it imports and is `base` or a subclass of it (else None: jsonargparse
+    reports a class path it cannot use)."""
     module, _, name = str(class_path or "").rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        return False
-    return isinstance(cls, type) and issubclass(cls, GRPOModule)
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, base) else None
 
 
 def settings_problems(model: Any) -> list[str]:
     """`GRPOModule`'s invariants (`settings.check_settings`) on the config, before the module is built."""
-    if model is None or not is_grpo_module(model.get("class_path")):
+    from ttc_lightning.module import GRPOModule
+
+    if model is None or subclass_of(model.get("class_path"), GRPOModule) is None:
         return []
     try:
         check_settings(init_args(model))

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTh
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ttc_lightning.errors import TTCError
@@ -291,28 +292,32 @@ class SummaryTable(L.Callback):
             return
         n = min(self.window, len(self.history))
         means = first_last(self.history, n)
-        table = Table(title="ttc run summary", title_justify="left")
+        table = Table()  # its title printed on its own line, which rich would pad with blanks to the table's width
         table.add_column("reward")
         table.add_column(f"first {n}", justify="right")
         table.add_column(f"last {n}", justify="right")
         for key in sorted(means, key=lambda k: k != "reward"):  # the total first, then each function
             first, last = means[key]
             label = "total (weighted)" if key == "reward" else key.removeprefix("rewards/").removesuffix("/mean")
-            table.add_row(label, f"{first:.3f}", f"{last:.3f}")
+            table.add_row(escape(label), f"{first:.3f}", f"{last:.3f}")
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none"
-        facts = Table.grid(padding=(0, 2))
-        facts.add_row("optimizer steps", str(trainer.global_step))
-        facts.add_row("rollouts", str(len(self.history)))
-        facts.add_row("completion tokens", f"{round(self.tokens):,}")
-        facts.add_row("wall time", format_duration(time.perf_counter() - self.started))
-        facts.add_row("last checkpoint", ckpt)
-        facts.add_row("ended by", ended_by(trainer))
+        facts = {
+            "optimizer steps": str(trainer.global_step),
+            "rollouts": str(len(self.history)),
+            "completion tokens": f"{round(self.tokens):,}",
+            "wall time": format_duration(time.perf_counter() - self.started),
+            "last checkpoint": ckpt,
+            "ended by": ended_by(trainer),
+        }
+        width = max(map(len, facts))
         console = Console(stderr=True)
-        console.print(table, facts)
+        console.print("ttc run summary", table, sep="\n")
+        lines = "\n".join(f"{name:<{width}}  {value}" for name, value in facts.items())
+        console.print(lines, soft_wrap=True, markup=False, highlight=False)  # a path may hold [brackets]
         start, end = means["reward"]
         console.print(
             f"[bold]ttc[/bold]: {plural(len(self.history), 'rollout')} in this run (to step {trainer.global_step}), "
-            f"reward {start:.3f} -> {end:.3f} (mean of the first and last {n}), last checkpoint: {ckpt}",
+            f"reward {start:.3f} -> {end:.3f} (mean of the first and last {n}), last checkpoint: {escape(ckpt)}",
             soft_wrap=True,
         )
 

@@ -78,7 +78,8 @@ def _one_line(message: str, options: list[str], argv: list[str] | tuple[str, ...
         allowed = list(dict.fromkeys(v.strip(" '\"") for c in choices for v in c.split(",")))
         key = key_before(message.index("Expected a typing.Literal")).rstrip(".")
         value = given[-1].strip()
-        close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6)
+        close = [ALIASES[value.lower()]] if ALIASES.get(value.lower()) in allowed else []
+        close = close or difflib.get_close_matches(value, allowed, n=1, cutoff=0.6)
         if close:
             return f"{key}: {value!r} is not a choice; did you mean {close[0]}? ({', '.join(allowed)})"
         return f"{key}: {value!r} is not one of {', '.join(allowed)}"
@@ -102,13 +103,27 @@ def _one_line(message: str, options: list[str], argv: list[str] | tuple[str, ...
         return _unknown(unrecognized.group(1).split("=")[0], options)
     missing = re.search(r"File does not exist: '(.*?)'", message)
     if missing:
-        return f"--config {missing.group(1)}: no such file"
+        return _missing_config(Path(missing.group(1)), argv)
     keys = list(dict.fromkeys(re.findall(r'Parser key "([\w.]+)"', message)))  # a nested report repeats its key
     lines = [line.strip(" -") for line in message.splitlines() if line.strip(" -")]
     detail = next((line for line in reversed(lines) if not line.startswith(("Given value", "Expected a <class"))), "")
     detail = re.sub(r'^Parser key "[\w.]+": ', "", detail)
     detail = re.sub(r"\b([Ee]xpected) a (?=[aeiou])", r"\1 an ", detail)  # jsonargparse's "Expected a int"
     return f"--{'.'.join(keys)}: {detail}" if keys else " ".join(lines)
+
+
+# What a choice is often called elsewhere (PyTorch, Lightning's precision names), when it is not close enough in
+# spelling for difflib: `--model.dtype fp16` means float16.
+ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+
+
+def _missing_config(path: Path, argv: list[str] | tuple[str, ...]) -> str:
+    """A `--config` file that does not exist (as the command line gave it), with the file of its directory whose name
+    is closest, if one is."""
+    path = next((Path(name) for name in config_files(argv) if Path(name).absolute() == path), path)
+    siblings = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
+    close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6)
+    return f"--config {path}: no such file" + (f"; did you mean {path.parent / close[0]}?" if close else "")
 
 
 def _article(word: str) -> str:
