@@ -64,6 +64,18 @@ def test_demo_fit_writes_checkpoint_metrics_and_rollouts(run_ttc, tmp_path):
     assert not [line for line in err.splitlines() if line.endswith(" ")]  # piped: no padding to a table's width
 
 
+def test_last_ckpt_holds_the_final_step_when_the_interval_does_not_divide_it(run_ttc, tmp_path):
+    # 3 steps saving every 2: the periodic save is at step 2, and the end of fit must write step 3 over it.
+    args = ["fit", "--config", TINY, "--trainer.default_root_dir", "run", *FAST, "--trainer.max_steps", "3"]
+    code, _, err = run_ttc(*args, "--checkpoint.every_n_train_steps", "2")
+    assert code == 0, err
+    checkpoints = tmp_path / "run" / "checkpoints"
+    step = {p.name: torch.load(p, weights_only=False)["global_step"] for p in checkpoints.glob("*.ckpt")}
+    assert step == {"last.ckpt": 3, "step=2.ckpt": 2}
+    code, _, err = run_ttc(*args, "--ckpt_path", "last")
+    assert code == 1 and "is already at max_steps 3 (step 3)" in err  # nothing to train again
+
+
 @pytest.mark.slow
 def test_resume_from_last_continues_at_the_same_step(run_ttc, tmp_path):
     # full fine-tuning with a KL term: the frozen reference is not in the checkpoint and must not be needed

@@ -46,7 +46,7 @@ from ttc_lightning.run.ending import (
 )
 from ttc_lightning.run.preflight import check_before_start
 from ttc_lightning.run.progress import ParameterCount, Progress, SummaryTable, progress_callback
-from ttc_lightning.run.saving import AtomicCheckpointIO, BestCheckpoint, CheckpointOnInterrupt
+from ttc_lightning.run.saving import AtomicCheckpointIO, BestCheckpoint, CheckpointOnInterrupt, FinalCheckpoint
 from ttc_lightning.run.tracking import (
     RunInfo,
     SaveConfigToWandb,
@@ -300,7 +300,7 @@ class TTCCLI(LightningCLI):
             callbacks.append(self.training_check)
         if self.subcommand == "fit" and checkpointing:
             dirpath = self._get(self.config, "checkpoint").dirpath
-            callbacks.append(CheckpointOnInterrupt(dirpath))
+            callbacks += [CheckpointOnInterrupt(dirpath), FinalCheckpoint()]
             if self.lock is not None:  # rank zero claimed the run directory: --overwrite deletes when training starts
                 callbacks.append(runs.StartOver(self.lock))
             if config.get("limit_val_batches") != 0 and isinstance(self.datamodule, Task):

@@ -1,5 +1,6 @@
 """How checkpoints are written: atomically (a temporary file renamed into place, the directory synced), never
-half; `last-interrupted.ckpt` when fit stops on an exception, `best.ckpt` at the best validation."""
+half; `last.ckpt` at the end of fit whatever the interval, `last-interrupted.ckpt` when fit stops on an exception,
+`best.ckpt` at the best validation."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -150,6 +152,20 @@ class CheckpointOnInterrupt(L.Callback):
                 log.warning("interrupted at step %d; %s", trainer.global_step, e)
                 return
             rank_zero_info(f"ttc: interrupted at step {trainer.global_step}; saved {self.path}")
+
+
+class FinalCheckpoint(L.Callback):
+    """Writes `last.ckpt` at the end of `fit` when the newest save was at an earlier step. Lightning's ModelCheckpoint
+    saves `last` at the end only when it has never saved one: a run of 36 steps that saves every 20 would end with
+    `last.ckpt` at step 20, and resuming it would train steps 21 to 36 again."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.save_last:
+            return
+        if not checkpoint._should_skip_saving_checkpoint(trainer):  # trained since its last save, and fitting
+            # Runs on every rank (saving ends in a barrier); Lightning's own end-of-fit save then finds it done.
+            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
 
 
 class BestCheckpoint(L.Callback):
