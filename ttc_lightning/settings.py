@@ -88,19 +88,22 @@ def check_settings(hp: Any) -> None:
         problems.append("model.rewards is empty: name at least one reward function by import path")
     if hp.reward_weights is not None and len(hp.reward_weights) != len(hp.rewards):
         problems.append(
-            f"model.reward_weights has {len(hp.reward_weights)} entries for {len(hp.rewards)} reward functions: "
-            "give one weight per function or null"
+            f"model.reward_weights has {len(hp.reward_weights)} entries for {len(hp.rewards)} reward "
+            f"function{'' if len(hp.rewards) == 1 else 's'}: give one weight per function or null"
         )
     if hp.reward_weights is not None and not all(math.isfinite(w) for w in hp.reward_weights):
         problems.append(f"model.reward_weights must be finite numbers, got {list(hp.reward_weights)}")
     if hp.reward_workers < 1:
-        problems.append("model.reward_workers must be >= 1")
+        problems.append(f"model.reward_workers must be >= 1, got {hp.reward_workers}")
     if hp.reward_timeout is not None and not hp.reward_timeout > 0:
         problems.append("model.reward_timeout must be > 0 seconds, or null for no limit")
     if hp.reward_errors not in ("raise", "skip"):
         problems.append(f"model.reward_errors must be raise or skip, got {hp.reward_errors!r}")
     if hp.num_generations < 2:
-        problems.append("model.num_generations must be >= 2: advantages compare completions of the same prompt")
+        problems.append(
+            f"model.num_generations must be >= 2, got {hp.num_generations}: advantages compare completions of the "
+            "same prompt"
+        )
     if hp.dtype not in ("auto", "float32", "bfloat16", "float16"):
         problems.append(f"model.dtype must be auto, float32, bfloat16 or float16, got {hp.dtype!r}")
     elif hp.dtype in ("bfloat16", "float16") and hp.lora is None:
@@ -112,26 +115,26 @@ def check_settings(hp: Any) -> None:
     if hp.load_in_4bit and hp.lora is None:
         problems.append("model.load_in_4bit needs model.lora: 4-bit weights cannot be trained directly (QLoRA)")
     if hp.temperature <= 0:
-        problems.append("model.temperature must be > 0 for training (sampling)")
+        problems.append(f"model.temperature must be > 0 for training (sampling), got {hp.temperature}")
     if not 0 < hp.top_p <= 1:
-        problems.append("model.top_p must be in (0, 1]")
+        problems.append(f"model.top_p must be in (0, 1], got {hp.top_p}")
     if hp.top_k < 0:
-        problems.append("model.top_k must be >= 0 (0 = off)")
+        problems.append(f"model.top_k must be >= 0 (0 = off), got {hp.top_k}")
     if hp.beta < 0:
-        problems.append("model.beta must be >= 0")
+        problems.append(f"model.beta must be >= 0, got {hp.beta}")
     if hp.epsilon <= 0 or (hp.epsilon_high is not None and hp.epsilon_high <= 0):
         problems.append("model.epsilon and model.epsilon_high must be > 0")
     for name in ("num_iterations", "micro_batch_size", "max_new_tokens", "eval_num_samples", "max_skipped_steps"):
         if getattr(hp, name) < 1:
-            problems.append(f"model.{name} must be >= 1")
+            problems.append(f"model.{name} must be >= 1, got {getattr(hp, name)}")
     if hp.eval_temperature < 0:
-        problems.append("model.eval_temperature must be >= 0 (0 = greedy)")
+        problems.append(f"model.eval_temperature must be >= 0 (0 = greedy), got {hp.eval_temperature}")
     if hp.eval_temperature == 0 and hp.eval_num_samples > 1:
         problems.append("model.eval_num_samples > 1 needs model.eval_temperature > 0: greedy samples are identical")
     if not 0 < hp.learning_rate < 1:
         problems.append(f"model.learning_rate must be in (0, 1), got {hp.learning_rate} (LoRA: ~1e-5 to 1e-4)")
     if hp.warmup_steps < 0:
-        problems.append("model.warmup_steps must be >= 0")
+        problems.append(f"model.warmup_steps must be >= 0, got {hp.warmup_steps}")
     problems += lora_problems(hp.lora)
     if hp.max_sampling_rounds < 1:
         problems.append("model.max_sampling_rounds must be >= 1 (1: dynamic sampling only filters the step's batch)")

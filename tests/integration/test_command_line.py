@@ -50,6 +50,9 @@ from tests.helpers import DEMO, REPO
             "--model.class_path: cannot import ttc_lightning.GRPOModul; did you mean ttc_lightning.GRPOModule?",
         ),
         (["--bogus", "1"], "unknown option --bogus; `ttc SUBCOMMAND --help` lists the options"),
+        (["stray"], "unexpected argument 'stray': options start with -- (`ttc SUBCOMMAND --help` lists them)"),
+        (["--model.rewards", "null"], "--model.rewards: required (not null); give it in a --config file or on the co"),
+        (["--config", DEMO.replace("demo.yaml", "nothere.yaml")], "nothere.yaml: no such file\n"),  # none is close
         (["--model.dtype", "fp16"], "--model.dtype: 'fp16' is not a choice; did you mean float16? (auto, float32,"),
         (["--model.dtype", "BF16"], "--model.dtype: 'BF16' is not a choice; did you mean bfloat16? (auto, float32,"),
         # A missing config file as it was given, and the file beside it with the closest name.
@@ -85,6 +88,13 @@ def test_an_unknown_command_is_one_line_with_every_command(run_ttc, args, expect
     assert err.startswith(f"ttc: error: {expected}") and err.count("\n") == 1 and not out, err
 
 
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_no_config_says_to_give_one(run_ttc, subcommand):
+    code, out, err = run_ttc(subcommand)
+    expected = "no model or data given: give --config FILE (configs/demo.yaml runs on CPU), or --model and --data"
+    assert (code, out, err) == (2, "", f"ttc: error: {expected}\n")
+
+
 @pytest.mark.parametrize("command", ["export", "generate"])
 def test_export_and_generate_take_no_abbreviations_either(run_ttc, command):
     code, _, err = run_ttc(command, "--ckpt", "run", "--output_dir", "out")
@@ -111,6 +121,26 @@ def test_subcommand_help_starts_with_a_short_usage_and_says_what_ckpt_path_is(ru
     assert "Leave it out to test the base model" in " ".join(out.split())
     code, out, _ = run_ttc("fit", "--model.help", "ttc_lightning.GRPOModule")
     assert code == 0 and out.startswith("usage: ttc fit [--config FILE] [--model.OPTION VALUE ...]\n"), out[:300]
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_subcommand_help_has_no_section_or_option_in_lightnings_words(run_ttc, subcommand):
+    code, out, _ = run_ttc(subcommand, "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    # Lightning's docstrings: headings cut at their first line, defaults ttc changes, its own API's examples.
+    for lightning in (
+        "The main advantage is",
+        "Every logged metrics are passed to the",
+        "Runs the full optimization routine",
+        "we only keep the ``k`` best checkpoints in memory",
+        "By default it is ``None``",
+        "before classes instantiation",
+        "Customize every aspect of training",
+    ):
+        assert lightning not in text, lightning
+    assert "last.ckpt every every_n_train_steps optimizer steps and at the end of fit" in text
+    assert "Null: checkpoints/ in trainer.default_root_dir." in text
 
 
 def test_help_describes_the_subcommands_in_ttcs_words(run_ttc):
@@ -208,13 +238,15 @@ def test_a_config_file_that_is_not_yaml_is_named_with_its_line(run_ttc, tmp_path
             "--config extra.yaml: holds a list, not a mapping of options (trainer:, model:, data:, ...)",
         ),
         ('trainer:\n  max_steps: "two"\n', "extra.yaml: trainer.max_steps: expected an int, got 'two'"),
+        ("", "--config extra.yaml: holds no options (empty, or comments only); give trainer:, model:, data:, ..."),
+        ("# only a comment\n", "--config extra.yaml: holds no options (empty, or comments only); give trainer:, mod"),
     ],
-    ids=["a-list", "a-bad-value"],
+    ids=["a-list", "a-bad-value", "empty", "comments-only"],
 )
 def test_a_config_file_that_holds_no_options_or_a_bad_value_is_named(run_ttc, tmp_path, content, message):
     (tmp_path / "extra.yaml").write_text(content)
     code, _, err = run_ttc("fit", "--config", DEMO, "--config", "extra.yaml")
-    assert (code, err) == (2, f"ttc: error: {message}\n")
+    assert code == 2 and err.startswith(f"ttc: error: {message}") and err.count("\n") == 1, err
 
 
 def test_an_unknown_key_in_a_config_file_names_the_file(run_ttc, tmp_path):

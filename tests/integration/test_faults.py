@@ -268,7 +268,9 @@ def test_damaged_checkpoint_is_a_one_line_error(run_ttc, run, tmp_path, val, dam
     bad.write_bytes(DAMAGE[damage]((run / "checkpoints" / "last.ckpt").read_bytes()))
     before = hashes(run)
     code, _, err = run_ttc(subcommand, *run_args(run, *LORA, *val, "--trainer.max_steps", "5"), "--ckpt_path", str(bad))
-    message = "is empty" if damage == "empty" else "cannot be read, it is truncated or corrupt"
+    message = {"empty": "is empty", "zeros": "is not a PyTorch checkpoint", "text": "is not a PyTorch checkpoint"}.get(
+        damage, "cannot be read, it is truncated or corrupt"
+    )
     assert_one_line_error(code, err, f"--ckpt_path: {bad} {message}")
     assert_kept(before, run)
 

@@ -289,19 +289,26 @@ def test_help_shows_documented_fields(run_ttc):
 
 
 @pytest.mark.parametrize(
-    "class_path",
+    ("args", "class_path"),
     [
-        "ttc_lightning.GRPOModule",
-        "ttc_lightning.data.PrimeVulPatchDataModule",
-        "ttc_lightning.data.PrimeVulClassificationDataModule",
-        "ttc_lightning.data.PromptDataModule",
+        (["--model.help", "ttc_lightning.GRPOModule"], "ttc_lightning.GRPOModule"),
+        (["--data.help", "ttc_lightning.data.PrimeVulPatchDataModule"], "ttc_lightning.data.PrimeVulPatchDataModule"),
+        (
+            ["--data.help", "ttc_lightning.data.PrimeVulClassificationDataModule"],
+            "ttc_lightning.data.PrimeVulClassificationDataModule",
+        ),
+        (["--data.help", "ttc_lightning.data.PromptDataModule"], "ttc_lightning.data.PromptDataModule"),
+        # The module's help lists these without a value; each works alone, as listed.
+        (["--model.lora.help"], "ttc_lightning.LoRA"),
+        (["--model.rewards.help"], "ttc_lightning.rewards.entries.RewardSpec"),
+        (["--model.overlong_buffer.help"], "ttc_lightning.OverlongBuffer"),
     ],
 )
-def test_a_class_help_is_headed_by_its_whole_first_paragraph(run_ttc, class_path):
+def test_a_class_help_is_headed_by_its_whole_first_paragraph(run_ttc, args, class_path):
     # The heading is the docstring's first line alone: a first paragraph wrapped over two lines loses its end.
     module, _, name = class_path.rpartition(".")
     first = " ".join(inspect.getdoc(getattr(importlib.import_module(module), name)).split("\n\n")[0].split())
-    code, out, _ = run_ttc("fit", f"--{'model' if name == 'GRPOModule' else 'data'}.help", class_path)
+    code, out, _ = run_ttc("fit", *args)
     assert code == 0
     assert f"\n{first.removesuffix('.')}:\n" in out, out[:400]
 

@@ -38,9 +38,11 @@ def test_good_harnesses_pass_and_the_others_are_not_checked(run_ttc, tmp_path):
     assert rows(out) == {
         "900097": "ok",
         "900194": "ok",
-        REAL_IDX: f"not checked: no record with idx {REAL_IDX} in --data",
+        REAL_IDX: f"not checked: no record with idx {REAL_IDX} in the data read (--data, or the shipped sample)",
     }
-    assert out.splitlines()[-1] == "2 of 2 harnesses checked pass; 1 not checked (their records are not in --data)"
+    assert (
+        out.splitlines()[-1] == "2 of 2 harnesses checked pass; 1 not checked (their records are not in the data read)"
+    )
 
 
 def test_real_pairs_are_checked_with_their_data(run_ttc, tmp_path):
@@ -76,7 +78,9 @@ def test_a_build_past_compile_timeout_is_named(run_ttc, tmp_path):
 def test_nothing_checked_is_not_a_pass(run_ttc, tmp_path):
     code, out, err = run_ttc("oracle", "check", str(harnesses(tmp_path, REAL_IDX)))
     assert code == 1
-    assert out.splitlines()[-1] == "0 of 0 harnesses checked pass; 1 not checked (their records are not in --data)"
+    assert (
+        out.splitlines()[-1] == "0 of 0 harnesses checked pass; 1 not checked (their records are not in the data read)"
+    )
     assert err.strip() == "ttc: error: no harness was checked: --data holds none of their records"
 
 

@@ -22,6 +22,7 @@ from ttc_lightning.run.checkpoints import (
     run_identity,
     start_next_epoch_afresh,
     trim_state,
+    unreadable,
 )
 from ttc_lightning.run.saving import AtomicCheckpointIO, remove_partial_files
 
@@ -129,16 +130,39 @@ def damaged(tmp_path: Path, how: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("how", ["empty", "head", "half", "tail-cut", "text", "zeros"])
+DAMAGE = {
+    "empty": "is empty",
+    "head": "cannot be read, it is truncated or corrupt",
+    "half": "cannot be read, it is truncated or corrupt",
+    "tail-cut": "cannot be read, it is truncated or corrupt",
+    "text": "is not a PyTorch checkpoint (it starts with b'not a ch', not a zip archive)",
+    "zeros": "is not a PyTorch checkpoint (it starts with b'\\x00",
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
 def test_damaged_checkpoint_is_a_one_line_error(tmp_path, how):
     path = damaged(tmp_path, how)
-    with pytest.raises(TTCError, match=rf"--ckpt_path: {path} (is empty|cannot be read, it is truncated or corrupt)"):
+    with pytest.raises(TTCError) as info:
         read_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"--ckpt_path: {path} {DAMAGE[how]}"), message
+    assert "\n" not in message
+
+
+def test_torchs_words_are_whole_or_marked_as_cut(tmp_path):
+    path = damaged(tmp_path, "half")
+    short = unreadable(path, RuntimeError("PytorchStreamReader failed. More text.\nsecond line"))
+    assert str(short).endswith(
+        "(RuntimeError: PytorchStreamReader failed. More text.); use another checkpoint of the run"
+    )
+    long = unreadable(path, RuntimeError("x" * 300))
+    assert f"(RuntimeError: {'x' * 157}...); use another" in str(long)  # 157 + "..." = 160 characters
 
 
 @pytest.mark.parametrize("how", ["half", "text"])
 def test_lightning_loading_a_damaged_checkpoint_is_a_one_line_error(tmp_path, how):
-    with pytest.raises(TTCError, match="cannot be read, it is truncated or corrupt"):
+    with pytest.raises(TTCError, match=re.escape(DAMAGE[how])):
         AtomicCheckpointIO().load_checkpoint(damaged(tmp_path, how))
 
 

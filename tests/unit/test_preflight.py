@@ -153,6 +153,24 @@ def test_prompt_options_are_checked_with_the_rest(probes, tmp_path):
     preflight.check_before_start(good, "fit")  # no TTCError
 
 
+def test_evaluating_data_that_is_not_set_is_found_before_the_run(probes, tmp_path):
+    checked = config("tiny")
+    checked.data.init_args.val_split = None  # a config that trains without validation
+    assert preflight.data_problems(checked.data, "fit", online=True, cache_dir=tmp_path) == []
+    assert preflight.data_problems(checked.data, "validate", online=True, cache_dir=tmp_path) == [
+        "data.val_split is null (this config trains without validation): there is nothing to validate on; name a "
+        "split, e.g. --data.val_split valid"
+    ]
+    prompts = Namespace(
+        class_path="ttc_lightning.data.PromptDataModule", init_args=Namespace(val_path=None, test_path=None)
+    )
+    assert preflight.data_problems(prompts, "fit", online=True, cache_dir=tmp_path) == []
+    for subcommand, key in (("validate", "val_path"), ("test", "test_path"), ("predict", "test_path")):
+        assert preflight.data_problems(prompts, subcommand, online=True, cache_dir=tmp_path) == [
+            f"data.{key} is not set: `ttc {subcommand}` needs {key.removesuffix('_path')} prompts"
+        ]
+
+
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
 def test_the_sample_data_and_tiny_pass(probes, tmp_path, subcommand):
     checked = config("tiny")

@@ -138,6 +138,10 @@ def drop_long_prompts(
     return [row for row in kept if not row.get("pair_id") or after[row["pair_id"]] == before[row["pair_id"]]]
 
 
+NO_VALIDATION_SPLIT = (
+    "data.val_split is null (this config trains without validation): there is nothing to validate on; name a split, "
+    "e.g. --data.val_split valid"
+)
 # A prompt option without spaces that has one of these endings (or a "/") names a file, which must exist.
 PROMPT_SUFFIXES = (".txt", ".md", ".prompt", ".j2", ".jinja", ".tmpl")
 
@@ -221,7 +225,8 @@ class TaskDataModule(L.LightningDataModule):
     val_batch_size: int
     """Prompts per validation, test and predict batch."""
     max_prompt_tokens: int | None
-    """Drop prompts longer than this many tokens (chat template included); null keeps all."""
+    """Drop prompts longer than this many tokens (chat template included). Null: the model's context less
+    `model.max_new_tokens` (max_position_embeddings - max_new_tokens), which caps a larger value too."""
     max_val_prompts: int | None
     """Validate on at most this many prompts during fit (a seeded subset, pairs kept whole); null for all."""
     seed: int
@@ -342,10 +347,7 @@ class TaskDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate"):
             if self.val_split is None:
                 if stage == "validate":
-                    raise TTCError(
-                        "data.val_split is null (this config trains without validation): there is nothing to validate "
-                        "on; name a split, e.g. --data.val_split valid"
-                    )
+                    raise TTCError(NO_VALIDATION_SPLIT)
             else:
                 limit = self.max_val_prompts if stage != "validate" else None
                 rows = self.read(self.val_split, training=False)

@@ -79,7 +79,8 @@ class PromptDataModule(L.LightningDataModule):
     val_batch_size: int
     """Prompts per evaluation step."""
     max_prompt_tokens: int | None
-    """Drop prompts longer than this many tokens (after the chat template); null keeps all."""
+    """Drop prompts longer than this many tokens (after the chat template). Null: the model's context less
+    `model.max_new_tokens` (max_position_embeddings - max_new_tokens), which caps a larger value too."""
     seed: int
     """Seed of the shuffling of the training prompts (reshuffled each epoch, reproducibly)."""
 

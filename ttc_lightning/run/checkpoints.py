@@ -418,7 +418,20 @@ def check_complete(checkpoint: dict[str, Any], path: str | Path) -> None:
 
 
 def unreadable(path: str | Path, error: BaseException) -> TTCError:
-    detail = str(error).split(". ")[0].splitlines()[0][:100] if str(error) else ""
+    """The error for a checkpoint file torch.load failed on (`error`): another kind of file (a text file, zeros),
+    or a checkpoint that is truncated or corrupt, with the first line of what torch said, whole or marked cut."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = b""
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its older pickle format
+        return TTCError(
+            f"--ckpt_path: {path} is not a PyTorch checkpoint (it starts with {head!r}, not a zip archive); give a "
+            "checkpoint that ttc fit wrote"
+        )
+    line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    detail = line if len(line) <= 160 else line[:157] + "..."
     return TTCError(
         f"--ckpt_path: {path} cannot be read, it is truncated or corrupt ({type(error).__name__}"
         f"{': ' + detail if detail else ''}); use another checkpoint of the run"

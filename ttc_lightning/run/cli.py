@@ -28,6 +28,7 @@ from ttc_lightning.errors import TTCError, error_line, in_chain, sharded_strateg
 from ttc_lightning.model import sharding
 from ttc_lightning.module import GRPOModule
 from ttc_lightning.run import directory as runs
+from ttc_lightning.run import helptext
 from ttc_lightning.run.console import library_notices_hidden, ttc_log_lines
 from ttc_lightning.run.ending import (
     COMMAND_LINE,
@@ -60,6 +61,7 @@ from ttc_lightning.run.usage import (
     OTHER_COMMANDS,
     SUBCOMMANDS,
     check_config_files,
+    nested_help,
     one_line_error,
     subcommand_parsing,
     text_as_given,
@@ -117,20 +119,6 @@ class TTCArgumentParser(LightningArgumentParser):
         sys.exit(COMMAND_LINE)
 
 
-def ckpt_path_help(subcommand: str) -> str:
-    """What `--ckpt_path` means to `subcommand` in ttc (`run/directory.py`)."""
-    which = (
-        "a checkpoint file, `last` (the newest of the run's last.ckpt, last-interrupted.ckpt and hpc_ckpt_N.ckpt, in "
-        "trainer.default_root_dir) or `best` (its checkpoints/best.ckpt)"
-    )
-    if subcommand == "fit":
-        return (
-            f"Resume the run from {which}. With `last` and no checkpoint yet, a new run starts; leave it out to start "
-            "a new run."
-        )
-    return f"The checkpoint of the policy to {subcommand}: {which}. Leave it out to {subcommand} the base model."
-
-
 class TTCCLI(LightningCLI):
     """LightningCLI plus `checkpoint` and `progress` sections and run-directory defaults under
     `trainer.default_root_dir`, which one fit run owns (`runs`)."""
@@ -185,8 +173,8 @@ class TTCCLI(LightningCLI):
         )
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
-        """Lightning's parser, with ttc's words for each subcommand and for `--ckpt_path` (Lightning's docstrings
-        speak of its own API), and a one-line usage (argparse's lists every option of the subcommand)."""
+        """Lightning's parser, with ttc's words for each subcommand and where Lightning's docstrings speak of its own
+        API (`helptext`), and a one-line usage (argparse's lists every option of the subcommand)."""
         for name, text in SUBCOMMANDS.items():
             kwargs = subparser_kwargs.setdefault(name, {})
             kwargs.setdefault("description", text)
@@ -196,9 +184,7 @@ class TTCCLI(LightningCLI):
         for choice in getattr(action, "_choices_actions", []):
             choice.help = SUBCOMMANDS.get(choice.dest, choice.help)
         for name, parser in getattr(self, "_subcommand_parsers", {}).items():
-            for option in parser._actions:
-                if option.dest == "ckpt_path":
-                    option.help = ckpt_path_help(name)
+            helptext.reword(parser, name)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Lightning's, without its warning about `args` given beside a command line: ttc passes the command line
@@ -384,7 +370,7 @@ def run(args: list[str] | None) -> None:
                 "--help`). oracle: `ttc oracle check [DIR] [--data FILE ...]` validates the patch oracle's harnesses "
                 "on their PrimeVul records.",
             },
-            args=text_as_given(argv),
+            args=text_as_given(nested_help(argv)),
         )
     except SIGTERMException:
         # Lightning turns SIGTERM into a clean exit (status 0); a script or scheduler must see the run was stopped.

@@ -44,7 +44,13 @@ import torch
 from ttc_lightning.errors import TTCError, error_line, naming_file
 from ttc_lightning.model.loading import LoRA, load_policy, load_tokenizer, materialise, quiet_transformers
 from ttc_lightning.model.tiny import TINY
-from ttc_lightning.run.checkpoints import REFERENCE_PREFIX, base_fingerprint, check_complete, fingerprint_difference
+from ttc_lightning.run.checkpoints import (
+    REFERENCE_PREFIX,
+    base_fingerprint,
+    check_complete,
+    fingerprint_difference,
+    unreadable,
+)
 from ttc_lightning.run.directory import RunDir
 
 log = logging.getLogger("ttc")
@@ -82,7 +88,7 @@ def load_ttc_checkpoint(ckpt_path: str | Path, doing: str = "exporting") -> dict
         # Not weights-only: hyper_parameters may hold config objects. Only load checkpoints you trust.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise TTCError(f"--ckpt_path: {path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise unreadable(path, e) from None
     if not isinstance(checkpoint, dict) or "ttc" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise TTCError(f"--ckpt_path: {path} is not a ttc checkpoint (it has no 'ttc' section)")
     check_complete(checkpoint, path)

@@ -48,7 +48,10 @@ def check_harness(harness: Harness, records: dict[str, PrimeVulRecord], budget: 
     if vulnerable is None or fixed is None:
         missing = harness.idx if vulnerable is None else harness.fixed_idx
         return HarnessReport(
-            harness.directory, harness, f"not checked: no record with idx {missing} in --data", skipped=True
+            harness.directory,
+            harness,
+            f"not checked: no record with idx {missing} in the data read (--data, or the shipped sample)",
+            skipped=True,
         )
     if vulnerable.target != 1 or fixed.target != 0:
         why = "idx must name the vulnerable record (target 1) and fixed_idx its fix (target 0)"
@@ -95,7 +98,7 @@ def table(reports: list[HarnessReport]) -> str:
     failed = sum(r.problem is not None for r in checked)
     summary = f"{len(checked) - failed} of {len(checked)} harnesses checked pass"
     if len(checked) < len(reports):
-        summary += f"; {len(reports) - len(checked)} not checked (their records are not in --data)"
+        summary += f"; {len(reports) - len(checked)} not checked (their records are not in the data read)"
     lines.append(summary)
     return "\n".join(lines)
 

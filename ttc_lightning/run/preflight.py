@@ -22,7 +22,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from ttc_lightning.data.base import TaskDataModule
+from ttc_lightning.data.base import NO_VALIDATION_SPLIT, TaskDataModule
 from ttc_lightning.data.primevul import HF_PREFIX
 from ttc_lightning.errors import TTCError
 from ttc_lightning.model.tiny import TINY
@@ -195,7 +195,11 @@ def data_problems(data: Any, subcommand: str | None, online: bool, cache_dir: Pa
             problems.append(not_cached("data.data_path", data_path, cache_dir))
     elif isinstance(data_path, str):
         problems += primevul_path_problems(Path(data_path), [args.get(k) for k in SPLITS_READ.get(subcommand, ())])
+    if subcommand == "validate" and "val_split" in args and args.get("val_split") is None:
+        problems.append(NO_VALIDATION_SPLIT)
     for key in PROMPT_FILES_READ.get(subcommand, ()):
+        if subcommand != "fit" and key in args and args.get(key) is None:  # fit trains without validation prompts
+            problems.append(f"data.{key} is not set: `ttc {subcommand}` needs {key.removesuffix('_path')} prompts")
         path = args.get(key)
         if isinstance(path, str) and not Path(path).is_file():
             problems.append(f"data.{key}: {path} is not a file (JSON lines with a `prompt` per line)")

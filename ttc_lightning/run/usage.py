@@ -46,6 +46,15 @@ def _one_line(message: str, options: list[str], argv: list[str] | tuple[str, ...
     def key_before(position: int) -> str:  # "--model.lora." from the nested 'Parser key "..."' lines before it
         return "--" + "".join(k + "." for k in re.findall(r'Parser key "([\w.]+)"', message[:position]))
 
+    required = re.search(r"the following arguments are required: (.*)", message)
+    if required:
+        prefix = key_before(required.start()).removeprefix("--")  # "model." within a class's report, else ""
+        names = [name.strip() for name in required.group(1).split(",")]
+        keys = [prefix + name if prefix else name.split(".", 1)[-1] for name in names]  # "fit.data" -> "data"
+        if set(keys) >= {"model", "data"}:
+            return "no model or data given: give --config FILE (configs/demo.yaml runs on CPU), or --model and --data"
+        listed = ", ".join("--" + key for key in keys)
+        return f"{listed}: required (not null); give it in a --config file or on the command line"
     command = re.search(r"argument subcommand: invalid choice: '(.*?)'", message)
     if command:
         return _unknown_command(command.group(1))
@@ -121,9 +130,10 @@ def _missing_config(path: Path, argv: list[str] | tuple[str, ...]) -> str:
     """A `--config` file that does not exist (as the command line gave it), with the file of its directory whose name
     is closest, if one is."""
     path = next((Path(name) for name in config_files(argv) if Path(name).absolute() == path), path)
-    siblings = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
-    close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6)
-    return f"--config {path}: no such file" + (f"; did you mean {path.parent / close[0]}?" if close else "")
+    siblings = {p.stem: p.name for p in path.parent.glob("*.y*ml")} if path.parent.is_dir() else {}
+    # By the name without its .yaml, which every candidate shares: `nothere` is not close to `patch`.
+    close = difflib.get_close_matches(path.stem, list(siblings), n=1, cutoff=0.6)
+    return f"--config {path}: no such file" + (f"; did you mean {path.parent / siblings[close[0]]}?" if close else "")
 
 
 def _article(word: str) -> str:
@@ -187,6 +197,8 @@ def _holds(path: str, keys: list[str]) -> bool:
 
 
 def _unknown(option: str, known: list[str]) -> str:
+    if not option.startswith("-"):  # `ttc fit --config c.yaml stray`: a word, not an option
+        return f"unexpected argument {option!r}: options start with -- (`ttc SUBCOMMAND --help` lists them)"
     close = difflib.get_close_matches(option, known, n=1, cutoff=0.75)
     hint = f"; did you mean {close[0]}?" if close else "; `ttc SUBCOMMAND --help` lists the options"
     return f"unknown option {option}{hint}"
@@ -264,6 +276,15 @@ COMMANDS = (*SUBCOMMANDS, *OTHER_COMMANDS)
 TEXT_OPTIONS = ("--data.user_template", "--data.system_prompt")
 
 
+def nested_help(argv: list[str]) -> list[str]:
+    """`argv` with `--model.help ttc_lightning.GRPOModule` put before a `--model.lora.help` (or another option
+    class's help) given without it: jsonargparse knows those only within the module's own help, which lists them."""
+    for i, arg in enumerate(argv):
+        if re.fullmatch(r"--model\.\w+\.help", arg) and not any(a.split("=")[0] == "--model.help" for a in argv):
+            return [*argv[:i], "--model.help", "ttc_lightning.GRPOModule", *argv[i:]]
+    return argv
+
+
 def text_as_given(argv: list[str]) -> list[str]:
     """`argv` with `--data.user_template TEXT` (and the other `TEXT_OPTIONS`) written as `--data {"init_args":
     {"user_template": TEXT}}`, which jsonargparse merges into the data module's arguments; `null` stays null."""
@@ -308,7 +329,12 @@ def check_config_files(argv: list[str]) -> None:
             where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigFileError(f"--config {where}: not valid YAML: {problem}") from None
-        if content is not None and not isinstance(content, dict):
+        if content is None:  # jsonargparse would say "Unexpected config:" and not name the file
+            raise ConfigFileError(
+                f"--config {name}: holds no options (empty, or comments only); give trainer:, model:, data:, ... "
+                "or leave the file out"
+            )
+        if not isinstance(content, dict):
             what = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false"}
             raise ConfigFileError(
                 f"--config {name}: holds {what.get(type(content), 'a value')}, not a mapping of options "

@@ -26,8 +26,10 @@ OVERLONG = "overlong_penalty"  # its column among the reward functions': rewards
 
 @dataclass(frozen=True)
 class OverlongBuffer:
-    """DAPO's soft overlong punishment: completions longer than `max_new_tokens - length` tokens lose up to
-    `penalty` reward, linearly over the last `length` tokens (arXiv 2503.14476, eq. 13)."""
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13).
+
+    Completions longer than `max_new_tokens - length` tokens lose up to `penalty` reward, linearly over the last
+    `length` tokens."""
 
     length: int
     """Tokens before `max_new_tokens` where the penalty starts (DAPO: 4,096 of 20,480, a fifth)."""
