@@ -88,6 +88,21 @@ def test_an_unknown_command_is_one_line_with_every_command(run_ttc, args, expect
     assert err.startswith(f"ttc: error: {expected}") and err.count("\n") == 1 and not out, err
 
 
+def test_a_config_before_the_subcommand_is_the_subcommands(run_ttc, tmp_path):
+    # `ttc --help` shows `ttc [-c CONFIG] {fit,...}`: the file configures the subcommand that follows.
+    for args in (["-c", DEMO, "fit"], [f"--config={DEMO}", "fit"]):
+        code, out, err = run_ttc(*args, "--print_config")
+        assert code == 0, err
+        printed = yaml.safe_load(out)
+        assert printed["trainer"]["max_steps"] == 40 and printed["trainer"]["default_root_dir"] == "runs/demo"
+
+
+def test_version(run_ttc):
+    from importlib.metadata import version
+
+    assert run_ttc("--version") == (0, f"ttc {version('ttc-lightning')}\n", "")
+
+
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
 def test_no_config_says_to_give_one(run_ttc, subcommand):
     code, out, err = run_ttc(subcommand)
@@ -137,6 +152,9 @@ def test_subcommand_help_has_no_section_or_option_in_lightnings_words(run_ttc, s
         "By default it is ``None``",
         "before classes instantiation",
         "Customize every aspect of training",
+        "Default: ``os.getcwd()``",
+        "the default ``TensorBoardLogger``",
+        "If ``False``, then the checkpoint files will be overwritten",
     ):
         assert lightning not in text, lightning
     assert "last.ckpt every every_n_train_steps optimizer steps and at the end of fit" in text

@@ -501,6 +501,18 @@ def test_a_run_directory_in_use_is_refused(run_ttc, run, resume):
     assert_kept(before, run)
 
 
+def test_a_directory_in_use_before_its_first_checkpoint_is_refused_in_one_line(run_ttc, tmp_path):
+    run = tmp_path / "new"
+    run.mkdir()
+    with (run / LOCK_FILE).open("a+") as held:
+        held.write("31337\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fit that has not saved yet
+        code, _, err = run_ttc("fit", *run_args(run, "--ckpt_path", "last"))
+    assert_one_line_error(code, err, f"{run} is in use by another `ttc fit` (process 31337)")
+    assert "starting a new run" not in err  # nothing started
+
+
 def test_resuming_a_finished_run_says_how_to_continue(run_ttc, run):
     before = hashes(run)
     code, _, err = run_ttc("fit", *run_args(run, *LORA, "--trainer.max_steps", "2", "--ckpt_path", "last"))

@@ -181,6 +181,18 @@ def test_the_sample_data_and_tiny_pass(probes, tmp_path, subcommand):
     assert probes == []  # nothing comes from the Hub: no probe
 
 
+def test_lightning_options_a_ttc_run_cannot_take_are_refused_before_it_starts():
+    checkpoint = Namespace(every_n_epochs=1, every_n_train_steps=50, save_top_k=3)
+    assert preflight.checkpoint_problems(checkpoint)[0].startswith(
+        "checkpoint.every_n_epochs: ttc saves every checkpoint.every_n_train_steps optimizer steps"
+    )
+    checkpoint.every_n_train_steps = None  # by epochs alone: Lightning's to take
+    assert preflight.checkpoint_problems(checkpoint) == []
+    assert preflight.accumulation_problems(Namespace(accumulate_grad_batches=1)) == []
+    problems = preflight.accumulation_problems(Namespace(accumulate_grad_batches=2))
+    assert problems[0].startswith("trainer.accumulate_grad_batches 2: a ttc step already accumulates")
+
+
 def test_checkpoints_that_could_not_resume_are_refused():
     assert preflight.checkpoint_problems(Namespace(save_weights_only=False, save_top_k=3)) == []
     assert preflight.checkpoint_problems(Namespace(save_weights_only=False, save_top_k=-1)) == []  # keep all

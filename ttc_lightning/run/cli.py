@@ -8,6 +8,7 @@ Exit status (`ending`): 0 done, 1 a user error (one line `ttc: error: ...`), 2 a
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import re
 import sys
 from typing import Any, NoReturn
@@ -61,6 +62,7 @@ from ttc_lightning.run.usage import (
     OTHER_COMMANDS,
     SUBCOMMANDS,
     check_config_files,
+    config_after_subcommand,
     nested_help,
     one_line_error,
     subcommand_parsing,
@@ -234,11 +236,13 @@ class TTCCLI(LightningCLI):
         start once it has), all before the model loads."""
         run = runs.run_dir(config)
         given = config.ckpt_path
+        if self.subcommand == "fit" and config.trainer.enable_checkpointing is not False and rank_zero_only.rank == 0:
+            # Claimed first, so that a run refused because another holds the directory says nothing else first.
+            resume = given is not None and (given != "last" or run.last() is not None)
+            self.lock = runs.claim(run, resume=resume, overwrite=config.overwrite)
         config.ckpt_path = runs.resolve_ckpt_path(given, self.subcommand, run)
         if config.ckpt_path is not None:
             runs.check_checkpoint(config.ckpt_path, given, self.subcommand, config.trainer.max_steps)
-        if self.subcommand == "fit" and config.trainer.enable_checkpointing is not False and rank_zero_only.rank == 0:
-            self.lock = runs.claim(run, resume=config.ckpt_path is not None, overwrite=config.overwrite)
 
     @staticmethod
     def resolve_defaults(config: Namespace) -> None:
@@ -341,7 +345,10 @@ def entry_point() -> None:
 def run(args: list[str] | None) -> None:
     """`ttc ARGS`: export, or a LightningCLI subcommand; a `TTCError` ends it with one line and status 1 (3 for a `fit`
     that trained nothing)."""
-    argv = sys.argv[1:] if args is None else args
+    argv = config_after_subcommand(sys.argv[1:] if args is None else args)
+    if argv in (["--version"], ["-V"]):
+        print(f"ttc {importlib.metadata.version('ttc-lightning')}")
+        return
     if argv and argv[0] in OTHER_COMMANDS:
         importlib.import_module(OTHER_COMMANDS[argv[0]]).main(argv[1:])
         return

@@ -39,6 +39,25 @@ OPTIONS = {
     "checkpoint.every_n_train_steps": "Save every this many optimizer steps (and at the end of fit).",
     "checkpoint.save_on_exception": "Lightning's own checkpoint when fit raises, named by `filename`. ttc writes "
     "last-interrupted.ckpt on Ctrl-C, SIGTERM or an error (under DDP, on SIGTERM) whatever this says.",
+    "checkpoint.verbose": "Log each checkpoint Lightning saves.",
+    "checkpoint.auto_insert_metric_name": "Write `name=value` for each field of `filename` (step=N.ckpt); false: "
+    "the value alone.",
+    "checkpoint.every_n_epochs": "Save at the end of every this many epochs instead of by steps: it needs "
+    "every_n_train_steps null (ttc refuses both).",
+    "checkpoint.train_time_interval": "Save at this wall-time interval instead of by steps: it needs "
+    "every_n_train_steps null.",
+    "checkpoint.save_on_train_epoch_end": "Lightning's choice of when to check for a save at an epoch's end; ttc "
+    "saves by optimizer steps and at the end of fit.",
+    "checkpoint.enable_version_counter": "false in ttc: a run directory belongs to one run, so a resumed run writes "
+    "last.ckpt again rather than last-v1.ckpt beside it.",
+    "trainer.enable_model_summary": "Lightning's table of modules; off in ttc, whose line `policy: N parameters, M "
+    "trained` says what matters.",
+    "trainer.default_root_dir": "The run directory: checkpoints/, logs/version_N/ and the fit lock. One fit run owns "
+    "it (--ckpt_path last resumes it, --overwrite starts it over).",
+    "trainer.precision": "Numeric precision. Null (ttc's default): bf16-mixed on Ampere and newer GPUs, 16-mixed on "
+    "Pascal to Turing, else 32-true.",
+    "trainer.logger": "Loggers: ttc writes metrics.csv (a CSVLogger, put first) whatever else is given, e.g. "
+    "lightning.pytorch.loggers.WandbLogger (configs/wandb.yaml); false for none.",
 }
 
 

@@ -282,6 +282,11 @@ def checkpoint_problems(checkpoint: Any) -> list[str]:
             "checkpoint.save_weights_only: true writes checkpoints that cannot resume a run (no optimizer, schedule "
             "or data position); leave it false, and use `ttc export` for the weights alone"
         )
+    if checkpoint.get("every_n_epochs") and checkpoint.get("every_n_train_steps"):
+        problems.append(
+            "checkpoint.every_n_epochs: ttc saves every checkpoint.every_n_train_steps optimizer steps (default 50), "
+            "and Lightning takes one of the two: set checkpoint.every_n_train_steps: null to save by epochs"
+        )
     top_k = checkpoint.get("save_top_k")
     if isinstance(top_k, int) and top_k < -1:
         problems.append(f"checkpoint.save_top_k must be -1 (keep all) or >= 0, got {top_k}")
@@ -314,6 +319,18 @@ def unwritable(path: Path) -> str | None:
     if existing == path:
         return f"{path} is not writable (read-only, or another user's)"
     return f"{path} cannot be created: {existing} is not writable (read-only, or another user's)"
+
+
+def accumulation_problems(trainer: Any) -> list[str]:
+    """Lightning's gradient accumulation, which a module that steps its own optimizer cannot take."""
+    accumulate = trainer.get("accumulate_grad_batches") if trainer is not None else None
+    if accumulate in (None, 1):
+        return []
+    return [
+        f"trainer.accumulate_grad_batches {accumulate}: a ttc step already accumulates the gradients of its whole "
+        "batch (data.batch_size prompts x model.num_generations completions), model.micro_batch_size rows at a time; "
+        "leave it at 1 and raise data.batch_size for larger steps"
+    ]
 
 
 def precision_problems(trainer: Any) -> list[str]:
@@ -351,6 +368,7 @@ def check_before_start(config: Any, subcommand: str | None) -> None:
     problems += settings_problems(model)
     problems += checkpoint_problems(config.get("checkpoint"))
     problems += checkpoint_dir_problems(config, subcommand)
+    problems += accumulation_problems(config.get("trainer"))
     problems += precision_problems(config.get("trainer"))
     try:
         prepare_wandb(config)

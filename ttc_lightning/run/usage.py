@@ -276,6 +276,21 @@ COMMANDS = (*SUBCOMMANDS, *OTHER_COMMANDS)
 TEXT_OPTIONS = ("--data.user_template", "--data.system_prompt")
 
 
+def config_after_subcommand(argv: list[str]) -> list[str]:
+    """`ttc -c FILE fit ...` (the `-c/--config` that `ttc --help` shows) as `ttc fit --config FILE ...`: jsonargparse
+    reads a config before the subcommand as the top level's, where the subcommand's sections are not accepted."""
+    moved: list[str] = []
+    while argv and argv[0].split("=")[0] in ("-c", "--config"):
+        option, equals, value = argv[0].partition("=")
+        if not equals and len(argv) < 2:
+            break
+        moved += ["--config", value if equals else argv[1]]
+        argv = argv[1:] if equals else argv[2:]
+    if moved and argv and argv[0] in SUBCOMMANDS:
+        return [argv[0], *moved, *argv[1:]]
+    return [*moved, *argv]
+
+
 def nested_help(argv: list[str]) -> list[str]:
     """`argv` with `--model.help ttc_lightning.GRPOModule` put before a `--model.lora.help` (or another option
     class's help) given without it: jsonargparse knows those only within the module's own help, which lists them."""
