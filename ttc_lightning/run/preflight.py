@@ -204,10 +204,10 @@ def data_problems(data: Any, subcommand: str | None, online: bool, cache_dir: Pa
         if isinstance(path, str) and not Path(path).is_file():
             problems.append(f"data.{key}: {path} is not a file (JSON lines with a `prompt` per line)")
     task = subclass_of(data.get("class_path"), TaskDataModule) if data is not None else None
-    for system_prompt, user_template in ((args.get("system_prompt"), None), (None, args.get("user_template"))):
+    prompts = ((args.get("system_prompt"), None), (None, args.get("user_template"))) if task is not None else ()
+    for system_prompt, user_template in prompts:  # one option at a time, so that a problem in each is reported
         try:
-            if task is not None:  # one option at a time, so that a problem in each is reported
-                task.prompt_texts(system_prompt, user_template)
+            task.prompt_texts(system_prompt, user_template)
         except TTCError as e:
             problems.append(str(e))
     return problems
